@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine:
+#   make run    the gateway on 127.0.0.1:8000 over a real vLLM worker with the default model
+#   make test   lint, unit tests and end-to-end tests (real worker, real redis-server)
+# ENGINE=cuda installs the CUDA build of vLLM instead of the CPU one.
+
+ENGINE ?= cpu
+DATA_DIR ?= .data
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: run test lint unit e2e model tiny-model redis bench clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make run    run the gateway + a vLLM worker with the default model (port 8000)"
+	@echo "make test   install everything, lint, run all tests"
+	@echo "make model  convert the default model (SmolLM2-135M-Instruct) once into $(DATA_DIR)"
+
+# Re-installs only when pyproject.toml changes; a no-op otherwise.
+$(STAMP): pyproject.toml scripts/install.sh
+	@scripts/install.sh $(ENGINE)
+	@touch $@
+
+model: $(STAMP)
+	@$(PY) -m engine_plugins.models smollm2 --data-dir $(DATA_DIR)
+
+tiny-model: $(STAMP)
+	@$(PY) -m engine_plugins.models tiny --data-dir $(DATA_DIR)
+
+run: $(STAMP)
+	@$(PY) -m gateway local --data-dir $(DATA_DIR)
+
+redis:
+	@scripts/ensure-redis.sh
+
+lint: $(STAMP)
+	@echo "[lint] ruff"
+	@$(VENV)/bin/ruff check gateway engine_plugins tests
+	@echo "[lint] mypy"
+	@$(VENV)/bin/mypy
+
+test: $(STAMP) redis lint model tiny-model
+	@$(VENV)/bin/pytest -v -rA --durations=10
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR)

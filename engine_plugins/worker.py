@@ -1,0 +1,80 @@
+"""The worker launcher: vLLM's OpenAI server with this project's logits processors loaded.
+
+    python -m engine_plugins.worker --model DIR_OR_HF_ID --port 8001 [any vLLM flag ...]
+
+Everything it does not recognise is passed to vLLM unchanged, so any model and any flag vLLM
+accepts works (a GPU user points it at a real model and adds --tensor-parallel-size etc.).
+
+Why the processors go through --logits-processors rather than the entry point: vLLM 0.32's
+V1 runner only tracks output token ids for processors given on the command line.
+Why the V1 model runner: the plugins' Model Runner V2 path has only been unit-tested so far,
+so when plugins are loaded the launcher pins VLLM_USE_V2_MODEL_RUNNER=0 (CPU builds use V1
+anyway). Set it yourself to override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+# V1-runner processor classes, registered in this order.
+V1_PROCESSORS = [
+    "engine_plugins.repetition:RepetitionPenalty",
+    "engine_plugins.mirostat:Mirostat",
+]
+
+# Engine-side numbers the gateway turns into fireworks-* headers (per-request timings and
+# cached prompt tokens).
+METRICS_FLAGS = ["--enable-per-request-metrics", "--enable-prompt-tokens-details"]
+
+
+def _has_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
+def build_command(
+    model: str, port: int, host: str, plugins: bool, passthrough: Sequence[str]
+) -> list[str]:
+    """The vLLM server command line (without the interpreter)."""
+    command = ["-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--host", host, "--port", str(port)]
+    if plugins and not _has_flag(passthrough, "--logits-processors"):
+        command += ["--logits-processors", *V1_PROCESSORS]
+    command += [flag for flag in METRICS_FLAGS if not _has_flag(passthrough, flag)]
+    command += list(passthrough)
+    return command
+
+
+def build_environment(plugins: bool, base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    if plugins:
+        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    return env
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine_plugins.worker",
+        description="Start a vLLM OpenAI server with the Fireworks sampling processors.",
+    )
+    parser.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--no-plugins", action="store_true",
+                        help="start stock vLLM without the project's processors")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
+    plugins = not args.no_plugins
+    command = build_command(args.model, args.port, args.host, plugins, passthrough)
+    env = build_environment(plugins, dict(os.environ))
+    # exec keeps one process: signals from the supervisor reach vLLM directly.
+    os.execve(sys.executable, [sys.executable, *command], env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""A Fireworks-compatible inference gateway over vLLM engine workers."""

@@ -1,0 +1,28 @@
+"""Gateway settings, read from the environment (prefix `GATEWAY_`) by pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REGISTRY = Path(__file__).with_name("default_registry.yaml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The registry of accounts, keys, models and deployments (embedded YAML backend).
+    registry_path: Path = DEFAULT_REGISTRY
+    # Shared state for several gateway replicas; None runs on in-process state.
+    redis_url: str | None = None
+    # Unknown request fields: 400 (strict, Fireworks' behaviour) or ignored (lenient).
+    strict_validation: bool = True
+    # Fireworks historically returns the matched stop sequence inside the text.
+    stop_include_in_output: bool = True
+    # Seconds to wait for a worker to connect, and for each read from it.
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 600.0
+    log_level: str = "info"

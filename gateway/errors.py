@@ -1,0 +1,72 @@
+"""The Fireworks error envelope and the exception that carries it.
+
+Every failure leaves the gateway as `{"error": {object, type, code, message, param?},
+"request_id"}` with a real HTTP status (spec section 5.2): validation is 400, never 422.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# status -> (type, code), OpenAI-aligned types and the gRPC-style codes Fireworks returns.
+_KINDS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "INVALID_ARGUMENT"),
+    401: ("authentication_error", "UNAUTHORIZED"),
+    402: ("invalid_request_error", "PAYMENT_REQUIRED"),
+    403: ("permission_error", "FORBIDDEN"),
+    404: ("invalid_request_error", "NOT_FOUND"),
+    405: ("invalid_request_error", "METHOD_NOT_ALLOWED"),
+    408: ("internal_server_error", "DEADLINE_EXCEEDED"),
+    412: ("invalid_request_error", "FAILED_PRECONDITION"),
+    413: ("invalid_request_error", "PAYLOAD_TOO_LARGE"),
+    429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
+    500: ("internal_server_error", "INTERNAL"),
+    502: ("internal_server_error", "BAD_GATEWAY"),
+    503: ("internal_server_error", "UNAVAILABLE"),
+    504: ("internal_server_error", "DEADLINE_EXCEEDED"),
+}
+
+
+class GatewayError(Exception):
+    """A failure with a Fireworks status, message and optional parameter name."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def envelope(self, request_id: str | None = None) -> dict[str, Any]:
+        return error_envelope(self.status, self.message, param=self.param, request_id=request_id)
+
+
+def error_envelope(
+    status: int, message: str, *, param: str | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    kind, code = _KINDS.get(status, ("internal_server_error" if status >= 500
+                                     else "invalid_request_error", "UNKNOWN"))
+    error: dict[str, Any] = {"object": "error", "type": kind, "code": code, "message": message}
+    if param is not None:
+        error["param"] = param
+    body: dict[str, Any] = {"error": error}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return body
+
+
+def stream_error_event(status: int, message: str, response_id: str) -> bytes:
+    """The mid-stream failure event (spec 5.4): `event: error`, then `data: [DONE]`."""
+    payload = error_envelope(status, message)
+    payload["error"]["status_code"] = status
+    payload["id"] = response_id
+    return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,166 @@
+"""`make run`: the default model on one vLLM worker plus the gateway, supervised.
+
+Children run in their own process groups so that one signal stops each whole tree (vLLM
+spawns engine-core and worker processes); Ctrl-C or SIGTERM stops the gateway first, then
+the worker, and waits for both, killing what does not stop in time. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+import yaml
+
+from gateway.config import DEFAULT_REGISTRY
+
+LOCAL_API_KEY = "fw_local_key"  # the key the embedded default registry holds (hashed)
+DEFAULT_MODEL = "accounts/fireworks/models/smollm2-135m-instruct"
+STOP_GRACE_SECONDS = 20.0
+
+
+def say(message: str) -> None:
+    print(f"[run] {message}", flush=True)
+
+
+class Stopped(Exception):
+    """Raised from the signal handler to unwind into the shutdown path."""
+
+
+class Child:
+    """A supervised child process in its own process group, logging to a file."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+        # Grandchildren that outlived their parent still sit in the group.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_healthy(child: Child, url: str, what: str, timeout: float) -> None:
+    started = time.monotonic()
+    last_report = 0.0
+    while True:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode} while "
+                               f"{what}; last log lines:\n{child.log_tail()}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        elapsed = time.monotonic() - started
+        if elapsed > timeout:
+            raise RuntimeError(f"{child.name} not healthy after {timeout:.0f}s while {what}")
+        if elapsed - last_report >= 10.0:
+            last_report = elapsed
+            say(f"  ... {what} ({elapsed:.0f}s; log: {child.log_path})")
+        time.sleep(1.0)
+
+
+def write_local_registry(data_dir: Path, worker_port: int) -> Path:
+    registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    for deployment in registry["deployments"]:
+        deployment["replicas"] = [{"url": f"http://127.0.0.1:{worker_port}"}]
+    path = data_dir / "registry.local.yaml"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    return path
+
+
+def ready_line(port: int) -> str:
+    body = ('{"model": "' + DEFAULT_MODEL + '", "temperature": 0, "messages": '
+            '[{"role": "user", "content": "What is the capital of France?"}]}')
+    return (f"Ready. Try:\n  curl -s http://127.0.0.1:{port}/inference/v1/chat/completions "
+            f"-H 'Authorization: Bearer {LOCAL_API_KEY}' -H 'Content-Type: application/json' "
+            f"-d '{body}'")
+
+
+def run_local_stack(data_dir: Path, port: int, worker_port: int) -> int:
+    children: list[Child] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    logs = data_dir / "logs"
+    try:
+        say("preparing the default model (converted once, then cached in "
+            f"{data_dir / 'models'})")
+        subprocess.run([sys.executable, "-m", "engine_plugins.models", "smollm2",
+                        "--data-dir", str(data_dir)], check=True, stdout=subprocess.DEVNULL)
+        model_dir = data_dir / "models" / "smollm2-135m-instruct"
+        say(f"starting the vLLM worker on port {worker_port} with the engine plugins "
+            "(loading and warm-up take about a minute)")
+        worker_env = dict(os.environ)
+        worker_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        children.append(Child("vLLM worker", [
+            sys.executable, "-m", "engine_plugins.worker", "--model", str(model_dir),
+            "--port", str(worker_port), "--dtype", "float32",
+            "--served-model-name", "smollm2-135m-instruct",
+        ], logs / "worker.log", worker_env))
+        wait_healthy(children[0], f"http://127.0.0.1:{worker_port}/health",
+                     "loading the model into vLLM", timeout=900)
+        say(f"starting the gateway on 127.0.0.1:{port}")
+        gateway_env = dict(os.environ)
+        gateway_env["GATEWAY_REGISTRY_PATH"] = str(write_local_registry(data_dir, worker_port))
+        gateway_env["GATEWAY_PORT"] = str(port)
+        children.append(Child("gateway", [sys.executable, "-m", "gateway", "serve"],
+                              logs / "gateway.log", gateway_env))
+        wait_healthy(children[1], f"http://127.0.0.1:{port}/health", "starting the gateway",
+                     timeout=60)
+        say(ready_line(port))
+        say(f"logs: {logs}; Ctrl-C stops everything")
+        while all(child.alive() for child in children):
+            time.sleep(1.0)
+        dead = next(child for child in children if not child.alive())
+        say(f"{dead.name} exited with {dead.process.returncode}:\n{dead.log_tail()}")
+        return 1
+    except Stopped as stop:
+        say(f"{stop}: stopping")
+        return 0
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        say(f"failed: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(children):
+            child.stop()
+        if children:
+            say("all processes stopped")

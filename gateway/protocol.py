@@ -1,0 +1,162 @@
+"""Fireworks request models (spec section 2), kept apart from behaviour.
+
+Validation is strict, like Fireworks: an unknown field is a 400 naming it. Ranges are the
+documented ones; `None` always means "use the default".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema", "grammar"]
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
+
+
+class Thinking(Strict):
+    type: Literal["enabled", "disabled"]
+    budget_tokens: Annotated[int, Field(ge=1024)] | None = None
+
+
+class Prediction(Strict):
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+
+class SamplingFields(Strict):
+    """Fields shared by /chat/completions and /completions."""
+
+    model: str
+    stream: bool | None = False
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Probability | None = None
+    top_k: Annotated[int, Field(ge=0, le=100)] | None = None
+    min_p: Probability | None = None
+    typical_p: Probability | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    mirostat_target: float | None = None
+    mirostat_lr: float | None = None
+    seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    stop: str | list[str] | None = None
+    logprobs: bool | Annotated[int, Field(ge=0, le=5)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = False
+    echo_last: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = False
+    context_length_exceeded_behavior: Literal["truncate", "error"] | None = "truncate"
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-200.0, le=200.0)]] | None = None
+    user: str | None = None
+    perf_metrics_in_response: bool | None = False
+    raw_output: bool | None = False
+    return_token_ids: bool | None = False
+    prompt_cache_key: str | None = None
+    prompt_cache_isolation_key: str | None = None
+    prompt_cache_max_len: Annotated[int, Field(ge=0)] | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    reasoning_effort: str | int | bool | None = None
+    reasoning_history: Literal["disabled", "interleaved", "preserved"] | None = None
+    thinking: Thinking | None = None
+    speculation: str | list[int] | None = None
+    prediction: Prediction | str | None = None
+    metadata: dict[str, str] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _exclusive_fields(self) -> SamplingFields:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("max_tokens and max_completion_tokens cannot both be set")
+        if self.thinking is not None and self.reasoning_effort is not None:
+            raise ValueError("thinking and reasoning_effort cannot both be set")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ContentPart(Strict):
+    type: Literal["text", "image_url", "video_url", "audio_url"]
+    text: str | None = None
+    image_url: dict[str, Any] | None = None
+    video_url: dict[str, Any] | None = None
+    audio_url: dict[str, Any] | None = None
+
+
+class ToolCallFunction(Strict):
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+    index: int | None = None
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    prompt_truncate_len: Annotated[int, Field(ge=0)] | None = None
+    safe_tokenization: bool | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    images: list[str] | list[list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _non_empty_prompts(self) -> CompletionRequest:
+        if self.prompt == [] or (isinstance(self.prompt, list)
+                                 and any(p in ("", []) for p in self.prompt)):
+            raise ValueError("prompt must not be empty")
+        return self
+
+
+def known_fields(model: type[BaseModel]) -> set[str]:
+    """The top-level field names (by alias) a request model accepts."""
+    return {info.alias or name for name, info in model.model_fields.items()}

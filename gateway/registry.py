@@ -1,0 +1,123 @@
+"""The registry: accounts with their API keys, and deployments with their replicas.
+
+This module holds the data model and the embedded YAML backend. A request's model id is
+resolved here to a Route (the deployment that serves it); replica choice is routing.py's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.errors import GatewayError
+
+PUBLIC_ACCOUNT = "fireworks"
+
+
+def hash_key(api_key: str) -> str:
+    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Replica(Record):
+    url: str
+
+
+class Deployment(Record):
+    id: str
+    account: str
+    model: str  # the model resource name, e.g. accounts/fireworks/models/smollm2-135m-instruct
+    default: bool = False  # the target for requests that name only the model
+    context_length: int | None = None
+    # Per-deployment defaults when the client sends no max_tokens (spec section 8 Q1).
+    max_tokens_chat: int = 2048
+    max_tokens_completion: int = 16
+    # The name vLLM serves the model under; None asks the worker's /v1/models once.
+    served_model_name: str | None = None
+    replicas: list[Replica] = Field(min_length=1)
+
+    @property
+    def name(self) -> str:
+        return f"accounts/{self.account}/deployments/{self.id}"
+
+
+class Account(Record):
+    id: str
+    api_keys: list[str] = Field(default_factory=list)  # "sha256:<hex>"
+
+
+class RegistryData(Record):
+    accounts: list[Account] = Field(default_factory=list)
+    deployments: list[Deployment] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: the deployment, and the model id to echo back."""
+
+    deployment: Deployment
+    requested_model: str
+
+
+class Registry:
+    """Lookups over one snapshot of the registry data."""
+
+    def __init__(self, data: RegistryData, *, public_account: str = PUBLIC_ACCOUNT) -> None:
+        self.data = data
+        self.public_account = public_account
+        self._keys = {key: account for account in data.accounts for key in account.api_keys}
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> Registry:
+        return cls(RegistryData.model_validate(yaml.safe_load(path.read_text()) or {}))
+
+    def authenticate(self, api_key: str | None) -> Account:
+        if not api_key:
+            raise GatewayError(401, "Missing API key: send 'Authorization: Bearer <key>'")
+        hashed = hash_key(api_key)
+        for stored, account in self._keys.items():
+            if hmac.compare_digest(stored, hashed):
+                return account
+        raise GatewayError(401, "Invalid API key")
+
+    def visible_deployments(self, account: Account) -> list[Deployment]:
+        return [d for d in self.data.deployments
+                if d.account in (account.id, self.public_account)]
+
+    def resolve(self, model_ref: str, account: Account) -> Route:
+        """Resolve `accounts/<a>/models/<m>`, `accounts/<a>/deployments/<d>` and
+        `<model>#<deployment>`. Anything the account may not use is reported exactly like
+        something that does not exist."""
+        base, _, pinned = model_ref.partition("#")
+        base = self._expand(base)
+        visible = self.visible_deployments(account)
+        not_found = GatewayError(404, f"Model not found, inaccessible, and/or not deployed: "
+                                      f"{model_ref}", param="model")
+        if pinned:
+            pinned = self._expand(pinned, kind="deployments")
+            match = [d for d in visible if d.name == pinned and d.model == base]
+        elif "/deployments/" in base:
+            match = [d for d in visible if d.name == base]
+        else:
+            serving = [d for d in visible if d.model == base]
+            match = [d for d in serving if d.default] or serving[:1]
+        if not match:
+            raise not_found
+        return Route(deployment=match[0], requested_model=model_ref)
+
+    @staticmethod
+    def _expand(ref: str, kind: str = "models") -> str:
+        """Short forms: `fireworks/<id>` and a bare `<id>` mean `accounts/fireworks/<kind>/<id>`."""
+        if ref.startswith("accounts/"):
+            return ref
+        if ref.startswith("fireworks/"):
+            ref = ref.removeprefix("fireworks/")
+        return f"accounts/{PUBLIC_ACCOUNT}/{kind}/{ref}" if "/" not in ref else ref

