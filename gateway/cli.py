@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -24,7 +25,7 @@ def serve(
     from gateway.app import create_app
     from gateway.config import Settings
 
-    overrides = {key: value for key, value in
+    overrides: dict[str, Any] = {key: value for key, value in
                  {"host": host, "port": port, "registry_path": registry}.items()
                  if value is not None}
     settings = Settings(**overrides)

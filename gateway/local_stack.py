@@ -7,6 +7,7 @@ the worker, and waits for both, killing what does not stop in time. Nothing is l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -66,10 +67,8 @@ class Child:
         except ProcessLookupError:
             pass
         # Grandchildren that outlived their parent still sit in the group.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_healthy(child: Child, url: str, what: str, timeout: float) -> None:

@@ -33,8 +33,8 @@ def validation_message(error: ValidationError) -> tuple[str, str | None]:
     first = error.errors(include_url=False)[0]
     # Union members add their type names to the location; keep only real field names.
     loc = tuple(p for p in first["loc"]
-                if isinstance(p, int) or not any(c in str(p) for c in "[]-")
-                and str(p) not in {"str", "int", "float", "bool", "list", "dict"})
+                if isinstance(p, int) or (not any(c in str(p) for c in "[]-")
+                and str(p) not in {"str", "int", "float", "bool", "list", "dict"}))
     field = _location(loc) or None
     message = first["msg"].removeprefix("Value error, ")
     return (f"{message}, field: '{field}'" if field else message), field

@@ -1,0 +1,74 @@
+"""Session-wide real parts: one SmolLM2 worker with the engine plugins, one gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.registry import hash_key
+from tests.conftest import free_port
+from tests.e2e.processes import Process, start_gateway, start_worker
+
+API_KEY = "fw_test_key"
+OTHER_KEY = "fw_other_account_key"
+MODEL = "accounts/fireworks/models/smollm2-135m-instruct"
+
+
+@dataclass
+class Stack:
+    base_url: str  # the gateway, e.g. http://127.0.0.1:PORT
+    worker_url: str
+    api_key: str = API_KEY
+    model: str = MODEL
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(data_dir: Path) -> Path:
+    from engine_plugins.models import prepare_smollm2
+
+    return prepare_smollm2(data_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_worker(smollm2_dir: Path) -> Iterator[str]:
+    port = free_port()
+    worker = start_worker(smollm2_dir, port, "--max-model-len", "2048",
+                          "--served-model-name", "smollm2")
+    yield f"http://127.0.0.1:{port}"
+    worker.stop()
+
+
+def write_registry(path: Path, worker_url: str) -> Path:
+    registry = {
+        "accounts": [
+            {"id": "fireworks", "api_keys": [hash_key(API_KEY)]},
+            {"id": "other", "api_keys": [hash_key(OTHER_KEY)]},
+        ],
+        "deployments": [
+            {"id": "smollm2-135m-instruct", "account": "fireworks", "model": MODEL,
+             "default": True, "context_length": 2048, "replicas": [{"url": worker_url}]},
+            {"id": "private-smollm2", "account": "other",
+             "model": "accounts/other/models/private", "default": True,
+             "context_length": 2048, "replicas": [{"url": worker_url}]},
+        ],
+    }
+    path.write_text(yaml.safe_dump(registry))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(smollm2_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    registry = write_registry(tmp_path_factory.mktemp("gateway") / "registry.yaml",
+                              smollm2_worker)
+    port = free_port()
+    gateway: Process = start_gateway(registry, port)
+    yield Stack(base_url=f"http://127.0.0.1:{port}", worker_url=smollm2_worker)
+    gateway.stop()

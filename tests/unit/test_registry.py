@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.registry import Account, Deployment, Registry, RegistryData, Replica, hash_key
+
+MODEL = "accounts/fireworks/models/llama"
+
+
+def registry() -> Registry:
+    replica = [Replica(url="http://w:1")]
+    return Registry(RegistryData(
+        accounts=[Account(id="fireworks", api_keys=[hash_key("k-fw")]),
+                  Account(id="alice", api_keys=[hash_key("k-alice")]),
+                  Account(id="bob", api_keys=[hash_key("k-bob")])],
+        deployments=[
+            Deployment(id="llama-a", account="fireworks", model=MODEL, replicas=replica),
+            Deployment(id="llama-b", account="fireworks", model=MODEL, default=True,
+                       replicas=replica),
+            Deployment(id="mine", account="alice", model="accounts/alice/models/tuned",
+                       default=True, replicas=replica),
+        ]))
+
+
+def test_keys_are_checked_against_hashes() -> None:
+    assert registry().authenticate("k-alice").id == "alice"
+    for bad in ("", None, "k-nobody"):
+        with pytest.raises(GatewayError) as info:
+            registry().authenticate(bad)
+        assert info.value.status == 401
+
+
+def test_model_goes_to_its_default_deployment() -> None:
+    alice = registry().authenticate("k-alice")
+    assert registry().resolve(MODEL, alice).deployment.id == "llama-b"
+
+
+def test_short_forms_expand_to_public_models() -> None:
+    alice = registry().authenticate("k-alice")
+    assert registry().resolve("llama", alice).deployment.id == "llama-b"
+    assert registry().resolve("fireworks/llama", alice).deployment.id == "llama-b"
+
+
+def test_deployment_and_pinned_forms() -> None:
+    alice = registry().authenticate("k-alice")
+    assert registry().resolve("accounts/fireworks/deployments/llama-a",
+                              alice).deployment.id == "llama-a"
+    pinned = f"{MODEL}#accounts/fireworks/deployments/llama-a"
+    route = registry().resolve(pinned, alice)
+    assert route.deployment.id == "llama-a" and route.requested_model == pinned
+
+
+def test_pinning_checks_the_deployment_serves_the_model() -> None:
+    alice = registry().authenticate("k-alice")
+    with pytest.raises(GatewayError) as info:
+        registry().resolve("accounts/fireworks/models/other#accounts/fireworks/deployments/"
+                           "llama-a", alice)
+    assert info.value.status == 404
+
+
+def test_other_accounts_are_invisible() -> None:
+    bob = registry().authenticate("k-bob")
+    errors = []
+    for ref in ("accounts/alice/deployments/mine", "accounts/alice/models/tuned",
+                "accounts/alice/deployments/absent"):
+        with pytest.raises(GatewayError) as info:
+            registry().resolve(ref, bob)
+        errors.append((info.value.status, info.value.param))
+    assert errors == [(404, "model")] * 3
+    alice = registry().authenticate("k-alice")
+    assert registry().resolve("accounts/alice/models/tuned", alice).deployment.id == "mine"
