@@ -28,8 +28,9 @@ model: $(STAMP)
 tiny-model: $(STAMP)
 	@$(PY) -m engine_plugins.models tiny --data-dir $(DATA_DIR)
 
+# COMPILE=1 torch.compiles the model: minutes more at start, ~35% more tokens/s on CPU.
 run: $(STAMP)
-	@$(PY) -m gateway local --data-dir $(DATA_DIR)
+	@$(PY) -m gateway local --data-dir $(DATA_DIR) $(if $(COMPILE),--compile,)
 
 redis:
 	@scripts/ensure-redis.sh

