@@ -70,6 +70,7 @@ class Mirostat(LogitsProcessor):  # type: ignore[misc]
         f32 = {"dtype": torch.float32, "device": device}
         self.mu = torch.zeros(rows, **f32)
         self.mu_pending = torch.zeros(rows, **f32)
+        self.surprise_pending = torch.zeros(rows, **f32)  # s of the pending sample, for tests
         self.tau = torch.zeros(rows, **f32)
         self.eta = torch.zeros(rows, **f32)
         self.x_pending = torch.full((rows,), -1, dtype=torch.int64, device=device)
@@ -136,7 +137,7 @@ class Mirostat(LogitsProcessor):  # type: ignore[misc]
         self.seed = self.seed[perm]
         self.outputs = [self.outputs[i] for i in perm]
         perm_t = torch.from_numpy(perm).to(self.device, non_blocking=True)
-        for name in ("mu", "mu_pending", "tau", "eta", "x_pending"):
+        for name in ("mu", "mu_pending", "surprise_pending", "tau", "eta", "x_pending"):
             setattr(self, name, getattr(self, name)[perm_t])
         targets = {b for _a, b, _d in moves}  # type: ignore[attr-defined]
         for a in emptied:
@@ -175,10 +176,11 @@ class Mirostat(LogitsProcessor):  # type: ignore[misc]
         commit = (emitted_t >= 0) & (emitted_t == self.x_pending[rows_t])
         mu = torch.where(commit, self.mu_pending[rows_t], self.mu[rows_t])
         self.mu[rows_t] = mu
-        x, _s, mu_next = truncated_step(logits[rows_t], mu, self.eta[rows_t],
+        x, s, mu_next = truncated_step(logits[rows_t], mu, self.eta[rows_t],
                                         self.tau[rows_t], self.noise(rows, lengths, vocab))
         self.mu_pending[rows_t] = mu_next
         self.x_pending[rows_t] = x
+        self.surprise_pending[rows_t] = s
         self.pos_pending[rows] = lengths
         forced = torch.full((rows.size, vocab), -math.inf, dtype=logits.dtype,
                             device=self.device)
