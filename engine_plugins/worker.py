@@ -19,10 +19,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-# V1-runner processor classes, registered in this order.
-V1_PROCESSORS = [
-    "engine_plugins.repetition:RepetitionPenalty",
-    "engine_plugins.mirostat:Mirostat",
+# Registered in this order; each class serves both model runners (engine_plugins/plugins.py).
+PROCESSORS = [
+    "engine_plugins.plugins:RepetitionPenalty",
+    "engine_plugins.plugins:Mirostat",
 ]
 
 # Engine-side numbers the gateway turns into fireworks-* headers (per-request timings and
@@ -41,7 +41,7 @@ def build_command(
     command = ["-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--host", host, "--port", str(port)]
     if plugins and not _has_flag(passthrough, "--logits-processors"):
-        command += ["--logits-processors", *V1_PROCESSORS]
+        command += ["--logits-processors", *PROCESSORS]
     command += [flag for flag in METRICS_FLAGS if not _has_flag(passthrough, flag)]
     command += list(passthrough)
     return command

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from engine_plugins.worker import V1_PROCESSORS, build_command, build_environment, parse_args
+from engine_plugins.worker import PROCESSORS, build_command, build_environment, parse_args
 
 
 def test_plugins_are_registered_on_the_command_line() -> None:
     args, rest = parse_args(["--model", "m", "--port", "9", "--dtype", "float32"])
     command = build_command(args.model, args.port, args.host, True, rest)
     at = command.index("--logits-processors")
-    assert command[at + 1: at + 1 + len(V1_PROCESSORS)] == V1_PROCESSORS
+    assert command[at + 1: at + 1 + len(PROCESSORS)] == PROCESSORS
     assert command[-2:] == ["--dtype", "float32"]  # other vLLM flags pass through
     assert "--enable-per-request-metrics" in command
 
