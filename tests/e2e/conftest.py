@@ -72,3 +72,13 @@ def stack(smollm2_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     gateway: Process = start_gateway(registry, port)
     yield Stack(base_url=f"http://127.0.0.1:{port}", worker_url=smollm2_worker)
     gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_worker(smollm2_dir: Path) -> Iterator[str]:
+    """The same model on stock vLLM, without the engine plugins."""
+    port = free_port()
+    worker = start_worker(smollm2_dir, port, "--max-model-len", "2048",
+                          "--served-model-name", "smollm2", plugins=False)
+    yield f"http://127.0.0.1:{port}"
+    worker.stop()

@@ -123,3 +123,19 @@ def penalty_params(penalty: float | None):  # type: ignore[no-untyped-def]
 
     return SamplingParams(extra_args=None if penalty is None
                           else {"repetition_penalty": penalty})
+
+
+def test_a_second_registration_in_one_engine_is_inert() -> None:
+    """vLLM constructs entry-point and command-line processors alike; the same class
+    registered both ways must act once."""
+    config = SimpleNamespace(speculative_config=None,
+                             scheduler_config=SimpleNamespace(max_num_seqs=4))
+    first = Mirostat(config, torch.device("cpu"), False)
+    second = Mirostat(config, torch.device("cpu"), False)
+    assert first.is_argmax_invariant() and second.is_argmax_invariant()
+    logits = torch.randn(1, 8)
+    assert type(first).__name__ == "Mirostat" and second.apply(logits) is logits
+    other_engine = SimpleNamespace(speculative_config=None)
+    assert isinstance(RepetitionPenalty(other_engine, request_state()), RepetitionPenaltyMRV2)
+    assert not RepetitionPenalty(other_engine, request_state()).add_request(
+        0, penalty_params(1.3))
