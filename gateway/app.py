@@ -20,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.registry import Registry
 from gateway.routes import router
 from gateway.routing import ReplicaSet
+from gateway.tokens import TokenTexts
 from gateway.upstream import WorkerClient
 
 logger = logging.getLogger("gateway")
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.workers = WorkerClient(settings.upstream_connect_timeout,
                                          settings.upstream_read_timeout)
+        app.state.token_texts = TokenTexts(app.state.workers)
         try:
             yield
         finally:

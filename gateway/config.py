@@ -25,4 +25,6 @@ class Settings(BaseSettings):
     # Seconds to wait for a worker to connect, and for each read from it.
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
+    # repetition_penalty through vLLM's native field instead of the engine plugin.
+    repetition_penalty_native: bool = False
     log_level: str = "info"

@@ -92,6 +92,11 @@ class SamplingFields(Strict):
             raise ValueError("thinking and reasoning_effort cannot both be set")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        for key in self.logit_bias or {}:
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if self.stream and self.echo_last is not None:
+            raise ValueError("echo_last is not supported with stream")
         return self
 
     @property

@@ -40,8 +40,11 @@ class Deployment(Record):
     # Per-deployment defaults when the client sends no max_tokens (spec section 8 Q1).
     max_tokens_chat: int = 2048
     max_tokens_completion: int = 16
-    # The name vLLM serves the model under; None asks the worker's /v1/models once.
-    served_model_name: str | None = None
+    # The sampling keys of the model's generation_config.json (temperature, top_p, top_k,
+    # min_p, typical_p, repetition_penalty): defaults for what the client does not send.
+    generation_config: dict[str, float] = Field(default_factory=dict)
+    # The worker's vLLM --tool-call-parser; None: requests with tools get a 400.
+    tool_parser: str | None = None
     replicas: list[Replica] = Field(min_length=1)
 
     @property

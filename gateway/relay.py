@@ -1,7 +1,6 @@
 """Relaying one request to a worker and its answer back, Fireworks style.
 
-Non-streaming: the worker's JSON with the requested model echoed, usage kept, vLLM-only keys
-dropped and fireworks-* performance headers added.
+Non-streaming: the worker's JSON reshaped (responses.py) with fireworks-* headers.
 Streaming: headers are held until the first token (so a prefill failure still gets a real
 status), usage moves onto the chunks that carry a finish_reason (or, when the client asked
 with stream_options.include_usage, onto a trailing `choices: []` chunk), and the stream ends
@@ -24,7 +23,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from gateway.errors import GatewayError, stream_error_event
 from gateway.registry import Route
+from gateway.responses import ChoiceState, shape_choice, token_ids_in
 from gateway.routing import Lease
+from gateway.tokens import TokenTexts
+from gateway.translate import Plan
 from gateway.upstream import WorkerClient
 
 DONE = b"data: [DONE]\n\n"
@@ -39,25 +41,30 @@ class Call:
     request_id: str
     path: str  # worker path, e.g. /v1/chat/completions
     body: dict[str, Any]
+    plan: Plan
     include_usage: bool | None = None  # the client's stream_options.include_usage
     perf_metrics_in_response: bool = False
+    echo_prefix: str | None = None  # chat echo: the rendered prompt
+    prompt_fragments: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
     @property
-    def url(self) -> str:
-        return self.lease.replica.url.rstrip("/") + self.path
+    def worker_url(self) -> str:
+        return self.lease.replica.url.rstrip("/")
 
     def upstream_headers(self) -> dict[str, str]:
         return {"content-type": "application/json", "x-request-id": self.request_id}
 
 
-def sampling_options(body: dict[str, Any]) -> dict[str, Any]:
-    keys = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-            "max_tokens", "seed", "n", "ignore_eos", "min_tokens")
-    options = {key: body[key] for key in keys if key in body}
-    options.update(body.get("vllm_xargs", {}))
-    return options
+def usage_of(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    details = usage.get("prompt_tokens_details") or {}
+    return {"prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+            "prompt_tokens_details": {"cached_tokens": details.get("cached_tokens") or 0}}
 
 
 def perf_metrics(call: Call, usage: dict[str, Any] | None,
@@ -82,64 +89,139 @@ def perf_metrics(call: Call, usage: dict[str, Any] | None,
             metrics["generation-duration"] = engine["generation_time_ms"] / 1000.0
     metrics["deployment"] = call.route.deployment.name
     metrics["backend-host"] = urlsplit(call.lease.replica.url).netloc
+    metrics["num-concurrent-requests"] = call.lease.concurrent
     return metrics
 
 
-def metric_headers(metrics: dict[str, Any], body: dict[str, Any]) -> dict[str, str]:
+def metric_headers(call: Call, metrics: dict[str, Any]) -> dict[str, str]:
     headers = {f"fireworks-{key}": (f"{value:.6f}" if isinstance(value, float) else str(value))
                for key, value in metrics.items()}
-    headers["fireworks-sampling-options"] = orjson.dumps(sampling_options(body)).decode()
+    options = dict(call.plan.sampling_options)
+    context = call.route.deployment.context_length
+    if context and "prompt-tokens" in metrics:  # what truncate mode really allowed
+        options["max_tokens"] = min(options["max_tokens"],
+                                    max(context - metrics["prompt-tokens"], 0))
+    headers["fireworks-sampling-options"] = orjson.dumps(options).decode()
     return headers
 
 
-async def relay_json(client: WorkerClient, call: Call) -> Response:
+async def _texts(texts: TokenTexts, call: Call, payload: dict[str, Any]) -> dict[int, str]:
+    if not call.plan.logprobs:
+        return {}
+    ids: set[int] = set()
+    for choice in payload.get("choices") or []:
+        ids |= token_ids_in(choice.get("logprobs"))
+    return await texts.texts(call.route.deployment.name, call.worker_url, ids)
+
+
+async def relay_json(client: WorkerClient, texts: TokenTexts, call: Call) -> Response:
     try:
-        data, _ = await client.post_json(call.url, call.body, call.upstream_headers())
+        data, _ = await client.post_json(call.worker_url + call.path, call.body,
+                                         call.upstream_headers())
+        vocabulary = await _texts(texts, call, data)
+        if call.plan.echo_last is not None:
+            await trim_echo(texts, call, data)
     finally:
         call.lease.release()
     engine = data.pop("metrics", None)
-    data["model"] = call.route.requested_model
-    metrics = perf_metrics(call, data.get("usage"), engine, complete=True)
+    usage = usage_of(data.get("usage"))
+    if call.plan.chat and any(c.get("finish_reason") == "abort" for c in data["choices"]):
+        raise GatewayError(503, "The worker aborted the generation", headers={
+            "retry-after": "1"})
+    choices = [shape_choice(choice, call.plan, vocabulary, ChoiceState(), chunk=False,
+                            prompt_ids=data.get("prompt_token_ids"),
+                            prompt_fragments=call.prompt_fragments)
+               for choice in data["choices"]]
+    if call.echo_prefix is not None:
+        for choice in choices:
+            choice["message"]["content"] = call.echo_prefix + (
+                choice["message"]["content"] or "")
+    out: dict[str, Any] = {
+        "id": data["id"], "object": data["object"], "created": data["created"],
+        "model": call.route.requested_model, "choices": choices, "usage": usage,
+    }
+    if call.plan.chat and call.plan.return_token_ids:
+        out["prompt_token_ids"] = data.get("prompt_token_ids")
+    metrics = perf_metrics(call, usage, engine, complete=True)
     if call.perf_metrics_in_response:
-        data["perf_metrics"] = metrics
-    headers = metric_headers(metrics, call.body)
-    return Response(orjson.dumps(data), media_type="application/json", headers=headers)
+        out["perf_metrics"] = metrics
+    return Response(orjson.dumps(out), media_type="application/json",
+                    headers=metric_headers(call, metrics))
+
+
+async def trim_echo(texts: TokenTexts, call: Call, data: dict[str, Any]) -> None:
+    """echo_last=K: of the echoed prompt keep only its last K tokens (text and logprobs)."""
+    keep = call.plan.echo_last or 0
+    for choice in data["choices"]:
+        prompt_ids = choice.get("prompt_token_ids") or []
+        echoed = await texts.detokenize(call.worker_url, prompt_ids)
+        tail = await texts.detokenize(call.worker_url, prompt_ids[-keep:]) if keep else ""
+        prompt = call.body["prompt"]
+        echoed_len = len(prompt) if isinstance(prompt, str) else len(echoed)
+        choice["text"] = tail + choice["text"][echoed_len:]
+        logprobs = choice.get("logprobs")
+        if logprobs and "tokens" in logprobs:
+            cut = len(prompt_ids) - min(keep, len(prompt_ids))
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                logprobs[key] = logprobs[key][cut:]
 
 
 def _encode(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def _carries_token(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or {}
-        if choice.get("text") or delta.get("content") or delta.get("tool_calls") \
-                or delta.get("reasoning_content") or choice.get("finish_reason"):
-            return True
-    return False
-
-
 class StreamReframer:
-    """Turns the worker's chunks into Fireworks chunks (pure: no I/O, unit-testable)."""
+    """Turns the worker's chunks into Fireworks chunks (no I/O, unit-testable)."""
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.held_finish: list[dict[str, Any]] = []
+        self.states: dict[int, ChoiceState] = {}
+        self.prompt_ids: list[int] | None = None
+        self.echoed = False
 
-    def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+    def chunk(self, chunk: dict[str, Any], texts: dict[int, str] | None = None) -> list[bytes]:
         engine = chunk.pop("metrics", None)
-        chunk["model"] = self.call.route.requested_model
         if not chunk.get("choices"):
             if chunk.get("usage") is not None:
-                return self.finish(chunk["usage"], engine)
+                return self.finish(chunk, usage_of(chunk["usage"]), engine)
             return []
-        if any(c.get("finish_reason") for c in chunk["choices"]):
-            self.held_finish.append(chunk)  # usage is not known until the worker's last chunk
-            return []
-        chunk["usage"] = None
-        return [_encode(chunk)]
+        plan = self.call.plan
+        if chunk.get("prompt_token_ids") is not None:
+            self.prompt_ids = chunk["prompt_token_ids"]
+        out: dict[str, Any] = {"id": chunk["id"], "object": chunk["object"],
+                               "created": chunk["created"],
+                               "model": self.call.route.requested_model}
+        first = not self.states
+        choices = []
+        for choice in chunk["choices"]:
+            state = self.states.setdefault(choice.get("index", 0), ChoiceState())
+            choices.append(shape_choice(choice, plan, texts or {}, state, chunk=True,
+                                        prompt_ids=self.prompt_ids if first else None,
+                                        prompt_fragments=self.call.prompt_fragments))
+        out["choices"] = choices
+        if plan.chat and plan.return_token_ids and first:
+            out["prompt_token_ids"] = self.prompt_ids
+        out["usage"] = None
+        parts = []
+        if any(c["finish_reason"] for c in choices) or any(
+                c.get("finish_reason") == "abort" for c in chunk["choices"]):
+            if plan.chat and any(c.get("finish_reason") == "abort" for c in chunk["choices"]):
+                raise GatewayError(503, "The worker aborted the generation")
+            self.held_finish.append(out)  # usage is not known until the worker's last chunk
+        else:
+            parts.append(_encode(out))
+        if self.call.echo_prefix is not None and not self.echoed and plan.chat:
+            self.echoed = True  # the rendered prompt goes out right after the role chunk
+            echo = {k: out[k] for k in ("id", "object", "created", "model")}
+            echo["choices"] = [{"index": c["index"], "delta": {"content": self.call.echo_prefix},
+                                "finish_reason": None, "logprobs": None} for c in choices]
+            echo["usage"] = None
+            parts.append(_encode(echo))
+        return parts
 
-    def finish(self, usage: dict[str, Any], engine: dict[str, Any] | None) -> list[bytes]:
+    def finish(self, last: dict[str, Any], usage: dict[str, Any] | None,
+               engine: dict[str, Any] | None) -> list[bytes]:
         metrics = perf_metrics(self.call, usage, engine, complete=True)
         out: list[bytes] = []
         on_finish = usage if self.call.include_usage is None else None
@@ -150,12 +232,9 @@ class StreamReframer:
             out.append(_encode(chunk))
         self.held_finish = []
         if self.call.include_usage:
-            template = {"id": "", "object": "", "created": 0}
-            if out:
-                template = orjson.loads(out[-1][len(b"data: "):])
             tail: dict[str, Any] = {
-                "id": template["id"], "object": template["object"],
-                "created": template["created"], "model": self.call.route.requested_model,
+                "id": last.get("id", ""), "object": last.get("object", ""),
+                "created": last.get("created", 0), "model": self.call.route.requested_model,
                 "choices": [], "usage": usage,
             }
             if self.call.perf_metrics_in_response:
@@ -176,9 +255,19 @@ async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any] | No
         yield orjson.loads(payload)
 
 
-async def relay_stream(client: WorkerClient, call: Call) -> Response:
+def _carries_token(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if choice.get("text") or delta.get("content") or delta.get("tool_calls") \
+                or delta.get("reasoning") or choice.get("finish_reason"):
+            return True
+    return False
+
+
+async def relay_stream(client: WorkerClient, texts: TokenTexts, call: Call) -> Response:
     try:
-        response = await client.open_stream(call.url, call.body, call.upstream_headers())
+        response = await client.open_stream(call.worker_url + call.path, call.body,
+                                            call.upstream_headers())
     except BaseException:
         call.lease.release()
         raise
@@ -191,24 +280,24 @@ async def relay_stream(client: WorkerClient, call: Call) -> Response:
         async for event in events:
             if event is None:
                 break
-            if _carries_token(event) or event.get("usage"):
+            if _carries_token(event) or not event.get("choices"):
                 call.first_token_at = time.monotonic()
                 first_usage = event.get("usage")
-                held += reframer.chunk(event)
+                held += reframer.chunk(event, await _texts(texts, call, event))
                 break
-            held += reframer.chunk(event)
+            held += reframer.chunk(event, await _texts(texts, call, event))
     except BaseException:
         await response.aclose()
         call.lease.release()
         raise
-    headers = metric_headers(perf_metrics(call, first_usage, None, complete=False), call.body)
-    return StreamingResponse(_stream_body(call, response, events, reframer, held),
+    headers = metric_headers(call, perf_metrics(call, first_usage, None, complete=False))
+    return StreamingResponse(_stream_body(call, texts, response, events, reframer, held),
                              media_type="text/event-stream",
                              headers=headers | {"cache-control": "no-cache",
                                                 "x-accel-buffering": "no"})
 
 
-async def _stream_body(call: Call, response: httpx.Response,
+async def _stream_body(call: Call, texts: TokenTexts, response: httpx.Response,
                        events: AsyncIterator[dict[str, Any] | None],
                        reframer: StreamReframer, held: list[bytes]) -> AsyncIterator[bytes]:
     response_id = f"stream-{uuid.uuid4()}"
@@ -219,7 +308,7 @@ async def _stream_body(call: Call, response: httpx.Response,
             if event is None:
                 break
             response_id = event.get("id", response_id)
-            for part in reframer.chunk(event):
+            for part in reframer.chunk(event, await _texts(texts, call, event)):
                 yield part
         yield DONE
     except (httpx.HTTPError, orjson.JSONDecodeError) as exc:

@@ -14,6 +14,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, known_fie
 from gateway.registry import Account, Registry
 from gateway.relay import Call, relay_json, relay_stream
 from gateway.routing import ReplicaSet
+from gateway.tokens import TokenTexts
 from gateway.translate import chat_body, completion_body
 from gateway.upstream import WorkerClient
 
@@ -71,6 +72,30 @@ def authenticate(request: Request) -> Account:
     return registry.authenticate(api_key(request))
 
 
+async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any],
+                        max_tokens: int, param: str) -> None:
+    """context_length_exceeded_behavior=error: 400 naming both numbers when a prompt and
+    max_tokens do not fit. (truncate needs nothing: the worker lowers max_tokens itself.)"""
+    if "messages" in body:
+        queries = [{"messages": body["messages"], "add_generation_prompt": True}]
+    else:
+        prompt = body["prompt"]
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        queries = [{"prompt": p} for p in (prompt if several else [prompt])]
+    for query in queries:
+        prompt = query.get("prompt")
+        if isinstance(prompt, list):  # token ids: their number is the length
+            counted = await texts.tokenize(worker_url, {"prompt": ""})
+            counted["count"] = len(prompt)
+        else:
+            counted = await texts.tokenize(worker_url, query)
+        count, context = int(counted["count"]), int(counted["max_model_len"])
+        if count + max_tokens > context:
+            raise GatewayError(400, f"The prompt is {count} tokens and max_tokens is "
+                                    f"{max_tokens}, which exceeds the context length of "
+                                    f"{context} tokens", param=param)
+
+
 async def _serve(request: Request, model: type[ChatCompletionRequest | CompletionRequest],
                  path: str) -> Response:
     state = request.app.state
@@ -79,23 +104,34 @@ async def _serve(request: Request, model: type[ChatCompletionRequest | Completio
     body = await parse_body(request, model, settings)
     route = state.registry.resolve(body.model, account)
     if isinstance(body, ChatCompletionRequest):
-        worker_body = chat_body(body, route.deployment, settings)
+        worker_body, plan = chat_body(body, route.deployment, settings)
+        fragments: list[Any] = [m.content for m in body.messages]
     else:
-        worker_body = completion_body(body, route.deployment, settings)
+        worker_body, plan = completion_body(body, route.deployment, settings)
+        fragments = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     replicas: ReplicaSet = state.replicas
+    lease = replicas.acquire(route.deployment)
+    texts: TokenTexts = state.token_texts
     call = Call(
-        route=route,
-        lease=replicas.acquire(route.deployment),
-        request_id=request.state.request_id,
-        path=path,
-        body=worker_body,
+        route=route, lease=lease, request_id=request.state.request_id, path=path,
+        body=worker_body, plan=plan, prompt_fragments=fragments,
         include_usage=body.stream_options.include_usage if body.stream_options else None,
         perf_metrics_in_response=bool(body.perf_metrics_in_response),
     )
+    try:
+        if body.context_length_exceeded_behavior == "error":
+            param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+            await check_context(texts, call.worker_url, worker_body, plan.max_tokens, param)
+        if plan.chat and plan.echo:
+            call.echo_prefix = await texts.rendered_chat_prompt(call.worker_url,
+                                                                worker_body["messages"])
+    except BaseException:
+        lease.release()
+        raise
     client: WorkerClient = state.workers
     if body.stream:
-        return await relay_stream(client, call)
-    return await relay_json(client, call)
+        return await relay_stream(client, texts, call)
+    return await relay_json(client, texts, call)
 
 
 @router.post("/chat/completions")

@@ -28,6 +28,11 @@ class Lease:
         self.replica = replica
         self._held = True
 
+    @property
+    def concurrent(self) -> int:
+        """Requests this gateway has in flight on the replica, this one included."""
+        return self._replicas.outstanding[self.replica.url]
+
     def release(self) -> None:
         if self._held:
             self._held = False

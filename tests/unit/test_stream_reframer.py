@@ -10,8 +10,10 @@ import pytest
 from gateway.registry import Deployment, Replica, Route
 from gateway.relay import Call, StreamReframer
 from gateway.routing import ReplicaSet
+from gateway.translate import Plan
 
-USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+         "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def call(include_usage: bool | None, perf: bool = False) -> Call:
@@ -19,7 +21,8 @@ def call(include_usage: bool | None, perf: bool = False) -> Call:
                             replicas=[Replica(url="http://w:1")])
     return Call(route=Route(deployment, "accounts/a/models/m"),
                 lease=ReplicaSet().acquire(deployment), request_id="r", path="/v1/completions",
-                body={}, include_usage=include_usage, perf_metrics_in_response=perf)
+                body={}, plan=Plan(chat=False), include_usage=include_usage,
+                perf_metrics_in_response=perf)
 
 
 def worker_chunks(n: int = 1) -> list[dict[str, Any]]:

@@ -1,0 +1,50 @@
+"""What the gateway asks a worker about tokens: prompt length, rendered chat prompt, and
+the text of token ids (for logprobs, whose alternatives vLLM can only name by id)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.upstream import WorkerClient
+
+TOKEN_ID_PREFIX = "token_id:"
+
+
+def parse_token_id(token: str) -> int:
+    """vLLM's `return_tokens_as_token_ids` form `token_id:123` -> 123."""
+    return int(token.removeprefix(TOKEN_ID_PREFIX))
+
+
+class TokenTexts:
+    """Per-deployment cache of token id -> text, filled from the worker's /detokenize."""
+
+    def __init__(self, client: WorkerClient) -> None:
+        self.client = client
+        self.vocabularies: dict[str, dict[int, str]] = {}
+
+    async def texts(self, deployment: str, worker_url: str, ids: Iterable[int]
+                    ) -> dict[int, str]:
+        vocabulary = self.vocabularies.setdefault(deployment, {})
+        missing = sorted({i for i in ids if i not in vocabulary})
+        if missing:
+            decoded = await asyncio.gather(*[self.detokenize(worker_url, [i])
+                                             for i in missing])
+            vocabulary.update(zip(missing, decoded, strict=True))
+        return vocabulary
+
+    async def detokenize(self, worker_url: str, ids: list[int]) -> str:
+        data, _ = await self.client.post_json(f"{worker_url}/detokenize", {"tokens": ids}, {})
+        return str(data["prompt"])
+
+    async def tokenize(self, worker_url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /tokenize: `{"count", "max_model_len", "tokens"}`."""
+        data, _ = await self.client.post_json(f"{worker_url}/tokenize", body, {})
+        return data
+
+    async def rendered_chat_prompt(self, worker_url: str, messages: list[dict[str, Any]]
+                                   ) -> str:
+        tokens = await self.tokenize(worker_url, {"messages": messages,
+                                                  "add_generation_prompt": True})
+        return await self.detokenize(worker_url, list(tokens["tokens"]))
