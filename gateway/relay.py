@@ -44,7 +44,6 @@ class Call:
     plan: Plan
     include_usage: bool | None = None  # the client's stream_options.include_usage
     perf_metrics_in_response: bool = False
-    echo_prefix: str | None = None  # chat echo: the rendered prompt
     prompt_fragments: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -54,7 +53,7 @@ class Call:
         return self.lease.replica.url.rstrip("/")
 
     def upstream_headers(self) -> dict[str, str]:
-        return {"content-type": "application/json", "x-request-id": self.request_id}
+        return {"x-request-id": self.request_id}
 
 
 def usage_of(usage: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -119,23 +118,27 @@ async def relay_json(client: WorkerClient, texts: TokenTexts, call: Call) -> Res
         data, _ = await client.post_json(call.worker_url + call.path, call.body,
                                          call.upstream_headers())
         vocabulary = await _texts(texts, call, data)
-        if call.plan.echo_last is not None:
-            await trim_echo(texts, call, data)
     finally:
         call.lease.release()
     engine = data.pop("metrics", None)
     usage = usage_of(data.get("usage"))
+    if call.plan.max_tokens == 0 and usage is not None:
+        # A score-only request (echo, max_tokens 0): vLLM runs one step it does not return.
+        usage["completion_tokens"] = 0
+        usage["total_tokens"] = usage["prompt_tokens"]
     if call.plan.chat and any(c.get("finish_reason") == "abort" for c in data["choices"]):
         raise GatewayError(503, "The worker aborted the generation", headers={
             "retry-after": "1"})
+    if call.plan.echo_last is not None:
+        for choice in data["choices"]:
+            keep_last_prompt_logprobs(choice, call.plan.echo_last)
     choices = [shape_choice(choice, call.plan, vocabulary, ChoiceState(), chunk=False,
                             prompt_ids=data.get("prompt_token_ids"),
                             prompt_fragments=call.prompt_fragments)
                for choice in data["choices"]]
-    if call.echo_prefix is not None:
-        for choice in choices:
-            choice["message"]["content"] = call.echo_prefix + (
-                choice["message"]["content"] or "")
+    for choice in choices:
+        if call.plan.echo_texts:
+            add_echo(call.plan, choice)
     out: dict[str, Any] = {
         "id": data["id"], "object": data["object"], "created": data["created"],
         "model": call.route.requested_model, "choices": choices, "usage": usage,
@@ -149,21 +152,30 @@ async def relay_json(client: WorkerClient, texts: TokenTexts, call: Call) -> Res
                     headers=metric_headers(call, metrics))
 
 
-async def trim_echo(texts: TokenTexts, call: Call, data: dict[str, Any]) -> None:
-    """echo_last=K: of the echoed prompt keep only its last K tokens (text and logprobs)."""
-    keep = call.plan.echo_last or 0
-    for choice in data["choices"]:
-        prompt_ids = choice.get("prompt_token_ids") or []
-        echoed = await texts.detokenize(call.worker_url, prompt_ids)
-        tail = await texts.detokenize(call.worker_url, prompt_ids[-keep:]) if keep else ""
-        prompt = call.body["prompt"]
-        echoed_len = len(prompt) if isinstance(prompt, str) else len(echoed)
-        choice["text"] = tail + choice["text"][echoed_len:]
-        logprobs = choice.get("logprobs")
-        if logprobs and "tokens" in logprobs:
-            cut = len(prompt_ids) - min(keep, len(prompt_ids))
-            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                logprobs[key] = logprobs[key][cut:]
+def echo_text(plan: Plan, index: int) -> str:
+    return plan.echo_texts[min(index // plan.n, len(plan.echo_texts) - 1)]
+
+
+def keep_last_prompt_logprobs(choice: dict[str, Any], keep: int) -> None:
+    """echo_last=K on a worker choice: of the prompt's logprob positions keep the last K."""
+    logprobs = choice.get("logprobs")
+    prompt_len = len(choice.get("prompt_token_ids") or [])
+    drop = prompt_len - min(keep, prompt_len)
+    if not logprobs or drop <= 0:
+        return
+    for key, values in logprobs.items():
+        if isinstance(values, list):
+            logprobs[key] = values[drop:]
+
+
+def add_echo(plan: Plan, choice: dict[str, Any]) -> None:
+    """Put the echoed prompt in front of the text: vLLM leaves it out when asked for token
+    ids, which the gateway always asks for with echo."""
+    prefix = echo_text(plan, choice["index"])
+    if plan.chat:
+        choice["message"]["content"] = prefix + (choice["message"]["content"] or "")
+    else:
+        choice["text"] = prefix + choice["text"]
 
 
 def _encode(chunk: dict[str, Any]) -> bytes:
@@ -178,7 +190,7 @@ class StreamReframer:
         self.held_finish: list[dict[str, Any]] = []
         self.states: dict[int, ChoiceState] = {}
         self.prompt_ids: list[int] | None = None
-        self.echoed = False
+        self.echoed: set[int] = set()
 
     def chunk(self, chunk: dict[str, Any], texts: dict[int, str] | None = None) -> list[bytes]:
         engine = chunk.pop("metrics", None)
@@ -204,20 +216,30 @@ class StreamReframer:
             out["prompt_token_ids"] = self.prompt_ids
         out["usage"] = None
         parts = []
-        if any(c["finish_reason"] for c in choices) or any(
-                c.get("finish_reason") == "abort" for c in chunk["choices"]):
-            if plan.chat and any(c.get("finish_reason") == "abort" for c in chunk["choices"]):
-                raise GatewayError(503, "The worker aborted the generation")
+        if plan.echo_texts and not plan.chat:
+            parts += self.echo_chunks(out, [c["index"] for c in choices])
+        if any(c.get("finish_reason") == "abort" for c in chunk["choices"]) and plan.chat:
+            raise GatewayError(503, "The worker aborted the generation")
+        if any(c["finish_reason"] for c in choices):
             self.held_finish.append(out)  # usage is not known until the worker's last chunk
         else:
             parts.append(_encode(out))
-        if self.call.echo_prefix is not None and not self.echoed and plan.chat:
-            self.echoed = True  # the rendered prompt goes out right after the role chunk
-            echo = {k: out[k] for k in ("id", "object", "created", "model")}
-            echo["choices"] = [{"index": c["index"], "delta": {"content": self.call.echo_prefix},
-                                "finish_reason": None, "logprobs": None} for c in choices]
-            echo["usage"] = None
-            parts.append(_encode(echo))
+        if plan.echo_texts and plan.chat:  # after the role chunk
+            parts += self.echo_chunks(out, [c["index"] for c in choices])
+        return parts
+
+    def echo_chunks(self, template: dict[str, Any], indexes: list[int]) -> list[bytes]:
+        """The echoed prompt, once per choice, as its own chunk."""
+        parts = []
+        for index in indexes:
+            if index in self.echoed:
+                continue
+            self.echoed.add(index)
+            text = echo_text(self.call.plan, index)
+            choice: dict[str, Any] = {"index": index, "finish_reason": None, "logprobs": None}
+            choice |= {"delta": {"content": text}} if self.call.plan.chat else {"text": text}
+            parts.append(_encode({k: template[k] for k in ("id", "object", "created", "model")}
+                                 | {"choices": [choice], "usage": None}))
         return parts
 
     def finish(self, last: dict[str, Any], usage: dict[str, Any] | None,

@@ -122,9 +122,12 @@ async def _serve(request: Request, model: type[ChatCompletionRequest | Completio
         if body.context_length_exceeded_behavior == "error":
             param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
             await check_context(texts, call.worker_url, worker_body, plan.max_tokens, param)
-        if plan.chat and plan.echo:
-            call.echo_prefix = await texts.rendered_chat_prompt(call.worker_url,
-                                                                worker_body["messages"])
+        if plan.echo and plan.chat:
+            plan.echo_texts = [await texts.rendered_chat_prompt(call.worker_url,
+                                                                worker_body["messages"])]
+        elif plan.echo:
+            plan.echo_texts = await texts.echo_texts(call.worker_url, worker_body["prompt"],
+                                                     plan.echo_last)
     except BaseException:
         lease.release()
         raise
@@ -156,9 +159,10 @@ async def models(request: Request) -> dict[str, Any]:
             if model_id in seen:
                 continue
             seen.add(model_id)
-            data.append({
-                "id": model_id, "object": "model", "owned_by": deployment.account,
-                "created": created, "kind": "HF_BASE_MODEL", "supports_chat": True,
-                "context_length": deployment.context_length,
-            })
+            entry = {"id": model_id, "object": "model", "owned_by": deployment.account,
+                     "created": created, "kind": "HF_BASE_MODEL", "supports_chat": True,
+                     "supports_tools": deployment.tool_parser is not None}
+            if deployment.context_length is not None:  # legacy clients reject a null
+                entry["context_length"] = deployment.context_length
+            data.append(entry)
     return {"object": "list", "data": data}

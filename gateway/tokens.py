@@ -43,6 +43,20 @@ class TokenTexts:
         data, _ = await self.client.post_json(f"{worker_url}/tokenize", body, {})
         return data
 
+    async def echo_texts(self, worker_url: str, prompt: Any, last: int | None) -> list[str]:
+        """Completions echo: per prompt, the prompt itself or its last `last` tokens."""
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        out = []
+        for one in (prompt if several else [prompt]):
+            if last is None and isinstance(one, str):
+                out.append(one)
+                continue
+            ids = one if isinstance(one, list) else \
+                (await self.tokenize(worker_url, {"prompt": one}))["tokens"]
+            ids = ids if last is None else ids[len(ids) - min(last, len(ids)):]
+            out.append(await self.detokenize(worker_url, list(ids)) if ids else "")
+        return out
+
     async def rendered_chat_prompt(self, worker_url: str, messages: list[dict[str, Any]]
                                    ) -> str:
         tokens = await self.tokenize(worker_url, {"messages": messages,

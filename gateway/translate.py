@@ -34,8 +34,12 @@ class Plan:
     logprobs: Literal["legacy", "content"] | None = None
     return_token_ids: bool = False
     raw_output: bool = False
-    echo: bool = False  # chat echo: prefix the rendered prompt (set by the router)
+    echo: bool = False  # echo or echo_last was asked for
     echo_last: int | None = None
+    # What each prompt echoes (completions: the prompt or its last echo_last tokens; chat:
+    # the rendered prompt), put in front of the generated text. Filled in by the router.
+    echo_texts: list[str] = field(default_factory=list)
+    n: int = 1
     max_tokens: int = 0
     sampling_options: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +97,8 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
         # token for the headers); the relay places it where Fireworks clients expect it.
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     # Token ids come back whenever the answer needs them (logprob token_ids, raw_output).
-    if plan.logprobs or plan.return_token_ids or plan.raw_output or plan.echo_last:
+    # (vLLM then leaves the echoed prompt out of the text; the relay puts it back.)
+    if plan.logprobs or plan.return_token_ids or plan.raw_output or plan.echo:
         body["return_token_ids"] = True
     options = dict(sampling) | {"max_tokens": body["max_tokens"]}
     options |= {k: body[k] for k in ("frequency_penalty", "presence_penalty", "seed", "n",
@@ -182,11 +187,12 @@ def completion_body(request: CompletionRequest, deployment: Deployment,
                     settings: Settings) -> tuple[dict[str, Any], Plan]:
     fmt, top = _logprobs_plan(request)
     plan = Plan(chat=False, logprobs=fmt, return_token_ids=bool(request.return_token_ids),
-                raw_output=bool(request.raw_output), echo_last=request.echo_last)
+                raw_output=bool(request.raw_output), echo_last=request.echo_last,
+                echo=bool(request.echo) or request.echo_last is not None, n=request.n or 1)
     body = sampling_body(request, deployment, settings, plan)
     body["prompt"] = request.prompt
-    if request.echo or request.echo_last is not None:
-        body["echo"] = True
+    if plan.echo:
+        body["echo"] = True  # for the prompt logprobs; the text comes from echo_texts
     if fmt:
         body["logprobs"] = top
         body["return_tokens_as_token_ids"] = True

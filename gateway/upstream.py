@@ -9,6 +9,8 @@ import orjson
 
 from gateway.errors import GatewayError
 
+JSON_HEADERS = {"content-type": "application/json"}
+
 
 def _worker_message(response_body: bytes) -> str:
     try:
@@ -43,7 +45,8 @@ class WorkerClient:
         self, url: str, body: dict[str, Any], headers: dict[str, str]
     ) -> tuple[dict[str, Any], httpx.Headers]:
         try:
-            response = await self.http.post(url, content=orjson.dumps(body), headers=headers)
+            response = await self.http.post(url, content=orjson.dumps(body),
+                                            headers=JSON_HEADERS | headers)
         except httpx.TimeoutException as exc:
             raise GatewayError(504, f"Upstream worker timed out: {exc!r}") from exc
         except httpx.TransportError as exc:
@@ -56,7 +59,7 @@ class WorkerClient:
     ) -> httpx.Response:
         """Send a streaming request and return once the worker answered with headers."""
         request = self.http.build_request("POST", url, content=orjson.dumps(body),
-                                          headers=headers)
+                                          headers=JSON_HEADERS | headers)
         try:
             response = await self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:

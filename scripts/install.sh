@@ -32,4 +32,12 @@ if [ "$engine" = "cpu" ]; then
 fi
 # Its wheel asks for a certifi newer than some mirrors carry; its real deps are in [test].
 $pip install -q --no-deps fireworks-ai==1.2.30 2>&1 | grep -v "^WARNING: Location" || true
+# The legacy 0.x client (`fireworks.client`) for compatibility tests, beside 1.x: same
+# distribution name, so it lives in its own directory that the tests put on PYTHONPATH.
+legacy="$venv/legacy-fireworks"
+if [ ! -f "$legacy/fireworks/client/__init__.py" ]; then
+  $pip install -q --no-deps --target "$legacy" fireworks-ai==0.15.12 2>&1 | grep -v "^WARNING: Location" || true
+  # 0.x ships `fireworks` as a namespace package, which 1.x's regular package would shadow.
+  touch "$legacy/fireworks/__init__.py"
+fi
 echo "[setup] done"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,16 @@ def smollm2_dir(data_dir: Path) -> Path:
     return prepare_smollm2(data_dir)
 
 
+# Developer convenience: E2E_REUSE_WORKER=http://127.0.0.1:8001 runs the tests against a
+# worker already running (with the plugins, -O0, --max-model-len 2048) instead of starting one.
+REUSE_WORKER = os.environ.get("E2E_REUSE_WORKER")
+
+
 @pytest.fixture(scope="session")
 def smollm2_worker(smollm2_dir: Path) -> Iterator[str]:
+    if REUSE_WORKER:
+        yield REUSE_WORKER
+        return
     port = free_port()
     worker = start_worker(smollm2_dir, port, "--max-model-len", "2048",
                           "--served-model-name", "smollm2")
@@ -55,6 +64,13 @@ def write_registry(path: Path, worker_url: str) -> Path:
         "deployments": [
             {"id": "smollm2-135m-instruct", "account": "fireworks", "model": MODEL,
              "default": True, "context_length": 2048, "replicas": [{"url": worker_url}]},
+            {"id": "smollm2-defaults", "account": "fireworks",
+             "model": "accounts/fireworks/models/smollm2-defaults", "default": True,
+             "context_length": 2048, "max_tokens_chat": 7, "max_tokens_completion": 5,
+             "generation_config": {"temperature": 0.0, "top_k": 7},
+             "replicas": [{"url": worker_url}]},
+            {"id": "dead", "account": "fireworks", "model": "accounts/fireworks/models/dead",
+             "default": True, "replicas": [{"url": f"http://127.0.0.1:{free_port()}"}]},
             {"id": "private-smollm2", "account": "other",
              "model": "accounts/other/models/private", "default": True,
              "context_length": 2048, "replicas": [{"url": worker_url}]},
