@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,13 +65,15 @@ def _error_response(request: Request, error: GatewayError) -> Response:
                     media_type="application/json", headers=error.headers)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None,
+               worker_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The gateway. `worker_transport` replaces the network towards workers (tests)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.workers = WorkerClient(settings.upstream_connect_timeout,
-                                         settings.upstream_read_timeout)
+                                         settings.upstream_read_timeout, worker_transport)
         app.state.token_texts = TokenTexts(app.state.workers)
         try:
             yield

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class FieldError(ValueError):
+    """A cross-field problem, naming the field to report in the error's `param`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Strict(BaseModel):
@@ -19,7 +27,7 @@ class Strict(BaseModel):
 
 
 class StreamOptions(Strict):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class ResponseFormat(Strict):
@@ -43,7 +51,7 @@ class SamplingFields(Strict):
     """Fields shared by /chat/completions and /completions."""
 
     model: str
-    stream: bool | None = False
+    stream: StrictBool | None = False
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -59,18 +67,18 @@ class SamplingFields(Strict):
     seed: int | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
     stop: str | list[str] | None = None
-    logprobs: bool | Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: StrictBool | Annotated[int, Field(ge=0, le=5)] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: bool | None = False
+    echo: StrictBool | None = False
     echo_last: Annotated[int, Field(ge=0)] | None = None
-    ignore_eos: bool | None = False
+    ignore_eos: StrictBool | None = False
     context_length_exceeded_behavior: Literal["truncate", "error"] | None = "truncate"
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-200.0, le=200.0)]] | None = None
     user: str | None = None
-    perf_metrics_in_response: bool | None = False
-    raw_output: bool | None = False
-    return_token_ids: bool | None = False
+    perf_metrics_in_response: StrictBool | None = False
+    raw_output: StrictBool | None = False
+    return_token_ids: StrictBool | None = False
     prompt_cache_key: str | None = None
     prompt_cache_isolation_key: str | None = None
     prompt_cache_max_len: Annotated[int, Field(ge=0)] | None = None
@@ -87,16 +95,17 @@ class SamplingFields(Strict):
     @model_validator(mode="after")
     def _exclusive_fields(self) -> SamplingFields:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("max_tokens and max_completion_tokens cannot both be set")
+            raise FieldError("max_completion_tokens",
+                             "max_tokens and max_completion_tokens cannot both be set")
         if self.thinking is not None and self.reasoning_effort is not None:
-            raise ValueError("thinking and reasoning_effort cannot both be set")
+            raise FieldError("thinking", "thinking and reasoning_effort cannot both be set")
         if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+            raise FieldError("stop", "at most 4 stop sequences are allowed")
         for key in self.logit_bias or {}:
-            if not key.lstrip("-").isdigit() or int(key) < 0:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not key.isdigit():
+                raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
         if self.stream and self.echo_last is not None:
-            raise ValueError("echo_last is not supported with stream")
+            raise FieldError("echo_last", "echo_last is not supported with stream")
         return self
 
     @property
@@ -143,11 +152,11 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     prompt_truncate_len: Annotated[int, Field(ge=0)] | None = None
-    safe_tokenization: bool | None = None
+    safe_tokenization: StrictBool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -156,9 +165,9 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _non_empty_prompts(self) -> CompletionRequest:
-        if self.prompt == [] or (isinstance(self.prompt, list)
-                                 and any(p in ("", []) for p in self.prompt)):
-            raise ValueError("prompt must not be empty")
+        if self.prompt in ("", []) or (isinstance(self.prompt, list)
+                                       and any(p in ("", []) for p in self.prompt)):
+            raise FieldError("prompt", "prompt must not be empty")
         return self
 
 

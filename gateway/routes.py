@@ -10,7 +10,12 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, known_fields
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FieldError,
+    known_fields,
+)
 from gateway.registry import Account, Registry
 from gateway.relay import Call, relay_json, relay_stream
 from gateway.routing import ReplicaSet
@@ -37,6 +42,9 @@ def validation_message(error: ValidationError) -> tuple[str, str | None]:
                 if isinstance(p, int) or (not any(c in str(p) for c in "[]-")
                 and str(p) not in {"str", "int", "float", "bool", "list", "dict"}))
     field = _location(loc) or None
+    cause = (first.get("ctx") or {}).get("error")
+    if field is None and isinstance(cause, FieldError):
+        field = cause.field
     message = first["msg"].removeprefix("Value error, ")
     return (f"{message}, field: '{field}'" if field else message), field
 

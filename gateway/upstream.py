@@ -33,10 +33,11 @@ def raise_for_worker_status(status: int, body: bytes) -> None:
 class WorkerClient:
     """One pooled httpx client for every worker."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-        self.http = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self.http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
 
     async def aclose(self) -> None:
         await self.http.aclose()
