@@ -15,11 +15,10 @@ USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 
 
 async def call(app: Any, path: str, body: dict[str, Any]) -> httpx.Response:
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://gw") as client:
-            return await client.post(path, json={"model": MODEL} | body,
-                                     headers={"Authorization": f"Bearer {KEY}"})
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        return await client.post(path, json={"model": MODEL} | body,
+                                 headers={"Authorization": f"Bearer {KEY}"})
 
 
 def events(response: httpx.Response) -> list[str]:
