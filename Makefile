@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test lint unit e2e model tiny-model redis bench clean help
+.PHONY: run test lint model tiny-model redis bench bench-gateway bench-plugins clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -46,3 +46,15 @@ test: $(STAMP) redis lint model tiny-model
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)
+
+# Benchmarks print tables; they are not tests. bench-gateway also measures a real worker
+# when WORKER=http://host:port points at one.
+bench-gateway: $(STAMP)
+	@$(PY) -m bench.gateway $(if $(WORKER),--worker $(WORKER),)
+
+bench-plugins: $(STAMP) model
+	@$(PY) -m pip install -q matplotlib 2>/dev/null
+	@$(PY) -m bench.plugins --data-dir $(DATA_DIR)
+	@$(PY) -m bench.surprise --data-dir $(DATA_DIR) --out docs/mirostat-surprise.png
+
+bench: bench-gateway bench-plugins
