@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None,
     app = FastAPI(title="Fireworks-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
-    app.state.registry = Registry.from_yaml(settings.registry_path)
+    app.state.registry = Registry.from_yaml(settings.registry_path, settings.keys_path)
     app.state.replicas = ReplicaSet()
     app.state.started_at = time.time()
     for prefix in PREFIXES:

@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     port: int = 8000
     # The registry of accounts, keys, models and deployments (embedded YAML backend).
     registry_path: Path = DEFAULT_REGISTRY
+    # Optional separate file of API keys (`{account_id: [sha256:...]}`), e.g. a mounted
+    # Kubernetes Secret, merged into the registry's accounts.
+    keys_path: Path | None = None
     # Shared state for several gateway replicas; None runs on in-process state.
     redis_url: str | None = None
     # Unknown request fields: 400 (strict, Fireworks' behaviour) or ignored (lenient).

@@ -79,8 +79,16 @@ class Registry:
         self._keys = {key: account for account in data.accounts for key in account.api_keys}
 
     @classmethod
-    def from_yaml(cls, path: Path) -> Registry:
-        return cls(RegistryData.model_validate(yaml.safe_load(path.read_text()) or {}))
+    def from_yaml(cls, path: Path, keys_path: Path | None = None) -> Registry:
+        data = RegistryData.model_validate(yaml.safe_load(path.read_text()) or {})
+        if keys_path is not None:
+            keys: dict[str, list[str]] = yaml.safe_load(keys_path.read_text()) or {}
+            accounts = {account.id: account for account in data.accounts}
+            for account_id, hashes in keys.items():
+                account = accounts.setdefault(account_id, Account(id=account_id))
+                account.api_keys = [*account.api_keys, *hashes]
+            data.accounts = list(accounts.values())
+        return cls(data)
 
     def authenticate(self, api_key: str | None) -> Account:
         if not api_key:

@@ -70,3 +70,13 @@ def test_other_accounts_are_invisible() -> None:
     assert errors == [(404, "model")] * 3
     alice = registry().authenticate("k-alice")
     assert registry().resolve("accounts/alice/models/tuned", alice).deployment.id == "mine"
+
+
+def test_keys_file_is_merged_into_accounts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    registry_file = tmp_path / "registry.yaml"
+    registry_file.write_text("accounts: [{id: acme}]\ndeployments: []\n")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"acme: ['{hash_key('k1')}']\nnew: ['{hash_key('k2')}']\n")
+    loaded = Registry.from_yaml(registry_file, keys_file)
+    assert loaded.authenticate("k1").id == "acme"
+    assert loaded.authenticate("k2").id == "new"

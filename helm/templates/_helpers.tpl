@@ -1,0 +1,47 @@
+{{- define "fwg.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fwg.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fwg.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/name: {{ include "fwg.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: {{ include "fwg.name" . }}
+{{- end -}}
+
+{{- define "fwg.selector" -}}
+app.kubernetes.io/name: {{ include "fwg.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* A deployment id as a DNS label: lower case, [a-z0-9-], at most 40 characters. */}}
+{{- define "fwg.workerName" -}}
+{{- $id := regexReplaceAll "[^a-z0-9-]" (lower .id) "-" | trunc 40 | trimSuffix "-" -}}
+{{- printf "%s-%s" (include "fwg.fullname" .root) $id | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fwg.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s-redis:6379/0" (include "fwg.fullname" .) -}}
+{{- else -}}
+{{- .Values.redis.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fwg.keysSecret" -}}
+{{- default (printf "%s-keys" (include "fwg.fullname" .)) .Values.apiKeys.existingSecret -}}
+{{- end -}}
+
+{{- define "fwg.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}

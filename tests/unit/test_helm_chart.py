@@ -1,0 +1,169 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk wraps Helm's Go SDK) and
+checked against the Kubernetes schemas (kubernetes-validate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway.registry import RegistryData
+from tests.conftest import ROOT
+
+CHART = ROOT / "helm"
+THREE = yaml.safe_load((ROOT / "tests" / "helm" / "three-deployments.yaml").read_text())
+K8S_VERSION = kubernetes_validate.latest_version()
+# Custom resources have no schema in kubernetes-validate; they are checked by hand below.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    manifests = helm.Chart.load(CHART).render(values, name="rel", namespace="prod",
+                                              is_install=True)
+    objects = []
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None
+         ) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind
+            and (name is None or o["metadata"]["name"] == name)]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("values", [None, THREE], ids=["defaults", "three-deployments"])
+def test_every_manifest_validates_against_kubernetes_schemas(values: dict[str, Any] | None
+                                                             ) -> None:
+    objects = render(values)
+    assert objects
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            assert obj["spec"]["endpoints"][0]["port"] == "http"
+            continue
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        labels = obj["metadata"]["labels"]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
+            assert key in labels, (obj["kind"], key)
+
+
+@pytest.mark.parametrize("values", [None, THREE], ids=["defaults", "three-deployments"])
+def test_chart_lints_clean(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{K8S_VERSION}.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_registry_routes_every_deployment_to_a_service_selecting_its_workers() -> None:
+    objects = render(THREE)
+    registry_text = find(objects, "ConfigMap")[0]["data"]["registry.yaml"]
+    registry = RegistryData.model_validate(yaml.safe_load(registry_text))  # the gateway loads it
+    assert {d.id for d in registry.deployments} == {d["id"] for d in THREE["deployments"]}
+    assert {a.id for a in registry.accounts} == {"fireworks", "acme", "globex"}
+    services = {s["metadata"]["name"]: s for s in find(objects, "Service")}
+    workers = find(objects, "Deployment")
+    for deployment in registry.deployments:
+        (replica,) = deployment.replicas
+        host, port = replica.url.removeprefix("http://").split(":")
+        service = services[host]
+        assert service["spec"]["ports"][0]["port"] == int(port)
+        selector = service["spec"]["selector"]
+        selected = [w for w in workers if selector.items() <=
+                    w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, deployment.id
+        worker = container(selected[0])
+        assert worker["args"][worker["args"].index("--served-model-name") + 1] == deployment.id
+        # The selector of the Deployment also matches its own pods.
+        assert selected[0]["spec"]["selector"]["matchLabels"].items() <= \
+            selected[0]["spec"]["template"]["metadata"]["labels"].items()
+    qwen = next(d for d in registry.deployments if d.id == "qwen-7b")
+    assert qwen.generation_config == {"temperature": 0.7, "top_p": 0.8}
+
+
+def test_gateway_has_redis_url_registry_and_key_secret() -> None:
+    objects = render(THREE)
+    gateway = find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    assert env["GATEWAY_REDIS_URL"] == "redis://redis.shared.svc:6379/2"
+    assert not find(objects, "StatefulSet")  # external Redis: none deployed
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    secret = find(objects, "Secret")[0]
+    assert volumes["keys"]["secret"]["secretName"] == secret["metadata"]["name"]
+    keys = yaml.safe_load(secret["stringData"]["keys.yaml"])
+    assert set(keys) == {"acme", "globex"}
+    mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
+    assert env["GATEWAY_KEYS_PATH"].startswith(mounts["keys"])
+    assert env["GATEWAY_REGISTRY_PATH"].startswith(mounts["registry"])
+    spec = gateway["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= 600
+    assert container(gateway)["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    defaults = render()
+    bundled = find(defaults, "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e.get("value") for e in container(bundled)["env"]}
+    redis_service = find(defaults, "Service", "rel-fireworks-gateway-redis")[0]
+    assert env["GATEWAY_REDIS_URL"] == "redis://rel-fireworks-gateway-redis:6379/0"
+    assert redis_service["spec"]["ports"][0]["port"] == 6379
+    assert find(defaults, "StatefulSet")[0]["spec"]["volumeClaimTemplates"]
+    assert find(defaults, "HorizontalPodAutoscaler") and find(defaults, "PodDisruptionBudget")
+
+
+def test_gpus_and_vllm_args_land_on_the_right_containers() -> None:
+    objects = render(THREE)
+    by_id = {w["metadata"]["labels"]["fireworks-gateway/deployment"]: w
+             for w in find(objects, "Deployment") if "fireworks-gateway/deployment"
+             in w["metadata"]["labels"]}
+    prod = container(by_id["llama-8b-prod"])
+    assert prod["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert prod["args"][prod["args"].index("--tensor-parallel-size") + 1] == "2"
+    assert prod["args"][-2:] == ["--gpu-memory-utilization", "0.92"]
+    assert "--enable-auto-tool-choice" in prod["args"]
+    assert by_id["llama-8b-prod"]["spec"]["replicas"] == 3
+    pod = by_id["llama-8b-prod"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    canary = container(by_id["llama-8b-canary"])
+    assert canary["args"][canary["args"].index("--model") + 1] == "/models/llama-8b-canary"
+    assert canary["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--gpu-memory-utilization" not in canary["args"]
+    claims = [v for v in by_id["llama-8b-canary"]["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims[0]["persistentVolumeClaim"]["claimName"] == "model-cache"
+    for worker in by_id.values():
+        env = {e["name"]: e["value"] for e in container(worker)["env"]}
+        assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # plugins loaded: V1 runner
+        assert container(worker)["command"][-1] == "engine_plugins.worker"
+        assert container(worker)["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+        shm = [v for v in worker["spec"]["template"]["spec"]["volumes"] if v["name"] == "shm"]
+        assert shm[0]["emptyDir"]["medium"] == "Memory"
+    gateway = container(find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0])
+    assert "nvidia.com/gpu" not in str(gateway["resources"])
+
+
+@pytest.mark.parametrize("change", [
+    lambda v: v["deployments"][0].pop("source"),
+    lambda v: v["deployments"][0].update(id="Bad Id!"),
+    lambda v: v["deployments"][0].update(model="llama-8b"),
+    lambda v: v["deployments"][0].update(gpus=-1),
+    lambda v: v["deployments"][0].update(source={"huggingFace": "a", "path": "/b"}),
+    lambda v: v["deployments"][0].update(unknown=1),
+    lambda v: v["redis"].pop("url"),
+    lambda v: v["apiKeys"]["accounts"].update(acme=["plaintext-key"]),
+    lambda v: v.update(deployments=[]),
+])
+def test_schema_rejects_malformed_values(change: Any) -> None:
+    values = yaml.safe_load(yaml.safe_dump(THREE))
+    change(values)
+    with pytest.raises(helm.HelmValuesError):
+        helm.Chart.load(CHART).render(values, name="rel", namespace="prod")
