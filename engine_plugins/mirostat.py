@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from engine_plugins.xargs import parse_mirostat
+from engine_plugins.xargs import parse_mirostat, validate_mirostat
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -84,8 +84,7 @@ class Mirostat(LogitsProcessor):  # type: ignore[misc]
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        p = sampling_params
-        parse_mirostat(p.extra_args, p.temperature, p.top_k, p.top_p, p.min_p)
+        validate_mirostat(sampling_params)
 
     def is_argmax_invariant(self) -> bool:
         # True: the argmax is never truncated away and greedy rows are untouched. It places

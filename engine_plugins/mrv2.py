@@ -23,7 +23,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
 )
 
 from engine_plugins.mirostat import gumbel_noise, position_seed, truncated_step
-from engine_plugins.xargs import parse_mirostat, parse_repetition_penalty
+from engine_plugins.xargs import parse_mirostat, parse_repetition_penalty, validate_mirostat
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -57,8 +57,7 @@ class MirostatMRV2(LogitsProcessor):  # type: ignore[misc]
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        p = sampling_params
-        parse_mirostat(p.extra_args, p.temperature, p.top_k, p.top_p, p.min_p)
+        validate_mirostat(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         p = sampling_params

@@ -100,6 +100,12 @@ def parse_mirostat(extra: dict[str, Any] | None, temperature: float = 1.0,
     return MirostatArgs(tau=tau, eta=eta)
 
 
+def validate_mirostat(params: Any) -> None:
+    """`validate_params` of both Mirostat processors (V1 runner and Model Runner V2)."""
+    parse_mirostat(params.extra_args, params.temperature, params.top_k, params.top_p,
+                   params.min_p)
+
+
 def parse_repetition_penalty(extra: dict[str, Any] | None) -> float | None:
     """The processor's repetition penalty, None when absent or exactly 1 (off)."""
     penalty = _number(extra or {}, REPETITION_PENALTY)

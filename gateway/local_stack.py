@@ -56,19 +56,24 @@ class Child:
             return ""
 
     def stop(self) -> None:
-        if not self.alive():
-            return
+        stop_process_group(self.process, STOP_GRACE_SECONDS)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float,
+                       sig: int = signal.SIGTERM) -> None:
+    """Signal a child started with start_new_session=True and its whole group, wait up to
+    `grace` seconds, then kill what is left (grandchildren that outlived their parent too)."""
+    if process.poll() is None:
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=STOP_GRACE_SECONDS)
+            os.killpg(process.pid, sig)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         except ProcessLookupError:
             pass
-        # Grandchildren that outlived their parent still sit in the group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_healthy(child: Child, url: str, what: str, timeout: float) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from gateway.local_stack import stop_process_group
 
 
 class Process:
@@ -43,17 +44,7 @@ class Process:
         raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, sig)
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-            except ProcessLookupError:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        stop_process_group(self.popen, timeout, sig)
 
 
 def start_worker(model_dir: Path, port: int, *extra: str, plugins: bool = True) -> Process:
