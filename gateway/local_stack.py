@@ -8,6 +8,7 @@ the worker, and waits for both, killing what does not stop in time. Nothing is l
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 import yaml
 
 from gateway.config import DEFAULT_REGISTRY
+from gateway.translate import NEUTRAL
 
 LOCAL_API_KEY = "fw_local_key"  # the key the embedded default registry holds (hashed)
 DEFAULT_MODEL = "accounts/fireworks/models/smollm2-135m-instruct"
@@ -97,10 +99,14 @@ def wait_healthy(child: Child, url: str, what: str, timeout: float) -> None:
         time.sleep(1.0)
 
 
-def write_local_registry(data_dir: Path, worker_port: int) -> Path:
+def write_local_registry(data_dir: Path, worker_port: int, model_dir: Path) -> Path:
+    """The embedded registry, pointed at this worker, with the model's sampling defaults."""
     registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    defaults = {k: v for k, v in generation.items() if k in NEUTRAL}
     for deployment in registry["deployments"]:
         deployment["replicas"] = [{"url": f"http://127.0.0.1:{worker_port}"}]
+        deployment["generation_config"] = defaults
     path = data_dir / "registry.local.yaml"
     path.write_text(yaml.safe_dump(registry, sort_keys=False))
     return path
@@ -145,7 +151,8 @@ def run_local_stack(data_dir: Path, port: int, worker_port: int, compile: bool =
                      "loading the model into vLLM", timeout=900)
         say(f"starting the gateway on 127.0.0.1:{port}")
         gateway_env = dict(os.environ)
-        gateway_env["GATEWAY_REGISTRY_PATH"] = str(write_local_registry(data_dir, worker_port))
+        gateway_env["GATEWAY_REGISTRY_PATH"] = str(write_local_registry(data_dir, worker_port,
+                                                                        model_dir))
         gateway_env["GATEWAY_PORT"] = str(port)
         children.append(Child("gateway", [sys.executable, "-m", "gateway", "serve"],
                               logs / "gateway.log", gateway_env))
