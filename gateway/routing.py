@@ -27,11 +27,9 @@ class Lease:
         self._replicas = replicas
         self.replica = replica
         self._held = True
-
-    @property
-    def concurrent(self) -> int:
-        """Requests this gateway has in flight on the replica, this one included."""
-        return self._replicas.outstanding[self.replica.url]
+        # Requests this gateway had in flight on the replica when this one was admitted,
+        # this one included (the fireworks-num-concurrent-requests header).
+        self.concurrent = replicas.outstanding[replica.url]
 
     def release(self) -> None:
         if self._held:
