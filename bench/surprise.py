@@ -124,7 +124,7 @@ def main() -> None:
     right.axhline(3.0, color="k", linestyle="--", linewidth=0.8)
     right.set_xlabel("generated tokens")
     right.set_ylabel("running mean surprise (bits)")
-    right.set_title("Mirostat holds its target; top-k / top-p drift with length")
+    right.set_title("Running mean surprise along the text (tau = 3 for Mirostat)")
     right.legend(fontsize=8)
     figure.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
