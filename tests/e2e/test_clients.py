@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -114,18 +115,24 @@ def running_requests(worker_url: str) -> float:
                if line.startswith("vllm:num_requests_running"))
 
 
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_client_disconnect_stops_generation(stack: Stack) -> None:
     with httpx.stream("POST", f"{stack.base_url}/v1/completions", headers=stack.headers,
                       json={"model": stack.model, "prompt": "Tell me a long story.",
                             "max_tokens": 1500, "ignore_eos": True, "stream": True},
                       timeout=60) as response:
-        seen = 0
-        for line in response.iter_lines():
-            seen += line.startswith("data: ")
-            if seen >= 3:
-                break
-        assert running_requests(stack.worker_url) >= 1
-    deadline = time.monotonic() + 1.0
-    while running_requests(stack.worker_url) > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running_requests(stack.worker_url) == 0
+        # Keep the line iterator alive: closing it would close the connection already.
+        lines = response.iter_lines()
+        received = [line for line in (next(lines) for _ in range(6)) if line]
+        assert len(received) >= 3
+        assert wait_for(lambda: running_requests(stack.worker_url) >= 1, 5.0)
+        response.close()  # the client goes away mid-stream
+        assert wait_for(lambda: running_requests(stack.worker_url) == 0, 1.0)
