@@ -13,7 +13,7 @@ import pytest
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.e2e
-LONG = "one two three four five six seven eight nine ten " * 60  # ~600 tokens
+LONG = "one two three four five six seven eight nine ten " * 185  # ~1850 tokens
 
 
 def post(stack: Stack, path: str, body: dict[str, Any], model: str | None = None,
