@@ -171,6 +171,12 @@ class CompletionRequest(SamplingFields):
         return self
 
 
+def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
+    """A completions `prompt` as its list of prompts (a token-id list is one prompt)."""
+    several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+    return list(prompt) if several else [prompt]
+
+
 def known_fields(model: type[BaseModel]) -> set[str]:
     """The top-level field names (by alias) a request model accepts."""
     return {info.alias or name for name, info in model.model_fields.items()}

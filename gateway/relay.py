@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from gateway.errors import GatewayError, stream_error_event
 from gateway.registry import Route
-from gateway.responses import ChoiceState, shape_choice, token_ids_in
+from gateway.responses import ChoiceState, reject_chat_abort, shape_choice, token_ids_in
 from gateway.routing import Lease
 from gateway.tokens import TokenTexts
 from gateway.translate import Plan
@@ -126,9 +126,7 @@ async def relay_json(client: WorkerClient, texts: TokenTexts, call: Call) -> Res
         # A score-only request (echo, max_tokens 0): vLLM runs one step it does not return.
         usage["completion_tokens"] = 0
         usage["total_tokens"] = usage["prompt_tokens"]
-    if call.plan.chat and any(c.get("finish_reason") == "abort" for c in data["choices"]):
-        raise GatewayError(503, "The worker aborted the generation", headers={
-            "retry-after": "1"})
+    reject_chat_abort(call.plan, data["choices"])
     if call.plan.echo_last is not None:
         for choice in data["choices"]:
             keep_last_prompt_logprobs(choice, call.plan.echo_last)
@@ -218,8 +216,7 @@ class StreamReframer:
         parts = []
         if plan.echo_texts and not plan.chat:
             parts += self.echo_chunks(out, [c["index"] for c in choices])
-        if any(c.get("finish_reason") == "abort" for c in chunk["choices"]) and plan.chat:
-            raise GatewayError(503, "The worker aborted the generation")
+        reject_chat_abort(plan, chunk["choices"])
         if any(c["finish_reason"] for c in choices):
             self.held_finish.append(out)  # usage is not known until the worker's last chunk
         else:

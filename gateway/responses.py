@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.tokens import parse_token_id
 from gateway.translate import Plan
 
@@ -71,6 +72,14 @@ def render_logprobs(entries: list[Entry], fmt: str, texts: dict[int, str],
             "last_activation": None, "routing_matrix": None,
         })
     return {"content": content}, offset
+
+
+def reject_chat_abort(plan: Plan, choices: list[dict[str, Any]]) -> None:
+    """vLLM's `abort` on chat has no Fireworks finish reason: it is a failed request (an
+    error status, or the error event once a stream has started)."""
+    if plan.chat and any(c.get("finish_reason") == "abort" for c in choices):
+        raise GatewayError(503, "The worker aborted the generation",
+                           headers={"retry-after": "1"})
 
 
 def finish_reason(reason: str | None, chat: bool) -> str | None:

@@ -15,6 +15,7 @@ from gateway.protocol import (
     CompletionRequest,
     FieldError,
     known_fields,
+    prompts_of,
 )
 from gateway.registry import Account, Registry
 from gateway.relay import Call, relay_json, relay_stream
@@ -87,9 +88,7 @@ async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any]
     if "messages" in body:
         queries = [{"messages": body["messages"], "add_generation_prompt": True}]
     else:
-        prompt = body["prompt"]
-        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
-        queries = [{"prompt": p} for p in (prompt if several else [prompt])]
+        queries = [{"prompt": p} for p in prompts_of(body["prompt"])]
     for query in queries:
         prompt = query.get("prompt")
         if isinstance(prompt, list):  # token ids: their number is the length

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from gateway.protocol import prompts_of
 from gateway.upstream import WorkerClient
 
 TOKEN_ID_PREFIX = "token_id:"
@@ -45,9 +46,8 @@ class TokenTexts:
 
     async def echo_texts(self, worker_url: str, prompt: Any, last: int | None) -> list[str]:
         """Completions echo: per prompt, the prompt itself or its last `last` tokens."""
-        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
         out = []
-        for one in (prompt if several else [prompt]):
+        for one in prompts_of(prompt):
             if last is None and isinstance(one, str):
                 out.append(one)
                 continue
