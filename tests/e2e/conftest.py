@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway.local_stack import Child
 from gateway.registry import hash_key
 from tests.conftest import free_port
-from tests.e2e.processes import Process, start_gateway, start_worker
+from tests.e2e.processes import start_gateway, start_worker
 
 API_KEY = "fw_test_key"
 OTHER_KEY = "fw_other_account_key"
@@ -85,7 +86,7 @@ def stack(smollm2_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     registry = write_registry(tmp_path_factory.mktemp("gateway") / "registry.yaml",
                               smollm2_worker)
     port = free_port()
-    gateway: Process = start_gateway(registry, port)
+    gateway: Child = start_gateway(registry, port)
     yield Stack(base_url=f"http://127.0.0.1:{port}", worker_url=smollm2_worker)
     gateway.stop()
 
