@@ -1,4 +1,5 @@
-"""The gateway application: wiring of settings, registry, workers and routes."""
+"""The gateway application: wiring of settings, registry store, limits, usage, health,
+workers and routes."""
 
 from __future__ import annotations
 
@@ -10,19 +11,28 @@ from contextlib import asynccontextmanager
 
 import httpx
 import orjson
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.admin import router as admin_router
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.registry import Registry
+from gateway.health import HealthChecker, ReplicaHealth
+from gateway.limits import Limiter, LocalLimiter, RedisLimiter
+from gateway.metrics import GatewayMetrics
+from gateway.registry import load_yaml
 from gateway.routes import router
-from gateway.routing import ReplicaSet
+from gateway.routing import AffinityOrLeastOutstanding, ReplicaSet
+from gateway.serving import Gateway
+from gateway.store import RedisStore, RegistryStore, YamlStore
 from gateway.tokens import TokenTexts
 from gateway.upstream import WorkerClient
+from gateway.usage import Ledger, LocalLedger, RedisLedger
 
 logger = logging.getLogger("gateway")
 
@@ -65,29 +75,83 @@ def _error_response(request: Request, error: GatewayError) -> Response:
                     media_type="application/json", headers=error.headers)
 
 
+def _build(settings: Settings, worker_transport: httpx.AsyncBaseTransport | None
+           ) -> tuple[Gateway, aioredis.Redis | None]:
+    metrics = GatewayMetrics()
+
+    def on_health(url: str, healthy: bool | None) -> None:
+        if healthy is None:
+            metrics.replica_healthy.remove(url)
+        else:
+            metrics.replica_healthy.labels(url).set(1 if healthy else 0)
+
+    public = tuple(settings.public_accounts)
+    client: aioredis.Redis | None = None
+    store: RegistryStore
+    limiter: Limiter
+    ledger: Ledger
+    if settings.redis_url:
+        # Short timeouts: a Redis outage must cost requests milliseconds, not seconds.
+        client = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5,
+                                   socket_timeout=1.0)
+        store = RedisStore(client, load_yaml(settings.registry_path, settings.keys_path),
+                           prefix=settings.redis_prefix,
+                           poll_interval=settings.registry_poll_interval,
+                           public_accounts=public)
+        limiter = RedisLimiter(client, settings.redis_prefix,
+                               slot_lifetime=settings.upstream_read_timeout + 60)
+        ledger = RedisLedger(client, settings.redis_prefix)
+    else:
+        store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
+        limiter = LocalLimiter()
+        ledger = LocalLedger(limiter)
+    workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
+                           worker_transport)
+    replicas = ReplicaSet(AffinityOrLeastOutstanding(settings.affinity_max_imbalance),
+                          ReplicaHealth(settings.eject_after_failures, on_health))
+    gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
+                      ledger=ledger, metrics=metrics, workers=workers,
+                      token_texts=TokenTexts(workers), started_at=time.time())
+    return gateway, client
+
+
 def create_app(settings: Settings | None = None,
                worker_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """The gateway. `worker_transport` replaces the network towards workers (tests)."""
     settings = settings or Settings()
+    gateway, redis_client = _build(settings, worker_transport)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.workers = WorkerClient(settings.upstream_connect_timeout,
-                                         settings.upstream_read_timeout, worker_transport)
-        app.state.token_texts = TokenTexts(app.state.workers)
+        await gateway.store.start()
+        await gateway.ledger.start()
+        checker = HealthChecker(
+            gateway.replicas.health,
+            lambda: {r.url for d in gateway.store.current.data.deployments for r in d.replicas},
+            gateway.workers.http, settings.health_check_interval,
+            settings.health_check_timeout)
+        if settings.health_check_interval > 0:
+            checker.start()
         try:
             yield
         finally:
-            await app.state.workers.aclose()
+            await checker.stop()
+            await gateway.ledger.stop()
+            await gateway.store.stop()
+            await gateway.workers.aclose()
+            if redis_client is not None:
+                await redis_client.aclose()
 
     app = FastAPI(title="Fireworks-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.state.settings = settings
-    app.state.registry = Registry.from_yaml(settings.registry_path, settings.keys_path)
-    app.state.replicas = ReplicaSet()
-    app.state.started_at = time.time()
+    app.state.gateway = gateway
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix)
+    app.include_router(admin_router, prefix="/admin/v1")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

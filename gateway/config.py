@@ -19,8 +19,24 @@ class Settings(BaseSettings):
     # Optional separate file of API keys (`{account_id: [sha256:...]}`), e.g. a mounted
     # Kubernetes Secret, merged into the registry's accounts.
     keys_path: Path | None = None
-    # Shared state for several gateway replicas; None runs on in-process state.
+    # Shared state for several gateway replicas (registry, limits, usage); None runs on the
+    # YAML registry and in-process state.
     redis_url: str | None = None
+    redis_prefix: str = "fwgw:"
+    # How often each gateway looks for registry changes in Redis (seconds).
+    registry_poll_interval: float = 0.25
+    # Accounts whose deployments every account may use.
+    public_accounts: list[str] = ["fireworks"]
+    # The admin API's key (a Kubernetes Secret in the chart); None disables the admin API.
+    admin_key: str | None = None
+    # Active health checks of every replica (seconds; 0 turns them off), and passive
+    # ejection after this many consecutive failures.
+    health_check_interval: float = 1.0
+    health_check_timeout: float = 1.0
+    eject_after_failures: int = 2
+    # A keyed request leaves its preferred replica when that one has this many more requests
+    # in flight than the least loaded.
+    affinity_max_imbalance: int = 4
     # Unknown request fields: 400 (strict, Fireworks' behaviour) or ignored (lenient).
     strict_validation: bool = True
     # Fireworks historically returns the matched stop sequence inside the text.

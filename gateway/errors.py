@@ -39,8 +39,11 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        replica_fault: bool = False,
     ) -> None:
         super().__init__(message)
+        # The replica failed (unreachable, 5xx, died before answering): another one may not.
+        self.replica_fault = replica_fault
         self.status = status
         self.message = message
         self.param = param

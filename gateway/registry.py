@@ -10,6 +10,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +32,20 @@ class Replica(Record):
     url: str
 
 
+class Limits(Record):
+    """An account's rate limits; 0 means unlimited. Token limits count per minute (spec 4.3:
+    the per-minute reading of Fireworks' headers)."""
+
+    requests_per_minute: int = Field(default=0, ge=0)
+    prompt_tokens_per_minute: int = Field(default=0, ge=0)
+    generated_tokens_per_minute: int = Field(default=0, ge=0)
+    concurrent_requests: int = Field(default=0, ge=0)
+
+    def any(self) -> bool:
+        return any((self.requests_per_minute, self.prompt_tokens_per_minute,
+                    self.generated_tokens_per_minute, self.concurrent_requests))
+
+
 class Deployment(Record):
     id: str
     account: str
@@ -45,7 +60,9 @@ class Deployment(Record):
     generation_config: dict[str, float] = Field(default_factory=dict)
     # The worker's vLLM --tool-call-parser; None: requests with tools get a 400.
     tool_parser: str | None = None
-    replicas: list[Replica] = Field(min_length=1)
+    replicas: list[Replica] = Field(default_factory=list)
+    # "ready" serves; "disabled" answers 503 (kept, e.g. while its workers are replaced).
+    state: Literal["ready", "disabled"] = "ready"
 
     @property
     def name(self) -> str:
@@ -55,6 +72,7 @@ class Deployment(Record):
 class Account(Record):
     id: str
     api_keys: list[str] = Field(default_factory=list)  # "sha256:<hex>"
+    limits: Limits = Field(default_factory=Limits)
 
 
 class RegistryData(Record):
@@ -73,22 +91,15 @@ class Route:
 class Registry:
     """Lookups over one snapshot of the registry data."""
 
-    def __init__(self, data: RegistryData, *, public_account: str = PUBLIC_ACCOUNT) -> None:
+    def __init__(self, data: RegistryData, *,
+                 public_accounts: tuple[str, ...] = (PUBLIC_ACCOUNT,)) -> None:
         self.data = data
-        self.public_account = public_account
+        self.public_accounts = public_accounts
         self._keys = {key: account for account in data.accounts for key in account.api_keys}
 
     @classmethod
     def from_yaml(cls, path: Path, keys_path: Path | None = None) -> Registry:
-        data = RegistryData.model_validate(yaml.safe_load(path.read_text()) or {})
-        if keys_path is not None:
-            keys: dict[str, list[str]] = yaml.safe_load(keys_path.read_text()) or {}
-            accounts = {account.id: account for account in data.accounts}
-            for account_id, hashes in keys.items():
-                account = accounts.setdefault(account_id, Account(id=account_id))
-                account.api_keys = [*account.api_keys, *hashes]
-            data.accounts = list(accounts.values())
-        return cls(data)
+        return cls(load_yaml(path, keys_path))
 
     def authenticate(self, api_key: str | None) -> Account:
         if not api_key:
@@ -101,7 +112,10 @@ class Registry:
 
     def visible_deployments(self, account: Account) -> list[Deployment]:
         return [d for d in self.data.deployments
-                if d.account in (account.id, self.public_account)]
+                if d.account == account.id or d.account in self.public_accounts]
+
+    def account(self, account_id: str) -> Account | None:
+        return next((a for a in self.data.accounts if a.id == account_id), None)
 
     def resolve(self, model_ref: str, account: Account) -> Route:
         """Resolve `accounts/<a>/models/<m>`, `accounts/<a>/deployments/<d>` and
@@ -122,6 +136,8 @@ class Registry:
             match = [d for d in serving if d.default] or serving[:1]
         if not match:
             raise not_found
+        if match[0].state != "ready":
+            raise GatewayError(503, f"Deployment {match[0].name} is {match[0].state}")
         return Route(deployment=match[0], requested_model=model_ref)
 
     @staticmethod
@@ -132,3 +148,17 @@ class Registry:
         if ref.startswith("fireworks/"):
             ref = ref.removeprefix("fireworks/")
         return f"accounts/{PUBLIC_ACCOUNT}/{kind}/{ref}" if "/" not in ref else ref
+
+
+def load_yaml(path: Path, keys_path: Path | None = None) -> RegistryData:
+    """The YAML registry, with the keys of an optional separate file (`{account: [hash]}`,
+    e.g. a mounted Kubernetes Secret) merged into its accounts."""
+    data = RegistryData.model_validate(yaml.safe_load(path.read_text()) or {})
+    if keys_path is not None:
+        keys: dict[str, list[str]] = yaml.safe_load(keys_path.read_text()) or {}
+        accounts = {account.id: account for account in data.accounts}
+        for account_id, hashes in keys.items():
+            account = accounts.setdefault(account_id, Account(id=account_id))
+            account.api_keys = [*account.api_keys, *hashes]
+        data.accounts = list(accounts.values())
+    return data

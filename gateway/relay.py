@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, stream_error_event
 from gateway.registry import Route
@@ -30,6 +31,13 @@ from gateway.translate import Plan
 from gateway.upstream import WorkerClient
 
 DONE = b"data: [DONE]\n\n"
+# How a request ended: "ok", "error" or "aborted" (the client went away), its HTTP status,
+# and the usage known at that point.
+EndHook = Callable[["Call", str, int, "dict[str, Any] | None"], None]
+
+
+def _no_hook(call: Call, status: str, http_status: int, usage: dict[str, Any] | None) -> None:
+    return None
 
 
 @dataclass
@@ -47,6 +55,16 @@ class Call:
     prompt_fragments: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    on_end: EndHook = _no_hook
+    ended: bool = False
+
+    def end(self, status: str, http_status: int, usage: dict[str, Any] | None) -> None:
+        """Exactly once per request: release the replica, then account for the request."""
+        if self.ended:
+            return
+        self.ended = True
+        self.lease.release()
+        self.on_end(self, status, http_status, usage)
 
     @property
     def worker_url(self) -> str:
@@ -114,18 +132,16 @@ async def _texts(texts: TokenTexts, call: Call, payload: dict[str, Any]) -> dict
 
 
 async def relay_json(client: WorkerClient, texts: TokenTexts, call: Call) -> Response:
-    try:
-        data, _ = await client.post_json(call.worker_url + call.path, call.body,
-                                         call.upstream_headers())
-        vocabulary = await _texts(texts, call, data)
-    finally:
-        call.lease.release()
+    data, _ = await client.post_json(call.worker_url + call.path, call.body,
+                                     call.upstream_headers())
+    vocabulary = await _texts(texts, call, data)
     engine = data.pop("metrics", None)
     usage = usage_of(data.get("usage"))
     if call.plan.max_tokens == 0 and usage is not None:
         # A score-only request (echo, max_tokens 0): vLLM runs one step it does not return.
         usage["completion_tokens"] = 0
         usage["total_tokens"] = usage["prompt_tokens"]
+    call.first_token_at = call.first_token_at or time.monotonic()
     reject_chat_abort(call.plan, data["choices"])
     if call.plan.echo_last is not None:
         for choice in data["choices"]:
@@ -146,8 +162,10 @@ async def relay_json(client: WorkerClient, texts: TokenTexts, call: Call) -> Res
     metrics = perf_metrics(call, usage, engine, complete=True)
     if call.perf_metrics_in_response:
         out["perf_metrics"] = metrics
-    return Response(orjson.dumps(out), media_type="application/json",
-                    headers=metric_headers(call, metrics))
+    response = Response(orjson.dumps(out), media_type="application/json",
+                        headers=metric_headers(call, metrics))
+    call.end("ok", 200, usage)
+    return response
 
 
 def echo_text(plan: Plan, index: int) -> str:
@@ -189,9 +207,14 @@ class StreamReframer:
         self.states: dict[int, ChoiceState] = {}
         self.prompt_ids: list[int] | None = None
         self.echoed: set[int] = set()
+        # The latest usage the worker reported (every chunk carries it): what an aborted
+        # stream had used when it stopped.
+        self.last_usage: dict[str, Any] | None = None
 
     def chunk(self, chunk: dict[str, Any], texts: dict[int, str] | None = None) -> list[bytes]:
         engine = chunk.pop("metrics", None)
+        if chunk.get("usage") is not None:
+            self.last_usage = usage_of(chunk["usage"])
         if not chunk.get("choices"):
             if chunk.get("usage") is not None:
                 return self.finish(chunk, usage_of(chunk["usage"]), engine)
@@ -242,6 +265,7 @@ class StreamReframer:
     def finish(self, last: dict[str, Any], usage: dict[str, Any] | None,
                engine: dict[str, Any] | None) -> list[bytes]:
         metrics = perf_metrics(self.call, usage, engine, complete=True)
+        self.last_usage = usage
         out: list[bytes] = []
         on_finish = usage if self.call.include_usage is None else None
         for chunk in self.held_finish:
@@ -283,7 +307,30 @@ def _carries_token(chunk: dict[str, Any]) -> bool:
     return False
 
 
+class RelayedStream(StreamingResponse):
+    """A stream whose end is accounted for however it ends: Starlette may cancel the body
+    before it starts (the client left at once), which would skip the body's own cleanup."""
+
+    def __init__(self, call: Call, body: AsyncIterator[bytes], reframer: StreamReframer,
+                 headers: dict[str, str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.call = call
+        self.reframer = reframer
+        self.events = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                await aclose()  # runs the body's finally now, if it started
+            self.call.end("aborted", 499, self.reframer.last_usage)
+
+
 async def relay_stream(client: WorkerClient, texts: TokenTexts, call: Call) -> Response:
+    """Open the worker's stream and read it up to the first token. Failures up to here raise
+    (nothing reached the client, so the request may be retried elsewhere)."""
     try:
         response = await client.open_stream(call.worker_url + call.path, call.body,
                                             call.upstream_headers())
@@ -305,21 +352,24 @@ async def relay_stream(client: WorkerClient, texts: TokenTexts, call: Call) -> R
                 held += reframer.chunk(event, await _texts(texts, call, event))
                 break
             held += reframer.chunk(event, await _texts(texts, call, event))
-    except BaseException:
+    except BaseException as exc:
         await response.aclose()
         call.lease.release()
+        if isinstance(exc, (httpx.HTTPError, orjson.JSONDecodeError)):
+            raise GatewayError(502, f"Upstream worker failed before the first token: {exc!r}",
+                               replica_fault=True) from exc
         raise
     headers = metric_headers(call, perf_metrics(call, first_usage, None, complete=False))
-    return StreamingResponse(_stream_body(call, texts, response, events, reframer, held),
-                             media_type="text/event-stream",
-                             headers=headers | {"cache-control": "no-cache",
-                                                "x-accel-buffering": "no"})
+    body = _stream_body(call, texts, response, events, reframer, held)
+    return RelayedStream(call, body, reframer,
+                         headers | {"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 async def _stream_body(call: Call, texts: TokenTexts, response: httpx.Response,
                        events: AsyncIterator[dict[str, Any] | None],
                        reframer: StreamReframer, held: list[bytes]) -> AsyncIterator[bytes]:
     response_id = f"stream-{uuid.uuid4()}"
+    status, http_status = "aborted", 499  # unless the stream reaches its end
     try:
         for part in held:
             yield part
@@ -329,14 +379,17 @@ async def _stream_body(call: Call, texts: TokenTexts, response: httpx.Response,
             response_id = event.get("id", response_id)
             for part in reframer.chunk(event, await _texts(texts, call, event)):
                 yield part
+        status, http_status = "ok", 200
         yield DONE
     except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+        status, http_status = "error", 502
         yield stream_error_event(502, f"Upstream worker failed mid-stream: {exc!r}",
                                  response_id)
     except GatewayError as exc:
+        status, http_status = "error", exc.status
         yield stream_error_event(exc.status, exc.message, response_id)
     finally:
         # Runs on normal end and on client disconnect: closing the worker connection makes
         # vLLM abort the request, so no tokens are generated for nobody.
         await response.aclose()
-        call.lease.release()
+        call.end(status, http_status, reframer.last_usage)

@@ -1,4 +1,5 @@
-"""The Fireworks inference routes. Each handler: authenticate, validate, resolve, relay."""
+"""The Fireworks inference routes. Each handler authenticates and validates; serving.py does
+the rest."""
 
 from __future__ import annotations
 
@@ -15,14 +16,9 @@ from gateway.protocol import (
     CompletionRequest,
     FieldError,
     known_fields,
-    prompts_of,
 )
-from gateway.registry import Account, Registry
-from gateway.relay import Call, relay_json, relay_stream
-from gateway.routing import ReplicaSet
-from gateway.tokens import TokenTexts
-from gateway.translate import chat_body, completion_body
-from gateway.upstream import WorkerClient
+from gateway.registry import Account
+from gateway.serving import Gateway, serve
 
 router = APIRouter()
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -77,71 +73,16 @@ def api_key(request: Request) -> str | None:
 
 
 def authenticate(request: Request) -> Account:
-    registry: Registry = request.app.state.registry
-    return registry.authenticate(api_key(request))
-
-
-async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any],
-                        max_tokens: int, param: str) -> None:
-    """context_length_exceeded_behavior=error: 400 naming both numbers when a prompt and
-    max_tokens do not fit. (truncate needs nothing: the worker lowers max_tokens itself.)"""
-    if "messages" in body:
-        queries = [{"messages": body["messages"], "add_generation_prompt": True}]
-    else:
-        queries = [{"prompt": p} for p in prompts_of(body["prompt"])]
-    for query in queries:
-        prompt = query.get("prompt")
-        if isinstance(prompt, list):  # token ids: their number is the length
-            counted = await texts.tokenize(worker_url, {"prompt": ""})
-            counted["count"] = len(prompt)
-        else:
-            counted = await texts.tokenize(worker_url, query)
-        count, context = int(counted["count"]), int(counted["max_model_len"])
-        if count + max_tokens > context:
-            raise GatewayError(400, f"The prompt is {count} tokens and max_tokens is "
-                                    f"{max_tokens}, which exceeds the context length of "
-                                    f"{context} tokens", param=param)
+    gateway: Gateway = request.app.state.gateway
+    return gateway.store.current.authenticate(api_key(request))
 
 
 async def _serve(request: Request, model: type[ChatCompletionRequest | CompletionRequest],
                  path: str) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
+    gateway: Gateway = request.app.state.gateway
     account = authenticate(request)
-    body = await parse_body(request, model, settings)
-    route = state.registry.resolve(body.model, account)
-    if isinstance(body, ChatCompletionRequest):
-        worker_body, plan = chat_body(body, route.deployment, settings)
-        fragments: list[Any] = [m.content for m in body.messages]
-    else:
-        worker_body, plan = completion_body(body, route.deployment, settings)
-        fragments = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-    replicas: ReplicaSet = state.replicas
-    lease = replicas.acquire(route.deployment)
-    texts: TokenTexts = state.token_texts
-    call = Call(
-        route=route, lease=lease, request_id=request.state.request_id, path=path,
-        body=worker_body, plan=plan, prompt_fragments=fragments,
-        include_usage=body.stream_options.include_usage if body.stream_options else None,
-        perf_metrics_in_response=bool(body.perf_metrics_in_response),
-    )
-    try:
-        if body.context_length_exceeded_behavior == "error":
-            param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
-            await check_context(texts, call.worker_url, worker_body, plan.max_tokens, param)
-        if plan.echo and plan.chat:
-            plan.echo_texts = [await texts.rendered_chat_prompt(call.worker_url,
-                                                                worker_body["messages"])]
-        elif plan.echo:
-            plan.echo_texts = await texts.echo_texts(call.worker_url, worker_body["prompt"],
-                                                     plan.echo_last)
-    except BaseException:
-        lease.release()
-        raise
-    client: WorkerClient = state.workers
-    if body.stream:
-        return await relay_stream(client, texts, call)
-    return await relay_json(client, texts, call)
+    body = await parse_body(request, model, gateway.settings)
+    return await serve(gateway, request, account, body, path)
 
 
 @router.post("/chat/completions")
@@ -157,8 +98,9 @@ async def completions(request: Request) -> Response:
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     account = authenticate(request)
-    registry: Registry = request.app.state.registry
-    created = int(request.app.state.started_at)
+    gateway: Gateway = request.app.state.gateway
+    registry = gateway.store.current
+    created = int(gateway.started_at)
     data: list[dict[str, Any]] = []
     seen: set[str] = set()
     for deployment in registry.visible_deployments(account):

@@ -1,23 +1,63 @@
-"""Replica choice within a deployment. Policies are small swappable classes."""
+"""Replica choice within a deployment. Policies are small swappable classes.
+
+The default, `AffinityOrLeastOutstanding`, sends requests that carry an affinity key
+(`x-session-affinity`, `prompt_cache_key` or `user`) to the replica that rendezvous hashing
+ranks first for that key among the healthy replicas, so the worker's prefix cache is reused.
+Every gateway computes the same ranking from the same replica list, so affinity holds across
+gateway replicas with no shared state and no lock. Requests without a key, and keyed requests
+whose preferred replica is overloaded, go to the replica with the fewest requests in flight
+from this gateway.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from typing import Protocol
 
+from gateway.errors import GatewayError
+from gateway.health import ReplicaHealth
 from gateway.registry import Deployment, Replica
 
 
 class ReplicaPolicy(Protocol):
-    def choose(self, deployment: Deployment, outstanding: dict[str, int]) -> Replica: ...
+    def choose(self, candidates: list[Replica], outstanding: dict[str, int],
+               affinity_key: str | None) -> Replica: ...
 
 
 class LeastOutstanding:
     """The replica with the fewest requests in flight from this gateway; ties go to the
     first listed, so a single replica always gets everything."""
 
-    def choose(self, deployment: Deployment, outstanding: dict[str, int]) -> Replica:
-        return min(deployment.replicas, key=lambda r: outstanding[r.url])
+    def choose(self, candidates: list[Replica], outstanding: dict[str, int],
+               affinity_key: str | None) -> Replica:
+        return min(candidates, key=lambda r: outstanding[r.url])
+
+
+def rendezvous_rank(key: str, candidates: list[Replica]) -> list[Replica]:
+    """Highest-random-weight order of the replicas for one key: removing a replica moves
+    only the keys that preferred it."""
+    def weight(replica: Replica) -> bytes:
+        return hashlib.blake2b(f"{key}\0{replica.url}".encode(), digest_size=8).digest()
+    return sorted(candidates, key=weight, reverse=True)
+
+
+class AffinityOrLeastOutstanding:
+    def __init__(self, max_imbalance: int = 4) -> None:
+        # How many more in-flight requests than the least loaded replica the preferred one may
+        # have before affinity gives way to load.
+        self.max_imbalance = max_imbalance
+        self.fallback = LeastOutstanding()
+
+    def choose(self, candidates: list[Replica], outstanding: dict[str, int],
+               affinity_key: str | None) -> Replica:
+        least = self.fallback.choose(candidates, outstanding, None)
+        if affinity_key is None:
+            return least
+        preferred = rendezvous_rank(affinity_key, candidates)[0]
+        if outstanding[preferred.url] - outstanding[least.url] > self.max_imbalance:
+            return least
+        return preferred
 
 
 class Lease:
@@ -38,13 +78,25 @@ class Lease:
 
 
 class ReplicaSet:
-    """Counts requests in flight per replica and leases one out per request."""
+    """Counts requests in flight per replica and leases one out per request, among the
+    healthy replicas not already tried for this request."""
 
-    def __init__(self, policy: ReplicaPolicy | None = None) -> None:
-        self.policy = policy or LeastOutstanding()
+    def __init__(self, policy: ReplicaPolicy | None = None,
+                 health: ReplicaHealth | None = None) -> None:
+        self.policy = policy or AffinityOrLeastOutstanding()
+        self.health = health or ReplicaHealth()
         self.outstanding: dict[str, int] = defaultdict(int)
 
-    def acquire(self, deployment: Deployment) -> Lease:
-        replica = self.policy.choose(deployment, self.outstanding)
+    def candidates(self, deployment: Deployment, exclude: set[str]) -> list[Replica]:
+        return [r for r in deployment.replicas
+                if r.url not in exclude and self.health.is_healthy(r.url)]
+
+    def acquire(self, deployment: Deployment, affinity_key: str | None = None,
+                exclude: set[str] | None = None) -> Lease:
+        candidates = self.candidates(deployment, exclude or set())
+        if not candidates:
+            raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
+                               headers={"retry-after": "1"})
+        replica = self.policy.choose(candidates, self.outstanding, affinity_key)
         self.outstanding[replica.url] += 1
         return Lease(self, replica)

@@ -27,7 +27,7 @@ def raise_for_worker_status(status: int, body: bytes) -> None:
     message = _worker_message(body)
     if status < 500:
         raise GatewayError(status, message, headers={"x-should-retry": "false"})
-    raise GatewayError(502, f"Upstream worker failed ({status}): {message}")
+    raise GatewayError(502, f"Upstream worker failed ({status}): {message}", replica_fault=True)
 
 
 class WorkerClient:
@@ -76,4 +76,4 @@ class WorkerClient:
 
 def unavailable(exc: Exception) -> GatewayError:
     return GatewayError(503, f"No worker reachable for this deployment: {exc!r}",
-                        headers={"retry-after": "1"})
+                        headers={"retry-after": "1"}, replica_fault=True)

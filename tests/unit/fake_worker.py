@@ -54,4 +54,5 @@ def gateway(tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response],
         "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
         "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
                          "replicas": [{"url": "http://worker"}]}]}))
+    settings.setdefault("health_check_interval", 0)  # only the scripted requests
     return create_app(Settings(registry_path=registry, **settings), transport(handler))

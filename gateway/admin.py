@@ -1,0 +1,233 @@
+"""The admin API (`/admin/v1`): deployments and their replicas, API keys, account limits,
+usage. Only the admin key (GATEWAY_ADMIN_KEY) opens it; an account's key never does.
+
+Every change is one `store.change(fn)`: with Redis it is visible to every gateway replica
+within `registry_poll_interval`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.errors import GatewayError
+from gateway.registry import Account, Deployment, Limits, RegistryData, Replica, hash_key
+from gateway.routes import api_key
+from gateway.serving import Gateway
+from gateway.usage import UsageTotals, totals_of
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def require_admin(request: Request) -> None:
+    expected = _gateway(request).settings.admin_key
+    if not expected:
+        raise GatewayError(401, "The admin API is disabled: set GATEWAY_ADMIN_KEY")
+    given = api_key(request) or ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise GatewayError(401, "Invalid admin key")
+
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+
+
+class DeploymentSpec(BaseModel):
+    """A deployment as the admin API takes it: the path names its account and id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    default: bool = False
+    context_length: int | None = Field(default=None, gt=0)
+    max_tokens_chat: int = Field(default=2048, ge=0)
+    max_tokens_completion: int = Field(default=16, ge=0)
+    generation_config: dict[str, float] = Field(default_factory=dict)
+    tool_parser: str | None = None
+    replicas: list[Replica] = Field(default_factory=list)
+    state: str = "ready"
+
+
+class ReplicaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+
+
+def _account(data: RegistryData, account_id: str) -> Account:
+    for account in data.accounts:
+        if account.id == account_id:
+            return account
+    account = Account(id=account_id)
+    data.accounts.append(account)
+    return account
+
+
+def _find(data: RegistryData, account_id: str, deployment_id: str) -> Deployment:
+    for deployment in data.deployments:
+        if deployment.account == account_id and deployment.id == deployment_id:
+            return deployment
+    raise GatewayError(404, f"Deployment not found: accounts/{account_id}/deployments/"
+                            f"{deployment_id}")
+
+
+def _put(data: RegistryData, deployment: Deployment) -> None:
+    """Insert or replace; a new default takes the flag from the model's other deployments."""
+    data.deployments = [d for d in data.deployments
+                        if not (d.account == deployment.account and d.id == deployment.id)]
+    if deployment.default:
+        for other in data.deployments:
+            if other.account == deployment.account and other.model == deployment.model:
+                other.default = False
+    data.deployments.append(deployment)
+    _account(data, deployment.account)
+
+
+def _shown(deployment: Deployment) -> dict[str, Any]:
+    return deployment.model_dump(mode="json") | {"name": deployment.name}
+
+
+@router.get("/accounts")
+async def list_accounts(request: Request) -> dict[str, Any]:
+    data = _gateway(request).store.current.data
+    return {"accounts": [{"id": a.id, "limits": a.limits.model_dump(),
+                          "api_keys": len(a.api_keys)} for a in data.accounts]}
+
+
+@router.get("/accounts/{account_id}/deployments")
+async def list_deployments(request: Request, account_id: str) -> dict[str, Any]:
+    data = _gateway(request).store.current.data
+    return {"deployments": [_shown(d) for d in data.deployments if d.account == account_id]}
+
+
+@router.get("/accounts/{account_id}/deployments/{deployment_id}")
+async def get_deployment(request: Request, account_id: str,
+                         deployment_id: str) -> dict[str, Any]:
+    return _shown(_find(_gateway(request).store.current.data, account_id, deployment_id))
+
+
+@router.put("/accounts/{account_id}/deployments/{deployment_id}")
+async def put_deployment(request: Request, account_id: str, deployment_id: str,
+                         spec: DeploymentSpec) -> dict[str, Any]:
+    deployment = Deployment.model_validate(spec.model_dump() | {"id": deployment_id,
+                                                                "account": account_id})
+
+    def change(data: RegistryData) -> RegistryData:
+        _put(data, deployment)
+        return data
+
+    await _gateway(request).store.change(change)
+    return _shown(deployment)
+
+
+@router.patch("/accounts/{account_id}/deployments/{deployment_id}")
+async def patch_deployment(request: Request, account_id: str, deployment_id: str,
+                           fields: dict[str, Any]) -> dict[str, Any]:
+    if {"id", "account"} & fields.keys():
+        raise GatewayError(400, "A deployment's id and account are its path; they cannot be "
+                                "changed")
+    updated: list[Deployment] = []
+
+    def change(data: RegistryData) -> RegistryData:
+        current = _find(data, account_id, deployment_id)
+        merged = DeploymentSpec.model_validate(
+            current.model_dump(exclude={"id", "account"}) | fields)
+        deployment = Deployment.model_validate(merged.model_dump() | {
+            "id": deployment_id, "account": account_id})
+        _put(data, deployment)
+        updated.append(deployment)
+        return data
+
+    await _gateway(request).store.change(change)
+    return _shown(updated[-1])
+
+
+@router.delete("/accounts/{account_id}/deployments/{deployment_id}")
+async def delete_deployment(request: Request, account_id: str,
+                            deployment_id: str) -> dict[str, Any]:
+    def change(data: RegistryData) -> RegistryData:
+        gone = _find(data, account_id, deployment_id)
+        data.deployments = [d for d in data.deployments if d is not gone]
+        return data
+
+    await _gateway(request).store.change(change)
+    return {"deleted": f"accounts/{account_id}/deployments/{deployment_id}"}
+
+
+@router.post("/accounts/{account_id}/deployments/{deployment_id}/replicas")
+async def add_replica(request: Request, account_id: str, deployment_id: str,
+                      replica: ReplicaSpec) -> dict[str, Any]:
+    def change(data: RegistryData) -> RegistryData:
+        deployment = _find(data, account_id, deployment_id)
+        if all(r.url != replica.url for r in deployment.replicas):
+            deployment.replicas.append(Replica(url=replica.url))
+        return data
+
+    registry = await _gateway(request).store.change(change)
+    return _shown(_find(registry.data, account_id, deployment_id))
+
+
+@router.delete("/accounts/{account_id}/deployments/{deployment_id}/replicas")
+async def remove_replica(request: Request, account_id: str, deployment_id: str,
+                         url: str) -> dict[str, Any]:
+    def change(data: RegistryData) -> RegistryData:
+        deployment = _find(data, account_id, deployment_id)
+        if all(r.url != url for r in deployment.replicas):
+            raise GatewayError(404, f"No replica {url} in {deployment.name}")
+        deployment.replicas = [r for r in deployment.replicas if r.url != url]
+        return data
+
+    registry = await _gateway(request).store.change(change)
+    return _shown(_find(registry.data, account_id, deployment_id))
+
+
+@router.post("/accounts/{account_id}/api-keys")
+async def create_api_key(request: Request, account_id: str) -> dict[str, str]:
+    """A new key, shown once; the registry keeps only its hash (the key id)."""
+    key = "fw_" + secrets.token_urlsafe(24)
+
+    def change(data: RegistryData) -> RegistryData:
+        _account(data, account_id).api_keys.append(hash_key(key))
+        return data
+
+    await _gateway(request).store.change(change)
+    return {"api_key": key, "key_id": hash_key(key), "account": account_id}
+
+
+@router.get("/accounts/{account_id}/api-keys")
+async def list_api_keys(request: Request, account_id: str) -> dict[str, list[str]]:
+    account = _gateway(request).store.current.account(account_id)
+    return {"key_ids": list(account.api_keys) if account else []}
+
+
+@router.delete("/accounts/{account_id}/api-keys/{key_id}")
+async def delete_api_key(request: Request, account_id: str, key_id: str) -> dict[str, str]:
+    def change(data: RegistryData) -> RegistryData:
+        account = _account(data, account_id)
+        if key_id not in account.api_keys:
+            raise GatewayError(404, f"No such key for account {account_id}")
+        account.api_keys = [k for k in account.api_keys if k != key_id]
+        return data
+
+    await _gateway(request).store.change(change)
+    return {"deleted": key_id}
+
+
+@router.put("/accounts/{account_id}/limits")
+async def set_limits(request: Request, account_id: str, limits: Limits) -> dict[str, Any]:
+    def change(data: RegistryData) -> RegistryData:
+        _account(data, account_id).limits = limits
+        return data
+
+    await _gateway(request).store.change(change)
+    return {"account": account_id, "limits": limits.model_dump()}
+
+
+@router.get("/usage")
+async def usage(request: Request) -> dict[str, dict[str, UsageTotals]]:
+    return {"accounts": totals_of(await _gateway(request).ledger.records())}

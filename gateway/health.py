@@ -1,0 +1,107 @@
+"""Replica health, as this gateway sees it.
+
+Two sources: an active check (GET <replica>/health every `interval` seconds, for every
+replica in the registry) and passive evidence from real requests. A replica is ejected after
+`eject_after` consecutive failures of either kind, and readmitted by the first active check
+that passes. Each gateway keeps its own view; they agree because they watch the same
+replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import httpx
+
+logger = logging.getLogger("gateway.health")
+
+
+@dataclass
+class ReplicaState:
+    healthy: bool = True  # optimistic: a new replica gets traffic until evidence says no
+    failures: int = 0  # consecutive
+
+
+class ReplicaHealth:
+    def __init__(self, eject_after: int = 2,
+                 on_change: Callable[[str, bool | None], None] | None = None) -> None:
+        # on_change(url, healthy); healthy None: the replica left the registry
+        self.eject_after = eject_after
+        self.states: dict[str, ReplicaState] = {}
+        self._on_change = on_change
+
+    def is_healthy(self, url: str) -> bool:
+        state = self.states.get(url)
+        return state is None or state.healthy
+
+    def success(self, url: str) -> None:
+        state = self.states.setdefault(url, ReplicaState())
+        state.failures = 0
+        self._set(url, state, True)
+
+    def failure(self, url: str) -> None:
+        state = self.states.setdefault(url, ReplicaState())
+        state.failures += 1
+        if state.failures >= self.eject_after:
+            self._set(url, state, False)
+
+    def _set(self, url: str, state: ReplicaState, healthy: bool) -> None:
+        if state.healthy != healthy:
+            logger.warning("replica %s %s", url, "readmitted" if healthy else "ejected")
+        state.healthy = healthy
+        if self._on_change is not None:
+            self._on_change(url, healthy)
+
+    def forget_except(self, urls: set[str]) -> None:
+        for url in set(self.states) - urls:
+            del self.states[url]
+            if self._on_change is not None:
+                self._on_change(url, None)
+
+
+class HealthChecker:
+    """The active half: probes every replica the registry lists, concurrently."""
+
+    def __init__(self, health: ReplicaHealth, replica_urls: Callable[[], Iterable[str]],
+                 client: httpx.AsyncClient, interval: float = 1.0,
+                 timeout: float = 1.0) -> None:
+        self.health = health
+        self.replica_urls = replica_urls
+        self.client = client
+        self.interval = interval
+        self.timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="health-checks")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def check_all(self) -> None:
+        urls = set(self.replica_urls())
+        self.health.forget_except(urls)
+        await asyncio.gather(*(self._check(url) for url in urls))
+
+    async def _check(self, url: str) -> None:
+        try:
+            response = await self.client.get(url.rstrip("/") + "/health", timeout=self.timeout)
+            ok = response.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            self.health.success(url)
+        else:
+            self.health.failure(url)
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,229 @@
+"""Per-account rate limits: requests per minute, prompt and generated tokens per minute,
+concurrent requests.
+
+With Redis, admission is one Lua script, so any number of gateway replicas together admit
+exactly the limit. Windows slide over the last 60 seconds in one-second buckets (a hash per
+account and kind: second -> amount) on Redis' own clock, so gateway clocks do not matter.
+Token limits reserve on admission (an estimate of the prompt, and max_tokens x n) and are
+settled with the real usage when the request ends (usage.py's finish script, atomically with
+the usage record). Concurrency is a sorted set of admitted requests scored by a deadline, so a
+gateway that dies holding slots frees them when the deadline passes.
+
+Without Redis the same rules run in process (`LocalLimiter`). When Redis cannot be reached
+the gateway admits without limits (availability first) and says so in its log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import GatewayError
+from gateway.registry import Account, Limits
+
+logger = logging.getLogger("gateway.limits")
+WINDOW = 60  # seconds
+KINDS = ("requests", "prompt_tokens", "generated_tokens", "concurrent_requests")
+
+
+@dataclass
+class Admission:
+    """One admitted request's reservation."""
+
+    record_id: str
+    account: str
+    limited: bool = False  # the account has limits (its usage counts against them)
+    prompt_reserved: int = 0
+    generated_reserved: int = 0
+    bucket: int | None = None  # the reservation's second; None when nothing was reserved
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def limit_headers(limits: Limits, used: dict[str, int]) -> dict[str, str]:
+    """Spec 4.3, per-minute values. Only for accounts that have limits."""
+    headers: dict[str, str] = {}
+    if limits.requests_per_minute:
+        remaining = max(limits.requests_per_minute - used["requests"], 0)
+        headers["x-ratelimit-limit-requests"] = str(limits.requests_per_minute)
+        headers["x-ratelimit-remaining-requests"] = str(remaining)
+        headers["x-ratelimit-over-limit"] = "yes" if remaining == 0 else "no"
+    if limits.prompt_tokens_per_minute:
+        headers["x-ratelimit-limit-tokens-prompt"] = str(limits.prompt_tokens_per_minute)
+    if limits.generated_tokens_per_minute:
+        headers["x-ratelimit-limit-tokens-generated"] = str(limits.generated_tokens_per_minute)
+        headers["x-ratelimit-remaining-tokens-generated"] = str(
+            max(limits.generated_tokens_per_minute - used["generated_tokens"], 0))
+    return headers
+
+
+class RateLimited(GatewayError):
+    def __init__(self, kind: str, retry_after: int, headers: dict[str, str]) -> None:
+        what = {"requests": "requests per minute", "prompt_tokens": "prompt tokens per minute",
+                "generated_tokens": "generated tokens per minute",
+                "concurrent_requests": "concurrent requests"}[kind]
+        super().__init__(429, f"Rate limit exceeded: {what} for this account",
+                         headers=headers | {"retry-after": str(max(retry_after, 1))})
+        self.kind = kind
+
+
+def exceeds(used: int, reserve: int, limit: int, *, counts: bool) -> bool:
+    """Counted kinds (requests, concurrency) stop at the limit. Token kinds stop when the
+    reservation would pass it, except on an empty window, so that one request larger than the
+    whole budget is not refused forever (the same rule as ADMIT_LUA)."""
+    if counts:
+        return used >= limit
+    return used > 0 and used + reserve > limit
+
+
+class Limiter(Protocol):
+    async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
+                    record_id: str) -> Admission: ...
+
+    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
+        """In-process settlement (the Redis limiter settles in usage.py's finish script)."""
+
+
+# KEYS: requests, prompt, generated (hashes second -> amount), concurrent (zset)
+# ARGV: rpm, prompt tpm, generated tpm, concurrency (0 = unlimited), prompt reserve,
+#       generated reserve, record id, concurrency slot lifetime (s)
+# Returns {admitted, rejected kind index (0 none), retry after s, bucket, used x 4}.
+ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local nowf = now + tonumber(t[2]) / 1e6
+local function window(key)
+  local items = redis.call('HGETALL', key)
+  local sum, oldest = 0, now
+  for i = 1, #items, 2 do
+    local second = tonumber(items[i])
+    if second <= now - 60 then
+      redis.call('HDEL', key, items[i])
+    else
+      sum = sum + tonumber(items[i + 1])
+      if second < oldest then oldest = second end
+    end
+  end
+  return sum, oldest + 60 - now
+end
+local rpm, ptpm, gtpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4])
+local preserve, greserve = tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', nowf)
+local requests, rwait = window(KEYS[1])
+local prompt, pwait = window(KEYS[2])
+local generated, gwait = window(KEYS[3])
+local concurrent = redis.call('ZCARD', KEYS[4])
+local reject, wait = 0, 0
+if conc > 0 and concurrent >= conc then reject, wait = 4, 1
+elseif rpm > 0 and requests >= rpm then reject, wait = 1, rwait
+elseif ptpm > 0 and prompt > 0 and prompt + preserve > ptpm then reject, wait = 2, pwait
+elseif gtpm > 0 and generated > 0 and generated + greserve > gtpm then reject, wait = 3, gwait
+end
+if reject > 0 then
+  return {0, reject, wait, now, requests, prompt, generated, concurrent}
+end
+redis.call('HINCRBY', KEYS[1], now, 1)
+redis.call('HINCRBY', KEYS[2], now, preserve)
+redis.call('HINCRBY', KEYS[3], now, greserve)
+redis.call('ZADD', KEYS[4], nowf + tonumber(ARGV[8]), ARGV[7])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], 3600) end
+return {1, 0, 0, now, requests + 1, prompt + preserve, generated + greserve, concurrent + 1}
+"""
+
+
+def limit_keys(prefix: str, account: str) -> list[str]:
+    base = f"{prefix}limits:{account}:"
+    return [base + "requests", base + "prompt", base + "generated", base + "concurrent"]
+
+
+class RedisLimiter:
+    def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
+                 slot_lifetime: float = 900.0) -> None:
+        self.prefix = prefix
+        self.slot_lifetime = slot_lifetime
+        self._script = client.register_script(ADMIT_LUA)
+
+    async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
+                    record_id: str) -> Admission:
+        limits = account.limits
+        admission = Admission(record_id, account.id, limited=limits.any())
+        if not limits.any():
+            return admission
+        try:
+            result = await self._script(
+                keys=limit_keys(self.prefix, account.id),
+                args=[limits.requests_per_minute, limits.prompt_tokens_per_minute,
+                      limits.generated_tokens_per_minute, limits.concurrent_requests,
+                      prompt_tokens, generated_tokens, record_id, self.slot_lifetime])
+        except (RedisError, OSError) as exc:
+            logger.warning("rate limits not enforced (Redis unreachable): %r", exc)
+            return admission
+        admitted, reject, wait, bucket = (int(v) for v in result[:4])
+        used = dict(zip(KINDS, (int(v) for v in result[4:]), strict=True))
+        headers = limit_headers(limits, used)
+        if not admitted:
+            raise RateLimited(KINDS[reject - 1], wait, headers)
+        admission.prompt_reserved = prompt_tokens
+        admission.generated_reserved = generated_tokens
+        admission.bucket = bucket
+        admission.headers = headers
+        return admission
+
+    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
+        return None
+
+
+class LocalLimiter:
+    """The same windows in process, for a single gateway without Redis."""
+
+    def __init__(self) -> None:
+        # account -> deque of [time, prompt, generated] per admitted request
+        self.windows: dict[str, deque[list[float]]] = {}
+        self.concurrent: dict[str, set[str]] = {}
+        self._entries: dict[str, list[float]] = {}
+
+    async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
+                    record_id: str) -> Admission:
+        limits = account.limits
+        admission = Admission(record_id, account.id, limited=limits.any())
+        if not limits.any():
+            return admission
+        now = time.monotonic()
+        window = self.windows.setdefault(account.id, deque())
+        while window and window[0][0] <= now - WINDOW:
+            window.popleft()
+        running = self.concurrent.setdefault(account.id, set())
+        used = {"requests": len(window), "prompt_tokens": int(sum(e[1] for e in window)),
+                "generated_tokens": int(sum(e[2] for e in window)),
+                "concurrent_requests": len(running)}
+        wait = int(window[0][0] + WINDOW - now) + 1 if window else 1
+        for kind, limit, reserve in (
+                ("concurrent_requests", limits.concurrent_requests, 0),
+                ("requests", limits.requests_per_minute, 0),
+                ("prompt_tokens", limits.prompt_tokens_per_minute, prompt_tokens),
+                ("generated_tokens", limits.generated_tokens_per_minute, generated_tokens)):
+            if limit and exceeds(used[kind], reserve, limit, counts=reserve == 0):
+                raise RateLimited(kind, 1 if kind == "concurrent_requests" else wait,
+                                limit_headers(limits, used))
+        entry = [now, float(prompt_tokens), float(generated_tokens)]
+        window.append(entry)
+        running.add(record_id)
+        self._entries[record_id] = entry
+        used["requests"] += 1
+        used["generated_tokens"] += generated_tokens
+        admission.prompt_reserved, admission.generated_reserved = prompt_tokens, generated_tokens
+        admission.bucket = 0
+        admission.headers = limit_headers(limits, used)
+        return admission
+
+    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
+        self.concurrent.get(admission.account, set()).discard(admission.record_id)
+        entry = self._entries.pop(admission.record_id, None)
+        if entry is not None:
+            entry[1], entry[2] = float(prompt_tokens), float(generated_tokens)

@@ -1,0 +1,187 @@
+"""Where the registry lives: the embedded YAML file, or Redis shared by gateway replicas.
+
+Both backends hold the current snapshot as an immutable `Registry` (`store.current`), so a
+request sees one consistent registry from start to end, and both apply admin changes as a
+function from the old data to the new (`store.change(fn)`).
+
+Redis layout (prefix `fwgw:` by default): `<prefix>registry` holds the RegistryData as JSON
+and `<prefix>registry:version` a counter bumped by every change. Each gateway polls the
+version (one GET) every `registry_poll_interval` seconds and reloads when it moved, so a
+change made through any gateway reaches all of them within a second without pub/sub (whose
+messages are lost while a subscriber reconnects). When Redis is unreachable the gateway
+keeps serving its last good copy; when Redis comes back empty (restarted without its data)
+the gateway writes that copy back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import yaml
+from redis.exceptions import RedisError, WatchError
+
+from gateway.registry import Registry, RegistryData, load_yaml
+
+logger = logging.getLogger("gateway.store")
+
+Change = Callable[[RegistryData], RegistryData]
+
+
+class RegistryStore(Protocol):
+    @property
+    def current(self) -> Registry: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def change(self, fn: Change) -> Registry: ...
+
+
+def _copy(data: RegistryData) -> RegistryData:
+    return data.model_copy(deep=True)
+
+
+class YamlStore:
+    """The embedded backend: one file, one process. Admin changes are written back to the
+    file when it is writable (else they live until the process ends)."""
+
+    def __init__(self, path: Path, keys_path: Path | None = None,
+                 public_accounts: tuple[str, ...] = ("fireworks",)) -> None:
+        self.path = path
+        self.public_accounts = public_accounts
+        self._registry = Registry(load_yaml(path, keys_path), public_accounts=public_accounts)
+        self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> Registry:
+        return self._registry
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def change(self, fn: Change) -> Registry:
+        async with self._lock:
+            data = RegistryData.model_validate(fn(_copy(self._registry.data)).model_dump())
+            self._registry = Registry(data, public_accounts=self.public_accounts)
+            try:
+                _write_atomically(self.path, yaml_of(data))
+            except OSError as exc:
+                logger.warning("registry change kept in memory only: %s", exc)
+            return self._registry
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+class RedisStore:
+    """The shared backend. `seed` (the YAML file) fills an empty Redis and is the starting
+    copy while Redis cannot be reached."""
+
+    def __init__(self, client: aioredis.Redis, seed: RegistryData, *, prefix: str = "fwgw:",
+                 poll_interval: float = 0.25,
+                 public_accounts: tuple[str, ...] = ("fireworks",)) -> None:
+        self.redis = client
+        self.key = f"{prefix}registry"
+        self.version_key = f"{prefix}registry:version"
+        self.poll_interval = poll_interval
+        self.public_accounts = public_accounts
+        self._seed = seed
+        self._registry = Registry(_copy(seed), public_accounts=public_accounts)
+        self._version: int | None = None  # None: never loaded from Redis
+        self._task: asyncio.Task[None] | None = None
+        self.reachable = False
+
+    @property
+    def current(self) -> Registry:
+        return self._registry
+
+    async def start(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.refresh()
+        self._task = asyncio.create_task(self._poll(), name="registry-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def refresh(self) -> None:
+        """Reload when the version moved; write our copy back when Redis has none."""
+        version = await self.redis.get(self.version_key)
+        self.reachable = True
+        if version is None:
+            await self._publish_if_absent()
+            version = await self.redis.get(self.version_key)
+        if version is not None and int(version) != self._version:
+            raw_version, raw = await self.redis.mget(self.version_key, self.key)
+            if raw is not None and raw_version is not None:
+                data = RegistryData.model_validate_json(raw)
+                self._registry = Registry(data, public_accounts=self.public_accounts)
+                self._version = int(raw_version)
+
+    async def _publish_if_absent(self) -> None:
+        copy = self._registry.data if self._version is not None else self._seed
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.key, copy.model_dump_json(), nx=True)
+            pipe.setnx(self.version_key, 1)
+            written, _ = await pipe.execute()
+        if written:
+            logger.info("registry written to Redis from the %s",
+                        "last good copy" if self._version is not None else "seed file")
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.refresh()
+                if failing:
+                    logger.info("Redis reachable again; registry version %s", self._version)
+                failing = False
+            except (RedisError, OSError, ValueError) as exc:
+                self.reachable = False
+                if not failing:
+                    logger.warning("registry refresh failed, serving the last good copy: %r",
+                                   exc)
+                failing = True
+            await asyncio.sleep(self.poll_interval)
+
+    async def change(self, fn: Change) -> Registry:
+        """Optimistic transaction: read, apply, write if nobody wrote in between."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(self.key, self.version_key)
+                    raw = await pipe.get(self.key)
+                    current = (RegistryData.model_validate_json(raw) if raw is not None
+                               else _copy(self._registry.data))
+                    data = RegistryData.model_validate(fn(current).model_dump())
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(self.key, data.model_dump_json())
+                    pipe.incr(self.version_key)
+                    _, version = await pipe.execute()
+                except WatchError:
+                    continue
+            self._registry = Registry(data, public_accounts=self.public_accounts)
+            self._version = int(version)
+            return self._registry
+
+
+def yaml_of(data: RegistryData) -> str:
+    return yaml.safe_dump(data.model_dump(mode="json"), sort_keys=False)

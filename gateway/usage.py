@@ -1,0 +1,214 @@
+"""Usage records: one per request, appended exactly once, also for aborted and failed ones.
+
+With Redis a request's end is one Lua script that (a) claims the record id with SET NX, so a
+retried append after a lost reply or a Redis restart never counts twice, (b) settles the
+request's rate-limit reservation with the real token counts and frees its concurrency slot,
+and (c) XADDs the record to the `<prefix>usage` stream. Ends are queued in process and sent
+in order by one task that retries while Redis is unreachable, so nothing is lost either.
+Without Redis the record goes to the `gateway.usage` log and the in-process totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from gateway.limits import Admission, Limiter, limit_keys
+
+logger = logging.getLogger("gateway.usage")
+
+
+class UsageRecord(BaseModel):
+    record_id: str
+    request_id: str
+    account: str
+    deployment: str
+    model: str
+    replica: str = ""
+    endpoint: str
+    status: str  # "ok", "aborted" (client went away) or "error"
+    http_status: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    time: float  # unix seconds at the end
+
+
+class UsageTotals(BaseModel):
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    by_status: dict[str, int] = {}
+
+
+def totals_of(records: Iterable[UsageRecord]) -> dict[str, UsageTotals]:
+    totals: dict[str, UsageTotals] = {}
+    for record in records:
+        total = totals.setdefault(record.account, UsageTotals())
+        total.requests += 1
+        total.prompt_tokens += record.prompt_tokens
+        total.cached_tokens += record.cached_tokens
+        total.completion_tokens += record.completion_tokens
+        total.by_status[record.status] = total.by_status.get(record.status, 0) + 1
+    return totals
+
+
+class Ledger(Protocol):
+    def finish(self, record: UsageRecord, admission: Admission) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def records(self) -> list[UsageRecord]: ...
+
+
+class LocalLedger:
+    def __init__(self, limiter: Limiter, keep: int = 100_000) -> None:
+        self.limiter = limiter
+        self.kept: deque[UsageRecord] = deque(maxlen=keep)
+
+    def finish(self, record: UsageRecord, admission: Admission) -> None:
+        self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
+        self.kept.append(record)
+        logger.info("usage %s", record.model_dump_json())
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def records(self) -> list[UsageRecord]:
+        return list(self.kept)
+
+
+# KEYS: done marker, prompt, generated, concurrent (limits.py), usage stream
+# ARGV: record id, bucket (-1: nothing reserved), prompt and generated: reserved, used;
+#       limited (1/0), stream max length, then the record's field/value pairs
+FINISH_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
+local bucket = tonumber(ARGV[2])
+if bucket >= 0 then
+  if redis.call('HEXISTS', KEYS[2], bucket) == 1 then
+    redis.call('HINCRBY', KEYS[2], bucket, tonumber(ARGV[4]) - tonumber(ARGV[3]))
+  end
+  if redis.call('HEXISTS', KEYS[3], bucket) == 1 then
+    redis.call('HINCRBY', KEYS[3], bucket, tonumber(ARGV[6]) - tonumber(ARGV[5]))
+  end
+  redis.call('ZREM', KEYS[4], ARGV[1])
+elseif ARGV[7] == '1' then
+  -- admitted while Redis was unreachable: count what it used, now
+  local now = redis.call('TIME')[1]
+  redis.call('HINCRBY', KEYS[2], now, ARGV[4])
+  redis.call('HINCRBY', KEYS[3], now, ARGV[6])
+  redis.call('EXPIRE', KEYS[2], 3600)
+  redis.call('EXPIRE', KEYS[3], 3600)
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
+return 1
+"""
+
+
+def _fields(record: UsageRecord) -> list[str]:
+    fields: list[str] = []
+    for key, value in record.model_dump().items():
+        fields += [key, "" if value is None else str(value)]
+    return fields
+
+
+class RedisLedger:
+    def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
+                 max_length: int = 10_000_000, max_pending: int = 1_000_000) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.stream = f"{prefix}usage"
+        self.max_length = max_length
+        self._script = client.register_script(FINISH_LUA)
+        self.pending: deque[tuple[UsageRecord, Admission]] = deque(maxlen=max_pending)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def finish(self, record: UsageRecord, admission: Admission) -> None:
+        self.pending.append((record, admission))
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._send(), name="usage-ledger")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Give queued records a few seconds to reach Redis, then stop."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.pending:
+            logger.error("%d usage records not written (Redis unreachable at shutdown)",
+                         len(self.pending))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _send(self) -> None:
+        failing = False
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                record, admission = self.pending[0]
+                try:
+                    await self._append(record, admission)
+                except (RedisError, OSError) as exc:
+                    if not failing:
+                        logger.warning("usage records queued until Redis is back: %r", exc)
+                    failing = True
+                    await asyncio.sleep(0.5)
+                    continue
+                failing = False
+                self.pending.popleft()
+
+    async def _append(self, record: UsageRecord, admission: Admission) -> None:
+        bucket = admission.bucket if admission.bucket is not None else -1
+        await self._script(
+            keys=[f"{self.prefix}usage:done:{record.record_id}",
+                  *limit_keys(self.prefix, record.account)[1:], self.stream],
+            args=[record.record_id, bucket,
+                  admission.prompt_reserved, record.prompt_tokens,
+                  admission.generated_reserved, record.completion_tokens,
+                  1 if admission.limited else 0, self.max_length, *_fields(record)])
+
+    async def records(self) -> list[UsageRecord]:
+        return await read_records(self.redis, self.stream)
+
+
+async def read_records(client: aioredis.Redis, stream: str,
+                       page: int = 1000) -> list[UsageRecord]:
+    records: list[UsageRecord] = []
+    start = "-"
+    while True:
+        entries: Any = await client.xrange(
+            stream, min=start, count=page) or []
+        for _, fields in entries:
+            values = {_text(k): _text(v) for k, v in fields.items()}
+            if values.get("ttft_ms") == "":
+                values.pop("ttft_ms")
+            records.append(UsageRecord.model_validate(values))
+        if len(entries) < page:
+            return records
+        start = "(" + _text(entries[-1][0])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
