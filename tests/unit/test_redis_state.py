@@ -1,0 +1,199 @@
+"""The Redis backends against a real redis-server: registry store, limits, usage ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import GatewayError
+from gateway.limits import Admission, RedisLimiter, limit_keys
+from gateway.registry import Account, Deployment, Limits, RegistryData, Replica
+from gateway.store import RedisStore
+from gateway.usage import RedisLedger, UsageRecord, read_records
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # the loop the client fixture uses
+
+SEED = RegistryData(accounts=[Account(id="fireworks")], deployments=[
+    Deployment(id="d1", account="fireworks", model="accounts/fireworks/models/m",
+               default=True, replicas=[Replica(url="http://w1")])])
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def dead_client() -> aioredis.Redis:
+    from tests.conftest import free_port
+
+    return aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+
+
+def add_deployment(data: RegistryData) -> RegistryData:
+    data.deployments.append(Deployment(id="d2", account="fireworks",
+                                       model="accounts/fireworks/models/m2",
+                                       replicas=[Replica(url="http://w2")]))
+    return data
+
+
+async def test_a_change_reaches_every_store_within_the_poll_interval(
+        client: aioredis.Redis, redis_server: RedisServer, prefix: str) -> None:
+    other_client = aioredis.from_url(redis_server.url)
+    first = RedisStore(client, SEED, prefix=prefix, poll_interval=0.05)
+    second = RedisStore(other_client, SEED, prefix=prefix, poll_interval=0.05)
+    await first.start()
+    await second.start()
+    try:
+        assert await client.get(f"{prefix}registry:version") == b"1"  # seeded once
+        await first.change(add_deployment)
+        started = time.monotonic()
+        while len(second.current.data.deployments) < 2:
+            assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.01)
+    finally:
+        await first.stop()
+        await second.stop()
+        await other_client.aclose()
+
+
+async def test_concurrent_changes_are_not_lost(client: aioredis.Redis, prefix: str) -> None:
+    stores = [RedisStore(client, SEED, prefix=prefix) for _ in range(3)]
+    for store in stores:
+        await store.refresh()
+
+    def adder(n: int):  # type: ignore[no-untyped-def]
+        def change(data: RegistryData) -> RegistryData:
+            data.deployments.append(Deployment(id=f"n{n}", account="a", model="m"))
+            return data
+        return change
+
+    await asyncio.gather(*(stores[n % 3].change(adder(n)) for n in range(12)))
+    await stores[0].refresh()
+    assert {d.id for d in stores[0].current.data.deployments} >= {f"n{n}" for n in range(12)}
+
+
+async def test_serves_last_good_copy_and_restores_an_emptied_redis(
+        client: aioredis.Redis, prefix: str) -> None:
+    store = RedisStore(client, SEED, prefix=prefix)
+    await store.refresh()
+    await store.change(add_deployment)
+    store.redis = dead_client()  # Redis unreachable
+    with pytest.raises(RedisError):
+        await store.refresh()
+    assert len(store.current.data.deployments) == 2  # still the last good copy
+    await store.redis.aclose()
+    store.redis = client
+    await client.delete(f"{prefix}registry", f"{prefix}registry:version")  # lost its data
+    await store.refresh()
+    assert len(RegistryData.model_validate_json(
+        await client.get(f"{prefix}registry")).deployments) == 2
+
+
+async def test_limit_admits_exactly_l_across_limiters(
+        client: aioredis.Redis, redis_server: RedisServer, prefix: str) -> None:
+    other_client = aioredis.from_url(redis_server.url)
+    limiters = [RedisLimiter(client, prefix), RedisLimiter(other_client, prefix)]
+    account = Account(id="acme", limits=Limits(requests_per_minute=7))
+
+    async def one(n: int) -> Admission | GatewayError:
+        try:
+            return await limiters[n % 2].admit(account, 10, 10, f"r{n}")
+        except GatewayError as exc:
+            return exc
+
+    results = await asyncio.gather(*(one(n) for n in range(21)))
+    await other_client.aclose()
+    admitted = [r for r in results if isinstance(r, Admission)]
+    refused = [r for r in results if isinstance(r, GatewayError)]
+    assert len(admitted) == 7 and len(refused) == 14
+    assert all(r.status == 429 and int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert refused[0].headers["x-ratelimit-limit-requests"] == "7"
+    assert refused[0].headers["x-ratelimit-remaining-requests"] == "0"
+    assert sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted) == \
+        list(range(7))
+
+
+def record(record_id: str, account: str, prompt: int, completion: int) -> UsageRecord:
+    return UsageRecord(record_id=record_id, request_id="q", account=account, deployment="d",
+                       model="m", endpoint="/v1/completions", status="ok", http_status=200,
+                       prompt_tokens=prompt, completion_tokens=completion, time=time.time())
+
+
+async def wait_empty(ledger: RedisLedger) -> None:
+    for _ in range(200):
+        if not ledger.pending:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("ledger did not drain")
+
+
+async def test_tokens_reserve_then_settle_and_concurrency_frees(
+        client: aioredis.Redis, prefix: str) -> None:
+    limiter, ledger = RedisLimiter(client, prefix), RedisLedger(client, prefix)
+    await ledger.start()
+    account = Account(id="acme", limits=Limits(generated_tokens_per_minute=100,
+                                               concurrent_requests=2))
+    first = await limiter.admit(account, 5, 60, "a")
+    second = await limiter.admit(account, 5, 30, "b")
+    with pytest.raises(GatewayError) as busy:
+        await limiter.admit(account, 5, 1, "c")  # two running
+    assert "concurrent" in busy.value.message
+    ledger.finish(record("a", "acme", 7, 10), first)  # used 10 of the 60 reserved
+    await wait_empty(ledger)
+    generated = limit_keys(prefix, "acme")[2]
+    assert sum(int(v) for v in (await client.hvals(generated))) == 40
+    third = await limiter.admit(account, 5, 60, "c")  # 40 + 60 fits after settling
+    assert third.headers["x-ratelimit-remaining-tokens-generated"] == "0"
+    with pytest.raises(GatewayError) as spent:
+        await limiter.admit(account, 5, 1, "d")
+    assert "concurrent" in spent.value.message  # still two running: b and c
+    ledger.finish(record("b", "acme", 1, 1), second)
+    await wait_empty(ledger)
+    with pytest.raises(GatewayError) as tokens:
+        await limiter.admit(account, 5, 60, "e")
+    assert "generated tokens" in tokens.value.message
+    await ledger.stop()
+
+
+async def test_each_record_is_appended_once_even_when_sent_again(
+        client: aioredis.Redis, prefix: str) -> None:
+    ledger = RedisLedger(client, prefix)
+    await ledger.start()
+    for n in range(5):
+        ledger.finish(record(f"r{n}", "acme", n, 2 * n), Admission(f"r{n}", "acme"))
+    ledger.finish(record("r3", "acme", 3, 6), Admission("r3", "acme"))  # a retried append
+    await wait_empty(ledger)
+    records = await read_records(client, f"{prefix}usage")
+    assert sorted(r.record_id for r in records) == [f"r{n}" for n in range(5)]
+    assert sum(r.completion_tokens for r in records) == 20
+    await ledger.stop()
+
+
+async def test_records_wait_while_redis_is_unreachable(client: aioredis.Redis,
+                                                       prefix: str) -> None:
+    ledger = RedisLedger(dead_client(), prefix)
+    await ledger.start()
+    ledger.finish(record("x", "acme", 1, 1), Admission("x", "acme"))
+    await asyncio.sleep(0.3)
+    assert len(ledger.pending) == 1  # kept, not dropped
+    await ledger.redis.aclose()
+    ledger.redis = client
+    ledger._script = client.register_script(ledger._script.script)
+    ledger._wake.set()
+    await wait_empty(ledger)
+    assert [r.record_id for r in await read_records(client, f"{prefix}usage")] == ["x"]
+    await ledger.stop()
