@@ -1,0 +1,195 @@
+"""Failover, limits, usage and the admin API in one process, with scripted workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.registry import hash_key
+from gateway.usage import LocalLedger
+from tests.unit.fake_worker import Stream, chunk
+
+KEY, OTHER_KEY, ADMIN = "k-a", "k-b", "admin-secret"
+MODEL = "accounts/fireworks/models/m"
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+COMPLETION = {"id": "x", "object": "text_completion", "created": 1, "usage": USAGE,
+              "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}
+
+
+def app(tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response],
+        **settings: Any) -> Any:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]},
+                     {"id": "other", "api_keys": [hash_key(OTHER_KEY)]}],
+        "deployments": [
+            {"id": "d", "account": "fireworks", "model": MODEL, "default": True,
+             "replicas": [{"url": "http://w1"}, {"url": "http://w2"}]},
+            {"id": "secret", "account": "other", "model": "accounts/other/models/s",
+             "default": True, "replicas": [{"url": "http://w1"}]}]}))
+    settings = {"health_check_interval": 0, "admin_key": ADMIN} | settings
+    return create_app(Settings(registry_path=registry, **settings),
+                      httpx.MockTransport(handler))
+
+
+class Client:
+    def __init__(self, application: Any) -> None:
+        self.app = application
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                         base_url="http://gw")
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_a_dead_replica_is_retried_elsewhere_then_ejected(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if request.url.host == "w1":
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json=COMPLETION)
+
+    gateway_app = app(tmp_path, handler)
+    async with Client(gateway_app) as client:
+        for _ in range(4):
+            response = await client.post("/v1/completions", headers=auth(KEY),
+                                         json={"model": MODEL, "prompt": "x"})
+            assert response.status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert seen.count("w1") == 2  # two failures eject it; later requests go to w2 only
+    assert 'fwgw_replica_healthy{replica="http://w1"} 0.0' in metrics
+    assert 'fwgw_retries_total{deployment="accounts/fireworks/deployments/d"} 2.0' in metrics
+    records = gateway_app.state.gateway.ledger.kept
+    assert len(records) == 4 and {r.replica for r in records} == {"http://w2"}
+
+
+async def test_no_retry_after_the_first_byte(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Stream([chunk("a"), httpx.ReadError("died")]))
+
+    gateway_app = app(tmp_path, handler)
+    async with Client(gateway_app) as client:
+        response = await client.post("/v1/completions", headers=auth(KEY),
+                                     json={"model": MODEL, "prompt": "x", "stream": True})
+    assert response.status_code == 200 and "event: error" in response.text
+    (record,) = gateway_app.state.gateway.ledger.kept
+    assert (record.status, record.http_status) == ("error", 502)
+
+
+async def test_local_limits_and_usage_records(tmp_path: Path) -> None:
+    gateway_app = app(tmp_path, lambda r: httpx.Response(200, json=COMPLETION))
+    async with Client(gateway_app) as client:
+        limits = await client.put("/admin/v1/accounts/fireworks/limits", headers=auth(ADMIN),
+                                  json={"requests_per_minute": 2})
+        assert limits.status_code == 200
+        statuses = [(await client.post("/v1/completions", headers=auth(KEY),
+                                       json={"model": MODEL, "prompt": "x"})) for _ in range(3)]
+        usage = (await client.get("/admin/v1/usage", headers=auth(ADMIN))).json()
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    assert statuses[0].headers["x-ratelimit-remaining-requests"] == "1"
+    assert statuses[2].json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert int(statuses[2].headers["retry-after"]) >= 1
+    ledger: LocalLedger = gateway_app.state.gateway.ledger
+    assert [r.completion_tokens for r in ledger.kept] == [2, 2]
+    assert usage["accounts"]["fireworks"]["completion_tokens"] == 4
+
+
+async def test_admin_api_manages_deployments_and_keys(tmp_path: Path) -> None:
+    gateway_app = app(tmp_path, lambda r: httpx.Response(200, json=COMPLETION))
+    admin = auth(ADMIN)
+    async with Client(gateway_app) as client:
+        created = await client.put("/admin/v1/accounts/acme/deployments/mine", headers=admin,
+                                   json={"model": "accounts/acme/models/tuned", "default": True,
+                                         "replicas": [{"url": "http://w2"}]})
+        assert created.status_code == 200, created.text
+        key = (await client.post("/admin/v1/accounts/acme/api-keys", headers=admin)).json()
+        served = await client.post("/v1/completions", headers=auth(key["api_key"]),
+                                   json={"model": "accounts/acme/models/tuned", "prompt": "x"})
+        assert served.status_code == 200
+        patched = await client.patch("/admin/v1/accounts/acme/deployments/mine", headers=admin,
+                                     json={"max_tokens_completion": 3})
+        assert patched.json()["max_tokens_completion"] == 3
+        added = await client.post("/admin/v1/accounts/acme/deployments/mine/replicas",
+                                  headers=admin, json={"url": "http://w1"})
+        assert [r["url"] for r in added.json()["replicas"]] == ["http://w2", "http://w1"]
+        listed = (await client.get("/admin/v1/accounts/acme/deployments", headers=admin)).json()
+        assert [d["name"] for d in listed["deployments"]] == ["accounts/acme/deployments/mine"]
+        bad = await client.put("/admin/v1/accounts/acme/deployments/x", headers=admin,
+                               json={"model": "m", "replicas": "nope"})
+        assert bad.status_code == 400
+        await client.delete(f"/admin/v1/accounts/acme/api-keys/{key['key_id']}", headers=admin)
+        revoked = await client.post("/v1/completions", headers=auth(key["api_key"]),
+                                    json={"model": "accounts/acme/models/tuned", "prompt": "x"})
+        assert revoked.status_code == 401
+        deleted = await client.delete("/admin/v1/accounts/acme/deployments/mine",
+                                      headers=admin)
+        assert deleted.status_code == 200
+        missing = await client.get("/admin/v1/accounts/acme/deployments/mine", headers=admin)
+        assert missing.status_code == 404
+    written = yaml.safe_load((tmp_path / "registry.yaml").read_text())
+    assert "acme" in [a["id"] for a in written["accounts"]]  # changes persisted to the file
+
+
+async def test_cross_account_probes_look_like_missing_deployments(tmp_path: Path) -> None:
+    gateway_app = app(tmp_path, lambda r: httpx.Response(200, json=COMPLETION))
+    async with Client(gateway_app) as client:
+        async def status(model: str, key: str = KEY) -> tuple[int, str]:
+            response = await client.post("/v1/completions", headers=auth(key),
+                                         json={"model": model, "prompt": "x"})
+            return response.status_code, response.json().get("error", {}).get("code", "")
+
+        missing = await status("accounts/other/deployments/nothing-here")
+        assert missing == (404, "NOT_FOUND")
+        for probe in ("accounts/other/deployments/secret", "accounts/other/models/s",
+                      f"{MODEL}#accounts/other/deployments/secret",
+                      "accounts/other/models/s#accounts/other/deployments/secret"):
+            assert await status(probe) == missing, probe
+        assert (await status("accounts/other/models/s", OTHER_KEY))[0] == 200
+        for key in (KEY, OTHER_KEY, "", "garbage"):
+            admin = await client.get("/admin/v1/accounts", headers=auth(key))
+            assert admin.status_code == 401
+            changed = await client.put("/admin/v1/accounts/other/limits", headers=auth(key),
+                                       json={"requests_per_minute": 1})
+            assert changed.status_code == 401
+
+
+async def test_active_health_checks_eject_and_readmit(tmp_path: Path) -> None:
+    up = {"w1": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            if not up.get(request.url.host, True):
+                raise httpx.ConnectError("down")
+            return httpx.Response(200)
+        return httpx.Response(200, json=COMPLETION)
+
+    gateway_app = app(tmp_path, handler)
+    checker_health = gateway_app.state.gateway.replicas.health
+    from gateway.health import HealthChecker
+
+    checker = HealthChecker(checker_health, lambda: ["http://w1", "http://w2"],
+                            httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    await checker.check_all()
+    await checker.check_all()
+    assert not checker_health.is_healthy("http://w1") and checker_health.is_healthy("http://w2")
+    up["w1"] = True
+    await checker.check_all()
+    assert checker_health.is_healthy("http://w1")
