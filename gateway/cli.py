@@ -7,10 +7,13 @@ from typing import Any
 
 import typer
 
+from gateway.admin_cli import app as admin_app
+from gateway.admin_cli import usage_table
 from gateway.registry import hash_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fireworks-compatible inference gateway over vLLM.")
+app.add_typer(admin_app, name="admin")
 
 
 @app.command()
@@ -37,6 +40,15 @@ def serve(
 def hash_key_command(api_key: str) -> None:
     """Print the registry form (sha256:<hex>) of an API key."""
     print(hash_key(api_key))
+
+
+@app.command()
+def usage(
+    redis_url: str = typer.Option(..., envvar="GATEWAY_REDIS_URL", help="the gateways' Redis"),
+    prefix: str = typer.Option("fwgw:", envvar="GATEWAY_REDIS_PREFIX"),
+) -> None:
+    """Sum the usage records in Redis per account."""
+    print(usage_table(redis_url, prefix))
 
 
 @app.command()

@@ -99,8 +99,7 @@ def test_gateway_has_redis_url_registry_and_key_secret() -> None:
     assert env["GATEWAY_REDIS_URL"] == "redis://redis.shared.svc:6379/2"
     assert not find(objects, "StatefulSet")  # external Redis: none deployed
     volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
-    secret = find(objects, "Secret")[0]
-    assert volumes["keys"]["secret"]["secretName"] == secret["metadata"]["name"]
+    secret = find(objects, "Secret", volumes["keys"]["secret"]["secretName"])[0]
     keys = yaml.safe_load(secret["stringData"]["keys.yaml"])
     assert set(keys) == {"acme", "globex"}
     mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
@@ -167,3 +166,23 @@ def test_schema_rejects_malformed_values(change: Any) -> None:
     change(values)
     with pytest.raises(helm.HelmValuesError):
         helm.Chart.load(CHART).render(values, name="rel", namespace="prod")
+
+
+def test_admin_key_comes_from_its_own_secret_and_settings_parse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import Settings
+
+    objects = render(THREE)
+    gateway = find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e for e in container(gateway)["env"]}
+    ref = env["GATEWAY_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    admin = find(objects, "Secret", ref["name"])[0]
+    assert admin["stringData"][ref["key"]] == "test-admin-key"
+    for name in ("GATEWAY_PUBLIC_ACCOUNTS", "GATEWAY_REDIS_URL"):
+        monkeypatch.setenv(name, env[name]["value"])  # as the container gets them
+    settings = Settings()
+    assert settings.public_accounts == ["fireworks"]
+    assert settings.redis_url == "redis://redis.shared.svc:6379/2"
+    defaults = render()  # no admin key configured: no admin Secret, no admin API
+    bundled = find(defaults, "Deployment", "rel-fireworks-gateway-gateway")[0]
+    assert "GATEWAY_ADMIN_KEY" not in {e["name"] for e in container(bundled)["env"]}

@@ -1,0 +1,168 @@
+"""`fireworks-gateway admin ...`: the admin API from the command line, and `usage`.
+
+The admin commands talk HTTP to any gateway replica (`--url`, GATEWAY_ADMIN_URL) with the
+admin key (`--admin-key`, GATEWAY_ADMIN_KEY); `usage` reads the usage stream in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import orjson
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Manage deployments, replicas, API keys and limits through the admin API.")
+deployments = typer.Typer(no_args_is_help=True, help="Deployments of an account.")
+replicas = typer.Typer(no_args_is_help=True, help="The vLLM replicas of a deployment.")
+keys = typer.Typer(no_args_is_help=True, help="API keys of an account.")
+app.add_typer(deployments, name="deployments")
+app.add_typer(replicas, name="replicas")
+app.add_typer(keys, name="keys")
+
+URL = typer.Option("http://127.0.0.1:8000", envvar="GATEWAY_ADMIN_URL",
+                   help="a gateway's base URL")
+KEY = typer.Option(..., envvar="GATEWAY_ADMIN_KEY", help="the admin key")
+
+
+def call(method: str, url: str, admin_key: str, path: str, body: Any = None,
+         params: dict[str, str] | None = None) -> Any:
+    response = httpx.request(method, url.rstrip("/") + "/admin/v1" + path, json=body,
+                             params=params, timeout=30,
+                             headers={"Authorization": f"Bearer {admin_key}"})
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        typer.echo(f"error {response.status_code}: {message}", err=True)
+        raise typer.Exit(1)
+    result = response.json()
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return result
+
+
+@app.command("accounts")
+def list_accounts(url: str = URL, admin_key: str = KEY) -> None:
+    """List accounts with their limits."""
+    call("GET", url, admin_key, "/accounts")
+
+
+@deployments.command("list")
+def list_deployments(account: str, url: str = URL, admin_key: str = KEY) -> None:
+    call("GET", url, admin_key, f"/accounts/{account}/deployments")
+
+
+@deployments.command("put")
+def put_deployment(
+    account: str, deployment: str,
+    model: str = typer.Option(..., help="e.g. accounts/<account>/models/<name>"),
+    replica: list[str] = typer.Option([], help="a worker URL; repeat for several"),
+    default: bool = typer.Option(False, help="the model's default deployment"),
+    context_length: int | None = typer.Option(None),
+    max_tokens_chat: int = typer.Option(2048),
+    max_tokens_completion: int = typer.Option(16),
+    tool_parser: str | None = typer.Option(None, help="the workers' --tool-call-parser"),
+    url: str = URL, admin_key: str = KEY,
+) -> None:
+    """Create a deployment, or replace it."""
+    call("PUT", url, admin_key, f"/accounts/{account}/deployments/{deployment}", {
+        "model": model, "replicas": [{"url": u} for u in replica], "default": default,
+        "context_length": context_length, "max_tokens_chat": max_tokens_chat,
+        "max_tokens_completion": max_tokens_completion, "tool_parser": tool_parser})
+
+
+@deployments.command("update")
+def update_deployment(
+    account: str, deployment: str,
+    default: bool | None = typer.Option(None, "--default/--no-default"),
+    state: str | None = typer.Option(None, help="ready or disabled"),
+    context_length: int | None = typer.Option(None),
+    max_tokens_chat: int | None = typer.Option(None),
+    max_tokens_completion: int | None = typer.Option(None),
+    url: str = URL, admin_key: str = KEY,
+) -> None:
+    """Change some fields of a deployment."""
+    fields = {"default": default, "state": state, "context_length": context_length,
+              "max_tokens_chat": max_tokens_chat,
+              "max_tokens_completion": max_tokens_completion}
+    call("PATCH", url, admin_key, f"/accounts/{account}/deployments/{deployment}",
+         {k: v for k, v in fields.items() if v is not None})
+
+
+@deployments.command("delete")
+def delete_deployment(account: str, deployment: str, url: str = URL,
+                      admin_key: str = KEY) -> None:
+    call("DELETE", url, admin_key, f"/accounts/{account}/deployments/{deployment}")
+
+
+@replicas.command("add")
+def add_replica(account: str, deployment: str, replica_url: str, url: str = URL,
+                admin_key: str = KEY) -> None:
+    call("POST", url, admin_key, f"/accounts/{account}/deployments/{deployment}/replicas",
+         {"url": replica_url})
+
+
+@replicas.command("remove")
+def remove_replica(account: str, deployment: str, replica_url: str, url: str = URL,
+                   admin_key: str = KEY) -> None:
+    call("DELETE", url, admin_key, f"/accounts/{account}/deployments/{deployment}/replicas",
+         params={"url": replica_url})
+
+
+@keys.command("create")
+def create_key(account: str, url: str = URL, admin_key: str = KEY) -> None:
+    """Make a key; it is shown once (the registry keeps its hash, the key id)."""
+    call("POST", url, admin_key, f"/accounts/{account}/api-keys")
+
+
+@keys.command("list")
+def list_keys(account: str, url: str = URL, admin_key: str = KEY) -> None:
+    call("GET", url, admin_key, f"/accounts/{account}/api-keys")
+
+
+@keys.command("delete")
+def delete_key(account: str, key_id: str, url: str = URL, admin_key: str = KEY) -> None:
+    call("DELETE", url, admin_key, f"/accounts/{account}/api-keys/{key_id}")
+
+
+@app.command("limits")
+def set_limits(
+    account: str,
+    requests_per_minute: int = typer.Option(0, "--rpm", help="0: unlimited"),
+    prompt_tokens_per_minute: int = typer.Option(0, "--prompt-tpm"),
+    generated_tokens_per_minute: int = typer.Option(0, "--generated-tpm"),
+    concurrent_requests: int = typer.Option(0, "--concurrent"),
+    url: str = URL, admin_key: str = KEY,
+) -> None:
+    """Set an account's rate limits (all of them; omitted ones become unlimited)."""
+    call("PUT", url, admin_key, f"/accounts/{account}/limits", {
+        "requests_per_minute": requests_per_minute,
+        "prompt_tokens_per_minute": prompt_tokens_per_minute,
+        "generated_tokens_per_minute": generated_tokens_per_minute,
+        "concurrent_requests": concurrent_requests})
+
+
+def usage_table(redis_url: str, prefix: str) -> str:
+    """Usage per account summed from the Redis stream, as a table."""
+    import redis.asyncio as aioredis
+
+    from gateway.usage import read_records, totals_of
+
+    async def read() -> dict[str, Any]:
+        client = aioredis.from_url(redis_url)
+        try:
+            return totals_of(await read_records(client, f"{prefix}usage"))
+        finally:
+            await client.aclose()
+
+    totals = asyncio.run(read())
+    lines = [f"{'account':<24}{'requests':>10}{'prompt':>12}{'cached':>10}{'completion':>12}"
+             "  statuses"]
+    for account, total in sorted(totals.items()):
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(total.by_status.items()))
+        lines.append(f"{account:<24}{total.requests:>10}{total.prompt_tokens:>12}"
+                     f"{total.cached_tokens:>10}{total.completion_tokens:>12}  {statuses}")
+    return "\n".join(lines)
