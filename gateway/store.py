@@ -11,12 +11,17 @@ change made through any gateway reaches all of them within a second without pub/
 messages are lost while a subscriber reconnects). When Redis is unreachable the gateway
 keeps serving its last good copy; when Redis comes back empty (restarted without its data)
 the gateway writes that copy back.
+
+The YAML file is the declared part of the registry (the Helm chart renders it from values):
+when it changes, the next gateway to start merges it into Redis (its deployments replace
+those with the same id, its keys are added); what the admin API added stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -99,9 +104,11 @@ class RedisStore:
         self.redis = client
         self.key = f"{prefix}registry"
         self.version_key = f"{prefix}registry:version"
+        self.seed_key = f"{prefix}registry:seed"  # digest of the last merged YAML file
         self.poll_interval = poll_interval
         self.public_accounts = public_accounts
         self._seed = seed
+        self._seed_digest = hashlib.sha256(seed.model_dump_json().encode()).hexdigest()
         self._registry = Registry(_copy(seed), public_accounts=public_accounts)
         self._version: int | None = None  # None: never loaded from Redis
         self._task: asyncio.Task[None] | None = None
@@ -114,7 +121,16 @@ class RedisStore:
     async def start(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self.refresh()
+            await self.apply_seed()
         self._task = asyncio.create_task(self._poll(), name="registry-poll")
+
+    async def apply_seed(self) -> None:
+        """Merge the declared registry into Redis once per version of the file."""
+        applied = await self.redis.get(self.seed_key)
+        if applied in (self._seed_digest, self._seed_digest.encode()):
+            return
+        await self.change(lambda data: merge_seed(data, self._seed))
+        await self.redis.set(self.seed_key, self._seed_digest)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -141,7 +157,9 @@ class RedisStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key, copy.model_dump_json(), nx=True)
             pipe.setnx(self.version_key, 1)
-            written, _ = await pipe.execute()
+            if self._version is None:
+                pipe.setnx(self.seed_key, self._seed_digest)
+            written, *_ = await pipe.execute()
         if written:
             logger.info("registry written to Redis from the %s",
                         "last good copy" if self._version is not None else "seed file")
@@ -181,6 +199,22 @@ class RedisStore:
             self._registry = Registry(data, public_accounts=self.public_accounts)
             self._version = int(version)
             return self._registry
+
+
+def merge_seed(data: RegistryData, seed: RegistryData) -> RegistryData:
+    declared = {(d.account, d.id) for d in seed.deployments}
+    data.deployments = [d for d in data.deployments if (d.account, d.id) not in declared]
+    data.deployments += [d.model_copy(deep=True) for d in seed.deployments]
+    accounts = {a.id: a for a in data.accounts}
+    for account in seed.accounts:
+        if account.id not in accounts:
+            data.accounts.append(account.model_copy(deep=True))
+            continue
+        known = accounts[account.id]
+        known.api_keys += [k for k in account.api_keys if k not in known.api_keys]
+        if account.limits.any():
+            known.limits = account.limits
+    return data
 
 
 def yaml_of(data: RegistryData) -> str:

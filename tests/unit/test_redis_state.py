@@ -70,6 +70,28 @@ async def test_a_change_reaches_every_store_within_the_poll_interval(
         await other_client.aclose()
 
 
+async def test_a_changed_seed_file_is_merged_once_keeping_admin_changes(
+        client: aioredis.Redis, prefix: str) -> None:
+    store = RedisStore(client, SEED, prefix=prefix)
+    await store.start()
+    await store.stop()
+    await store.change(add_deployment)  # through the admin API
+    declared = SEED.model_copy(deep=True)
+    declared.deployments[0].context_length = 4096  # the chart's values changed
+    declared.accounts.append(Account(id="new", api_keys=["sha256:" + "0" * 64]))
+    upgraded = RedisStore(client, declared, prefix=prefix)
+    await upgraded.start()
+    await upgraded.stop()
+    data = upgraded.current.data
+    assert {d.id: d.context_length for d in data.deployments} == {"d1": 4096, "d2": None}
+    assert "new" in {a.id for a in data.accounts}
+    version = await client.get(f"{prefix}registry:version")
+    again = RedisStore(client, declared, prefix=prefix)  # same file: nothing to merge
+    await again.start()
+    await again.stop()
+    assert await client.get(f"{prefix}registry:version") == version
+
+
 async def test_concurrent_changes_are_not_lost(client: aioredis.Redis, prefix: str) -> None:
     stores = [RedisStore(client, SEED, prefix=prefix) for _ in range(3)]
     for store in stores:
