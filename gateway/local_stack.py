@@ -24,6 +24,7 @@ from gateway.config import DEFAULT_REGISTRY
 from gateway.translate import NEUTRAL
 
 LOCAL_API_KEY = "fw_local_key"  # the key the embedded default registry holds (hashed)
+LOCAL_ADMIN_KEY = "fw_local_admin_key"  # the admin API's key, unless GATEWAY_ADMIN_KEY is set
 DEFAULT_MODEL = "accounts/fireworks/models/smollm2-135m-instruct"
 STOP_GRACE_SECONDS = 20.0
 
@@ -154,11 +155,14 @@ def run_local_stack(data_dir: Path, port: int, worker_port: int, compile: bool =
         gateway_env["GATEWAY_REGISTRY_PATH"] = str(write_local_registry(data_dir, worker_port,
                                                                         model_dir))
         gateway_env["GATEWAY_PORT"] = str(port)
+        gateway_env.setdefault("GATEWAY_ADMIN_KEY", LOCAL_ADMIN_KEY)
         children.append(Child("gateway", [sys.executable, "-m", "gateway", "serve"],
                               logs / "gateway.log", gateway_env))
         wait_healthy(children[1], f"http://127.0.0.1:{port}/health", "starting the gateway",
                      timeout=60)
         say(ready_line(port))
+        say(f"admin: GATEWAY_ADMIN_KEY={gateway_env['GATEWAY_ADMIN_KEY']} "
+            f"GATEWAY_ADMIN_URL=http://127.0.0.1:{port} fireworks-gateway admin --help")
         say(f"logs: {logs}; Ctrl-C stops everything")
         while all(child.alive() for child in children):
             time.sleep(1.0)
