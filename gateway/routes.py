@@ -18,7 +18,7 @@ from gateway.protocol import (
     known_fields,
 )
 from gateway.registry import Account
-from gateway.serving import Gateway, serve
+from gateway.serving import Gateway, count_refusal, serve
 
 router = APIRouter()
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -80,9 +80,13 @@ def authenticate(request: Request) -> Account:
 async def _serve(request: Request, model: type[ChatCompletionRequest | CompletionRequest],
                  path: str) -> Response:
     gateway: Gateway = request.app.state.gateway
-    account = authenticate(request)
-    body = await parse_body(request, model, gateway.settings)
-    return await serve(gateway, request, account, body, path)
+    try:
+        account = authenticate(request)
+        body = await parse_body(request, model, gateway.settings)
+        return await serve(gateway, request, account, body, path)
+    except GatewayError as exc:
+        count_refusal(gateway, request, "", path, exc.status)
+        raise
 
 
 @router.post("/chat/completions")

@@ -63,6 +63,16 @@ def prompt_estimate(body: ChatCompletionRequest | CompletionRequest) -> int:
     return sum(len(p) if isinstance(p, list) else len(str(p)) // 4 + 1 for p in prompts)
 
 
+def count_refusal(gateway: Gateway, request: Request, deployment: str, endpoint: str,
+                  status: int) -> None:
+    """Metrics for a request refused before admission (deployment "" when unresolved)."""
+    if getattr(request.state, "counted", False):
+        return
+    request.state.counted = True
+    gateway.metrics.requests.labels(deployment, endpoint, str(status)).inc()
+    gateway.metrics.errors.labels(deployment, str(status)).inc()
+
+
 class Accounting:
     """The end of one request: usage record, limit settlement, metrics, passive health."""
 
@@ -88,7 +98,7 @@ class Accounting:
             replica=call.lease.replica.url if call is not None else "",
             endpoint=self.endpoint, status=status, http_status=http_status,
             prompt_tokens=usage.get("prompt_tokens", 0),
-            cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+            cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
             completion_tokens=usage.get("completion_tokens", 0),
             ttft_ms=(first_token - self.started) * 1000 if first_token else None,
             duration_ms=(time.monotonic() - self.started) * 1000, time=time.time())
@@ -128,9 +138,11 @@ async def serve(gateway: Gateway, request: Request, account: Account,
                                                 plan.max_tokens * max(plan.n, 1), record_id)
     except RateLimited as exc:
         gateway.metrics.rate_limited.labels(exc.kind).inc()
+        count_refusal(gateway, request, deployment.name, endpoint, exc.status)
         raise
     accounting = Accounting(gateway, account, route, admission, request.state.request_id,
                             endpoint)
+    request.state.counted = True  # from here on, Accounting.end counts the request
     gateway.metrics.in_flight.labels(deployment.name).inc()
     key = affinity_key(request, body)
     tried: set[str] = set()

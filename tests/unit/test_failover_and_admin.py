@@ -103,6 +103,19 @@ async def test_local_limits_and_usage_records(tmp_path: Path) -> None:
         statuses = [(await client.post("/v1/completions", headers=auth(KEY),
                                        json={"model": MODEL, "prompt": "x"})) for _ in range(3)]
         usage = (await client.get("/admin/v1/usage", headers=auth(ADMIN))).json()
+        unknown = await client.post("/v1/completions", headers=auth(KEY),
+                                    json={"model": "accounts/fireworks/models/nope", "prompt": "x"})
+        assert unknown.status_code == 404
+        metrics = (await client.get("/metrics")).text
+    deployment = 'deployment="accounts/fireworks/deployments/d"'
+    for line in (f'fwgw_requests_total{{code="200",{deployment},endpoint="/v1/completions"}} 2.0',
+                 f'fwgw_requests_total{{code="429",{deployment},endpoint="/v1/completions"}} 1.0',
+                 'fwgw_requests_total{code="404",deployment="",endpoint="/v1/completions"} 1.0',
+                 'fwgw_rate_limit_rejections_total{limit="requests"} 1.0',
+                 f'fwgw_tokens_total{{{deployment},kind="completion"}} 4.0',  # sorted labels
+                 f'fwgw_requests_in_flight{{{deployment}}} 0.0'):
+        assert line in metrics, line
+    assert f'fwgw_request_duration_seconds_count{{{deployment}}} 2.0' in metrics
     assert [r.status_code for r in statuses] == [200, 200, 429]
     assert statuses[0].headers["x-ratelimit-remaining-requests"] == "1"
     assert statuses[2].json()["error"]["code"] == "RESOURCE_EXHAUSTED"
