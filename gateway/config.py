@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     # Active health checks of every replica (seconds; 0 turns them off), and passive
     # ejection after this many consecutive failures.
     health_check_interval: float = 1.0
-    health_check_timeout: float = 1.0
+    health_check_timeout: float = 2.0
     eject_after_failures: int = 2
     # A keyed request leaves its preferred replica when that one has this many more requests
     # in flight than the least loaded.
