@@ -50,7 +50,8 @@ clean:
 # Benchmarks print tables; they are not tests. bench-gateway also measures a real worker
 # when WORKER=http://host:port points at one.
 bench-gateway: $(STAMP)
-	@$(PY) -m bench.gateway $(if $(WORKER),--worker $(WORKER),)
+	@scripts/ensure-redis.sh
+	@$(PY) -m bench.gateway --redis $(if $(WORKER),--worker $(WORKER),)
 
 bench-plugins: $(STAMP) model
 	@$(PY) -m pip install -q matplotlib 2>/dev/null

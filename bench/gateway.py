@@ -3,8 +3,11 @@
 The same requests straight to the upstream and through the gateway, interleaved in one run,
 against a fast fake OpenAI upstream and (with --worker URL) a real vLLM worker; non-streaming
 and streaming (64 chunks on the fake); concurrency 1 and 32. Prints requests/s, mean, p50 and
-p99 latency and time to first token for both paths, the added mean latency and the
-throughput ratio.
+p99 latency and time to first token for each path, the added mean latency and the
+throughput ratio against the direct path.
+
+With --redis a second gateway runs on a real redis-server, for an account with rate limits,
+so each request also runs the admission and the usage-record scripts: the `gw+redis` rows.
 """
 
 from __future__ import annotations
@@ -99,14 +102,19 @@ def main() -> None:
     parser.add_argument("--worker-requests", type=int, default=8)
     parser.add_argument("--worker-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--redis", action="store_true", help="add a gateway on Redis")
     args = parser.parse_args()
-    fake_port, gateway_port = free_port(), free_port()
+    fake_port, gateway_port, redis_gateway_port = free_port(), free_port(), free_port()
     upstreams = {"fake": f"http://127.0.0.1:{fake_port}"}
     if args.worker:
         upstreams["worker"] = args.worker.rstrip("/")
     registry = Path(tempfile.mkdtemp()) / "registry.yaml"
+    huge = 10**12  # limits that never refuse but are enforced (both scripts run)
     registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)],
+                      "limits": {"requests_per_minute": huge, "generated_tokens_per_minute": huge,
+                                 "prompt_tokens_per_minute": huge,
+                                 "concurrent_requests": huge}}],
         "deployments": [{"id": name, "account": "fireworks",
                          "model": f"accounts/fireworks/models/{name}", "default": True,
                          "context_length": 2048, "replicas": [{"url": url}]}
@@ -115,9 +123,20 @@ def main() -> None:
                GATEWAY_LOG_LEVEL="warning")
     processes = [start([sys.executable, "-m", "bench.fake_upstream", str(fake_port)]),
                  start([sys.executable, "-m", "gateway", "serve"], env)]
+    gateways = {"gateway": f"http://127.0.0.1:{gateway_port}"}
+    redis_server = None
+    if args.redis:
+        from tests.redis_server import RedisServer
+
+        redis_server = RedisServer()
+        redis_server.start()
+        processes.append(start([sys.executable, "-m", "gateway", "serve"], env | {
+            "GATEWAY_PORT": str(redis_gateway_port), "GATEWAY_REDIS_URL": redis_server.url}))
+        gateways["gw+redis"] = f"http://127.0.0.1:{redis_gateway_port}"
     try:
         wait(f"{upstreams['fake']}/health")
-        wait(f"http://127.0.0.1:{gateway_port}/health")
+        for url in gateways.values():
+            wait(f"{url}/health")
         rows = []
         for name, upstream in upstreams.items():
             count = args.requests if name == "fake" else args.worker_requests
@@ -128,22 +147,24 @@ def main() -> None:
                     body: dict[str, object] = {"prompt": "Hello there", "max_tokens": tokens,
                                                "temperature": 0, "ignore_eos": True,
                                                "stream": stream}
-                    direct: list[Result] = []
-                    through: list[Result] = []
+                    results: dict[str, list[Result]] = {"direct": []}
                     for _ in range(args.rounds):  # interleaved: direct, gateway, direct, ...
-                        direct.append(asyncio.run(run(
+                        results["direct"].append(asyncio.run(run(
                             f"{upstream}/v1/completions", body, {}, concurrency, count)))
-                        through.append(asyncio.run(run(
-                            f"http://127.0.0.1:{gateway_port}/v1/completions",
-                            body | {"model": f"accounts/fireworks/models/{name}"},
-                            {"Authorization": f"Bearer {KEY}"}, concurrency, count)))
+                        for path, url in gateways.items():
+                            results.setdefault(path, []).append(asyncio.run(run(
+                                f"{url}/v1/completions",
+                                body | {"model": f"accounts/fireworks/models/{name}"},
+                                {"Authorization": f"Bearer {KEY}"}, concurrency, count)))
                     rows.append((name, "stream" if stream else "json", concurrency,
-                                 merge(direct), merge(through)))
+                                 {path: merge(r) for path, r in results.items()}))
         print_table(rows)
     finally:
         for process in processes:
             process.terminate()
             process.wait()
+        if redis_server is not None:
+            redis_server.stop()
 
 
 def merge(results: list[Result]) -> Result:
@@ -152,21 +173,22 @@ def merge(results: list[Result]) -> Result:
                   [x for r in results for x in r.ttfts])
 
 
-def print_table(rows: list[tuple[str, str, int, Result, Result]]) -> None:
+def print_table(rows: list[tuple[str, str, int, dict[str, Result]]]) -> None:
     header = (f"{'upstream':<8} {'mode':<6} {'conc':>4} | {'path':<8} {'req/s':>8} "
               f"{'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'ttft ms':>8} | "
               f"{'added ms':>8} {'ratio':>6}")
     print(header)
     print("-" * len(header))
-    for name, mode, concurrency, direct, through in rows:
-        for label, r in (("direct", direct), ("gateway", through)):
+    for name, mode, concurrency, results in rows:
+        direct = results["direct"]
+        for label, r in results.items():
             line = (f"{name:<8} {mode:<6} {concurrency:>4} | {label:<8} {r.rps:>8.1f} "
                     f"{statistics.mean(r.latencies) * 1e3:>8.2f} {r.p(0.5) * 1e3:>8.2f} "
                     f"{r.p(0.99) * 1e3:>8.2f} {statistics.mean(r.ttfts) * 1e3:>8.2f} |")
-            if label == "gateway":
-                added = (statistics.mean(through.latencies) - statistics.mean(
+            if label != "direct":
+                added = (statistics.mean(r.latencies) - statistics.mean(
                     direct.latencies)) * 1e3
-                line += f" {added:>8.2f} {through.rps / direct.rps:>6.3f}"
+                line += f" {added:>8.2f} {r.rps / direct.rps:>6.3f}"
             print(line)
 
 
