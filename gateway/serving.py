@@ -117,8 +117,10 @@ class Accounting:
                 metrics.tokens.labels(deployment, kind).inc(count)
         if call is not None and status == "ok":
             self.gateway.replicas.health.success(call.lease.replica.url)
-        elif call is not None and status == "error" and http_status in (502, 503):
-            self.gateway.replicas.health.failure(call.lease.replica.url)  # died mid-stream
+        elif call is not None and status == "error" and http_status in (502, 503) \
+                and call.first_token_at is not None:
+            # Died mid-stream. (Failures before the first byte are counted by serve().)
+            self.gateway.replicas.health.failure(call.lease.replica.url)
 
 
 async def serve(gateway: Gateway, request: Request, account: Account,

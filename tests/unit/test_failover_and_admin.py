@@ -206,3 +206,20 @@ async def test_active_health_checks_eject_and_readmit(tmp_path: Path) -> None:
     up["w1"] = True
     await checker.check_all()
     assert checker_health.is_healthy("http://w1")
+
+
+async def test_one_failed_request_is_one_failure(tmp_path: Path) -> None:
+    from tests.unit.fake_worker import KEY as ONLY_KEY
+    from tests.unit.fake_worker import MODEL as ONLY_MODEL
+    from tests.unit.fake_worker import gateway
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    gateway_app = gateway(tmp_path, refuse)  # one replica: nowhere to retry
+    async with Client(gateway_app) as client:
+        response = await client.post("/v1/completions", headers=auth(ONLY_KEY),
+                                     json={"model": ONLY_MODEL, "prompt": "x"})
+    assert response.status_code == 503
+    state = gateway_app.state.gateway.replicas.health.states["http://worker"]
+    assert (state.failures, state.healthy) == (1, True)
