@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,7 +51,7 @@ class DeploymentSpec(BaseModel):
     generation_config: dict[str, float] = Field(default_factory=dict)
     tool_parser: str | None = None
     replicas: list[Replica] = Field(default_factory=list)
-    state: str = "ready"
+    state: Literal["ready", "disabled"] = "ready"
 
 
 class ReplicaSpec(BaseModel):

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,7 +27,7 @@ from gateway.health import HealthChecker, ReplicaHealth
 from gateway.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.registry import load_yaml
-from gateway.routes import router
+from gateway.routes import router, validation_message
 from gateway.routing import AffinityOrLeastOutstanding, ReplicaSet
 from gateway.serving import Gateway
 from gateway.store import RedisStore, RegistryStore, YamlStore
@@ -164,6 +165,11 @@ def create_app(settings: Settings | None = None,
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _error_response(request, GatewayError(400, str(exc)))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_data(request: Request, exc: ValidationError) -> Response:
+        # Admin changes validated inside handlers (e.g. a PATCH merged into a deployment).
+        return _error_response(request, GatewayError(400, validation_message(exc)[0]))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -148,6 +148,12 @@ async def test_admin_api_manages_deployments_and_keys(tmp_path: Path) -> None:
         bad = await client.put("/admin/v1/accounts/acme/deployments/x", headers=admin,
                                json={"model": "m", "replicas": "nope"})
         assert bad.status_code == 400
+        bad_patch = await client.patch("/admin/v1/accounts/acme/deployments/mine",
+                                       headers=admin, json={"state": "sleeping"})
+        assert bad_patch.status_code == 400 and "state" in bad_patch.json()["error"]["message"]
+        bad_limits = await client.put("/admin/v1/accounts/acme/limits", headers=admin,
+                                      json={"requests_per_minute": -1})
+        assert bad_limits.status_code == 400
         await client.delete(f"/admin/v1/accounts/acme/api-keys/{key['key_id']}", headers=admin)
         revoked = await client.post("/v1/completions", headers=auth(key["api_key"]),
                                     json={"model": "accounts/acme/models/tuned", "prompt": "x"})
