@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -170,6 +171,12 @@ def create_app(settings: Settings | None = None,
     async def invalid_data(request: Request, exc: ValidationError) -> Response:
         # Admin changes validated inside handlers (e.g. a PATCH merged into a deployment).
         return _error_response(request, GatewayError(400, validation_message(exc)[0]))
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> Response:
+        # Only admin changes and usage reads wait on Redis; requests never do.
+        return _error_response(request, GatewayError(
+            503, f"Redis is unreachable: {exc}", headers={"retry-after": "1"}))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

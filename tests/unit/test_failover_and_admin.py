@@ -229,3 +229,21 @@ async def test_one_failed_request_is_one_failure(tmp_path: Path) -> None:
     assert response.status_code == 503
     state = gateway_app.state.gateway.replicas.health.states["http://worker"]
     assert (state.failures, state.healthy) == (1, True)
+
+
+async def test_redis_down_at_start_serves_the_file_and_refuses_admin_changes(
+        tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    gateway_app = app(tmp_path, lambda r: httpx.Response(200, json=COMPLETION),
+                      redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with Client(gateway_app) as client:
+        served = await client.post("/v1/completions", headers=auth(KEY),
+                                   json={"model": MODEL, "prompt": "x"})
+        change = await client.put("/admin/v1/accounts/fireworks/limits", headers=auth(ADMIN),
+                                  json={"requests_per_minute": 5})
+        ledger = gateway_app.state.gateway.ledger
+        assert len(ledger.pending) == 1  # the usage record waits for Redis
+        ledger.pending.clear()  # (so that shutdown does not wait for it)
+    assert served.status_code == 200
+    assert change.status_code == 503 and change.headers["retry-after"] == "1"
