@@ -99,7 +99,7 @@ class LocalLedger:
 # ARGV: record id, bucket (-1: nothing reserved), prompt and generated: reserved, used;
 #       limited (1/0), stream max length, then the record's field/value pairs
 FINISH_LUA = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) then return 0 end
 local bucket = tonumber(ARGV[2])
 if bucket >= 0 then
   if redis.call('HEXISTS', KEYS[2], bucket) == 1 then
