@@ -258,6 +258,8 @@ def test_redis_restart_under_load(pair: Pair) -> None:
     stop.set()
     for thread in threads:
         thread.join()
+    print(f"redis restart: {before} requests before the stop, {during - before} while down, "
+          f"{len(results) - during} after the restart")
     assert during > before, "no request was served while Redis was down"
     assert len(results) > during
     assert {status for _, status in results} == {200}
@@ -278,6 +280,12 @@ def test_redis_restart_under_load(pair: Pair) -> None:
     assert generated == sum(r.completion_tokens for r in records)
     assert prompt == sum(r.prompt_tokens for r in records)
     assert slots == 0
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of one metric's samples on one gateway."""
+    return sum(float(line.split()[-1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith(name))
 
 
 def healthy_gauge(url: str, replica: str) -> float | None:
@@ -315,6 +323,10 @@ def test_a_killed_worker_fails_no_unstarted_request_and_comes_back(
                 assert orjson.loads(text)["choices"][0]["text"]
             elif "event: error" in text:  # only a stream that had started may fail
                 assert text.index("data: {") < text.index("event: error"), text
+        cut = sum("event: error" in text for _, _, text in outcomes)
+        retried = sum(metric(url, "fwgw_retries_total") for url in pair.urls)
+        print(f"kill: {len(outcomes)} requests, all 200; {cut} streams cut after their "
+              f"first bytes; {retried:.0f} retried on the other replica")
         wait_gauge(pair, spare_url, 0.0, 10)
         for url in pair.urls:  # the dead replica gets nothing now, even with its key
             response = complete(url, API_KEY, "accounts/fireworks/models/pair",
