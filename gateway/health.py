@@ -10,12 +10,13 @@ replicas.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
+
+from gateway.background import cancel
 
 logger = logging.getLogger("gateway.health")
 
@@ -80,10 +81,7 @@ class HealthChecker:
         self._task = asyncio.create_task(self._run(), name="health-checks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def check_all(self) -> None:
         urls = set(self.replica_urls())

@@ -83,7 +83,8 @@ def exceeds(used: int, reserve: int, limit: int, *, counts: bool) -> bool:
 
 class Limiter(Protocol):
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
-                    record_id: str) -> Admission: ...
+                    record_id: str) -> Admission:
+        """For an account with limits (serving.py skips the others)."""
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
         """In-process settlement (the Redis limiter settles in usage.py's finish script)."""
@@ -152,9 +153,7 @@ class RedisLimiter:
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
         limits = account.limits
-        admission = Admission(record_id, account.id, limited=limits.any())
-        if not limits.any():
-            return admission
+        admission = Admission(record_id, account.id, limited=True)
         try:
             result = await self._script(
                 keys=limit_keys(self.prefix, account.id),
@@ -191,9 +190,7 @@ class LocalLimiter:
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
         limits = account.limits
-        admission = Admission(record_id, account.id, limited=limits.any())
-        if not limits.any():
-            return admission
+        admission = Admission(record_id, account.id, limited=True)
         now = time.monotonic()
         window = self.windows.setdefault(account.id, deque())
         while window and window[0][0] <= now - WINDOW:

@@ -89,6 +89,7 @@ class Accounting:
     def end(self, call: Call | None, status: str, http_status: int,
             usage: dict[str, Any] | None) -> None:
         usage = usage or {}
+        ended = time.monotonic()
         deployment = self.route.deployment.name
         first_token = call.first_token_at if call is not None else None
         record = UsageRecord(
@@ -101,7 +102,7 @@ class Accounting:
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
             completion_tokens=usage.get("completion_tokens", 0),
             ttft_ms=(first_token - self.started) * 1000 if first_token else None,
-            duration_ms=(time.monotonic() - self.started) * 1000, time=time.time())
+            duration_ms=(ended - self.started) * 1000, time=time.time())
         self.gateway.ledger.finish(record, self.admission)
         metrics = self.gateway.metrics
         metrics.requests.labels(deployment, self.endpoint, str(http_status)).inc()
@@ -110,7 +111,7 @@ class Accounting:
             metrics.errors.labels(deployment, str(http_status)).inc()
         if first_token is not None:
             metrics.time_to_first_token.labels(deployment).observe(first_token - self.started)
-        metrics.latency.labels(deployment).observe(time.monotonic() - self.started)
+        metrics.latency.labels(deployment).observe(ended - self.started)
         for kind, count in (("prompt", record.prompt_tokens), ("cached", record.cached_tokens),
                             ("completion", record.completion_tokens)):
             if count:
@@ -135,9 +136,12 @@ async def serve(gateway: Gateway, request: Request, account: Account,
         worker_body, plan = completion_body(body, deployment, settings)
         fragments = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     record_id = uuid.uuid4().hex
+    admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
     try:
-        admission = await gateway.limiter.admit(account, prompt_estimate(body),
-                                                plan.max_tokens * max(plan.n, 1), record_id)
+        if account.limits.any():
+            admission = await gateway.limiter.admit(account, prompt_estimate(body),
+                                                    plan.max_tokens * max(plan.n, 1),
+                                                    record_id)
     except RateLimited as exc:
         gateway.metrics.rate_limited.labels(exc.kind).inc()
         count_refusal(gateway, request, deployment.name, endpoint, exc.status)

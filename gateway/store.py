@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 import yaml
 from redis.exceptions import RedisError, WatchError
 
+from gateway.background import cancel
 from gateway.registry import Registry, RegistryData, load_yaml
 
 logger = logging.getLogger("gateway.store")
@@ -112,7 +113,6 @@ class RedisStore:
         self._registry = Registry(_copy(seed), public_accounts=public_accounts)
         self._version: int | None = None  # None: never loaded from Redis
         self._task: asyncio.Task[None] | None = None
-        self.reachable = False
 
     @property
     def current(self) -> Registry:
@@ -133,15 +133,11 @@ class RedisStore:
         await self.redis.set(self.seed_key, self._seed_digest)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def refresh(self) -> None:
         """Reload when the version moved; write our copy back when Redis has none."""
         version = await self.redis.get(self.version_key)
-        self.reachable = True
         if version is None:
             await self._publish_if_absent()
             version = await self.redis.get(self.version_key)
@@ -173,7 +169,6 @@ class RedisStore:
                     logger.info("Redis reachable again; registry version %s", self._version)
                 failing = False
             except (RedisError, OSError, ValueError) as exc:
-                self.reachable = False
                 if not failing:
                     logger.warning("registry refresh failed, serving the last good copy: %r",
                                    exc)

@@ -11,7 +11,6 @@ Without Redis the record goes to the `gateway.usage` log and the in-process tota
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -22,6 +21,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
+from gateway.background import cancel
 from gateway.limits import Admission, Limiter, limit_keys
 
 logger = logging.getLogger("gateway.usage")
@@ -156,10 +156,7 @@ class RedisLedger:
         if self.pending:
             logger.error("%d usage records not written (Redis unreachable at shutdown)",
                          len(self.pending))
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _send(self) -> None:
         failing = False
