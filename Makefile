@@ -47,11 +47,16 @@ test: $(STAMP) redis lint model tiny-model
 clean:
 	rm -rf $(VENV) $(DATA_DIR)
 
-# Benchmarks print tables; they are not tests. bench-gateway also measures a real worker
-# when WORKER=http://host:port points at one.
-bench-gateway: $(STAMP)
-	@scripts/ensure-redis.sh
-	@$(PY) -m bench.gateway --redis $(if $(WORKER),--worker $(WORKER),)
+# Benchmarks print tables; they are not tests. bench-gateway measures the gateway beside
+# vllm-router (in its own environment), and also over a real worker when WORKER=http://host:port
+# points at one.
+ROUTER := .bench/router/bin/vllm-router
+$(ROUTER):
+	@python3 -m venv .bench/router
+	@.bench/router/bin/python -m pip install -q vllm-router==0.1.17
+
+bench-gateway: $(STAMP) $(ROUTER)
+	@$(PY) -m bench.gateway --router $(ROUTER) $(if $(WORKER),--worker $(WORKER),)
 
 bench-plugins: $(STAMP) model
 	@$(PY) -m pip install -q matplotlib 2>/dev/null

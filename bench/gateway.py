@@ -1,13 +1,12 @@
-"""What the gateway adds: `make bench-gateway` (not a timed test).
+"""What the gateway costs, side by side with vllm-router: `make bench-gateway` (not a test).
 
-The same requests straight to the upstream and through the gateway, interleaved in one run,
-against a fast fake OpenAI upstream and (with --worker URL) a real vLLM worker; non-streaming
-and streaming (64 chunks on the fake); concurrency 1 and 32. Prints requests/s, mean, p50 and
-p99 latency and time to first token for each path, the added mean latency and the
-throughput ratio against the direct path.
-
-With --redis a second gateway runs on a real redis-server, for an account with rate limits,
-so each request also runs the admission and the usage-record scripts: the `gw+redis` rows.
+The same requests go straight to a fast fake OpenAI upstream, through the gateway, and
+through vllm-router (the Rust router, installed by the Makefile into its own environment),
+interleaved in rounds in one run. For each case the table gives requests/s, p50/p99 latency
+and what each proxy adds to the direct path, and the proxy's CPU per request (user + system
+time of its process tree, read from /proc) with its ratio to vllm-router's. Cases: plain
+requests and 64-chunk streams at concurrency 1 and 32, and a plain request with a 200 KB
+prompt. With --worker URL the gateway is also measured over a real vLLM worker.
 """
 
 from __future__ import annotations
@@ -15,68 +14,115 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import yaml
 
-from gateway.registry import hash_key
+from gateway.controlplane.registry import hash_key
 from tests.conftest import free_port
 
 KEY = "fw_bench_key"
+MODEL = "accounts/fireworks/models/fake"
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
-class Result:
-    rps: float
-    latencies: list[float]
-    ttfts: list[float]
+class Case:
+    name: str
+    stream: bool
+    concurrency: int
+    requests: int
+    prompt: str = "Hello there"
+    chunks: int = 64  # what the fake upstream streams
+
+
+@dataclass
+class Sample:
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # wall time
+    cpu: float = 0.0  # the proxy's CPU seconds
+    requests: int = 0
+
+    def add(self, other: Sample) -> None:
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.cpu += other.cpu
+        self.requests += other.requests
 
     def p(self, q: float) -> float:
         ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict[str, object],
-              headers: dict[str, str]) -> tuple[float, float]:
+def tree_cpu(pid: int) -> float:
+    """User + system seconds of a process and all its descendants (uvicorn workers)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = stats.get(current)
+        if fields is not None:  # utime, stime, cutime, cstime (fields 14-17 of stat)
+            total += sum(int(v) for v in fields[11:15])
+        todo += children.get(current, [])
+    return total / TICKS
+
+
+async def one(session: aiohttp.ClientSession, url: str, body: dict[str, object],
+              headers: dict[str, str]) -> float:
     start = time.perf_counter()
-    if not body.get("stream"):
-        response = await client.post(url, json=body, headers=headers)
-        response.raise_for_status()
-        elapsed = time.perf_counter() - start
-        return elapsed, elapsed
-    first = None
-    async with client.stream("POST", url, json=body, headers=headers) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if first is None and line.startswith("data: {"):
-                first = time.perf_counter() - start
-    return time.perf_counter() - start, first or 0.0
+    async with session.post(url, json=body, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url}: {response.status} {await response.text()}")
+        if body.get("stream"):
+            done = False
+            async for line in response.content:
+                done = done or line.startswith(b"data: [DONE]")
+            if not done:
+                raise RuntimeError(f"{url}: the stream did not end with [DONE]")
+        else:
+            await response.read()
+    return time.perf_counter() - start
 
 
-async def run(url: str, body: dict[str, object], headers: dict[str, str],
-              concurrency: int, requests: int) -> Result:
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    queue = list(range(requests))
-    limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def worker() -> None:
-            while queue:
-                queue.pop()
-                latency, ttft = await one(client, url, body, headers)
-                latencies.append(latency)
-                ttfts.append(ttft)
+async def measure(url: str, body: dict[str, object], headers: dict[str, str], case: Case,
+                  pid: int | None) -> Sample:
+    sample = Sample(requests=case.requests)
+    remaining = case.requests
+    connector = aiohttp.TCPConnector(limit=case.concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await one(session, url, body, headers)  # warm the connection
+
+        async def client() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                sample.latencies.append(await one(session, url, body, headers))
+
+        cpu = tree_cpu(pid) if pid else 0.0
         start = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        elapsed = time.perf_counter() - start
-    return Result(requests / elapsed, latencies, ttfts)
+        await asyncio.gather(*[client() for _ in range(case.concurrency)])
+        sample.seconds = time.perf_counter() - start
+        sample.cpu = (tree_cpu(pid) - cpu) if pid else 0.0
+    return sample
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -84,8 +130,9 @@ def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.P
                             stderr=subprocess.DEVNULL)
 
 
-def wait(url: str) -> None:
-    for _ in range(100):
+def wait(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -95,101 +142,124 @@ def wait(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--worker", help="a running vLLM worker to measure too")
-    parser.add_argument("--requests", type=int, default=200, help="per fake measurement")
-    parser.add_argument("--worker-requests", type=int, default=8)
-    parser.add_argument("--worker-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
-    parser.add_argument("--redis", action="store_true", help="add a gateway on Redis")
-    args = parser.parse_args()
-    fake_port, gateway_port, redis_gateway_port = free_port(), free_port(), free_port()
-    upstreams = {"fake": f"http://127.0.0.1:{fake_port}"}
-    if args.worker:
-        upstreams["worker"] = args.worker.rstrip("/")
+def registry_file(upstreams: dict[str, str]) -> Path:
     registry = Path(tempfile.mkdtemp()) / "registry.yaml"
-    huge = 10**12  # limits that never refuse but are enforced (both scripts run)
     registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)],
-                      "limits": {"requests_per_minute": huge, "generated_tokens_per_minute": huge,
-                                 "prompt_tokens_per_minute": huge,
-                                 "concurrent_requests": huge}}],
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
         "deployments": [{"id": name, "account": "fireworks",
                          "model": f"accounts/fireworks/models/{name}", "default": True,
-                         "context_length": 2048, "replicas": [{"url": url}]}
+                         "context_length": 1 << 20, "replicas": [{"url": url}]}
                         for name, url in upstreams.items()]}))
-    env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry), GATEWAY_PORT=str(gateway_port),
-               GATEWAY_LOG_LEVEL="warning")
-    processes = [start([sys.executable, "-m", "bench.fake_upstream", str(fake_port)]),
-                 start([sys.executable, "-m", "gateway", "serve"], env)]
-    gateways = {"gateway": f"http://127.0.0.1:{gateway_port}"}
-    redis_server = None
-    if args.redis:
-        from tests.redis_server import RedisServer
+    return registry
 
-        redis_server = RedisServer()
-        redis_server.start()
-        processes.append(start([sys.executable, "-m", "gateway", "serve"], env | {
-            "GATEWAY_PORT": str(redis_gateway_port), "GATEWAY_REDIS_URL": redis_server.url}))
-        gateways["gw+redis"] = f"http://127.0.0.1:{redis_gateway_port}"
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--router", default=".bench/router/bin/vllm-router",
+                        help="the vllm-router executable ('' to leave it out)")
+    parser.add_argument("--gateway-src", default=".",
+                        help="the checkout whose gateway to run (for before/after numbers)")
+    parser.add_argument("--gateway-workers", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=400, help="per plain measurement")
+    parser.add_argument("--streams", type=int, default=200, help="per stream measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--worker", help="a running vLLM worker to measure the gateway over")
+    parser.add_argument("--worker-requests", type=int, default=16)
+    parser.add_argument("--worker-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    fake_port, gateway_port, router_port = free_port(), free_port(), free_port()
+    fake = f"http://127.0.0.1:{fake_port}"
+    upstreams = {"fake": fake} | ({"worker": args.worker.rstrip("/")} if args.worker else {})
+    env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry_file(upstreams)),
+               GATEWAY_PORT=str(gateway_port), GATEWAY_LOG_LEVEL="warning",
+               GATEWAY_HEALTH_CHECK_INTERVAL="0", GATEWAY_WORKERS=str(args.gateway_workers))
+    processes = [start([sys.executable, "-m", "bench.fake_upstream", str(fake_port)])]
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
+                               cwd=args.gateway_src, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    processes.append(gateway)
+    proxies: dict[str, tuple[str, int | None]] = {
+        "gateway": (f"http://127.0.0.1:{gateway_port}", gateway.pid)}
+    if args.router:
+        router = start([args.router, "--host", "127.0.0.1", "--port", str(router_port),
+                        "--worker-urls", fake, "--policy", "round_robin",
+                        "--log-level", "warning", "--disable-retries",
+                        "--health-check-interval-secs", "3600"])
+        processes.append(router)
+        proxies["router"] = (f"http://127.0.0.1:{router_port}", router.pid)
     try:
-        wait(f"{upstreams['fake']}/health")
-        for url in gateways.values():
+        wait(f"{fake}/health")
+        for url, _ in proxies.values():
             wait(f"{url}/health")
-        rows = []
-        for name, upstream in upstreams.items():
-            count = args.requests if name == "fake" else args.worker_requests
-            for stream in (False, True):
-                for concurrency in (1, 32):
-                    # 64 chunks from the fake; fewer from a real CPU worker, to stay short.
-                    tokens = 64 if name == "fake" else args.worker_tokens
-                    body: dict[str, object] = {"prompt": "Hello there", "max_tokens": tokens,
-                                               "temperature": 0, "ignore_eos": True,
-                                               "stream": stream}
-                    results: dict[str, list[Result]] = {"direct": []}
-                    for _ in range(args.rounds):  # interleaved: direct, gateway, direct, ...
-                        results["direct"].append(asyncio.run(run(
-                            f"{upstream}/v1/completions", body, {}, concurrency, count)))
-                        for path, url in gateways.items():
-                            results.setdefault(path, []).append(asyncio.run(run(
-                                f"{url}/v1/completions",
-                                body | {"model": f"accounts/fireworks/models/{name}"},
-                                {"Authorization": f"Bearer {KEY}"}, concurrency, count)))
-                    rows.append((name, "stream" if stream else "json", concurrency,
-                                 {path: merge(r) for path, r in results.items()}))
-        print_table(rows)
+        cases = [Case("plain", False, 1, args.requests), Case("plain", False, 32, args.requests),
+                 Case("stream", True, 1, args.streams), Case("stream", True, 32, args.streams),
+                 Case("200KB prompt", False, 1, args.requests // 4, prompt="x" * 200_000)]
+        headers = {"Authorization": f"Bearer {KEY}"}
+        results: dict[tuple[str, str], Sample] = {}
+        for _ in range(args.rounds):  # interleaved: direct, gateway, router, direct, ...
+            for case in cases:
+                body: dict[str, object] = {"model": MODEL, "prompt": case.prompt,
+                                           "max_tokens": case.chunks, "stream": case.stream}
+                paths = {"direct": (fake, None)} | proxies
+                for path, (url, pid) in paths.items():
+                    sample = asyncio.run(measure(f"{url}/v1/completions", body, headers, case,
+                                                 pid))
+                    results.setdefault((label(case), path), Sample()).add(sample)
+        print_table(cases, list(paths), results)
+        if args.worker:
+            worker_rows(args, proxies["gateway"][0], headers)
     finally:
         for process in processes:
             process.terminate()
             process.wait()
-        if redis_server is not None:
-            redis_server.stop()
 
 
-def merge(results: list[Result]) -> Result:
-    return Result(statistics.mean(r.rps for r in results),
-                  [x for r in results for x in r.latencies],
-                  [x for r in results for x in r.ttfts])
+def label(case: Case) -> str:
+    return f"{case.name} c={case.concurrency}"
 
 
-def print_table(rows: list[tuple[str, str, int, dict[str, Result]]]) -> None:
-    header = (f"{'upstream':<8} {'mode':<6} {'conc':>4} | {'path':<8} {'req/s':>8} "
-              f"{'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'ttft ms':>8} | "
-              f"{'added ms':>8} {'ratio':>6}")
+def print_table(cases: list[Case], paths: list[str],
+                results: dict[tuple[str, str], Sample]) -> None:
+    header = (f"{'case':<19} {'path':<8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'+p50 ms':>7} {'+p99 ms':>7} {'cpu ms/req':>10} {'cpu us/chunk':>12} "
+              f"{'cpu vs router':>13}")
     print(header)
     print("-" * len(header))
-    for name, mode, concurrency, results in rows:
-        direct = results["direct"]
-        for label, r in results.items():
-            line = (f"{name:<8} {mode:<6} {concurrency:>4} | {label:<8} {r.rps:>8.1f} "
-                    f"{statistics.mean(r.latencies) * 1e3:>8.2f} {r.p(0.5) * 1e3:>8.2f} "
-                    f"{r.p(0.99) * 1e3:>8.2f} {statistics.mean(r.ttfts) * 1e3:>8.2f} |")
-            if label != "direct":
-                added = (statistics.mean(r.latencies) - statistics.mean(
-                    direct.latencies)) * 1e3
-                line += f" {added:>8.2f} {r.rps / direct.rps:>6.3f}"
-            print(line)
+    for case in cases:
+        direct = results[(label(case), "direct")]
+        router = results.get((label(case), "router"))
+        for path in paths:
+            r = results[(label(case), path)]
+            line = (f"{label(case):<19} {path:<8} {r.requests / r.seconds:>8.1f} "
+                    f"{r.p(0.5):>7.2f} {r.p(0.99):>7.2f}")
+            if path == "direct":
+                print(line)
+                continue
+            cpu = r.cpu / r.requests * 1e3
+            per_chunk = f"{cpu * 1e3 / case.chunks:>12.1f}" if case.stream else f"{'':>12}"
+            ratio = (f"{r.cpu / router.cpu:>12.2f}x" if router is not None and router.cpu
+                     else f"{'':>13}")
+            print(f"{line} {r.p(0.5) - direct.p(0.5):>7.2f} {r.p(0.99) - direct.p(0.99):>7.2f} "
+                  f"{cpu:>10.3f} {per_chunk} {ratio}")
+
+
+def worker_rows(args: argparse.Namespace, gateway: str, headers: dict[str, str]) -> None:
+    """Throughput over a real vLLM worker, direct and through the gateway, interleaved."""
+    body: dict[str, object] = {"prompt": "Hello there", "max_tokens": args.worker_tokens,
+                               "temperature": 0, "ignore_eos": True, "stream": True}
+    case = Case("worker stream", True, 8, args.worker_requests)
+    direct, through = Sample(), Sample()
+    for _ in range(args.rounds):
+        direct.add(asyncio.run(measure(f"{args.worker.rstrip('/')}/v1/completions",
+                                       body | {"model": "smollm2"}, {}, case, None)))
+        through.add(asyncio.run(measure(f"{gateway}/v1/completions",
+                                        body | {"model": "accounts/fireworks/models/worker"},
+                                        headers, case, None)))
+    ratio = (through.requests / through.seconds) / (direct.requests / direct.seconds)
+    print(f"\nreal worker, {args.worker_tokens}-token streams at concurrency 8: "
+          f"direct {direct.requests / direct.seconds:.2f}/s, gateway "
+          f"{through.requests / through.seconds:.2f}/s, ratio {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 import orjson
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -21,20 +20,21 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.admin import router as admin_router
 from gateway.config import Settings
+from gateway.controlplane.admin import router as admin_router
+from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
+from gateway.controlplane.registry import load_yaml
+from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
+from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
+from gateway.dataplane.endpoints import InferenceRoutes, validation_message
+from gateway.dataplane.endpoints import router as models_router
+from gateway.dataplane.health import HealthChecker, ReplicaHealth
+from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
+from gateway.dataplane.serving import Gateway
+from gateway.dataplane.tokens import TokenTexts
+from gateway.dataplane.workers import WorkerClient
 from gateway.errors import GatewayError
-from gateway.health import HealthChecker, ReplicaHealth
-from gateway.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.metrics import GatewayMetrics
-from gateway.registry import load_yaml
-from gateway.routes import router, validation_message
-from gateway.routing import AffinityOrLeastOutstanding, ReplicaSet
-from gateway.serving import Gateway
-from gateway.store import RedisStore, RegistryStore, YamlStore
-from gateway.tokens import TokenTexts
-from gateway.upstream import WorkerClient
-from gateway.usage import Ledger, LocalLedger, RedisLedger
 
 logger = logging.getLogger("gateway")
 
@@ -56,8 +56,13 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or str(uuid.uuid4())
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        if not _printable_id(request_id):
+            request_id = str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
@@ -69,6 +74,12 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def _printable_id(value: str) -> bool:
+    """A client's x-request-id is kept only when short visible ASCII (it goes into logs,
+    headers and error messages)."""
+    return 0 < len(value) <= 128 and all("!" <= c <= "~" for c in value)
+
+
 def _error_response(request: Request, error: GatewayError) -> Response:
     request_id = getattr(request.state, "request_id", None)
     if error.status >= 500:
@@ -77,8 +88,7 @@ def _error_response(request: Request, error: GatewayError) -> Response:
                     media_type="application/json", headers=error.headers)
 
 
-def _build(settings: Settings, worker_transport: httpx.AsyncBaseTransport | None
-           ) -> tuple[Gateway, aioredis.Redis | None]:
+def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     metrics = GatewayMetrics()
 
     def on_health(url: str, healthy: bool | None) -> None:
@@ -107,8 +117,7 @@ def _build(settings: Settings, worker_transport: httpx.AsyncBaseTransport | None
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
         ledger = LocalLedger(limiter)
-    workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
-                           worker_transport)
+    workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout)
     replicas = ReplicaSet(AffinityOrLeastOutstanding(settings.affinity_max_imbalance),
                           ReplicaHealth(settings.eject_after_failures, on_health))
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
@@ -117,11 +126,10 @@ def _build(settings: Settings, worker_transport: httpx.AsyncBaseTransport | None
     return gateway, client
 
 
-def create_app(settings: Settings | None = None,
-               worker_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The gateway. `worker_transport` replaces the network towards workers (tests)."""
+def create_app(settings: Settings | None = None) -> ASGIApp:
+    """The gateway: the inference endpoints in front of the FastAPI app for the rest."""
     settings = settings or Settings()
-    gateway, redis_client = _build(settings, worker_transport)
+    gateway, redis_client = _build(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,7 +138,7 @@ def create_app(settings: Settings | None = None,
         checker = HealthChecker(
             gateway.replicas.health,
             lambda: {r.url for d in gateway.store.current.data.deployments for r in d.replicas},
-            gateway.workers.http, settings.health_check_interval,
+            gateway.workers.probe, settings.health_check_interval,
             settings.health_check_timeout)
         if settings.health_check_interval > 0:
             checker.start()
@@ -148,7 +156,7 @@ def create_app(settings: Settings | None = None,
                   docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     for prefix in PREFIXES:
-        app.include_router(router, prefix=prefix)
+        app.include_router(models_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
 
     @app.get("/metrics")
@@ -189,5 +197,18 @@ def create_app(settings: Settings | None = None,
         logger.exception("unhandled error")
         return _error_response(request, GatewayError(500, "Internal error"))
 
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    return GatewayApp(RequestIdMiddleware(InferenceRoutes(app, gateway, PREFIXES)), app)
+
+
+class GatewayApp:
+    """The ASGI app uvicorn serves; `.fastapi` is the app behind the inference routes (its
+    state holds the Gateway, its router the lifespan)."""
+
+    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+        self.app = app
+        self.fastapi = fastapi
+        self.state = fastapi.state
+        self.router = fastapi.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from gateway.admin_cli import app as admin_app
-from gateway.admin_cli import usage_table
-from gateway.registry import hash_key
+from gateway.controlplane.admin_cli import app as admin_app
+from gateway.controlplane.admin_cli import usage_table
+from gateway.controlplane.registry import hash_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fireworks-compatible inference gateway over vLLM.")
@@ -21,19 +21,26 @@ def serve(
     host: str | None = typer.Option(None, help="bind address (GATEWAY_HOST)"),
     port: int | None = typer.Option(None, help="port (GATEWAY_PORT)"),
     registry: Path | None = typer.Option(None, help="registry YAML (GATEWAY_REGISTRY_PATH)"),
+    workers: int | None = typer.Option(None, help="server processes (GATEWAY_WORKERS)"),
 ) -> None:
     """Run the gateway (settings from GATEWAY_* environment variables)."""
     import uvicorn
 
-    from gateway.app import create_app
     from gateway.config import Settings
 
-    overrides: dict[str, Any] = {key: value for key, value in
-                 {"host": host, "port": port, "registry_path": registry}.items()
-                 if value is not None}
-    settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=30)
+    # Through the environment, so that every server process reads the same settings.
+    for name, value in {"host": host, "port": port, "registry_path": registry,
+                        "workers": workers}.items():
+        if value is not None:
+            os.environ[f"GATEWAY_{name.upper()}"] = str(value)
+    settings = Settings()
+    if settings.workers > 1 and not settings.redis_url:
+        raise typer.BadParameter("several server processes share limits and usage through "
+                                 "Redis: set GATEWAY_REDIS_URL, or run one process",
+                                 param_hint="--workers")
+    uvicorn.run("gateway.app:create_app", factory=True, host=settings.host,
+                port=settings.port, workers=settings.workers, log_level=settings.log_level,
+                access_log=False, timeout_graceful_shutdown=30)
 
 
 @app.command("hash-key")

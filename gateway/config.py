@@ -14,6 +14,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Server processes (uvicorn workers). More than one needs redis_url: limits, usage and
+    # the registry are then shared by the processes as by gateway replicas.
+    workers: int = 1
     # The registry of accounts, keys, models and deployments (embedded YAML backend).
     registry_path: Path = DEFAULT_REGISTRY
     # Optional separate file of API keys (`{account_id: [sha256:...]}`), e.g. a mounted

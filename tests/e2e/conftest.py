@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway.controlplane.registry import hash_key
 from gateway.local_stack import Child
-from gateway.registry import hash_key
 from tests.conftest import free_port
 from tests.e2e.processes import start_gateway, start_worker
 

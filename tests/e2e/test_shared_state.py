@@ -20,10 +20,10 @@ import httpx
 import orjson
 import pytest
 
+from gateway.controlplane.registry import Replica
+from gateway.controlplane.usage import UsageRecord
+from gateway.dataplane.replicas import rendezvous_rank
 from gateway.local_stack import Child
-from gateway.registry import Replica
-from gateway.routing import rendezvous_rank
-from gateway.usage import UsageRecord
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY, MODEL, OTHER_KEY, write_registry
 from tests.e2e.processes import start_gateway, start_worker

@@ -12,7 +12,7 @@ import yaml
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.registry import hash_key
+from gateway.controlplane.registry import hash_key
 
 KEY = "k-test"
 MODEL = "accounts/fireworks/models/m"

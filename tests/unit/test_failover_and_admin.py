@@ -11,8 +11,8 @@ import yaml
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.registry import hash_key
-from gateway.usage import LocalLedger
+from gateway.controlplane.registry import hash_key
+from gateway.controlplane.usage import LocalLedger
 from tests.unit.fake_worker import Stream, chunk
 
 KEY, OTHER_KEY, ADMIN = "k-a", "k-b", "admin-secret"
@@ -202,7 +202,7 @@ async def test_active_health_checks_eject_and_readmit(tmp_path: Path) -> None:
 
     gateway_app = app(tmp_path, handler)
     checker_health = gateway_app.state.gateway.replicas.health
-    from gateway.health import HealthChecker
+    from gateway.dataplane.health import HealthChecker
 
     checker = HealthChecker(checker_health, lambda: ["http://w1", "http://w2"],
                             httpx.AsyncClient(transport=httpx.MockTransport(handler)))

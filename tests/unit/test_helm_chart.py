@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.registry import RegistryData
+from gateway.controlplane.registry import RegistryData
 from tests.conftest import ROOT
 
 CHART = ROOT / "helm"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.controlplane.registry import RegistryData
 from gateway.local_stack import ready_line, stop_process_group, write_local_registry
-from gateway.registry import RegistryData
 
 
 def test_local_registry_points_at_the_worker_with_model_defaults(tmp_path: Path) -> None:

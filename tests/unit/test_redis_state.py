@@ -11,11 +11,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.controlplane.limits import Admission, RedisLimiter, limit_keys
+from gateway.controlplane.registry import Account, Deployment, Limits, RegistryData, Replica
+from gateway.controlplane.store import RedisStore
+from gateway.controlplane.usage import RedisLedger, UsageRecord, read_records
 from gateway.errors import GatewayError
-from gateway.limits import Admission, RedisLimiter, limit_keys
-from gateway.registry import Account, Deployment, Limits, RegistryData, Replica
-from gateway.store import RedisStore
-from gateway.usage import RedisLedger, UsageRecord, read_records
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the loop the client fixture uses

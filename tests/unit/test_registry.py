@@ -2,8 +2,15 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.controlplane.registry import (
+    Account,
+    Deployment,
+    Registry,
+    RegistryData,
+    Replica,
+    hash_key,
+)
 from gateway.errors import GatewayError
-from gateway.registry import Account, Deployment, Registry, RegistryData, Replica, hash_key
 
 MODEL = "accounts/fireworks/models/llama"
 

@@ -4,10 +4,10 @@ from collections import Counter
 
 import pytest
 
+from gateway.controlplane.registry import Deployment, Replica
+from gateway.dataplane.health import ReplicaHealth
+from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet, rendezvous_rank
 from gateway.errors import GatewayError
-from gateway.health import ReplicaHealth
-from gateway.registry import Deployment, Replica
-from gateway.routing import AffinityOrLeastOutstanding, ReplicaSet, rendezvous_rank
 
 URLS = [f"http://r{n}" for n in range(1, 5)]
 DEPLOYMENT = Deployment(id="d", account="a", model="accounts/a/models/m",

@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.registry import Deployment, Replica, Route
-from gateway.relay import Call, StreamReframer
-from gateway.routing import ReplicaSet
-from gateway.translate import Plan
+from gateway.controlplane.registry import Deployment, Replica, Route
+from gateway.dataplane.relay import Call, StreamReframer
+from gateway.dataplane.replicas import ReplicaSet
+from gateway.fireworks.translate import Plan
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
          "prompt_tokens_details": {"cached_tokens": 0}}

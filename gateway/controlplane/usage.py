@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from gateway.background import cancel
-from gateway.limits import Admission, Limiter, limit_keys
+from gateway.controlplane.limits import Admission, Limiter, limit_keys
 
 logger = logging.getLogger("gateway.usage")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.config import Settings
+from gateway.controlplane.registry import Deployment
 from gateway.errors import GatewayError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from gateway.registry import Deployment
+from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 # Sampling knobs with a model default (generation_config.json) and the neutral value used
 # when neither the client nor the model sets one.
@@ -42,6 +42,13 @@ class Plan:
     n: int = 1
     max_tokens: int = 0
     sampling_options: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    # context_length_exceeded_behavior=error: the field to name when the prompt and
+    # max_tokens do not fit (checked on the worker before generating); None: truncate.
+    context_check: str | None = None
+    include_usage: bool | None = None  # the client's stream_options.include_usage
+    perf_metrics_in_response: bool = False
+    prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
 
 
 def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict[str, Any]:
@@ -91,6 +98,13 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
     if xargs:
         body["vllm_xargs"] = xargs
     body.update(structured_output(request, plan.chat))
+    plan.stream = bool(request.stream)
+    if request.context_length_exceeded_behavior == "error":
+        plan.context_check = "max_tokens" if request.max_tokens is not None \
+            else "max_completion_tokens"
+    plan.perf_metrics_in_response = bool(request.perf_metrics_in_response)
+    if request.stream_options is not None:
+        plan.include_usage = request.stream_options.include_usage
     if request.stream:
         body["stream"] = True
         # Always ask for usage (on every chunk, so prompt tokens are known at the first
@@ -150,6 +164,7 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment,
                 raw_output=bool(request.raw_output),
                 echo=bool(request.echo) or request.echo_last is not None)
     body = sampling_body(request, deployment, settings, plan)
+    plan.prompt_fragments = [m.content for m in request.messages]
     body["messages"] = [
         message.model_dump(exclude_none=True) | (
             {"role": "system"} if message.role == "developer" else {})
@@ -190,6 +205,8 @@ def completion_body(request: CompletionRequest, deployment: Deployment,
                 raw_output=bool(request.raw_output), echo_last=request.echo_last,
                 echo=bool(request.echo) or request.echo_last is not None, n=request.n or 1)
     body = sampling_body(request, deployment, settings, plan)
+    plan.prompt_fragments = request.prompt if isinstance(request.prompt, list) \
+        else [request.prompt]
     body["prompt"] = request.prompt
     if plan.echo:
         body["echo"] = True  # for the prompt logprobs; the text comes from echo_texts

@@ -14,11 +14,18 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.controlplane.registry import (
+    Account,
+    Deployment,
+    Limits,
+    RegistryData,
+    Replica,
+    hash_key,
+)
+from gateway.controlplane.usage import UsageTotals, totals_of
+from gateway.dataplane.endpoints import api_key
+from gateway.dataplane.serving import Gateway
 from gateway.errors import GatewayError
-from gateway.registry import Account, Deployment, Limits, RegistryData, Replica, hash_key
-from gateway.routes import api_key
-from gateway.serving import Gateway
-from gateway.usage import UsageTotals, totals_of
 
 
 def _gateway(request: Request) -> Gateway:

@@ -149,7 +149,7 @@ def usage_table(redis_url: str, prefix: str) -> str:
     """Usage per account summed from the Redis stream, as a table."""
     import redis.asyncio as aioredis
 
-    from gateway.usage import read_records, totals_of
+    from gateway.controlplane.usage import read_records, totals_of
 
     async def read() -> dict[str, Any]:
         client = aioredis.from_url(redis_url)

@@ -24,8 +24,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.controlplane.registry import Account, Limits
 from gateway.errors import GatewayError
-from gateway.registry import Account, Limits
 
 logger = logging.getLogger("gateway.limits")
 WINDOW = 60  # seconds

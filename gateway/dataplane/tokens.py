@@ -7,15 +7,9 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.protocol import prompts_of
-from gateway.upstream import WorkerClient
-
-TOKEN_ID_PREFIX = "token_id:"
-
-
-def parse_token_id(token: str) -> int:
-    """vLLM's `return_tokens_as_token_ids` form `token_id:123` -> 123."""
-    return int(token.removeprefix(TOKEN_ID_PREFIX))
+from gateway.dataplane.workers import WorkerClient
+from gateway.fireworks.protocol import prompts_of
+from gateway.fireworks.worker_answer import WorkerFault
 
 
 class TokenTexts:
@@ -36,12 +30,18 @@ class TokenTexts:
         return vocabulary
 
     async def detokenize(self, worker_url: str, ids: list[int]) -> str:
-        data, _ = await self.client.post_json(f"{worker_url}/detokenize", {"tokens": ids}, {})
+        data = await self.client.post_json(f"{worker_url}/detokenize", {"tokens": ids})
+        if not isinstance(data.get("prompt"), str):
+            raise WorkerFault("/detokenize answered without a prompt")
         return str(data["prompt"])
 
     async def tokenize(self, worker_url: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST /tokenize: `{"count", "max_model_len", "tokens"}`."""
-        data, _ = await self.client.post_json(f"{worker_url}/tokenize", body, {})
+        data = await self.client.post_json(f"{worker_url}/tokenize", body)
+        tokens, count, context = data.get("tokens"), data.get("count"), data.get("max_model_len")
+        if not (isinstance(tokens, list) and isinstance(count, int)
+                and isinstance(context, int)):
+            raise WorkerFault("/tokenize answered without tokens, count or max_model_len")
         return data
 
     async def echo_texts(self, worker_url: str, prompt: Any, last: int | None) -> list[str]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-
-import httpx
 
 from gateway.background import cancel
 
@@ -68,11 +66,11 @@ class HealthChecker:
     """The active half: probes every replica the registry lists, concurrently."""
 
     def __init__(self, health: ReplicaHealth, replica_urls: Callable[[], Iterable[str]],
-                 client: httpx.AsyncClient, interval: float = 1.0,
+                 probe: Callable[[str, float], Awaitable[bool]], interval: float = 1.0,
                  timeout: float = 1.0) -> None:
         self.health = health
         self.replica_urls = replica_urls
-        self.client = client
+        self.probe = probe  # probe(url, timeout) -> healthy
         self.interval = interval
         self.timeout = timeout
         self._task: asyncio.Task[None] | None = None
@@ -89,12 +87,7 @@ class HealthChecker:
         await asyncio.gather(*(self._check(url) for url in urls))
 
     async def _check(self, url: str) -> None:
-        try:
-            response = await self.client.get(url.rstrip("/") + "/health", timeout=self.timeout)
-            ok = response.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
+        if await self.probe(url.rstrip("/") + "/health", self.timeout):
             self.health.success(url)
         else:
             self.health.failure(url)

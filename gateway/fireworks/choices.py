@@ -10,10 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.tokens import parse_token_id
-from gateway.translate import Plan
+from gateway.fireworks.translate import Plan
+from gateway.fireworks.worker_answer import WorkerFault
 
 CHAT_MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls")
+TOKEN_ID_PREFIX = "token_id:"
+
+
+def parse_token_id(token: str) -> int:
+    """vLLM's `return_tokens_as_token_ids` form `token_id:123` -> 123."""
+    try:
+        return int(token.removeprefix(TOKEN_ID_PREFIX))
+    except (AttributeError, ValueError) as exc:
+        raise WorkerFault(f"a logprob token that is not a token id: {token!r:.100}") from exc
 
 
 @dataclass

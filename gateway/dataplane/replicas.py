@@ -15,9 +15,9 @@ import hashlib
 from collections import defaultdict
 from typing import Protocol
 
+from gateway.controlplane.registry import Deployment, Replica
+from gateway.dataplane.health import ReplicaHealth
 from gateway.errors import GatewayError
-from gateway.health import ReplicaHealth
-from gateway.registry import Deployment, Replica
 
 
 class ReplicaPolicy(Protocol):

@@ -34,7 +34,7 @@ import yaml
 from redis.exceptions import RedisError, WatchError
 
 from gateway.background import cancel
-from gateway.registry import Registry, RegistryData, load_yaml
+from gateway.controlplane.registry import Registry, RegistryData, load_yaml
 
 logger = logging.getLogger("gateway.store")
 

@@ -1,0 +1,250 @@
+"""The Fireworks inference endpoints.
+
+`/chat/completions` and `/completions` (under every prefix) are served by `InferenceRoutes`,
+a plain ASGI app in front of FastAPI: the hot path skips FastAPI's routing and dependency
+machinery, and one place sees the whole request, so that a client leaving at any moment
+(while the worker is asked, while headers are held for the first token, mid-stream, during a
+plain request) cancels it, which closes the worker request. The rest (`/models`) is a
+FastAPI router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import Settings
+from gateway.controlplane.registry import Account, Route
+from gateway.dataplane.exchange import Exchange
+from gateway.dataplane.serving import Gateway, admit, affinity_key, attempt_all, count_refusal
+from gateway.errors import GatewayError
+from gateway.fireworks.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FieldError,
+    known_fields,
+)
+
+logger = logging.getLogger("gateway.endpoints")
+router = APIRouter()
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+# path suffix -> (request model, worker path, which is also the endpoint label)
+INFERENCE: dict[str, tuple[type[ChatCompletionRequest | CompletionRequest], str]] = {
+    "/chat/completions": (ChatCompletionRequest, "/v1/chat/completions"),
+    "/completions": (CompletionRequest, "/v1/completions"),
+}
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def validation_message(error: ValidationError) -> tuple[str, str | None]:
+    """Fireworks' wording: `Extra inputs are not permitted, field: 'messages[1].reasoning'`."""
+    first = error.errors(include_url=False)[0]
+    # Union members add their type names to the location; keep only real field names.
+    loc = tuple(p for p in first["loc"]
+                if isinstance(p, int) or (not any(c in str(p) for c in "[]-")
+                and str(p) not in {"str", "int", "float", "bool", "list", "dict"}))
+    field = _location(loc) or None
+    cause = (first.get("ctx") or {}).get("error")
+    if field is None and isinstance(cause, FieldError):
+        field = cause.field
+    message = first["msg"].removeprefix("Value error, ")
+    return (f"{message}, field: '{field}'" if field else message), field
+
+
+def parse_body(raw: bytes, model: type[RequestModel], settings: Settings) -> RequestModel:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise GatewayError(400, "Request body must be a JSON object")
+    if not settings.strict_validation:
+        allowed = known_fields(model)
+        payload = {key: value for key, value in payload.items() if key in allowed}
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        message, field = validation_message(exc)
+        raise GatewayError(400, message, param=field) from exc
+
+
+def api_key(headers: Mapping[str, str]) -> str | None:
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")
+
+
+def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+
+
+async def read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nothing was admitted yet
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+class ClientWatch:
+    """Cancels the request's task when its client goes away (uvicorn only says so on
+    `receive`; its `send` to a closed connection returns quietly)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.gone = False
+        self._owner = asyncio.current_task()
+        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if self._task is not None and self._owner is not None:
+            self.gone = True
+            self._owner.cancel()
+
+    def stop(self) -> None:
+        """Call with no await since the last send: a disconnect seen after the response
+        completed must not cancel anything."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
+
+def error_body(exc: GatewayError, request_id: str) -> bytes:
+    return orjson.dumps(exc.envelope(request_id))
+
+
+async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+    body = error_body(exc, request_id)
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class InferenceRoutes:
+    """POST <prefix>/chat/completions and <prefix>/completions; everything else goes on to
+    `app` (FastAPI)."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway, prefixes: Iterable[str]) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.paths = {prefix + suffix: route for prefix in prefixes
+                      for suffix, route in INFERENCE.items()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.paths.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        await self.serve(scope, receive, send, *route)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send,
+                    model: type[ChatCompletionRequest | CompletionRequest],
+                    endpoint: str) -> None:
+        gateway = self.gateway
+        request_id: str = scope["state"]["request_id"]
+        started = False
+
+        async def send_tracked(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        exchange: Exchange | None = None
+        route: Route | None = None
+        try:
+            raw = await read_body(receive)
+        except asyncio.CancelledError:
+            return  # the client left while sending its request
+        watch = ClientWatch(receive)
+        try:
+            headers = header_map(scope["headers"])
+            account: Account = gateway.store.current.authenticate(api_key(headers))
+            body = parse_body(raw, model, gateway.settings)
+            route = gateway.store.current.resolve(body.model, account)
+            exchange = await admit(gateway, account, route, body, endpoint, request_id)
+            answer = await attempt_all(exchange, affinity_key(headers, body))
+            outcome = await answer.send(send_tracked)
+            watch.stop()
+            exchange.end(*outcome)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            if exchange is not None:
+                exchange.end("aborted", 499)
+        except GatewayError as exc:
+            watch.stop()
+            if exchange is None:
+                count_refusal(gateway, route.deployment.name if route else "", endpoint,
+                              exc.status)
+            else:
+                exchange.end("error", exc.status)
+            if exc.status >= 500:
+                logger.warning("request %s failed: %s %s", request_id, exc.status, exc.message)
+            if not started:
+                await send_error(send, exc, request_id)
+        except Exception:
+            watch.stop()
+            logger.exception("request %s: unexpected error", request_id)
+            if exchange is not None:
+                exchange.end("error", 500)
+            else:
+                count_refusal(gateway, "", endpoint, 500)
+            if not started:
+                await send_error(send, GatewayError(500, "Internal error"), request_id)
+        finally:
+            watch.stop()
+            if exchange is not None:
+                exchange.end("error", 500)  # a no-op unless a path above missed it
+
+
+def authenticate(request: Request) -> Account:
+    gateway: Gateway = request.app.state.gateway
+    return gateway.store.current.authenticate(api_key(request.headers))
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    account = authenticate(request)
+    gateway: Gateway = request.app.state.gateway
+    registry = gateway.store.current
+    created = int(gateway.started_at)
+    data: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for deployment in registry.visible_deployments(account):
+        for model_id in (deployment.model, deployment.name):
+            if model_id in seen:
+                continue
+            seen.add(model_id)
+            entry = {"id": model_id, "object": "model", "owned_by": deployment.account,
+                     "created": created, "kind": "HF_BASE_MODEL", "supports_chat": True,
+                     "supports_tools": deployment.tool_parser is not None}
+            if deployment.context_length is not None:  # legacy clients reject a null
+                entry["context_length"] = deployment.context_length
+            data.append(entry)
+    return {"object": "list", "data": data}

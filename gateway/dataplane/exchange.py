@@ -1,0 +1,154 @@
+"""The owner of one admitted request: its attempts and its end.
+
+An `Exchange` holds, at any time, at most one `Attempt` (a replica lease and the worker's
+answer) and ends exactly once, on every path, in `end()`: the attempt is closed (which aborts
+the worker request if it is still running), the lease released, the in-flight gauge lowered,
+the usage record appended (which also settles the limits and frees the concurrency slot),
+the metrics counted and the replica's health told. Each of those steps runs even if an
+earlier one raised.
+
+How a request ends: "ok"; "aborted" only when the client went away (499); "error" with the
+real status otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from gateway.controlplane.limits import Admission
+from gateway.controlplane.registry import Account, Route
+from gateway.controlplane.usage import UsageRecord
+from gateway.dataplane.replicas import Lease
+from gateway.dataplane.workers import WorkerAnswer
+from gateway.fireworks.perf import Served
+from gateway.fireworks.translate import Plan
+
+if TYPE_CHECKING:
+    from gateway.dataplane.serving import Gateway
+
+logger = logging.getLogger("gateway.exchange")
+
+
+@dataclass
+class Attempt:
+    """One try on one replica."""
+
+    lease: Lease
+    served: Served
+    answer: WorkerAnswer | None = None
+
+    @property
+    def worker_url(self) -> str:
+        return self.lease.replica.url.rstrip("/")
+
+    def close(self) -> None:
+        """Abort the worker request if it is still open, and give the replica back."""
+        try:
+            if self.answer is not None:
+                self.answer.close()
+        finally:
+            self.lease.release()
+
+
+class Exchange:
+    def __init__(self, gateway: Gateway, account: Account, route: Route, admission: Admission,
+                 request_id: str, endpoint: str, plan: Plan, worker_body: bytes) -> None:
+        self.gateway = gateway
+        self.account = account
+        self.route = route
+        self.admission = admission
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.plan = plan
+        self.worker_body = worker_body  # encoded once, sent to every attempt
+        self.started = time.monotonic()
+        self.attempt: Attempt | None = None
+        self.usage: dict[str, Any] | None = None  # coerced, the latest the worker reported
+        self.ended = False
+        gateway.metrics.in_flight.labels(route.deployment.name).inc()
+
+    @property
+    def deployment(self) -> str:
+        return self.route.deployment.name
+
+    def begin(self, lease: Lease) -> Attempt:
+        self.drop()
+        served = Served(deployment=self.deployment,
+                        backend_host=urlsplit(lease.replica.url).netloc,
+                        concurrent=lease.concurrent, started=self.started)
+        self.attempt = Attempt(lease, served)
+        return self.attempt
+
+    def drop(self) -> None:
+        """Give up the current attempt (before retrying elsewhere, or at the end)."""
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.close()
+
+    def first_token(self) -> None:
+        if self.attempt is not None and self.attempt.served.first_token_at is None:
+            self.attempt.served.first_token_at = time.monotonic()
+
+    def end(self, status: str, http_status: int) -> None:
+        """Exactly once per request, whatever happened."""
+        if self.ended:
+            return
+        self.ended = True
+        attempt = self.attempt
+        try:
+            self.drop()
+        finally:
+            try:
+                self.gateway.metrics.in_flight.labels(self.deployment).dec()
+            finally:
+                self._account(attempt, status, http_status)
+
+    def _account(self, attempt: Attempt | None, status: str, http_status: int) -> None:
+        usage = self.usage or {}
+        ended = time.monotonic()
+        first_token = attempt.served.first_token_at if attempt is not None else None
+        replica = attempt.lease.replica.url if attempt is not None else ""
+        try:
+            record = UsageRecord(
+                record_id=self.admission.record_id, request_id=self.request_id,
+                account=self.account.id, deployment=self.deployment,
+                model=self.route.deployment.model, replica=replica, endpoint=self.endpoint,
+                status=status, http_status=http_status,
+                prompt_tokens=usage.get("prompt_tokens", 0),
+                cached_tokens=usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0),
+                ttft_ms=(first_token - self.started) * 1000 if first_token else None,
+                duration_ms=(ended - self.started) * 1000, time=time.time())
+            self.gateway.ledger.finish(record, self.admission)
+        except Exception:  # the slot must not leak: settle with what is known
+            logger.exception("request %s: usage record failed", self.request_id)
+            self.gateway.limiter.settle(self.admission, 0, 0)
+        metrics = self.gateway.metrics
+        deployment = self.deployment
+        metrics.requests.labels(deployment, self.endpoint, str(http_status)).inc()
+        if status == "error":
+            metrics.errors.labels(deployment, str(http_status)).inc()
+        if first_token is not None:
+            metrics.time_to_first_token.labels(deployment).observe(first_token - self.started)
+        metrics.latency.labels(deployment).observe(ended - self.started)
+        for kind, count in (("prompt", usage.get("prompt_tokens", 0)),
+                            ("cached", usage.get("prompt_tokens_details", {}).get(
+                                "cached_tokens", 0)),
+                            ("completion", usage.get("completion_tokens", 0))):
+            if count:
+                metrics.tokens.labels(deployment, kind).inc(count)
+        if attempt is not None and status == "ok":
+            self.gateway.replicas.health.success(attempt.lease.replica.url)
+        elif attempt is not None and status == "error" and http_status in (502, 503, 504) \
+                and first_token is not None:
+            # Failed mid-stream. (Failures before the first byte are counted by the retry.)
+            self.gateway.replicas.health.failure(attempt.lease.replica.url)
+
+
+def new_record_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,171 @@
+"""One validated inference request: resolve, admit, attempt on replicas, relay.
+
+resolve (registry) -> translate (fireworks/translate.py) -> admit (limits) -> an Exchange
+that owns the rest -> up to two attempts: a replica from routing, the worker's answer checked
+up to its first token -> on a replica fault before any byte reached the client, once more on
+another replica. The Exchange ends the request (exchange.py); the endpoint decides how.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.config import Settings
+from gateway.controlplane.limits import Admission, Limiter, RateLimited
+from gateway.controlplane.registry import Account, Route
+from gateway.controlplane.store import RegistryStore
+from gateway.controlplane.usage import Ledger
+from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
+from gateway.dataplane.relay import PlainAnswer, StreamAnswer, open_stream, relay_json
+from gateway.dataplane.replicas import ReplicaSet
+from gateway.dataplane.tokens import TokenTexts
+from gateway.dataplane.workers import WorkerClient
+from gateway.errors import GatewayError
+from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, prompts_of
+from gateway.fireworks.translate import chat_body, completion_body
+from gateway.fireworks.worker_answer import WorkerFault
+from gateway.metrics import GatewayMetrics
+
+logger = logging.getLogger("gateway.serving")
+AFFINITY_HEADER = "x-session-affinity"
+ATTEMPTS = 2  # the first try and one retry on another replica
+Answer = PlainAnswer | StreamAnswer
+
+
+@dataclass
+class Gateway:
+    """The parts one gateway process serves with (app.state.gateway)."""
+
+    settings: Settings
+    store: RegistryStore
+    replicas: ReplicaSet
+    limiter: Limiter
+    ledger: Ledger
+    metrics: GatewayMetrics
+    workers: WorkerClient
+    token_texts: TokenTexts
+    started_at: float
+
+
+def prompt_estimate(body: ChatCompletionRequest | CompletionRequest) -> int:
+    """Tokens to reserve for the prompt before the worker has counted them: about four
+    characters per token (token-id prompts count exactly). Settled with the real count."""
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(str(m.content or "")) // 4 + 4 for m in body.messages)
+    prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return len(prompts)
+    return sum(len(p) if isinstance(p, list) else len(str(p)) // 4 + 1 for p in prompts)
+
+
+def count_refusal(gateway: Gateway, deployment: str, endpoint: str, status: int) -> None:
+    """Metrics for a request refused before it was admitted (deployment "" when
+    unresolved)."""
+    gateway.metrics.requests.labels(deployment, endpoint, str(status)).inc()
+    gateway.metrics.errors.labels(deployment, str(status)).inc()
+
+
+async def admit(gateway: Gateway, account: Account, route: Route,
+                body: ChatCompletionRequest | CompletionRequest, endpoint: str,
+                request_id: str) -> Exchange:
+    """Translate and admit: the Exchange that owns the request from here on."""
+    deployment = route.deployment
+    if isinstance(body, ChatCompletionRequest):
+        worker_body, plan = chat_body(body, deployment, gateway.settings)
+    else:
+        worker_body, plan = completion_body(body, deployment, gateway.settings)
+    try:
+        encoded = orjson.dumps(worker_body)
+    except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
+        raise GatewayError(400, "The request cannot be encoded: it nests too deeply") from exc
+    record_id = new_record_id()
+    admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
+    if account.limits.any():
+        try:
+            admission = await gateway.limiter.admit(account, prompt_estimate(body),
+                                                    plan.max_tokens * max(plan.n, 1),
+                                                    record_id)
+        except RateLimited as exc:
+            gateway.metrics.rate_limited.labels(exc.kind).inc()
+            raise
+    return Exchange(gateway, account, route, admission, request_id, endpoint, plan, encoded)
+
+
+async def attempt_all(exchange: Exchange, affinity: str | None) -> Answer:
+    """Attempts on replicas until one answers well up to its first token."""
+    gateway = exchange.gateway
+    deployment = exchange.route.deployment
+    tried: set[str] = set()
+    for attempt_number in range(ATTEMPTS):
+        attempt = exchange.begin(gateway.replicas.acquire(deployment, affinity, tried))
+        tried.add(attempt.lease.replica.url)
+        try:
+            return await _attempt(exchange, attempt)
+        except GatewayError as exc:
+            exchange.drop()
+            if not exc.replica_fault:
+                raise
+            if isinstance(exc, WorkerFault):
+                logger.warning("request %s: replica %s failed: %s", exchange.request_id,
+                               attempt.worker_url, exc.detail)
+            gateway.replicas.health.failure(attempt.lease.replica.url)
+            if attempt_number + 1 == ATTEMPTS or not gateway.replicas.candidates(deployment,
+                                                                                 tried):
+                raise
+            gateway.metrics.retries.labels(deployment.name).inc()
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any],
+                        max_tokens: int, param: str) -> None:
+    """context_length_exceeded_behavior=error: 400 naming both numbers when a prompt and
+    max_tokens do not fit. (truncate needs nothing: the worker lowers max_tokens itself.)"""
+    if "messages" in body:
+        queries: list[dict[str, Any]] = [{"messages": body["messages"],
+                                          "add_generation_prompt": True}]
+    else:
+        queries = [{"prompt": p} for p in prompts_of(body["prompt"])]
+    for query in queries:
+        prompt = query.get("prompt")
+        if isinstance(prompt, list):  # token ids: their number is the length
+            counted = await texts.tokenize(worker_url, {"prompt": ""})
+            counted["count"] = len(prompt)
+        else:
+            counted = await texts.tokenize(worker_url, query)
+        count, context = int(counted["count"]), int(counted["max_model_len"])
+        if count + max_tokens > context:
+            raise GatewayError(400, f"The prompt is {count} tokens and max_tokens is "
+                                    f"{max_tokens}, which exceeds the context length of "
+                                    f"{context} tokens", param=param)
+
+
+async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
+    gateway, plan = exchange.gateway, exchange.plan
+    texts = gateway.token_texts
+    if plan.context_check or plan.echo:
+        worker_body = orjson.loads(exchange.worker_body)
+        if plan.context_check:
+            await check_context(texts, attempt.worker_url, worker_body, plan.max_tokens,
+                                plan.context_check)
+        if plan.echo and plan.chat:
+            plan.echo_texts = [await texts.rendered_chat_prompt(attempt.worker_url,
+                                                                worker_body["messages"])]
+        elif plan.echo:
+            plan.echo_texts = await texts.echo_texts(attempt.worker_url,
+                                                     worker_body["prompt"], plan.echo_last)
+    attempt.answer = await gateway.workers.open(
+        attempt.worker_url + exchange.endpoint, exchange.worker_body,
+        {"x-request-id": exchange.request_id})
+    if plan.stream:
+        return await open_stream(exchange, attempt, texts)
+    return await relay_json(exchange, attempt, texts)
+
+
+def affinity_key(headers: Mapping[str, str],
+                 body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    return headers.get(AFFINITY_HEADER) or body.prompt_cache_key or body.user

@@ -1,0 +1,199 @@
+"""HTTP to vLLM workers (aiohttp: measured ~5x less CPU per request than httpx, whose pool
+scans every connection per request), with every failure mapped to a gateway error.
+
+A worker that cannot be reached, times out, breaks the connection, redirects, refuses the
+gateway (401/403/404) or fails (5xx) is a replica fault: 502/503/504, retried elsewhere
+before the first byte. Only a worker 4xx that judges the request itself (400, 413, 422)
+passes through, with the worker's one-line message. Worker bodies, tracebacks and exception
+reprs go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.errors import GatewayError
+from gateway.fireworks.worker_answer import WorkerFault
+
+logger = logging.getLogger("gateway.workers")
+
+JSON_HEADERS = {"content-type": "application/json"}
+MAX_ANSWER_BYTES = 64 << 20  # a non-streaming answer, or one streamed event
+DONE = b"[DONE]"
+# Worker statuses that judge the client's request, not the replica.
+CLIENT_STATUSES = {400: 400, 413: 413, 422: 400}
+
+
+def _worker_message(body: bytes) -> str:
+    """The first line of a vLLM error envelope's message, bounded; '' when there is none."""
+    try:
+        error = orjson.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    if not isinstance(message, str):
+        return ""
+    return message.strip().splitlines()[0][:300] if message.strip() else ""
+
+
+def check_status(status: int, body: bytes) -> None:
+    if 200 <= status < 300:
+        return
+    if status in CLIENT_STATUSES:
+        message = _worker_message(body) or "The worker rejected the request"
+        raise GatewayError(CLIENT_STATUSES[status], message,
+                           headers={"x-should-retry": "false"})
+    detail = f"worker answered HTTP {status}: {body[:500]!r}"
+    if status == 429 or status == 503:
+        raise WorkerFault(detail, status=503, message="The worker is overloaded",
+                          headers={"retry-after": "1"})
+    raise WorkerFault(detail, message=f"The worker failed to answer (HTTP {status})")
+
+
+def transport_fault(exc: BaseException) -> WorkerFault:
+    """An aiohttp/OS failure as a replica fault with a fixed message."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return WorkerFault(detail, status=504, message="The worker did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return WorkerFault(detail, status=503, message="No worker reachable for this deployment",
+                           headers={"retry-after": "1"})
+    return WorkerFault(detail, message="The connection to the worker broke")
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+class WorkerAnswer:
+    """A worker's answer whose headers have arrived. Close it to abort the worker request
+    (vLLM aborts a request whose connection closes); release it once read to the end."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.status = response.status
+        self.content_type = response.content_type
+
+    async def read(self) -> bytes:
+        """The whole body, bounded."""
+        length = self.response.content_length
+        if length is not None and length > MAX_ANSWER_BYTES:
+            raise WorkerFault(f"an answer of {length} bytes")
+        parts, size = [], 0
+        try:
+            async for data in self.response.content.iter_any():
+                size += len(data)
+                if size > MAX_ANSWER_BYTES:
+                    raise WorkerFault("an answer larger than the limit")
+                parts.append(data)
+        except TRANSPORT_ERRORS as exc:
+            raise transport_fault(exc) from exc
+        return b"".join(parts)
+
+    async def events(self) -> AsyncIterator[list[bytes]]:
+        """The SSE `data:` payloads, in batches of those that arrived together; the batch
+        holding `[DONE]` ends there. A body that ends without `[DONE]` is a fault."""
+        buffer = b""
+        content = self.response.content
+        while True:
+            try:
+                data = await content.readany()
+            except TRANSPORT_ERRORS as exc:
+                raise transport_fault(exc) from exc
+            if not data:
+                raise WorkerFault("the stream ended without [DONE]")
+            buffer += data
+            if b"\n" not in data:
+                if len(buffer) > MAX_ANSWER_BYTES:
+                    raise WorkerFault("a streamed event larger than the limit")
+                continue
+            *lines, buffer = buffer.split(b"\n")
+            batch = []
+            for line in lines:
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    batch.append(payload)
+                    if payload == DONE:
+                        yield batch
+                        return
+            if batch:
+                yield batch
+
+    def close(self) -> None:
+        """Keep the connection when the answer was read to its end; otherwise close it, which
+        aborts the request on the worker."""
+        if self.response.content.at_eof():
+            self.response.release()
+        else:
+            self.response.close()
+
+
+class WorkerClient:
+    """One pooled aiohttp session for every worker (made on first use, inside the loop)."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                             sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10,
+                                             keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self.timeout, auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def open(self, url: str, body: bytes, headers: dict[str, str]) -> WorkerAnswer:
+        """POST and return once the worker answered with a 2xx status and headers."""
+        try:
+            response = await self.session.post(url, data=body, headers=JSON_HEADERS | headers,
+                                               allow_redirects=False)
+        except TRANSPORT_ERRORS as exc:
+            raise transport_fault(exc) from exc
+        answer = WorkerAnswer(response)
+        if not 200 <= answer.status < 300:
+            try:
+                error_body = await response.content.read(64 << 10)
+            except TRANSPORT_ERRORS:
+                error_body = b""
+            finally:
+                response.close()
+            check_status(answer.status, error_body)
+        return answer
+
+    async def post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A small JSON call (tokenize, detokenize): the answer must be a JSON object."""
+        answer = await self.open(url, orjson.dumps(body), {})
+        try:
+            raw = await answer.read()
+        finally:
+            answer.close()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise WorkerFault(f"{url}: not JSON: {raw[:200]!r}") from exc
+        if not isinstance(data, dict):
+            raise WorkerFault(f"{url}: not a JSON object")
+        return data
+
+    async def probe(self, url: str, timeout: float) -> bool:
+        """GET url: True on 200."""
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout),
+                                        allow_redirects=False) as response:
+                await response.read()
+                return response.status == 200
+        except (*TRANSPORT_ERRORS, ValueError):
+            return False

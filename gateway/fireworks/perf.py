@@ -1,0 +1,70 @@
+"""Fireworks performance metrics: the `fireworks-*` response headers and `perf_metrics`.
+
+Only measured values: token counts from the engine's usage, times from the engine's
+per-request metrics, else from the gateway's own clock. Pure: the caller says what it knows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass
+class Served:
+    """Where and when one request was served, as the gateway saw it."""
+
+    deployment: str
+    backend_host: str  # host:port of the replica
+    concurrent: int  # requests in flight on that replica from this gateway, this one included
+    started: float  # monotonic
+    first_token_at: float | None = None
+
+
+def perf_metrics(served: Served, usage: dict[str, Any] | None,
+                 engine: dict[str, Any] | None, complete: bool) -> dict[str, Any]:
+    """Metrics known for this request, keyed like the fireworks-* headers less the prefix.
+    `usage` is already coerced (worker_answer.coerce_usage)."""
+    metrics: dict[str, Any] = {}
+    if usage is not None:
+        metrics["prompt-tokens"] = usage["prompt_tokens"]
+        metrics["cached-prompt-tokens"] = usage["prompt_tokens_details"]["cached_tokens"]
+    engine = engine if isinstance(engine, dict) else {}
+    ttft = _seconds(engine.get("time_to_first_token_ms"))
+    if ttft is not None:
+        metrics["server-time-to-first-token"] = ttft
+    elif served.first_token_at is not None:
+        metrics["server-time-to-first-token"] = served.first_token_at - served.started
+    queue = _seconds(engine.get("queue_time_ms"))
+    if queue is not None:
+        metrics["prefill-queue-duration"] = queue
+    if complete:
+        metrics["server-processing-time"] = time.monotonic() - served.started
+        generation = _seconds(engine.get("generation_time_ms"))
+        if generation is not None:
+            metrics["generation-duration"] = generation
+    metrics["deployment"] = served.deployment
+    metrics["backend-host"] = served.backend_host
+    metrics["num-concurrent-requests"] = served.concurrent
+    return metrics
+
+
+def _seconds(milliseconds: Any) -> float | None:
+    if isinstance(milliseconds, (int, float)) and not isinstance(milliseconds, bool):
+        return milliseconds / 1000.0
+    return None
+
+
+def metric_headers(metrics: dict[str, Any], sampling_options: dict[str, Any],
+                   context_length: int | None) -> dict[str, str]:
+    headers = {f"fireworks-{key}": (f"{value:.6f}" if isinstance(value, float) else str(value))
+               for key, value in metrics.items()}
+    options = dict(sampling_options)
+    if context_length and "prompt-tokens" in metrics:  # what truncate mode really allowed
+        options["max_tokens"] = min(options["max_tokens"],
+                                    max(context_length - metrics["prompt-tokens"], 0))
+    headers["fireworks-sampling-options"] = orjson.dumps(options).decode()
+    return headers
