@@ -37,7 +37,7 @@ def require_admin(request: Request) -> None:
     expected = _gateway(request).settings.admin_key
     if not expected:
         raise GatewayError(401, "The admin API is disabled: set GATEWAY_ADMIN_KEY")
-    given = api_key(request) or ""
+    given = api_key(request.headers) or ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise GatewayError(401, "Invalid admin key")
 

@@ -152,8 +152,9 @@ class WorkerClient:
         return self._session
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def open(self, url: str, body: bytes, headers: dict[str, str]) -> WorkerAnswer:
         """POST and return once the worker answered with a 2xx status and headers."""

@@ -13,7 +13,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
 from gateway.controlplane.usage import LocalLedger
-from tests.unit.fake_worker import Stream, chunk
+from tests.unit.fake_worker import RESET, FakeWorkers, Stream, chunk
 
 KEY, OTHER_KEY, ADMIN = "k-a", "k-b", "admin-secret"
 MODEL = "accounts/fireworks/models/m"
@@ -24,18 +24,22 @@ COMPLETION = {"id": "x", "object": "text_completion", "created": 1, "usage": USA
 
 def app(tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response],
         **settings: Any) -> Any:
+    """The gateway over two fake workers, w1 and w2 (`.workers.urls` has their URLs)."""
+    workers = FakeWorkers(handler, hosts=("w1", "w2"))
+    w1, w2 = workers.urls["w1"], workers.urls["w2"]
     registry = tmp_path / "registry.yaml"
     registry.write_text(yaml.safe_dump({
         "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]},
                      {"id": "other", "api_keys": [hash_key(OTHER_KEY)]}],
         "deployments": [
             {"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-             "replicas": [{"url": "http://w1"}, {"url": "http://w2"}]},
+             "replicas": [{"url": w1}, {"url": w2}]},
             {"id": "secret", "account": "other", "model": "accounts/other/models/s",
-             "default": True, "replicas": [{"url": "http://w1"}]}]}))
+             "default": True, "replicas": [{"url": w1}]}]}))
     settings = {"health_check_interval": 0, "admin_key": ADMIN} | settings
-    return create_app(Settings(registry_path=registry, **settings),
-                      httpx.MockTransport(handler))
+    gateway_app = create_app(Settings(registry_path=registry, **settings))
+    gateway_app.workers = workers
+    return gateway_app
 
 
 class Client:
@@ -74,16 +78,17 @@ async def test_a_dead_replica_is_retried_elsewhere_then_ejected(tmp_path: Path) 
                                          json={"model": MODEL, "prompt": "x"})
             assert response.status_code == 200
         metrics = (await client.get("/metrics")).text
+    urls = gateway_app.workers.urls
     assert seen.count("w1") == 2  # two failures eject it; later requests go to w2 only
-    assert 'fwgw_replica_healthy{replica="http://w1"} 0.0' in metrics
+    assert f'fwgw_replica_healthy{{replica="{urls["w1"]}"}} 0.0' in metrics
     assert 'fwgw_retries_total{deployment="accounts/fireworks/deployments/d"} 2.0' in metrics
     records = gateway_app.state.gateway.ledger.kept
-    assert len(records) == 4 and {r.replica for r in records} == {"http://w2"}
+    assert len(records) == 4 and {r.replica for r in records} == {urls["w2"]}
 
 
 async def test_no_retry_after_the_first_byte(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=Stream([chunk("a"), httpx.ReadError("died")]))
+        return httpx.Response(200, stream=Stream([chunk("a"), RESET]))
 
     gateway_app = app(tmp_path, handler)
     async with Client(gateway_app) as client:
@@ -128,10 +133,11 @@ async def test_local_limits_and_usage_records(tmp_path: Path) -> None:
 async def test_admin_api_manages_deployments_and_keys(tmp_path: Path) -> None:
     gateway_app = app(tmp_path, lambda r: httpx.Response(200, json=COMPLETION))
     admin = auth(ADMIN)
+    w1, w2 = gateway_app.workers.urls["w1"], gateway_app.workers.urls["w2"]
     async with Client(gateway_app) as client:
         created = await client.put("/admin/v1/accounts/acme/deployments/mine", headers=admin,
                                    json={"model": "accounts/acme/models/tuned", "default": True,
-                                         "replicas": [{"url": "http://w2"}]})
+                                         "replicas": [{"url": w2}]})
         assert created.status_code == 200, created.text
         key = (await client.post("/admin/v1/accounts/acme/api-keys", headers=admin)).json()
         served = await client.post("/v1/completions", headers=auth(key["api_key"]),
@@ -141,8 +147,8 @@ async def test_admin_api_manages_deployments_and_keys(tmp_path: Path) -> None:
                                      json={"max_tokens_completion": 3})
         assert patched.json()["max_tokens_completion"] == 3
         added = await client.post("/admin/v1/accounts/acme/deployments/mine/replicas",
-                                  headers=admin, json={"url": "http://w1"})
-        assert [r["url"] for r in added.json()["replicas"]] == ["http://w2", "http://w1"]
+                                  headers=admin, json={"url": w1})
+        assert [r["url"] for r in added.json()["replicas"]] == [w2, w1]
         listed = (await client.get("/admin/v1/accounts/acme/deployments", headers=admin)).json()
         assert [d["name"] for d in listed["deployments"]] == ["accounts/acme/deployments/mine"]
         bad = await client.put("/admin/v1/accounts/acme/deployments/x", headers=admin,
@@ -201,33 +207,36 @@ async def test_active_health_checks_eject_and_readmit(tmp_path: Path) -> None:
         return httpx.Response(200, json=COMPLETION)
 
     gateway_app = app(tmp_path, handler)
-    checker_health = gateway_app.state.gateway.replicas.health
+    gateway = gateway_app.state.gateway
+    w1, w2 = gateway_app.workers.urls["w1"], gateway_app.workers.urls["w2"]
     from gateway.dataplane.health import HealthChecker
 
-    checker = HealthChecker(checker_health, lambda: ["http://w1", "http://w2"],
-                            httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    checker = HealthChecker(gateway.replicas.health, lambda: [w1, w2], gateway.workers.probe)
     await checker.check_all()
     await checker.check_all()
-    assert not checker_health.is_healthy("http://w1") and checker_health.is_healthy("http://w2")
+    assert not gateway.replicas.health.is_healthy(w1)
+    assert gateway.replicas.health.is_healthy(w2)
     up["w1"] = True
     await checker.check_all()
-    assert checker_health.is_healthy("http://w1")
+    assert gateway.replicas.health.is_healthy(w1)
+    await gateway.workers.aclose()
 
 
 async def test_one_failed_request_is_one_failure(tmp_path: Path) -> None:
+    from tests.conftest import free_port
     from tests.unit.fake_worker import KEY as ONLY_KEY
     from tests.unit.fake_worker import MODEL as ONLY_MODEL
-    from tests.unit.fake_worker import gateway
+    from tests.unit.fake_worker import registry
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
-
-    gateway_app = gateway(tmp_path, refuse)  # one replica: nowhere to retry
-    async with Client(gateway_app) as client:
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    gateway_app = create_app(Settings(registry_path=registry(tmp_path, [refused]),
+                                      health_check_interval=0))
+    async with Client(gateway_app) as client:  # one replica: nowhere to retry
         response = await client.post("/v1/completions", headers=auth(ONLY_KEY),
                                      json={"model": ONLY_MODEL, "prompt": "x"})
     assert response.status_code == 503
-    state = gateway_app.state.gateway.replicas.health.states["http://worker"]
+    assert response.json()["error"]["message"] == "No worker reachable for this deployment"
+    state = gateway_app.state.gateway.replicas.health.states[refused]
     assert (state.failures, state.healthy) == (1, True)
 
 

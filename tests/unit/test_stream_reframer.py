@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
 import pytest
 
-from gateway.controlplane.registry import Deployment, Replica, Route
-from gateway.dataplane.relay import Call, StreamReframer
-from gateway.dataplane.replicas import ReplicaSet
+from gateway.fireworks.perf import Served, perf_metrics
+from gateway.fireworks.stream import StreamReframer
 from gateway.fireworks.translate import Plan
+from gateway.fireworks.worker_answer import WorkerFault
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
          "prompt_tokens_details": {"cached_tokens": 0}}
 
 
-def call(include_usage: bool | None, perf: bool = False) -> Call:
-    deployment = Deployment(id="d", account="a", model="accounts/a/models/m",
-                            replicas=[Replica(url="http://w:1")])
-    return Call(route=Route(deployment, "accounts/a/models/m"),
-                lease=ReplicaSet().acquire(deployment), request_id="r", path="/v1/completions",
-                body={}, plan=Plan(chat=False), include_usage=include_usage,
-                perf_metrics_in_response=perf)
+def call(include_usage: bool | None, perf: bool = False) -> StreamReframer:
+    plan = Plan(chat=False, include_usage=include_usage, perf_metrics_in_response=perf)
+    served = Served(deployment="accounts/a/deployments/d", backend_host="w:1", concurrent=1,
+                    started=time.monotonic())
+    return StreamReframer(plan, "accounts/a/models/m",
+                          lambda usage, engine, complete: perf_metrics(served, usage, engine,
+                                                                       complete))
 
 
 def worker_chunks(n: int = 1) -> list[dict[str, Any]]:
@@ -39,8 +40,7 @@ def worker_chunks(n: int = 1) -> list[dict[str, Any]]:
     return chunks
 
 
-def reframe(c: Call, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    reframer = StreamReframer(c)
+def reframe(reframer: StreamReframer, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = [part for chunk in chunks for part in reframer.chunk(chunk)]
     return [orjson.loads(part.removeprefix(b"data: ")) for part in out]
 
@@ -74,3 +74,30 @@ def test_perf_metrics_only_on_the_final_chunk() -> None:
     assert metrics["prompt-tokens"] == 3
     assert metrics["server-time-to-first-token"] == pytest.approx(0.012)
     assert metrics["deployment"] == "accounts/a/deployments/d"
+
+
+def parsed(parts: list[bytes]) -> list[dict[str, Any]]:
+    return [orjson.loads(part.removeprefix(b"data: ")) for part in parts]
+
+
+def test_done_without_a_usage_chunk_releases_the_held_finish_chunk() -> None:
+    reframer = call(None)
+    chunks = worker_chunks(1)[:-1]  # no usage-only chunk
+    assert len(reframe(reframer, chunks)) == 1  # the finish chunk is held
+    (finish,) = parsed(reframer.end())
+    assert finish["choices"][0]["finish_reason"] == "stop" and finish["usage"] == USAGE
+
+
+def test_drain_before_an_error_event_sends_held_chunks() -> None:
+    reframer = call(True)
+    reframe(reframer, worker_chunks(1)[:-1])
+    (finish,) = parsed(reframer.drain())
+    assert finish["choices"][0]["text"] == "b" and finish["usage"] is None
+    assert reframer.drain() == []
+
+
+def test_done_before_any_finish_reason_is_a_fault() -> None:
+    reframer = call(None)
+    reframe(reframer, worker_chunks(1)[:1])
+    with pytest.raises(WorkerFault):
+        reframer.end()
