@@ -1,0 +1,95 @@
+"""A client that leaves at any moment closes the worker request (which is how vLLM learns to
+abort it): the gateway served by uvicorn on a real port, a scripted worker that notices when
+the gateway hangs up, a raw-socket client that hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+from tests.conftest import free_port
+from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk, gateway
+
+USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+
+
+async def serving(gateway_app: Any) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(gateway_app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def leave_after(address: str, body: dict[str, Any], wait_for: bytes | None) -> bytes:
+    """Send a request, read until `wait_for` appears (or 0.3 s), then hang up."""
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = orjson.dumps({"model": MODEL} | body)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n"
+                 b"authorization: Bearer " + KEY.encode() + b"\r\n"
+                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                 % (len(payload), payload))
+    await writer.drain()
+    seen = b""
+    if wait_for is None:
+        await asyncio.sleep(0.3)
+    else:
+        while wait_for not in seen:
+            seen += await asyncio.wait_for(reader.read(4096), 5)
+    writer.transport.abort()
+    return seen
+
+
+@pytest.mark.parametrize("moment,stream,parts,wait_for", [
+    ("plain request", False, [Pause(10), b"{}"], None),
+    ("headers held for the first token", True, [Pause(10), chunk("a")], None),
+    ("mid-stream", True, [chunk("a"), Pause(10), chunk("b")], b'"text":"a"'),
+])
+async def test_a_client_leaving_aborts_the_worker_request(
+        tmp_path: Path, moment: str, stream: bool, parts: list[Any],
+        wait_for: bytes | None) -> None:
+    content_type = "text/event-stream" if stream else "application/json"
+    gateway_app = gateway(tmp_path, lambda r: httpx.Response(
+        200, headers={"content-type": content_type}, stream=Stream(list(parts))))
+    async for address in serving(gateway_app):
+        await leave_after(address, {"prompt": "x", "stream": stream}, wait_for)
+        for _ in range(100):  # the worker sees the hang-up within a second
+            if gateway_app.workers.served.abandoned:
+                break
+            await asyncio.sleep(0.01)
+        assert gateway_app.workers.served.abandoned == 1, moment
+        ledger = gateway_app.state.gateway.ledger
+        for _ in range(100):
+            if ledger.kept:
+                break
+            await asyncio.sleep(0.01)
+        (record,) = ledger.kept
+        assert (record.status, record.http_status) == ("aborted", 499)
+        outstanding = gateway_app.state.gateway.replicas.outstanding
+        assert all(count == 0 for count in outstanding.values())
+
+
+async def test_a_request_that_completes_is_not_counted_as_aborted(tmp_path: Path) -> None:
+    gateway_app = gateway(tmp_path, lambda r: httpx.Response(200, stream=Stream([
+        chunk("a"), chunk("", "stop"), chunk(usage=USAGE), b"data: [DONE]\n\n"])))
+    async for address in serving(gateway_app):
+        seen = await leave_after(address, {"prompt": "x", "stream": True}, b"[DONE]")
+        assert b"data: [DONE]" in seen
+        await asyncio.sleep(0.1)
+        (record,) = gateway_app.state.gateway.ledger.kept
+        assert (record.status, record.http_status) == ("ok", 200)
+        assert gateway_app.workers.served.abandoned == 0
