@@ -26,6 +26,7 @@ logger = logging.getLogger("gateway.workers")
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_ANSWER_BYTES = 64 << 20  # a non-streaming answer, or one streamed event
 DONE = b"[DONE]"
+END_GRACE = 0.5  # seconds to wait for the end of a body after its [DONE]
 # Worker statuses that judge the client's request, not the replica.
 CLIENT_STATUSES = {400: 400, 413: 413, 422: 400}
 
@@ -119,10 +120,22 @@ class WorkerAnswer:
                     payload = line[5:].strip()
                     batch.append(payload)
                     if payload == DONE:
+                        await self._to_the_end()
                         yield batch
                         return
             if batch:
                 yield batch
+
+    async def _to_the_end(self) -> None:
+        """After `[DONE]`, the end of the body is on its way: read it, so that the
+        connection goes back to the pool instead of being closed."""
+        content = self.response.content
+        try:
+            async with asyncio.timeout(END_GRACE):
+                while not content.at_eof() and await content.readany():
+                    pass
+        except (*TRANSPORT_ERRORS, TimeoutError):
+            pass  # close() will close the connection
 
     def close(self) -> None:
         """Keep the connection when the answer was read to its end; otherwise close it, which

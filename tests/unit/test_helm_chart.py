@@ -113,6 +113,7 @@ def test_gateway_has_redis_url_registry_and_key_secret() -> None:
     env = {e["name"]: e.get("value") for e in container(bundled)["env"]}
     redis_service = find(defaults, "Service", "rel-fireworks-gateway-redis")[0]
     assert env["GATEWAY_REDIS_URL"] == "redis://rel-fireworks-gateway-redis:6379/0"
+    assert env["GATEWAY_WORKERS"] == "2"  # several processes, sharing state through Redis
     assert redis_service["spec"]["ports"][0]["port"] == 6379
     assert find(defaults, "StatefulSet")[0]["spec"]["volumeClaimTemplates"]
     assert find(defaults, "HorizontalPodAutoscaler") and find(defaults, "PodDisruptionBudget")
