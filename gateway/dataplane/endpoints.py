@@ -155,10 +155,14 @@ class InferenceRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.paths.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
+        if route is None:
             await self.app(scope, receive, send)
-            return
-        await self.serve(scope, receive, send, *route)
+        elif scope["method"] != "POST":
+            await send_error(send, GatewayError(405, "Method not allowed",
+                                                headers={"allow": "POST"}),
+                             scope["state"]["request_id"])
+        else:
+            await self.serve(scope, receive, send, *route)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send,
                     model: type[ChatCompletionRequest | CompletionRequest],

@@ -27,6 +27,7 @@ from gateway.dataplane.replicas import Lease
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.fireworks.perf import Served
 from gateway.fireworks.translate import Plan
+from gateway.fireworks.worker_answer import coerce_usage
 
 if TYPE_CHECKING:
     from gateway.dataplane.serving import Gateway
@@ -68,7 +69,7 @@ class Exchange:
         self.worker_body = worker_body  # encoded once, sent to every attempt
         self.started = time.monotonic()
         self.attempt: Attempt | None = None
-        self.usage: dict[str, Any] | None = None  # coerced, the latest the worker reported
+        self.usage: Any = None  # the latest the worker reported, as sent (coerced at the end)
         self.ended = False
         gateway.metrics.in_flight.labels(route.deployment.name).inc()
 
@@ -109,7 +110,7 @@ class Exchange:
                 self._account(attempt, status, http_status)
 
     def _account(self, attempt: Attempt | None, status: str, http_status: int) -> None:
-        usage = self.usage or {}
+        usage = coerce_usage(self.usage) or {}
         ended = time.monotonic()
         first_token = attempt.served.first_token_at if attempt is not None else None
         replica = attempt.lease.replica.url if attempt is not None else ""

@@ -132,7 +132,7 @@ class Relay:
                 parts += self.reframer.chunk(chunk, texts)
             except SHAPE_ERRORS as exc:
                 raise WorkerFault(f"malformed chunk: {exc!r}") from exc
-            self.exchange.usage = self.reframer.last_usage
+            self.exchange.usage = self.reframer.raw_usage
         return parts
 
 

@@ -47,13 +47,17 @@ class StreamReframer:
         self.prompt_ids: list[int] | None = None
         self.echoed: set[int] = set()
         self.finished = False  # the usage-only chunk came
-        # The latest usage the worker reported (every chunk carries it): what a stream that
-        # ends early had used when it stopped.
-        self.last_usage: dict[str, Any] | None = None
+        # The latest usage the worker reported (every chunk carries it), as sent: what a
+        # stream that ends early had used when it stopped. Coerced only when used.
+        self.raw_usage: Any = None
         self.response_id = ""
         self.object = "chat.completion.chunk" if plan.chat else "text_completion"
         self.created = 0
         self.saw_finish = False
+
+    @property
+    def last_usage(self) -> dict[str, Any] | None:
+        return coerce_usage(self.raw_usage)
 
     def chunk(self, chunk: dict[str, Any], texts: dict[int, str] | None = None) -> list[bytes]:
         """One checked worker chunk -> the Fireworks chunks to send now."""
@@ -61,7 +65,7 @@ class StreamReframer:
         self.response_id = chunk["id"]
         self.created = chunk.get("created", 0)
         if chunk.get("usage") is not None:
-            self.last_usage = coerce_usage(chunk["usage"])
+            self.raw_usage = chunk["usage"]
         if not chunk["choices"]:
             if chunk.get("usage") is not None:
                 return self.finish(chunk, engine)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -136,3 +137,34 @@ def test_client_disconnect_stops_generation(stack: Stack) -> None:
         assert wait_for(lambda: running_requests(stack.worker_url) >= 1, 5.0)
         response.close()  # the client goes away mid-stream
         assert wait_for(lambda: running_requests(stack.worker_url) == 0, 1.0)
+
+
+def _post_then_leave(stack: Stack, body: dict[str, object]) -> bytes:
+    """Send a request on a raw socket, hang up once the worker is generating for it, and
+    return what had arrived by then."""
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    payload = json.dumps({"model": stack.model} | body).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n"
+                     b"authorization: Bearer " + stack.api_key.encode() + b"\r\n"
+                     b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        assert wait_for(lambda: running_requests(stack.worker_url) >= 1, 10.0)
+        sock.setblocking(False)
+        try:
+            received = sock.recv(65536)
+        except BlockingIOError:
+            received = b""
+    return received
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "headers-held"])
+def test_client_leaving_before_any_byte_stops_generation(stack: Stack, stream: bool) -> None:
+    # A plain request sends nothing until the end; a stream holds its headers until the
+    # first token, which a long prompt delays (prefill).
+    prompt = "Tell me a long story. " * (300 if stream else 1)
+    received = _post_then_leave(stack, {"prompt": prompt, "max_tokens": 1500,
+                                        "ignore_eos": True, "stream": stream})
+    if not stream:
+        assert received == b""  # the answer was not complete: nothing was sent yet
+    assert wait_for(lambda: running_requests(stack.worker_url) == 0, 1.0)
