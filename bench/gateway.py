@@ -4,7 +4,7 @@ The same requests go straight to a fast fake OpenAI upstream, through the gatewa
 through vllm-router (the Rust router, installed by the Makefile into its own environment),
 interleaved in rounds in one run. For each case the table gives requests/s, p50/p99 latency
 and what each proxy adds to the direct path, and the proxy's CPU per request (user + system
-time of its process tree, read from /proc) with its ratio to vllm-router's. Cases: plain
+time of its process tree and threads, read from /proc's schedstat) with its ratio to vllm-router's. Cases: plain
 requests and 64-chunk streams at concurrency 1 and 32, and a plain request with a 200 KB
 prompt. With --worker URL the gateway is also measured over a real vLLM worker.
 """
@@ -30,7 +30,6 @@ from tests.conftest import free_port
 
 KEY = "fw_bench_key"
 MODEL = "accounts/fireworks/models/fake"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -62,27 +61,32 @@ class Sample:
 
 
 def tree_cpu(pid: int) -> float:
-    """User + system seconds of a process and all its descendants (uvicorn workers)."""
+    """Seconds on a CPU (user + system, nanosecond resolution from schedstat) of a process,
+    its threads and all its descendants (uvicorn's worker processes)."""
     children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry))
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
-        fields = stats.get(current)
-        if fields is not None:  # utime, stime, cutime, cstime (fields 14-17 of stat)
-            total += sum(int(v) for v in fields[11:15])
+        try:
+            threads = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for thread in threads:
+            try:
+                with open(f"/proc/{current}/task/{thread}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except OSError:
+                continue
         todo += children.get(current, [])
-    return total / TICKS
+    return total / 1e9
 
 
 async def one(session: aiohttp.ClientSession, url: str, body: dict[str, object],
@@ -160,8 +164,8 @@ def main() -> None:
     parser.add_argument("--gateway-src", default=".",
                         help="the checkout whose gateway to run (for before/after numbers)")
     parser.add_argument("--gateway-workers", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=400, help="per plain measurement")
-    parser.add_argument("--streams", type=int, default=200, help="per stream measurement")
+    parser.add_argument("--requests", type=int, default=1000, help="per plain measurement")
+    parser.add_argument("--streams", type=int, default=300, help="per stream measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--worker", help="a running vLLM worker to measure the gateway over")
     parser.add_argument("--worker-requests", type=int, default=16)

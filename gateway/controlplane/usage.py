@@ -83,7 +83,8 @@ class LocalLedger:
     def finish(self, record: UsageRecord, admission: Admission) -> None:
         self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
         self.kept.append(record)
-        logger.info("usage %s", record.model_dump_json())
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("usage %s", record.model_dump_json())
 
     async def start(self) -> None:
         return None
