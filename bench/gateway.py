@@ -6,7 +6,8 @@ interleaved in rounds in one run. For each case the table gives requests/s, p50/
 and what each proxy adds to the direct path, and the proxy's CPU per request (user + system
 time of its process tree and threads, from /proc's schedstat) with its ratio to
 vllm-router's. Cases: plain requests and 64-chunk streams at concurrency 1 and 32, and a
-plain request with a 200 KB prompt. With --worker URL the gateway is also measured over a real vLLM worker.
+plain request with a 200 KB prompt. With --worker URL the gateway is also measured over a
+real vLLM worker.
 """
 
 from __future__ import annotations
