@@ -4,6 +4,7 @@ workers and routes."""
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -62,7 +63,7 @@ class RequestIdMiddleware:
                 request_id = value.decode("latin-1")
                 break
         if not _printable_id(request_id):
-            request_id = str(uuid.uuid4())
+            request_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
