@@ -1,5 +1,8 @@
-"""HTTP to vLLM workers (aiohttp: measured ~5x less CPU per request than httpx, whose pool
-scans every connection per request), with every failure mapped to a gateway error.
+"""HTTP to vLLM workers, with every failure mapped to a gateway error.
+
+aiohttp by measurement: with httpx the client was ~78% of the gateway's CPU per plain request
+at concurrency 32 (its pool checks every connection on every request); aiohttp's is ~30% of a
+total five times smaller (README, "What the gateway costs").
 
 A worker that cannot be reached, times out, breaks the connection, redirects, refuses the
 gateway (401/403/404) or fails (5xx) is a replica fault: 502/503/504, retried elsewhere
