@@ -130,12 +130,8 @@ class ClientWatch:
             task.cancel()
 
 
-def error_body(exc: GatewayError, request_id: str) -> bytes:
-    return orjson.dumps(exc.envelope(request_id))
-
-
 async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    body = error_body(exc, request_id)
+    body = orjson.dumps(exc.envelope(request_id))
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in exc.headers.items()]

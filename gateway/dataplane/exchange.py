@@ -58,7 +58,8 @@ class Attempt:
 
 class Exchange:
     def __init__(self, gateway: Gateway, account: Account, route: Route, admission: Admission,
-                 request_id: str, endpoint: str, plan: Plan, worker_body: bytes) -> None:
+                 request_id: str, endpoint: str, plan: Plan, worker_request: dict[str, Any],
+                 worker_body: bytes) -> None:
         self.gateway = gateway
         self.account = account
         self.route = route
@@ -66,7 +67,8 @@ class Exchange:
         self.request_id = request_id
         self.endpoint = endpoint
         self.plan = plan
-        self.worker_body = worker_body  # encoded once, sent to every attempt
+        self.worker_request = worker_request  # for the token checks before generating
+        self.worker_body = worker_body  # the same, encoded once, sent to every attempt
         self.started = time.monotonic()
         self.attempt: Attempt | None = None
         self.usage: Any = None  # the latest the worker reported, as sent (coerced at the end)
@@ -111,6 +113,7 @@ class Exchange:
 
     def _account(self, attempt: Attempt | None, status: str, http_status: int) -> None:
         usage = coerce_usage(self.usage) or {}
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         ended = time.monotonic()
         first_token = attempt.served.first_token_at if attempt is not None else None
         replica = attempt.lease.replica.url if attempt is not None else ""
@@ -121,7 +124,7 @@ class Exchange:
                 model=self.route.deployment.model, replica=replica, endpoint=self.endpoint,
                 status=status, http_status=http_status,
                 prompt_tokens=usage.get("prompt_tokens", 0),
-                cached_tokens=usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+                cached_tokens=cached,
                 completion_tokens=usage.get("completion_tokens", 0),
                 ttft_ms=(first_token - self.started) * 1000 if first_token else None,
                 duration_ms=(ended - self.started) * 1000, time=time.time())
@@ -138,8 +141,7 @@ class Exchange:
             metrics.time_to_first_token.labels(deployment).observe(first_token - self.started)
         metrics.latency.labels(deployment).observe(ended - self.started)
         for kind, count in (("prompt", usage.get("prompt_tokens", 0)),
-                            ("cached", usage.get("prompt_tokens_details", {}).get(
-                                "cached_tokens", 0)),
+                            ("cached", cached),
                             ("completion", usage.get("completion_tokens", 0))):
             if count:
                 metrics.tokens.labels(deployment, kind).inc(count)

@@ -93,7 +93,8 @@ async def admit(gateway: Gateway, account: Account, route: Route,
         except RateLimited as exc:
             gateway.metrics.rate_limited.labels(exc.kind).inc()
             raise
-    return Exchange(gateway, account, route, admission, request_id, endpoint, plan, encoded)
+    return Exchange(gateway, account, route, admission, request_id, endpoint, plan,
+                    worker_body, encoded)
 
 
 async def attempt_all(exchange: Exchange, affinity: str | None) -> Answer:
@@ -148,7 +149,7 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
     gateway, plan = exchange.gateway, exchange.plan
     texts = gateway.token_texts
     if plan.context_check or plan.echo:
-        worker_body = orjson.loads(exchange.worker_body)
+        worker_body = exchange.worker_request
         if plan.context_check:
             await check_context(texts, attempt.worker_url, worker_body, plan.max_tokens,
                                 plan.context_check)
