@@ -1,8 +1,8 @@
 """HTTP to vLLM workers, with every failure mapped to a gateway error.
 
-aiohttp by measurement: with httpx the client was ~78% of the gateway's CPU per plain request
-at concurrency 32 (its pool checks every connection on every request); aiohttp's is ~30% of a
-total five times smaller (README, "What the gateway costs").
+The HTTP itself is dataplane/http1.py, a small client chosen by measurement: with httpx the
+client was ~78% of the gateway's CPU per plain request at concurrency 32, with aiohttp ~27%
+(README, "What the gateway costs").
 
 A worker that cannot be reached, times out, breaks the connection, redirects, refuses the
 gateway (401/403/404) or fails (5xx) is a replica fault: 502/503/504, retried elsewhere
@@ -18,9 +18,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
+from gateway.dataplane.http1 import ConnectFailed, Connection, HttpError, Pool
 from gateway.errors import GatewayError
 from gateway.fireworks.worker_answer import WorkerFault
 
@@ -61,52 +61,53 @@ def check_status(status: int, body: bytes) -> None:
 
 
 def transport_fault(exc: BaseException) -> WorkerFault:
-    """An aiohttp/OS failure as a replica fault with a fixed message."""
+    """A connection failure as a replica fault with a fixed message."""
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, TimeoutError):
         return WorkerFault(detail, status=504, message="The worker did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return WorkerFault(detail, status=503, message="No worker reachable for this deployment",
                            headers={"retry-after": "1"})
     return WorkerFault(detail, message="The connection to the worker broke")
 
 
-TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+TRANSPORT_ERRORS = (HttpError, OSError, TimeoutError)
 
 
 class WorkerAnswer:
     """A worker's answer whose headers have arrived. Close it to abort the worker request
-    (vLLM aborts a request whose connection closes); release it once read to the end."""
+    (vLLM aborts a request whose connection closes); once read to the end, closing it
+    gives the connection back to the pool."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self.response = response
-        self.status = response.status
-        self.content_type = response.content_type
+    def __init__(self, pool: Pool, url: str, connection: Connection) -> None:
+        self.pool, self.url, self.connection = pool, url, connection
+        self.status = connection.status
+        self.content_type = connection.content_type
 
     async def read(self) -> bytes:
         """The whole body, bounded."""
-        length = self.response.content_length
+        length = self.connection.content_length
         if length is not None and length > MAX_ANSWER_BYTES:
             raise WorkerFault(f"an answer of {length} bytes")
         parts, size = [], 0
         try:
-            async for data in self.response.content.iter_any():
+            while data := await self.connection.read_some():
                 size += len(data)
                 if size > MAX_ANSWER_BYTES:
                     raise WorkerFault("an answer larger than the limit")
                 parts.append(data)
         except TRANSPORT_ERRORS as exc:
             raise transport_fault(exc) from exc
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def events(self) -> AsyncIterator[list[bytes]]:
         """The SSE `data:` payloads, in batches of those that arrived together; the batch
         holding `[DONE]` ends there. A body that ends without `[DONE]` is a fault."""
         buffer = b""
-        content = self.response.content
+        connection = self.connection
         while True:
             try:
-                data = await content.readany()
+                data = await connection.read_some()
             except TRANSPORT_ERRORS as exc:
                 raise transport_fault(exc) from exc
             if not data:
@@ -132,10 +133,9 @@ class WorkerAnswer:
     async def _to_the_end(self) -> None:
         """After `[DONE]`, the end of the body is on its way: read it, so that the
         connection goes back to the pool instead of being closed."""
-        content = self.response.content
         try:
             async with asyncio.timeout(END_GRACE):
-                while not content.at_eof() and await content.readany():
+                while await self.connection.read_some():
                     pass
         except (*TRANSPORT_ERRORS, TimeoutError):
             pass  # close() will close the connection
@@ -143,50 +143,33 @@ class WorkerAnswer:
     def close(self) -> None:
         """Keep the connection when the answer was read to its end; otherwise close it, which
         aborts the request on the worker."""
-        if self.response.content.at_eof():
-            self.response.release()
-        else:
-            self.response.close()
+        self.pool.release(self.connection, self.url)
 
 
 class WorkerClient:
-    """One pooled aiohttp session for every worker (made on first use, inside the loop)."""
+    """Pooled HTTP/1.1 connections to every worker."""
 
     def __init__(self, connect_timeout: float, read_timeout: float) -> None:
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
-                                             sock_read=read_timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10,
-                                             keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        return self._session
+        self.pool = Pool(connect_timeout, read_timeout)
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        self.pool.close()
 
     async def open(self, url: str, body: bytes, headers: dict[str, str]) -> WorkerAnswer:
         """POST and return once the worker answered with a 2xx status and headers."""
         try:
-            response = await self.session.post(url, data=body, headers=JSON_HEADERS | headers,
-                                               allow_redirects=False)
+            connection = await self.pool.request(b"POST", url, body, JSON_HEADERS | headers)
         except TRANSPORT_ERRORS as exc:
             raise transport_fault(exc) from exc
-        answer = WorkerAnswer(response)
+        answer = WorkerAnswer(self.pool, url, connection)
         if not 200 <= answer.status < 300:
             try:
-                error_body = await response.content.read(64 << 10)
-            except TRANSPORT_ERRORS:
+                async with asyncio.timeout(self.pool.read_timeout):
+                    error_body = await _some(connection, 64 << 10)
+            except (*TRANSPORT_ERRORS, TimeoutError):
                 error_body = b""
             finally:
-                response.close()
+                answer.close()
             check_status(answer.status, error_body)
         return answer
 
@@ -208,9 +191,21 @@ class WorkerClient:
     async def probe(self, url: str, timeout: float) -> bool:
         """GET url: True on 200."""
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout),
-                                        allow_redirects=False) as response:
-                await response.read()
-                return response.status == 200
+            async with asyncio.timeout(timeout):
+                connection = await self.pool.request(b"GET", url, b"", {}, read_timeout=timeout)
+                try:
+                    await _some(connection, 64 << 10)
+                finally:
+                    self.pool.release(connection, url)
+                return connection.status == 200
         except (*TRANSPORT_ERRORS, ValueError):
             return False
+
+
+async def _some(connection: Connection, limit: int) -> bytes:
+    """Up to about `limit` bytes of a body (an error message, a probe's answer)."""
+    parts, size = [], 0
+    while size < limit and (data := await connection.read_some()):
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)[:limit]
