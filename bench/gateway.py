@@ -254,10 +254,12 @@ def worker_rows(args: argparse.Namespace, gateway: str, headers: dict[str, str])
     body: dict[str, object] = {"prompt": "Hello there", "max_tokens": args.worker_tokens,
                                "temperature": 0, "ignore_eos": True, "stream": True}
     case = Case("worker stream", True, 8, args.worker_requests)
+    served = httpx.get(f"{args.worker.rstrip('/')}/v1/models", timeout=10).json()
+    worker_model = served["data"][0]["id"]
     direct, through = Sample(), Sample()
     for _ in range(args.rounds):
         direct.add(asyncio.run(measure(f"{args.worker.rstrip('/')}/v1/completions",
-                                       body | {"model": "smollm2"}, {}, case, None)))
+                                       body | {"model": worker_model}, {}, case, None)))
         through.add(asyncio.run(measure(f"{gateway}/v1/completions",
                                         body | {"model": "accounts/fireworks/models/worker"},
                                         headers, case, None)))

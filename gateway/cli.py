@@ -40,7 +40,10 @@ def serve(
                                  param_hint="--workers")
     uvicorn.run("gateway.app:create_app", factory=True, host=settings.host,
                 port=settings.port, workers=settings.workers, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=30)
+                access_log=False, timeout_graceful_shutdown=30,
+                # The gateway never uses the client's address, so it does not parse
+                # X-Forwarded-* (a measurable share of a plain request's CPU).
+                proxy_headers=False, server_header=False)
 
 
 @app.command("hash-key")

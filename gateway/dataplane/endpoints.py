@@ -90,7 +90,8 @@ def api_key(headers: Mapping[str, str]) -> str | None:
 
 
 def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+    # ASGI servers give header names in lower case.
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
 
 
 async def read_body(receive: Receive) -> bytes:
