@@ -35,6 +35,7 @@ from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
 from gateway.dataplane.serving import Gateway
 from gateway.dataplane.tokens import TokenTexts
 from gateway.dataplane.workers import WorkerClient
+from gateway.edge import Edge
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 
@@ -202,7 +203,8 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         logger.exception("unhandled error")
         return _error_response(request, GatewayError(500, "Internal error"))
 
-    return GatewayApp(RequestIdMiddleware(InferenceRoutes(app, gateway, PREFIXES)), app)
+    return GatewayApp(RequestIdMiddleware(InferenceRoutes(Edge(app, settings), gateway, PREFIXES)),
+                      app)
 
 
 class GatewayApp:

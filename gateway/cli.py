@@ -10,6 +10,7 @@ import typer
 from gateway.controlplane.admin_cli import app as admin_app
 from gateway.controlplane.admin_cli import usage_table
 from gateway.controlplane.registry import hash_key
+from gateway.edge import raise_open_files_limit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fireworks-compatible inference gateway over vLLM.")
@@ -38,9 +39,12 @@ def serve(
         raise typer.BadParameter("several server processes share limits and usage through "
                                  "Redis: set GATEWAY_REDIS_URL, or run one process",
                                  param_hint="--workers")
+    raise_open_files_limit()
     uvicorn.run("gateway.app:create_app", factory=True, host=settings.host,
                 port=settings.port, workers=settings.workers, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=30,
+                # bounds on what a client can hold open (gateway/edge.py)
+                http="gateway.edge:EdgeProtocol", timeout_keep_alive=settings.keep_alive_timeout,
                 # The gateway never uses the client's address, so it does not parse
                 # X-Forwarded-* (a measurable share of a plain request's CPU).
                 proxy_headers=False, server_header=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from starlette.types import Send
 
 # status -> (type, code), OpenAI-aligned types and the gRPC-style codes Fireworks returns.
 _KINDS: dict[int, tuple[str, str]] = {
@@ -73,3 +74,13 @@ def stream_error_event(status: int, message: str, response_id: str) -> bytes:
     payload["error"]["status_code"] = status
     payload["id"] = response_id
     return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\ndata: [DONE]\n\n"
+
+
+async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+    """An error response through ASGI (for the layers in front of FastAPI)."""
+    body = orjson.dumps(exc.envelope(request_id))
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import orjson
@@ -24,7 +24,8 @@ from gateway.config import Settings
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.serving import Gateway, admit, affinity_key, attempt_all, count_refusal
-from gateway.errors import GatewayError
+from gateway.edge import api_key, check_declared_length, read_body
+from gateway.errors import GatewayError, send_error
 from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -81,28 +82,9 @@ def parse_body(raw: bytes, model: type[RequestModel], settings: Settings) -> Req
         raise GatewayError(400, message, param=field) from exc
 
 
-def api_key(headers: Mapping[str, str]) -> str | None:
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("x-api-key")
-
-
 def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     # ASGI servers give header names in lower case.
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
-
-
-async def read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # nothing was admitted yet
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
 
 
 class ClientWatch:
@@ -129,15 +111,6 @@ class ClientWatch:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-
-
-async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    body = orjson.dumps(exc.envelope(request_id))
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in exc.headers.items()]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class InferenceRoutes:
@@ -175,14 +148,22 @@ class InferenceRoutes:
 
         exchange: Exchange | None = None
         route: Route | None = None
+        # The key and the declared size are checked before the body is read: a client
+        # without a key costs a bounded amount, whatever it sends.
+        headers = header_map(scope["headers"])
         try:
-            raw = await read_body(receive)
+            account: Account = gateway.store.current.authenticate(api_key(headers))
+            check_declared_length(headers, gateway.settings)
+            raw = await read_body(receive, gateway.settings)
         except asyncio.CancelledError:
             return  # the client left while sending its request
+        except GatewayError as exc:
+            count_refusal(gateway, "", endpoint, exc.status)
+            exc.headers.setdefault("connection", "close")  # the body was not read
+            await send_error(send, exc, request_id)
+            return
         watch = ClientWatch(receive)
         try:
-            headers = header_map(scope["headers"])
-            account: Account = gateway.store.current.authenticate(api_key(headers))
             body = parse_body(raw, model, gateway.settings)
             route = gateway.store.current.resolve(body.model, account)
             exchange = await admit(gateway, account, route, body, endpoint, request_id)

@@ -282,14 +282,18 @@ def test_redis_restart_under_load(pair: Pair) -> None:
     assert slots == 0
 
 
+def metrics_text(url: str) -> str:
+    return httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+
+
 def metric(url: str, name: str) -> float:
     """The sum of one metric's samples on one gateway."""
-    return sum(float(line.split()[-1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in metrics_text(url).splitlines()
                if line.startswith(name))
 
 
 def healthy_gauge(url: str, replica: str) -> float | None:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in metrics_text(url).splitlines():
         if line.startswith(f'fwgw_replica_healthy{{replica="{replica}"}}'):
             return float(line.split()[-1])
     return None

@@ -77,7 +77,7 @@ async def test_a_dead_replica_is_retried_elsewhere_then_ejected(tmp_path: Path) 
             response = await client.post("/v1/completions", headers=auth(KEY),
                                          json={"model": MODEL, "prompt": "x"})
             assert response.status_code == 200
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
     urls = gateway_app.workers.urls
     assert seen.count("w1") == 2  # two failures eject it; later requests go to w2 only
     assert f'fwgw_replica_healthy{{replica="{urls["w1"]}"}} 0.0' in metrics
@@ -111,7 +111,7 @@ async def test_local_limits_and_usage_records(tmp_path: Path) -> None:
         unknown = await client.post("/v1/completions", headers=auth(KEY),
                                     json={"model": "accounts/fireworks/models/nope", "prompt": "x"})
         assert unknown.status_code == 404
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
     deployment = 'deployment="accounts/fireworks/deployments/d"'
     for line in (f'fwgw_requests_total{{code="200",{deployment},endpoint="/v1/completions"}} 2.0',
                  f'fwgw_requests_total{{code="429",{deployment},endpoint="/v1/completions"}} 1.0',

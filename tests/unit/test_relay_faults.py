@@ -24,6 +24,8 @@ from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
 from tests.unit.fake_worker import KEY, MODEL, RESET, FakeWorkers, Pause, Stream, chunk
 
+ADMIN = "admin-secret"
+
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 # What a careless worker puts in its error bodies: none of it may reach a client.
 SECRET = "Traceback (most recent call last): token=sk-live-secret host=10.9.8.7:8001"
@@ -52,7 +54,8 @@ def app(tmp_path: Path, bad: Any) -> Any:
                          "replicas": [{"url": workers.urls["bad"]},
                                       {"url": workers.urls["good"]}]}]}))
     gateway_app = create_app(Settings(registry_path=registry, health_check_interval=0,
-                                      upstream_read_timeout=1.0, eject_after_failures=100))
+                                      upstream_read_timeout=1.0, eject_after_failures=100,
+                                      admin_key=ADMIN))
     gateway_app.workers = workers
     return gateway_app
 
@@ -63,7 +66,8 @@ async def call(gateway_app: Any, body: dict[str, Any]) -> httpx.Response:
         response = await client.post("/v1/completions", json={"model": MODEL} | body,
                                      headers={"Authorization": f"Bearer {KEY}",
                                               "x-request-id": "req-1"})
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+                   ).text
     assert not re.search(r"fwgw_requests_in_flight\{[^}]*\} (?!0\.0)", metrics), metrics
     limiter = gateway_app.state.gateway.limiter
     assert not limiter.concurrent.get("fireworks"), "the concurrency slot leaked"

@@ -1,0 +1,213 @@
+"""The gateway's edge: what a client can make the gateway hold before it is known.
+
+Two layers, both configured by Settings (README, "Limits at the edge"):
+- `EdgeProtocol`, the HTTP server protocol (uvicorn's httptools one plus bounds): a request's
+  headers must arrive within `header_timeout` and fit in `max_header_bytes` (else 408 or 431
+  and the connection closes); a connection idle between requests closes after
+  `keep_alive_timeout` (uvicorn's own timer); connections beyond `max_connections` are
+  closed as they come.
+- `Edge`, an ASGI layer: the admin key is checked (for `/admin/` and `/metrics`) before any
+  byte of the body is read; a declared body over `max_body_bytes` is a 413 before reading; a
+  body is read at most to that limit, each part within `body_timeout`. A refusal before the
+  body was read closes the connection, so the rest of the body is never read.
+The inference routes read their body with `read_body` after checking the account's key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import resource
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, send_error
+
+logger = logging.getLogger("gateway.edge")
+ADMIN_PATHS = ("/admin/", "/metrics")
+CLOSE = {"connection": "close"}
+
+
+def api_key(headers: Mapping[str, str]) -> str | None:
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")
+
+
+def check_admin_key(settings: Settings, given: str | None) -> None:
+    expected = settings.admin_key
+    if not expected:
+        raise GatewayError(401, "The admin API is disabled: set GATEWAY_ADMIN_KEY",
+                           headers=CLOSE)
+    if not hmac.compare_digest((given or "").encode(), expected.encode()):
+        raise GatewayError(401, "Invalid admin key", headers=CLOSE)
+
+
+def too_large(settings: Settings) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than {settings.max_body_bytes} "
+                             "bytes", headers=CLOSE)
+
+
+def check_declared_length(headers: Mapping[str, str], settings: Settings) -> None:
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise too_large(settings)
+
+
+async def read_body(receive: Receive, settings: Settings) -> bytes:
+    """The request body, bounded in size and in time between its parts. A client that
+    leaves while sending it cancels the request (CancelledError: nothing was admitted)."""
+    parts, size = [], 0
+    while True:
+        try:
+            async with asyncio.timeout(settings.body_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise GatewayError(408, "The request body did not arrive in time",
+                               headers=CLOSE) from None
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        body = message.get("body", b"")
+        size += len(body)
+        if size > settings.max_body_bytes:
+            raise too_large(settings)
+        parts.append(body)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class Edge:
+    """The admin gate and the body bounds for every route but the inference ones (which
+    check the account's key first, then read the body with `read_body`)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in scope["headers"]}
+        try:
+            if scope["path"].startswith(ADMIN_PATHS):
+                check_admin_key(self.settings, api_key(headers))
+            check_declared_length(headers, self.settings)
+        except GatewayError as exc:
+            await send_error(send, exc, scope["state"]["request_id"])
+            return
+        await self.app(scope, self._bounded(receive), send)
+
+    def _bounded(self, receive: Receive) -> Receive:
+        settings, size, done = self.settings, 0, False
+
+        async def bounded_receive() -> Message:
+            nonlocal size, done
+            if done:  # the body is in; what is left is waiting for the disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout(settings.body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise GatewayError(408, "The request body did not arrive in time",
+                                   headers=CLOSE) from None
+            size += len(message.get("body", b""))
+            if size > settings.max_body_bytes:
+                raise too_large(settings)
+            done = not message.get("more_body", False)
+            return message
+        return bounded_receive
+
+
+@cache
+def _server_settings() -> Settings:
+    """The settings the server protocol reads, once per process (from the environment,
+    as every server process gets it)."""
+    return Settings()
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a header deadline, a header size cap and a
+    connection cap (uvicorn has none of these: a connection that never sends a whole
+    request is otherwise held forever)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.edge = _server_settings()
+        self.header_bytes = 0
+        self.reading_headers = False
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.edge.max_connections:
+            logger.warning("connection refused: %d open, the limit is %d",
+                           len(self.connections), self.edge.max_connections)
+            transport.abort()
+            return
+        self._await_headers()
+
+    def _await_headers(self) -> None:
+        self.reading_headers = True
+        self.header_bytes = 0
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.edge.header_timeout,
+                                                     self._headers_late)
+
+    def _headers_done(self) -> None:
+        self.reading_headers = False
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_late(self) -> None:
+        self.header_timer = None
+        if self.reading_headers and not self.transport.is_closing():
+            self._refuse(408, "The request headers did not arrive in time")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._headers_done()
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        body = b'{"error":{"object":"error","type":"invalid_request_error","code":"%s",' \
+               b'"message":"%s"}}' % (str(status).encode(), message.encode())
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (status, reason, len(body), body))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.reading_headers and (self.cycle is None or self.cycle.response_complete):
+            self._await_headers()  # the first bytes of the next request on this connection
+        super().data_received(data)
+        if self.reading_headers and not self.transport.is_closing():
+            self.header_bytes += len(data)
+            if self.header_bytes > self.edge.max_header_bytes:
+                self._refuse(431, "The request headers are too large")
+
+    def on_headers_complete(self) -> None:
+        self._headers_done()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_done()
+        super().connection_lost(exc)
+
+
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor: let the process use what the system allows
+    (a soft limit of 1,024 would let idle connections starve real ones)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
