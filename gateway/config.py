@@ -58,5 +58,5 @@ class Settings(BaseSettings):
     body_timeout: float = 30.0
     header_timeout: float = 10.0
     max_header_bytes: int = 32 << 10
-    keep_alive_timeout: float = 5.0
+    keep_alive_timeout: int = 5
     max_connections: int = 4096
