@@ -113,8 +113,10 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                            prefix=settings.redis_prefix,
                            poll_interval=settings.registry_poll_interval,
                            public_accounts=public)
-        limiter = RedisLimiter(client, settings.redis_prefix,
-                               slot_lifetime=settings.upstream_read_timeout + 60)
+        limiter = RedisLimiter(
+            client, settings.redis_prefix, slot_lifetime=settings.upstream_read_timeout + 60,
+            degraded=lambda reason, outcome: metrics.limiter_degraded.labels(
+                reason, outcome).inc())
         ledger = RedisLedger(client, settings.redis_prefix)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)

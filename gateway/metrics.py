@@ -68,6 +68,9 @@ class GatewayMetrics:
                                      "replica")
         self.rate_limited = counter("rate_limit_rejections", "Requests refused by a rate limit",
                                     "limit")
+        self.limiter_degraded = counter(
+            "limiter_degraded", "Admissions whose rate limits could not be checked in Redis, "
+            "by reason and what was done (admitted or refused)", "reason", "outcome")
         self.in_flight = gauge("requests_in_flight", "Requests being served", "deployment")
 
     def render(self) -> bytes:

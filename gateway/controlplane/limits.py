@@ -10,7 +10,10 @@ the usage record). Concurrency is a sorted set of admitted requests scored by a 
 gateway that dies holding slots frees them when the deadline passes.
 
 Without Redis the same rules run in process (`LocalLimiter`). When Redis cannot be reached
-the gateway admits without limits (availability first) and says so in its log.
+(connection refused or lost) the gateway admits without limits (availability first); when
+Redis is reachable but the check fails (a script error, or no answer in time twice) the
+request is refused with 503: a limit must not fail open because Redis is slow or the request
+is odd. Both are logged and counted (`fwgw_limiter_degraded{reason, outcome}`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.controlplane.registry import Account, Limits
 from gateway.errors import GatewayError
@@ -30,6 +36,9 @@ from gateway.errors import GatewayError
 logger = logging.getLogger("gateway.limits")
 WINDOW = 60  # seconds
 KINDS = ("requests", "prompt_tokens", "generated_tokens", "concurrent_requests")
+# No reservation is larger (Redis counts in 64-bit integers; Lua numbers lose integers
+# past 2^53 and print large ones in exponent form, which HINCRBY refuses).
+MAX_RESERVATION = 1 << 40
 
 
 @dataclass
@@ -143,26 +152,52 @@ def limit_keys(prefix: str, account: str) -> list[str]:
     return [base + "requests", base + "prompt", base + "generated", base + "concurrent"]
 
 
+def limits_unchecked(reason: str) -> GatewayError:
+    return GatewayError(503, f"The rate limits could not be checked ({reason}); retry",
+                        headers={"retry-after": "1"})
+
+
 class RedisLimiter:
     def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
-                 slot_lifetime: float = 900.0) -> None:
+                 slot_lifetime: float = 900.0,
+                 degraded: Callable[[str, str], None] = lambda reason, outcome: None) -> None:
         self.prefix = prefix
         self.slot_lifetime = slot_lifetime
+        self.degraded = degraded  # (reason, outcome) for the metric
         self._script = client.register_script(ADMIT_LUA)
 
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
         limits = account.limits
         admission = Admission(record_id, account.id, limited=True)
-        try:
-            result = await self._script(
-                keys=limit_keys(self.prefix, account.id),
-                args=[limits.requests_per_minute, limits.prompt_tokens_per_minute,
-                      limits.generated_tokens_per_minute, limits.concurrent_requests,
-                      prompt_tokens, generated_tokens, record_id, self.slot_lifetime])
-        except (RedisError, OSError) as exc:
-            logger.warning("rate limits not enforced (Redis unreachable): %r", exc)
-            return admission
+        prompt_tokens = min(prompt_tokens, MAX_RESERVATION)
+        generated_tokens = min(generated_tokens, MAX_RESERVATION)
+        args: list[int | float | str] = [
+            limits.requests_per_minute, limits.prompt_tokens_per_minute,
+            limits.generated_tokens_per_minute, limits.concurrent_requests,
+            prompt_tokens, generated_tokens, record_id, self.slot_lifetime]
+        keys = limit_keys(self.prefix, account.id)
+        for attempt in (1, 2):
+            try:
+                result = await self._script(keys=keys, args=args)
+                break
+            except (RedisTimeoutError, TimeoutError) as exc:
+                # Slow, not gone: once more (the slot is keyed by the record id, so a
+                # first try that did land is only counted again in the rate windows).
+                if attempt == 2:
+                    logger.error("rate limits unchecked, request refused: Redis did not "
+                                 "answer in time twice: %r", exc)
+                    self.degraded("timeout", "refused")
+                    raise limits_unchecked("no answer in time") from exc
+            except (RedisConnectionError, OSError) as exc:
+                logger.warning("rate limits not enforced, request admitted: Redis "
+                               "unreachable: %r", exc)
+                self.degraded("unreachable", "admitted")
+                return admission
+            except RedisError as exc:
+                logger.error("rate limits unchecked, request refused: %r", exc)
+                self.degraded("error", "refused")
+                raise limits_unchecked("an error in the check") from exc
         admitted, reject, wait, bucket = (int(v) for v in result[:4])
         used = dict(zip(KINDS, (int(v) for v in result[4:]), strict=True))
         headers = limit_headers(limits, used)

@@ -87,9 +87,10 @@ async def admit(gateway: Gateway, account: Account, route: Route,
     admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
     if account.limits.any():
         try:
+            # No choice generates past the context length, whatever max_tokens says.
+            generated = min(plan.max_tokens, deployment.context_length or plan.max_tokens)
             admission = await gateway.limiter.admit(account, prompt_estimate(body),
-                                                    plan.max_tokens * max(plan.n, 1),
-                                                    record_id)
+                                                    generated * plan.n, record_id)
         except RateLimited as exc:
             gateway.metrics.rate_limited.labels(exc.kind).inc()
             raise

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+MAX_TOKENS = (1 << 31) - 1  # vLLM counts tokens in 32-bit integers
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -52,8 +53,8 @@ class SamplingFields(Strict):
 
     model: str
     stream: StrictBool | None = False
-    max_tokens: Annotated[int, Field(ge=0)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Probability | None = None
     top_k: Annotated[int, Field(ge=0, le=100)] | None = None

@@ -162,7 +162,7 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment,
     fmt, top = _logprobs_plan(request)
     plan = Plan(chat=True, logprobs=fmt, return_token_ids=bool(request.return_token_ids),
                 raw_output=bool(request.raw_output),
-                echo=bool(request.echo) or request.echo_last is not None)
+                echo=bool(request.echo) or request.echo_last is not None, n=request.n or 1)
     body = sampling_body(request, deployment, settings, plan)
     plan.prompt_fragments = [m.content for m in request.messages]
     body["messages"] = [

@@ -219,3 +219,46 @@ async def test_records_wait_while_redis_is_unreachable(client: aioredis.Redis,
     await wait_empty(ledger)
     assert [r.record_id for r in await read_records(client, f"{prefix}usage")] == ["x"]
     await ledger.stop()
+
+
+async def test_huge_reservations_do_not_open_the_limits(client: aioredis.Redis,
+                                                        prefix: str) -> None:
+    limiter = RedisLimiter(client, prefix)
+    account = Account(id="acme", limits=Limits(concurrent_requests=2))
+    for n in range(2):
+        await limiter.admit(account, 10**17, 10**17 * 128, f"r{n}")
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit(account, 10**17, 10**17, "r3")
+    assert refused.value.status == 429
+
+
+async def test_a_failing_check_refuses_and_only_an_unreachable_redis_admits(
+        client: aioredis.Redis, redis_server: RedisServer, prefix: str) -> None:
+    seen: list[tuple[str, str]] = []
+    account = Account(id="acme", limits=Limits(concurrent_requests=1))
+
+    def degraded(reason: str, outcome: str) -> None:
+        seen.append((reason, outcome))
+
+    # A script error (here the window key holds the wrong type): refused, not admitted.
+    await client.set(limit_keys(prefix, "acme")[0], "not a hash")
+    with pytest.raises(GatewayError) as refused:
+        await RedisLimiter(client, prefix, degraded=degraded).admit(account, 1, 1, "r1")
+    assert refused.value.status == 503 and seen == [("error", "refused")]
+    await client.delete(limit_keys(prefix, "acme")[0])
+
+    # Redis too slow to answer, twice: refused.
+    slow = aioredis.from_url(redis_server.url, socket_timeout=0.2)
+    await slow.ping()
+    await client.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+    with pytest.raises(GatewayError) as refused:
+        await RedisLimiter(slow, prefix, degraded=degraded).admit(account, 1, 1, "r2")
+    assert refused.value.status == 503 and seen[-1] == ("timeout", "refused")
+    await client.execute_command("CLIENT", "UNPAUSE")
+    await slow.aclose()
+
+    # Redis unreachable: admitted without limits, and said so.
+    dead = dead_client()
+    admission = await RedisLimiter(dead, prefix, degraded=degraded).admit(account, 1, 1, "r3")
+    assert admission.bucket is None and seen[-1] == ("unreachable", "admitted")
+    await dead.aclose()
