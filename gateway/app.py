@@ -113,6 +113,7 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                            prefix=settings.redis_prefix,
                            poll_interval=settings.registry_poll_interval,
                            public_accounts=public)
+        store.on_problem = lambda problem: metrics.registry_invalid.set(problem is not None)
         limiter = RedisLimiter(
             client, settings.redis_prefix, slot_lifetime=settings.upstream_read_timeout + 60,
             degraded=lambda reason, outcome: metrics.limiter_degraded.labels(
@@ -124,7 +125,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
         ledger = LocalLedger(limiter)
     workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout)
     replicas = ReplicaSet(AffinityOrLeastOutstanding(settings.affinity_max_imbalance),
-                          ReplicaHealth(settings.eject_after_failures, on_health))
+                          ReplicaHealth(settings.eject_after_failures, on_health,
+                                        settings.ejection_seconds))
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
                       token_texts=TokenTexts(workers), started_at=time.time())

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     health_check_interval: float = 1.0
     health_check_timeout: float = 2.0
     eject_after_failures: int = 2
+    # An ejected replica gets one trial request this many seconds after its ejection (how
+    # it comes back when active checks are off or cannot reach it).
+    ejection_seconds: float = 30.0
     # A keyed request leaves its preferred replica when that one has this many more requests
     # in flight than the least loaded.
     affinity_max_imbalance: int = 4

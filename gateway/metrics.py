@@ -71,6 +71,9 @@ class GatewayMetrics:
         self.limiter_degraded = counter(
             "limiter_degraded", "Admissions whose rate limits could not be checked in Redis, "
             "by reason and what was done (admitted or refused)", "reason", "outcome")
+        self.registry_invalid = Gauge(
+            f"{PREFIX}_registry_invalid", "1 while the registry stored in Redis does not "
+            "validate and the last good copy is served", registry=r)
         self.in_flight = gauge("requests_in_flight", "Requests being served", "deployment")
 
     def render(self) -> bytes:

@@ -9,10 +9,10 @@ within `registry_poll_interval`.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gateway.controlplane.registry import (
     Account,
@@ -20,6 +20,7 @@ from gateway.controlplane.registry import (
     Limits,
     RegistryData,
     Replica,
+    check_replica_url,
     hash_key,
 )
 from gateway.controlplane.usage import UsageTotals, totals_of
@@ -38,7 +39,7 @@ router = APIRouter()
 class DeploymentSpec(BaseModel):
     """A deployment as the admin API takes it: the path names its account and id."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     default: bool = False
@@ -53,7 +54,7 @@ class DeploymentSpec(BaseModel):
 
 class ReplicaSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str
+    url: Annotated[str, AfterValidator(check_replica_url)]
 
 
 def _account(data: RegistryData, account_id: str) -> Account:
@@ -87,6 +88,15 @@ def _put(data: RegistryData, deployment: Deployment) -> None:
 
 def _shown(deployment: Deployment) -> dict[str, Any]:
     return deployment.model_dump(mode="json") | {"name": deployment.name}
+
+
+@router.get("/registry")
+async def registry_status(request: Request) -> dict[str, Any]:
+    """Whether the stored registry is the one being served (problem: why not)."""
+    store = _gateway(request).store
+    registry = store.current.data
+    return {"problem": store.problem, "accounts": len(registry.accounts),
+            "deployments": len(registry.deployments)}
 
 
 @router.get("/accounts")

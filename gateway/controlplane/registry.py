@@ -10,9 +10,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.errors import GatewayError
 
@@ -24,11 +25,32 @@ def hash_key(api_key: str) -> str:
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Finite floats only: NaN or Infinity in stored JSON would be refused by every reader.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def check_replica_url(url: str) -> str:
+    """http(s)://host[:port][/path], with a port that exists: checked when the registry is
+    loaded or changed, not when a request is sent to it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a usable replica URL: {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"a replica URL is http(s)://host[:port]: {url!r}")
+    if port == 0 or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"a replica URL has no port 0, query, fragment or user: {url!r}")
+    return url
 
 
 class Replica(Record):
     url: str
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        return check_replica_url(url)
 
 
 class Limits(Record):
@@ -50,10 +72,10 @@ class Deployment(Record):
     account: str
     model: str  # the model resource name, e.g. accounts/fireworks/models/smollm2-135m-instruct
     default: bool = False  # the target for requests that name only the model
-    context_length: int | None = None
+    context_length: int | None = Field(default=None, gt=0)
     # Per-deployment defaults when the client sends no max_tokens (spec section 8 Q1).
-    max_tokens_chat: int = 2048
-    max_tokens_completion: int = 16
+    max_tokens_chat: int = Field(default=2048, ge=0)
+    max_tokens_completion: int = Field(default=16, ge=0)
     # The sampling keys of the model's generation_config.json (temperature, top_p, top_k,
     # min_p, typical_p, repetition_penalty): defaults for what the client does not send.
     generation_config: dict[str, float] = Field(default_factory=dict)

@@ -10,7 +10,11 @@ version (one GET) every `registry_poll_interval` seconds and reloads when it mov
 change made through any gateway reaches all of them within a second without pub/sub (whose
 messages are lost while a subscriber reconnects). When Redis is unreachable the gateway
 keeps serving its last good copy; when Redis comes back empty (restarted without its data)
-the gateway writes that copy back.
+the gateway writes that copy back. A stored registry that does not validate (written by an
+older or newer gateway, or by hand) is not loaded: the gateway keeps its last good copy (the
+seed file at start-up), reports the problem (`store.problem`, the admin API's
+`GET /admin/v1/registry`, the `fwgw_registry_invalid` gauge), and the next admin change
+starts from that copy, which repairs Redis.
 
 The YAML file is the declared part of the registry (the Helm chart renders it from values):
 when it changes, the next gateway to start merges it into Redis (its deployments replace
@@ -20,7 +24,6 @@ those with the same id, its keys are added); what the admin API added stays.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -31,6 +34,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 import yaml
+from pydantic import ValidationError
 from redis.exceptions import RedisError, WatchError
 
 from gateway.background import cancel
@@ -51,6 +55,10 @@ class RegistryStore(Protocol):
 
     async def change(self, fn: Change) -> Registry: ...
 
+    @property
+    def problem(self) -> str | None:
+        """Why the stored registry is not the one being served; None when it is."""
+
 
 def _copy(data: RegistryData) -> RegistryData:
     return data.model_copy(deep=True)
@@ -70,6 +78,10 @@ class YamlStore:
     @property
     def current(self) -> Registry:
         return self._registry
+
+    @property
+    def problem(self) -> str | None:
+        return None
 
     async def start(self) -> None:
         return None
@@ -113,15 +125,43 @@ class RedisStore:
         self._registry = Registry(_copy(seed), public_accounts=public_accounts)
         self._version: int | None = None  # None: never loaded from Redis
         self._task: asyncio.Task[None] | None = None
+        self._problem: str | None = None
+        self._bad_version: int | None = None
+        self.on_problem: Callable[[str | None], None] = lambda problem: None
 
     @property
     def current(self) -> Registry:
         return self._registry
 
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem != self._problem:
+            if problem is None:
+                logger.info("the stored registry is valid again")
+            else:
+                logger.error("the stored registry does not validate, serving the last good "
+                             "copy: %s", problem)
+        self._problem = problem
+        self.on_problem(problem)
+
+    def _parse(self, raw: bytes | str) -> RegistryData | None:
+        try:
+            return RegistryData.model_validate_json(raw)
+        except ValidationError as exc:
+            self._set_problem(_first_error(exc))
+            return None
+
     async def start(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        try:
             await self.refresh()
             await self.apply_seed()
+        except (RedisError, OSError):
+            pass  # the poll loop goes on trying; the seed is served meanwhile
+        except Exception:  # nothing in Redis may stop a gateway from starting
+            logger.exception("registry start-up against Redis failed; serving the seed file")
         self._task = asyncio.create_task(self._poll(), name="registry-poll")
 
     async def apply_seed(self) -> None:
@@ -141,12 +181,16 @@ class RedisStore:
         if version is None:
             await self._publish_if_absent()
             version = await self.redis.get(self.version_key)
-        if version is not None and int(version) != self._version:
+        if version is not None and int(version) not in (self._version, self._bad_version):
             raw_version, raw = await self.redis.mget(self.version_key, self.key)
             if raw is not None and raw_version is not None:
-                data = RegistryData.model_validate_json(raw)
+                data = self._parse(raw)
+                if data is None:
+                    self._bad_version = int(raw_version)
+                    return
                 self._registry = Registry(data, public_accounts=self.public_accounts)
                 self._version = int(raw_version)
+                self._set_problem(None)
 
     async def _publish_if_absent(self) -> None:
         copy = self._registry.data if self._version is not None else self._seed
@@ -168,7 +212,7 @@ class RedisStore:
                 if failing:
                     logger.info("Redis reachable again; registry version %s", self._version)
                 failing = False
-            except (RedisError, OSError, ValueError) as exc:
+            except Exception as exc:  # the loop must outlive anything one refresh meets
                 if not failing:
                     logger.warning("registry refresh failed, serving the last good copy: %r",
                                    exc)
@@ -182,8 +226,8 @@ class RedisStore:
                 try:
                     await pipe.watch(self.key, self.version_key)
                     raw = await pipe.get(self.key)
-                    current = (RegistryData.model_validate_json(raw) if raw is not None
-                               else _copy(self._registry.data))
+                    stored = self._parse(raw) if raw is not None else None
+                    current = stored if stored is not None else _copy(self._registry.data)
                     data = RegistryData.model_validate(fn(current).model_dump())
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(self.key, data.model_dump_json())
@@ -193,7 +237,14 @@ class RedisStore:
                     continue
             self._registry = Registry(data, public_accounts=self.public_accounts)
             self._version = int(version)
+            self._set_problem(None)
             return self._registry
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}"
 
 
 def merge_seed(data: RegistryData, seed: RegistryData) -> RegistryData:

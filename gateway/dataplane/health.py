@@ -3,14 +3,17 @@
 Two sources: an active check (GET <replica>/health every `interval` seconds, for every
 replica in the registry) and passive evidence from real requests. A replica is ejected after
 `eject_after` consecutive failures of either kind, and readmitted by the first active check
-that passes. Each gateway keeps its own view; they agree because they watch the same
-replicas.
+that passes, or by a trial request: `ejection_seconds` after its ejection, an ejected replica
+gets one request again (as Envoy's outlier detection does), so that with active checks off
+(interval 0) a replica is not ejected forever. Each gateway keeps its own view; they agree
+because they watch the same replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -23,19 +26,33 @@ logger = logging.getLogger("gateway.health")
 class ReplicaState:
     healthy: bool = True  # optimistic: a new replica gets traffic until evidence says no
     failures: int = 0  # consecutive
+    ejected_at: float = 0.0  # when it was ejected, or last given a trial request
 
 
 class ReplicaHealth:
     def __init__(self, eject_after: int = 2,
-                 on_change: Callable[[str, bool | None], None] | None = None) -> None:
+                 on_change: Callable[[str, bool | None], None] | None = None,
+                 ejection_seconds: float = 30.0) -> None:
         # on_change(url, healthy); healthy None: the replica left the registry
         self.eject_after = eject_after
+        self.ejection_seconds = ejection_seconds
         self.states: dict[str, ReplicaState] = {}
         self._on_change = on_change
 
     def is_healthy(self, url: str) -> bool:
         state = self.states.get(url)
         return state is None or state.healthy
+
+    def trial_due(self, url: str) -> bool:
+        """Ejected long enough ago for one trial request."""
+        state = self.states.get(url)
+        return state is not None and not state.healthy and \
+            time.monotonic() - state.ejected_at >= self.ejection_seconds
+
+    def start_trial(self, url: str) -> None:
+        """The trial's success readmits the replica (success()); its failure waits again."""
+        state = self.states.setdefault(url, ReplicaState())
+        state.ejected_at = time.monotonic()
 
     def success(self, url: str) -> None:
         state = self.states.setdefault(url, ReplicaState())
@@ -51,6 +68,8 @@ class ReplicaHealth:
     def _set(self, url: str, state: ReplicaState, healthy: bool) -> None:
         if state.healthy != healthy:
             logger.warning("replica %s %s", url, "readmitted" if healthy else "ejected")
+            if not healthy:
+                state.ejected_at = time.monotonic()
         state.healthy = healthy
         if self._on_change is not None:
             self._on_change(url, healthy)
@@ -87,12 +106,20 @@ class HealthChecker:
         await asyncio.gather(*(self._check(url) for url in urls))
 
     async def _check(self, url: str) -> None:
-        if await self.probe(url.rstrip("/") + "/health", self.timeout):
+        try:
+            healthy = await self.probe(url.rstrip("/") + "/health", self.timeout)
+        except Exception:
+            logger.exception("health check of %s failed", url)
+            healthy = False
+        if healthy:
             self.health.success(url)
         else:
             self.health.failure(url)
 
     async def _run(self) -> None:
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # e.g. a replica URL nobody could parse: the others go on
+                logger.exception("health checks failed; trying again")
             await asyncio.sleep(self.interval)

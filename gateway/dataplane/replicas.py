@@ -6,13 +6,16 @@ ranks first for that key among the healthy replicas, so the worker's prefix cach
 Every gateway computes the same ranking from the same replica list, so affinity holds across
 gateway replicas with no shared state and no lock. Requests without a key, and keyed requests
 whose preferred replica is overloaded, go to the replica with the fewest requests in flight
-from this gateway.
+from this gateway (ties broken at random, so that gateways do not all pile onto the first
+listed replica). An ejected replica whose trial is due gets the next request (health.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Protocol
 
 from gateway.controlplane.registry import Deployment, Replica
@@ -25,13 +28,23 @@ class ReplicaPolicy(Protocol):
                affinity_key: str | None) -> Replica: ...
 
 
+Pick = Callable[[list[Replica]], Replica]
+
+
 class LeastOutstanding:
-    """The replica with the fewest requests in flight from this gateway; ties go to the
-    first listed, so a single replica always gets everything."""
+    """The replica with the fewest requests in flight from this gateway; one of the tied
+    ones at random (`pick`)."""
+
+    def __init__(self, pick: Pick = random.choice) -> None:
+        self.pick = pick
 
     def choose(self, candidates: list[Replica], outstanding: dict[str, int],
                affinity_key: str | None) -> Replica:
-        return min(candidates, key=lambda r: outstanding[r.url])
+        if len(candidates) == 1:
+            return candidates[0]
+        low = min(outstanding[r.url] for r in candidates)
+        tied = [r for r in candidates if outstanding[r.url] == low]
+        return tied[0] if len(tied) == 1 else self.pick(tied)
 
 
 def rendezvous_rank(key: str, candidates: list[Replica]) -> list[Replica]:
@@ -43,11 +56,11 @@ def rendezvous_rank(key: str, candidates: list[Replica]) -> list[Replica]:
 
 
 class AffinityOrLeastOutstanding:
-    def __init__(self, max_imbalance: int = 4) -> None:
+    def __init__(self, max_imbalance: int = 4, pick: Pick = random.choice) -> None:
         # How many more in-flight requests than the least loaded replica the preferred one may
         # have before affinity gives way to load.
         self.max_imbalance = max_imbalance
-        self.fallback = LeastOutstanding()
+        self.fallback = LeastOutstanding(pick)
 
     def choose(self, candidates: list[Replica], outstanding: dict[str, int],
                affinity_key: str | None) -> Replica:
@@ -93,10 +106,17 @@ class ReplicaSet:
 
     def acquire(self, deployment: Deployment, affinity_key: str | None = None,
                 exclude: set[str] | None = None) -> Lease:
-        candidates = self.candidates(deployment, exclude or set())
-        if not candidates:
-            raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
-                               headers={"retry-after": "1"})
-        replica = self.policy.choose(candidates, self.outstanding, affinity_key)
+        exclude = exclude or set()
+        trial = next((r for r in deployment.replicas
+                      if r.url not in exclude and self.health.trial_due(r.url)), None)
+        if trial is not None:
+            self.health.start_trial(trial.url)
+            replica = trial
+        else:
+            candidates = self.candidates(deployment, exclude)
+            if not candidates:
+                raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
+                                   headers={"retry-after": "1"})
+            replica = self.policy.choose(candidates, self.outstanding, affinity_key)
         self.outstanding[replica.url] += 1
         return Lease(self, replica)

@@ -25,6 +25,7 @@ import yaml
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
+from gateway.dataplane.replicas import AffinityOrLeastOutstanding
 
 KEY = "k-test"
 MODEL = "accounts/fireworks/models/m"
@@ -210,3 +211,10 @@ def gateway(tmp_path: Path, handler: Handler, **settings: Any) -> Any:
                               **settings))
     app.workers = workers  # type: ignore[attr-defined]
     return app
+
+
+def in_listed_order(gateway_app: Any) -> None:
+    """Idle replicas are tried in the registry's order (not at random), so that a test can
+    say which replica meets a request first."""
+    gateway_app.state.gateway.replicas.policy = AffinityOrLeastOutstanding(
+        pick=lambda tied: tied[0])

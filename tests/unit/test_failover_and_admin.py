@@ -13,7 +13,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
 from gateway.controlplane.usage import LocalLedger
-from tests.unit.fake_worker import RESET, FakeWorkers, Stream, chunk
+from tests.unit.fake_worker import RESET, FakeWorkers, Stream, chunk, in_listed_order
 
 KEY, OTHER_KEY, ADMIN = "k-a", "k-b", "admin-secret"
 MODEL = "accounts/fireworks/models/m"
@@ -39,6 +39,7 @@ def app(tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response],
     settings = {"health_check_interval": 0, "admin_key": ADMIN} | settings
     gateway_app = create_app(Settings(registry_path=registry, **settings))
     gateway_app.workers = workers
+    in_listed_order(gateway_app)
     return gateway_app
 
 
@@ -160,6 +161,22 @@ async def test_admin_api_manages_deployments_and_keys(tmp_path: Path) -> None:
         bad_limits = await client.put("/admin/v1/accounts/acme/limits", headers=admin,
                                       json={"requests_per_minute": -1})
         assert bad_limits.status_code == 400
+        # What would poison every gateway later is refused now.
+        for value in ("NaN", "Infinity", "-Infinity"):
+            poisoned = await client.patch(
+                "/admin/v1/accounts/acme/deployments/mine", headers=admin | {
+                    "content-type": "application/json"},
+                content=f'{{"generation_config": {{"temperature": {value}}}}}')
+            assert poisoned.status_code == 400, value
+        for url in ("http://[::1", "http://h:800l", "http://h:80011", "w1:8000"):
+            unusable = await client.post("/admin/v1/accounts/acme/deployments/mine/replicas",
+                                         headers=admin, json={"url": url})
+            assert unusable.status_code == 400, url
+            unusable = await client.put("/admin/v1/accounts/acme/deployments/y", headers=admin,
+                                        json={"model": "m", "replicas": [{"url": url}]})
+            assert unusable.status_code == 400, url
+        status = (await client.get("/admin/v1/registry", headers=admin)).json()
+        assert status["problem"] is None and status["deployments"] == 3
         await client.delete(f"/admin/v1/accounts/acme/api-keys/{key['key_id']}", headers=admin)
         revoked = await client.post("/v1/completions", headers=auth(key["api_key"]),
                                     json={"model": "accounts/acme/models/tuned", "prompt": "x"})

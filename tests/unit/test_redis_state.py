@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -262,3 +263,31 @@ async def test_a_failing_check_refuses_and_only_an_unreachable_redis_admits(
     admission = await RedisLimiter(dead, prefix, degraded=degraded).admit(account, 1, 1, "r3")
     assert admission.bucket is None and seen[-1] == ("unreachable", "admitted")
     await dead.aclose()
+
+
+async def test_a_stored_registry_that_does_not_validate_never_stops_a_gateway(
+        client: aioredis.Redis, prefix: str) -> None:
+    running = RedisStore(client, SEED, prefix=prefix, poll_interval=0.05)
+    await running.start()
+    await running.change(add_deployment)
+    # What an older gateway, a hand edit or a bug could leave: NaN, a URL nobody can use.
+    bad = orjson.loads(await client.get(f"{prefix}registry"))
+    bad["deployments"][0]["generation_config"] = {"temperature": "NaN"}
+    bad["deployments"][1]["replicas"] = [{"url": "http://[::1"}]
+    await client.set(f"{prefix}registry", orjson.dumps(bad))
+    await client.incr(f"{prefix}registry:version")
+    try:
+        await asyncio.sleep(0.2)
+        assert running.problem is not None  # noticed, reported ...
+        assert len(running.current.data.deployments) == 2  # ... and the last good copy served
+        starting = RedisStore(client, SEED, prefix=prefix)
+        await starting.start()  # a gateway starting now starts, on its seed
+        assert starting.problem is not None and len(starting.current.data.deployments) == 1
+        await starting.stop()
+        # The next valid change starts from the good copy and repairs Redis for everyone.
+        await running.change(lambda data: data)
+        assert running.problem is None
+        RegistryData.model_validate_json(await client.get(f"{prefix}registry"))
+    finally:
+        await running.stop()
+

@@ -87,3 +87,18 @@ def test_keys_file_is_merged_into_accounts(tmp_path) -> None:  # type: ignore[no
     loaded = Registry.from_yaml(registry_file, keys_file)
     assert loaded.authenticate("k1").id == "acme"
     assert loaded.authenticate("k2").id == "new"
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://h:800l", "http://h:80011",
+                                 "ftp://h", "h:8000", "http://:8000", "http://h:0"])
+def test_replica_urls_are_checked_when_the_registry_is_loaded(url: str) -> None:
+    with pytest.raises(ValueError):
+        Replica(url=url)
+
+
+def test_registry_floats_must_be_finite() -> None:
+    for value in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(ValueError):
+            Deployment.model_validate_json(
+                '{"id": "d", "account": "a", "model": "m", "generation_config": '
+                f'{{"temperature": "{value}"}}}}')

@@ -22,7 +22,16 @@ import yaml
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
-from tests.unit.fake_worker import KEY, MODEL, RESET, FakeWorkers, Pause, Stream, chunk
+from tests.unit.fake_worker import (
+    KEY,
+    MODEL,
+    RESET,
+    FakeWorkers,
+    Pause,
+    Stream,
+    chunk,
+    in_listed_order,
+)
 
 ADMIN = "admin-secret"
 
@@ -57,6 +66,7 @@ def app(tmp_path: Path, bad: Any) -> Any:
                                       upstream_read_timeout=1.0, eject_after_failures=100,
                                       admin_key=ADMIN))
     gateway_app.workers = workers
+    in_listed_order(gateway_app)  # `bad` first: each fault is met before the failover
     return gateway_app
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 
 import pytest
 
 from gateway.controlplane.registry import Deployment, Replica
-from gateway.dataplane.health import ReplicaHealth
+from gateway.dataplane.health import HealthChecker, ReplicaHealth
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet, rendezvous_rank
 from gateway.errors import GatewayError
 
@@ -18,13 +20,19 @@ WIDE = DEPLOYMENT.model_copy(update={"replicas": [Replica(url=u) for u in URLS]}
 def test_least_outstanding_spreads_and_releases_once() -> None:
     replicas = ReplicaSet()
     first, second, third = (replicas.acquire(DEPLOYMENT) for _ in range(3))
-    assert [first.replica.url, second.replica.url, third.replica.url] == \
-        ["http://r1", "http://r2", "http://r1"]
+    assert {first.replica.url, second.replica.url} == {"http://r1", "http://r2"}
     assert (first.concurrent, second.concurrent, third.concurrent) == (1, 1, 2)
+    third.release()
+    third.release()  # a stream's end and its disconnect may both release
+    assert replicas.outstanding[third.replica.url] == 1
     first.release()
-    first.release()  # a stream's end and its disconnect may both release
-    assert replicas.outstanding["http://r1"] == 1
-    assert replicas.acquire(DEPLOYMENT).replica.url == "http://r1"
+    assert replicas.acquire(DEPLOYMENT).replica.url == first.replica.url
+
+
+def test_ties_are_broken_at_random() -> None:
+    """Idle gateways must not all send their first request to the first listed replica."""
+    firsts = Counter(ReplicaSet().acquire(DEPLOYMENT).replica.url for _ in range(400))
+    assert set(firsts) == {"http://r1", "http://r2"} and min(firsts.values()) > 120
 
 
 def test_affinity_is_the_same_in_every_gateway_and_sticks() -> None:
@@ -73,3 +81,41 @@ def test_no_healthy_replica_is_a_503_with_retry_after() -> None:
     assert info.value.status == 503 and info.value.headers["retry-after"] == "1"
     with pytest.raises(GatewayError):
         ReplicaSet().acquire(DEPLOYMENT, exclude=set(URLS[:2]))  # both already tried
+
+
+def test_an_ejected_replica_gets_one_trial_request_after_the_ejection_time() -> None:
+    health = ReplicaHealth(eject_after=1, ejection_seconds=0.05)
+    replicas = ReplicaSet(health=health)
+    health.failure("http://r1")
+
+    def next_url() -> str:
+        lease = replicas.acquire(DEPLOYMENT)
+        lease.release()
+        return lease.replica.url
+
+    assert {next_url() for _ in range(10)} == {"http://r2"}
+    time.sleep(0.06)
+    assert next_url() == "http://r1"  # the trial
+    assert next_url() == "http://r2"  # one at a time, until the trial is answered
+    health.failure("http://r1")  # the trial failed: wait again
+    assert next_url() == "http://r2"
+    time.sleep(0.06)
+    assert next_url() == "http://r1"
+    health.success("http://r1")  # the trial passed: back in
+    assert {next_url() for _ in range(40)} == {"http://r1", "http://r2"}
+
+
+async def test_health_checks_outlive_a_probe_that_raises() -> None:
+    health = ReplicaHealth(eject_after=1)
+
+    async def probe(url: str, timeout: float) -> bool:
+        if "r1" in url:
+            raise ValueError("a URL nobody can parse")
+        return True
+
+    checker = HealthChecker(health, lambda: URLS[:2], probe, interval=0.01)
+    checker.start()
+    await asyncio.sleep(0.1)
+    assert checker._task is not None and not checker._task.done()
+    await checker.stop()
+    assert not health.is_healthy("http://r1") and health.is_healthy("http://r2")
