@@ -115,10 +115,10 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                            public_accounts=public)
         store.on_problem = lambda problem: metrics.registry_invalid.set(problem is not None)
         limiter = RedisLimiter(
-            client, settings.redis_prefix, slot_lifetime=settings.upstream_read_timeout + 60,
+            client, settings.redis_prefix,
             degraded=lambda reason, outcome: metrics.limiter_degraded.labels(
                 reason, outcome).inc())
-        ledger = RedisLedger(client, settings.redis_prefix)
+        ledger = RedisLedger(client, settings.redis_prefix, limiter=limiter)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.store.start()
+        await gateway.limiter.start()
         await gateway.ledger.start()
         checker = HealthChecker(
             gateway.replicas.health,
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         finally:
             await checker.stop()
             await gateway.ledger.stop()
+            await gateway.limiter.stop()
             await gateway.store.stop()
             await gateway.workers.aclose()
             if redis_client is not None:

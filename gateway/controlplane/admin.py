@@ -23,7 +23,7 @@ from gateway.controlplane.registry import (
     check_replica_url,
     hash_key,
 )
-from gateway.controlplane.usage import UsageTotals, totals_of
+from gateway.controlplane.usage import UsageTotals
 from gateway.dataplane.serving import Gateway
 from gateway.errors import GatewayError
 
@@ -237,4 +237,4 @@ async def set_limits(request: Request, account_id: str, limits: Limits) -> dict[
 
 @router.get("/usage")
 async def usage(request: Request) -> dict[str, dict[str, UsageTotals]]:
-    return {"accounts": totals_of(await _gateway(request).ledger.records())}
+    return {"accounts": await _gateway(request).ledger.totals()}

@@ -146,15 +146,15 @@ def set_limits(
 
 
 def usage_table(redis_url: str, prefix: str) -> str:
-    """Usage per account summed from the Redis stream, as a table."""
+    """Usage per account from the totals in Redis, as a table."""
     import redis.asyncio as aioredis
 
-    from gateway.controlplane.usage import read_records, totals_of
+    from gateway.controlplane.usage import read_totals
 
     async def read() -> dict[str, Any]:
         client = aioredis.from_url(redis_url)
         try:
-            return totals_of(await read_records(client, f"{prefix}usage"))
+            return await read_totals(client, prefix)
         finally:
             await client.aclose()
 

@@ -6,8 +6,10 @@ exactly the limit. Windows slide over the last 60 seconds in one-second buckets 
 account and kind: second -> amount) on Redis' own clock, so gateway clocks do not matter.
 Token limits reserve on admission (an estimate of the prompt, and max_tokens x n) and are
 settled with the real usage when the request ends (usage.py's finish script, atomically with
-the usage record). Concurrency is a sorted set of admitted requests scored by a deadline, so a
-gateway that dies holding slots frees them when the deadline passes.
+the usage record). Concurrency is a sorted set of admitted requests scored by a deadline,
+which the gateway holding the slot pushes forward while the request runs (`slot_lifetime`,
+refreshed every third of it), so a long stream keeps its slot and a gateway that dies holding
+slots frees them within one lifetime.
 
 Without Redis the same rules run in process (`LocalLimiter`). When Redis cannot be reached
 (connection refused or lost) the gateway admits without limits (availability first); when
@@ -18,6 +20,7 @@ is odd. Both are logged and counted (`fwgw_limiter_degraded{reason, outcome}`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -30,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.background import cancel
 from gateway.controlplane.registry import Account, Limits
 from gateway.errors import GatewayError
 
@@ -91,12 +95,17 @@ def exceeds(used: int, reserve: int, limit: int, *, counts: bool) -> bool:
 
 
 class Limiter(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
         """For an account with limits (serving.py skips the others)."""
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
-        """In-process settlement (the Redis limiter settles in usage.py's finish script)."""
+        """In-process settlement at the request's end (the Redis limiter settles in
+        usage.py's finish script; here it stops refreshing the slot)."""
 
 
 # KEYS: requests, prompt, generated (hashes second -> amount), concurrent (zset)
@@ -147,6 +156,15 @@ return {1, 0, 0, now, requests + 1, prompt + preserve, generated + greserve, con
 """
 
 
+# KEYS: concurrent zsets; ARGV: lifetime, then the slot (record id) in each
+REFRESH_LUA = """
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
+for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', deadline, ARGV[i + 1]) end
+return #KEYS
+"""
+
+
 def limit_keys(prefix: str, account: str) -> list[str]:
     base = f"{prefix}limits:{account}:"
     return [base + "requests", base + "prompt", base + "generated", base + "concurrent"]
@@ -159,12 +177,36 @@ def limits_unchecked(reason: str) -> GatewayError:
 
 class RedisLimiter:
     def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
-                 slot_lifetime: float = 900.0,
+                 slot_lifetime: float = 120.0,
                  degraded: Callable[[str, str], None] = lambda reason, outcome: None) -> None:
         self.prefix = prefix
         self.slot_lifetime = slot_lifetime
         self.degraded = degraded  # (reason, outcome) for the metric
         self._script = client.register_script(ADMIT_LUA)
+        self._refresh = client.register_script(REFRESH_LUA)
+        self.held: dict[str, str] = {}  # concurrency slots held here: record id -> account
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._keep_slots(), name="limit-slots")
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+    async def refresh_slots(self) -> None:
+        held = list(self.held.items())
+        if held:
+            await self._refresh(
+                keys=[limit_keys(self.prefix, account)[3] for _, account in held],
+                args=[self.slot_lifetime, *(record_id for record_id, _ in held)])
+
+    async def _keep_slots(self) -> None:
+        while True:
+            await asyncio.sleep(self.slot_lifetime / 3)
+            try:
+                await self.refresh_slots()
+            except Exception as exc:  # Redis away: the next round tries again
+                logger.warning("concurrency slots not refreshed: %r", exc)
 
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
@@ -207,14 +249,22 @@ class RedisLimiter:
         admission.generated_reserved = generated_tokens
         admission.bucket = bucket
         admission.headers = headers
+        if limits.concurrent_requests:
+            self.held[record_id] = account.id
         return admission
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
-        return None
+        self.held.pop(admission.record_id, None)
 
 
 class LocalLimiter:
     """The same windows in process, for a single gateway without Redis."""
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
 
     def __init__(self) -> None:
         # account -> deque of [time, prompt, generated] per admitted request

@@ -3,9 +3,13 @@
 With Redis a request's end is one Lua script that (a) claims the record id with SET NX, so a
 retried append after a lost reply or a Redis restart never counts twice, (b) settles the
 request's rate-limit reservation with the real token counts and frees its concurrency slot,
-and (c) XADDs the record to the `<prefix>usage` stream. Ends are queued in process and sent
-in order by one task that retries while Redis is unreachable, so nothing is lost either.
-Without Redis the record goes to the `gateway.usage` log and the in-process totals.
+(c) XADDs the record to the `<prefix>usage` stream and (d) adds it to the account's totals
+(`<prefix>usage:totals:<account>`, so that reading usage never reads the stream). Ends are
+queued in process and sent in order by one task that retries while Redis is unreachable.
+Nothing is dropped: past `max_pending` queued records the gateway refuses new requests with
+503 (`backlogged`) until Redis takes them, and records still queued at shutdown are written
+to the log in full. Without Redis the record goes to the `gateway.usage` log and the
+in-process totals.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from gateway.background import cancel
 from gateway.controlplane.limits import Admission, Limiter, limit_keys
@@ -53,38 +56,51 @@ class UsageTotals(BaseModel):
     by_status: dict[str, int] = {}
 
 
+    def add(self, record: UsageRecord) -> None:
+        self.requests += 1
+        self.prompt_tokens += record.prompt_tokens
+        self.cached_tokens += record.cached_tokens
+        self.completion_tokens += record.completion_tokens
+        self.by_status[record.status] = self.by_status.get(record.status, 0) + 1
+
+
 def totals_of(records: Iterable[UsageRecord]) -> dict[str, UsageTotals]:
     totals: dict[str, UsageTotals] = {}
     for record in records:
-        total = totals.setdefault(record.account, UsageTotals())
-        total.requests += 1
-        total.prompt_tokens += record.prompt_tokens
-        total.cached_tokens += record.cached_tokens
-        total.completion_tokens += record.completion_tokens
-        total.by_status[record.status] = total.by_status.get(record.status, 0) + 1
+        totals.setdefault(record.account, UsageTotals()).add(record)
     return totals
 
 
 class Ledger(Protocol):
     def finish(self, record: UsageRecord, admission: Admission) -> None: ...
 
+    @property
+    def backlogged(self) -> bool:
+        """Too many records wait for Redis: new requests are refused until they are in."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
-    async def records(self) -> list[UsageRecord]: ...
+    async def totals(self) -> dict[str, UsageTotals]: ...
 
 
 class LocalLedger:
     def __init__(self, limiter: Limiter, keep: int = 100_000) -> None:
         self.limiter = limiter
-        self.kept: deque[UsageRecord] = deque(maxlen=keep)
+        self.kept: deque[UsageRecord] = deque(maxlen=keep)  # the latest, for inspection
+        self._totals: dict[str, UsageTotals] = {}
 
     def finish(self, record: UsageRecord, admission: Admission) -> None:
         self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
         self.kept.append(record)
+        self._totals.setdefault(record.account, UsageTotals()).add(record)
         if logger.isEnabledFor(logging.INFO):
             logger.info("usage %s", record.model_dump_json())
+
+    @property
+    def backlogged(self) -> bool:
+        return False
 
     async def start(self) -> None:
         return None
@@ -92,13 +108,15 @@ class LocalLedger:
     async def stop(self) -> None:
         return None
 
-    async def records(self) -> list[UsageRecord]:
-        return list(self.kept)
+    async def totals(self) -> dict[str, UsageTotals]:
+        return {account: total.model_copy(deep=True) for account, total in self._totals.items()}
 
 
-# KEYS: done marker, prompt, generated, concurrent (limits.py), usage stream
+# KEYS: done marker, prompt, generated, concurrent (limits.py), usage stream, the account's
+#       totals (hash), the set of accounts with totals
 # ARGV: record id, bucket (-1: nothing reserved), prompt and generated: reserved, used;
-#       limited (1/0), stream max length, then the record's field/value pairs
+#       limited (1/0), stream max length, account, status, cached tokens, then the record's
+#       field/value pairs
 FINISH_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) then return 0 end
 local bucket = tonumber(ARGV[2])
@@ -118,7 +136,13 @@ elseif ARGV[7] == '1' then
   redis.call('EXPIRE', KEYS[2], 3600)
   redis.call('EXPIRE', KEYS[3], 3600)
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 12))
+redis.call('HINCRBY', KEYS[6], 'requests', 1)
+redis.call('HINCRBY', KEYS[6], 'prompt_tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[6], 'cached_tokens', ARGV[11])
+redis.call('HINCRBY', KEYS[6], 'completion_tokens', ARGV[6])
+redis.call('HINCRBY', KEYS[6], 'status:' .. ARGV[10], 1)
+redis.call('SADD', KEYS[7], ARGV[9])
 return 1
 """
 
@@ -132,19 +156,29 @@ def _fields(record: UsageRecord) -> list[str]:
 
 class RedisLedger:
     def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
-                 max_length: int = 10_000_000, max_pending: int = 1_000_000) -> None:
+                 max_length: int = 10_000_000, max_pending: int = 100_000,
+                 limiter: Limiter | None = None) -> None:
         self.redis = client
         self.prefix = prefix
         self.stream = f"{prefix}usage"
         self.max_length = max_length
+        self.max_pending = max_pending
+        self.limiter = limiter
         self._script = client.register_script(FINISH_LUA)
-        self.pending: deque[tuple[UsageRecord, Admission]] = deque(maxlen=max_pending)
+        # Never bounded by dropping: admission stops while it is too long (`backlogged`).
+        self.pending: deque[tuple[UsageRecord, Admission]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def finish(self, record: UsageRecord, admission: Admission) -> None:
+        if self.limiter is not None:  # in-process bookkeeping; Redis settles in the script
+            self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
         self.pending.append((record, admission))
         self._wake.set()
+
+    @property
+    def backlogged(self) -> bool:
+        return len(self.pending) >= self.max_pending
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._send(), name="usage-ledger")
@@ -155,8 +189,10 @@ class RedisLedger:
         while self.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.pending:
-            logger.error("%d usage records not written (Redis unreachable at shutdown)",
-                         len(self.pending))
+            logger.error("%d usage records not written to Redis (unreachable at shutdown); "
+                         "here they are:", len(self.pending))
+            for record, _ in self.pending:
+                logger.error("usage %s", record.model_dump_json())
         await cancel(self._task)
 
     async def _send(self) -> None:
@@ -168,9 +204,9 @@ class RedisLedger:
                 record, admission = self.pending[0]
                 try:
                     await self._append(record, admission)
-                except (RedisError, OSError) as exc:
+                except Exception as exc:  # Redis down, or anything else: keep the record
                     if not failing:
-                        logger.warning("usage records queued until Redis is back: %r", exc)
+                        logger.warning("usage records queued until Redis takes them: %r", exc)
                     failing = True
                     await asyncio.sleep(0.5)
                     continue
@@ -181,14 +217,35 @@ class RedisLedger:
         bucket = admission.bucket if admission.bucket is not None else -1
         await self._script(
             keys=[f"{self.prefix}usage:done:{record.record_id}",
-                  *limit_keys(self.prefix, record.account)[1:], self.stream],
+                  *limit_keys(self.prefix, record.account)[1:], self.stream,
+                  f"{self.prefix}usage:totals:{record.account}", f"{self.prefix}usage:accounts"],
             args=[record.record_id, bucket,
                   admission.prompt_reserved, record.prompt_tokens,
                   admission.generated_reserved, record.completion_tokens,
-                  1 if admission.limited else 0, self.max_length, *_fields(record)])
+                  1 if admission.limited else 0, self.max_length, record.account,
+                  record.status, record.cached_tokens, *_fields(record)])
 
-    async def records(self) -> list[UsageRecord]:
-        return await read_records(self.redis, self.stream)
+    async def totals(self) -> dict[str, UsageTotals]:
+        return await read_totals(self.redis, self.prefix)
+
+
+async def read_totals(client: aioredis.Redis, prefix: str) -> dict[str, UsageTotals]:
+    """Every account's usage totals: one hash per account, never the whole stream."""
+    accounts = sorted(_text(a) for a in await client.smembers(f"{prefix}usage:accounts"))
+    async with client.pipeline(transaction=False) as pipe:
+        for account in accounts:
+            pipe.hgetall(f"{prefix}usage:totals:{account}")
+        hashes = await pipe.execute()
+    totals: dict[str, UsageTotals] = {}
+    for account, fields in zip(accounts, hashes, strict=True):
+        values = {_text(k): int(v) for k, v in fields.items()}
+        totals[account] = UsageTotals(
+            requests=values.get("requests", 0), prompt_tokens=values.get("prompt_tokens", 0),
+            cached_tokens=values.get("cached_tokens", 0),
+            completion_tokens=values.get("completion_tokens", 0),
+            by_status={k.removeprefix("status:"): v for k, v in values.items()
+                       if k.startswith("status:")})
+    return totals
 
 
 async def read_records(client: aioredis.Redis, stream: str,

@@ -50,7 +50,7 @@ async def _vocabulary(texts: TokenTexts, exchange: Exchange, attempt: Attempt,
     ids: set[int] = set()
     for choice in payload["choices"]:
         ids |= token_ids_in(choice.get("logprobs"))
-    return await texts.texts(exchange.deployment, attempt.worker_url, ids)
+    return await texts.texts(exchange.route.deployment.model, attempt.worker_url, ids)
 
 
 def _expect(answer: WorkerAnswer, content_type: str) -> None:

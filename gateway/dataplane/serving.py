@@ -83,6 +83,9 @@ async def admit(gateway: Gateway, account: Account, route: Route,
         encoded = orjson.dumps(worker_body)
     except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
         raise GatewayError(400, "The request cannot be encoded: it nests too deeply") from exc
+    if gateway.ledger.backlogged:
+        raise GatewayError(503, "Usage records cannot be written at the moment; new requests "
+                                "are refused until they can", headers={"retry-after": "5"})
     record_id = new_record_id()
     admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
     if account.limits.any():

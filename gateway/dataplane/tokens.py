@@ -13,15 +13,17 @@ from gateway.fireworks.worker_answer import WorkerFault
 
 
 class TokenTexts:
-    """Per-deployment cache of token id -> text, filled from the worker's /detokenize."""
+    """Per-model cache of token id -> text, filled from the worker's /detokenize. Keyed by
+    the model (what the tokenizer depends on), so a deployment that changes model does not
+    keep the old model's texts."""
 
     def __init__(self, client: WorkerClient) -> None:
         self.client = client
         self.vocabularies: dict[str, dict[int, str]] = {}
 
-    async def texts(self, deployment: str, worker_url: str, ids: Iterable[int]
+    async def texts(self, model: str, worker_url: str, ids: Iterable[int]
                     ) -> dict[int, str]:
-        vocabulary = self.vocabularies.setdefault(deployment, {})
+        vocabulary = self.vocabularies.setdefault(model, {})
         missing = sorted({i for i in ids if i not in vocabulary})
         if missing:
             decoded = await asyncio.gather(*[self.detokenize(worker_url, [i])

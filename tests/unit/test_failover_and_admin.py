@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from gateway.app import create_app
@@ -273,3 +274,15 @@ async def test_redis_down_at_start_serves_the_file_and_refuses_admin_changes(
         ledger.pending.clear()  # (so that shutdown does not wait for it)
     assert served.status_code == 200
     assert change.status_code == 503 and change.headers["retry-after"] == "1"
+
+
+async def test_requests_are_refused_while_usage_records_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway_app = app(tmp_path, lambda r: httpx.Response(200, json=COMPLETION))
+    ledger = gateway_app.state.gateway.ledger
+    monkeypatch.setattr(type(ledger), "backlogged", property(lambda self: True))
+    async with Client(gateway_app) as client:
+        refused = await client.post("/v1/completions", headers=auth(KEY),
+                                    json={"model": MODEL, "prompt": "x"})
+    assert refused.status_code == 503 and "Usage records" in refused.json()["error"]["message"]
+    assert gateway_app.workers.served.requests == [] and not ledger.kept

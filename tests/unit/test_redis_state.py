@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from gateway.controlplane.limits import Admission, RedisLimiter, limit_keys
 from gateway.controlplane.registry import Account, Deployment, Limits, RegistryData, Replica
 from gateway.controlplane.store import RedisStore
-from gateway.controlplane.usage import RedisLedger, UsageRecord, read_records
+from gateway.controlplane.usage import RedisLedger, UsageRecord, read_records, totals_of
 from gateway.errors import GatewayError
 from tests.redis_server import RedisServer
 
@@ -203,23 +203,47 @@ async def test_each_record_is_appended_once_even_when_sent_again(
     records = await read_records(client, f"{prefix}usage")
     assert sorted(r.record_id for r in records) == [f"r{n}" for n in range(5)]
     assert sum(r.completion_tokens for r in records) == 20
+    # The totals are kept as records are appended (once each), not summed from the stream.
+    totals = await ledger.totals()
+    assert totals == totals_of(records)
+    assert totals["acme"].requests == 5 and totals["acme"].by_status == {"ok": 5}
     await ledger.stop()
 
 
 async def test_records_wait_while_redis_is_unreachable(client: aioredis.Redis,
                                                        prefix: str) -> None:
-    ledger = RedisLedger(dead_client(), prefix)
+    ledger = RedisLedger(dead_client(), prefix, max_pending=3)
     await ledger.start()
-    ledger.finish(record("x", "acme", 1, 1), Admission("x", "acme"))
+    for n in range(5):  # past max_pending: refused admissions, never dropped records
+        assert ledger.backlogged == (n >= 3)
+        ledger.finish(record(f"x{n}", "acme", 1, 1), Admission(f"x{n}", "acme"))
     await asyncio.sleep(0.3)
-    assert len(ledger.pending) == 1  # kept, not dropped
+    assert len(ledger.pending) == 5 and ledger.backlogged
     await ledger.redis.aclose()
     ledger.redis = client
     ledger._script = client.register_script(ledger._script.script)
     ledger._wake.set()
     await wait_empty(ledger)
-    assert [r.record_id for r in await read_records(client, f"{prefix}usage")] == ["x"]
+    assert [r.record_id for r in await read_records(client, f"{prefix}usage")] == \
+        [f"x{n}" for n in range(5)]
+    assert not ledger.backlogged
     await ledger.stop()
+
+
+async def test_a_running_request_keeps_its_concurrency_slot(client: aioredis.Redis,
+                                                            prefix: str) -> None:
+    limiter = RedisLimiter(client, prefix, slot_lifetime=0.6)
+    await limiter.start()  # refreshes every 0.2 s
+    account = Account(id="acme", limits=Limits(concurrent_requests=1))
+    running = await limiter.admit(account, 1, 1, "long")
+    await asyncio.sleep(1.2)  # twice the lifetime
+    with pytest.raises(GatewayError) as busy:
+        await limiter.admit(account, 1, 1, "next")
+    assert busy.value.status == 429
+    limiter.settle(running, 1, 1)  # ended here; this gateway stops refreshing it
+    await limiter.stop()
+    await asyncio.sleep(0.7)  # (its finish script would free it at once; lost, it expires)
+    await limiter.admit(account, 1, 1, "next")
 
 
 async def test_huge_reservations_do_not_open_the_limits(client: aioredis.Redis,
