@@ -133,6 +133,18 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     return gateway, client
 
 
+def configure_logging(level: str) -> None:
+    """The gateway's own loggers (`gateway.*`: usage lines without Redis, replica health,
+    worker faults) to stderr; uvicorn configures only its own."""
+    root = logging.getLogger("gateway")
+    root.setLevel(level.upper())
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+
+
 def create_app(settings: Settings | None = None) -> ASGIApp:
     """The gateway: the inference endpoints in front of the FastAPI app for the rest."""
     settings = settings or Settings()
@@ -194,9 +206,12 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> Response:
-        # Only admin changes and usage reads wait on Redis; requests never do.
+        # Only admin changes and usage reads wait on Redis; requests never do. Where Redis
+        # is (host, port) goes to the log, not to the client.
+        logger.warning("admin request failed, Redis unreachable: %r", exc)
         return _error_response(request, GatewayError(
-            503, f"Redis is unreachable: {exc}", headers={"retry-after": "1"}))
+            503, "The shared state store (Redis) is unreachable; retry",
+            headers={"retry-after": "1"}))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -211,6 +226,13 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
     return GatewayApp(RequestIdMiddleware(InferenceRoutes(Edge(app, settings), gateway, PREFIXES)),
                       app)
+
+
+def serve_app() -> ASGIApp:
+    """The app as a server process runs it (uvicorn's factory): logging set up first."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 class GatewayApp:

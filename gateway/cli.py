@@ -40,7 +40,7 @@ def serve(
                                  "Redis: set GATEWAY_REDIS_URL, or run one process",
                                  param_hint="--workers")
     raise_open_files_limit()
-    uvicorn.run("gateway.app:create_app", factory=True, host=settings.host,
+    uvicorn.run("gateway.app:serve_app", factory=True, host=settings.host,
                 port=settings.port, workers=settings.workers, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=30,
                 # bounds on what a client can hold open (gateway/edge.py)

@@ -67,7 +67,7 @@ class GatewayMetrics:
                                      "1 when the replica takes traffic, 0 when ejected",
                                      "replica")
         self.rate_limited = counter("rate_limit_rejections", "Requests refused by a rate limit",
-                                    "limit")
+                                    "deployment", "limit")
         self.limiter_degraded = counter(
             "limiter_degraded", "Admissions whose rate limits could not be checked in Redis, "
             "by reason and what was done (admitted or refused)", "reason", "outcome")

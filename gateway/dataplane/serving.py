@@ -52,11 +52,26 @@ class Gateway:
     started_at: float
 
 
+# What a worker counts for one image, video or audio part, before it has counted: a typical
+# vision encoder's image is 256-2,048 tokens. (Counting its base64 text as characters / 4
+# would reserve ~250k tokens for a 1 MB image.) The real count settles the reservation.
+MEDIA_TOKENS = 1024
+
+
 def prompt_estimate(body: ChatCompletionRequest | CompletionRequest) -> int:
     """Tokens to reserve for the prompt before the worker has counted them: about four
-    characters per token (token-id prompts count exactly). Settled with the real count."""
+    characters per token of text, MEDIA_TOKENS per image, video or audio part (token-id
+    prompts count exactly). Settled with the real count."""
     if isinstance(body, ChatCompletionRequest):
-        return sum(len(str(m.content or "")) // 4 + 4 for m in body.messages)
+        total = 0
+        for message in body.messages:
+            total += 4
+            if isinstance(message.content, list):
+                total += sum(len(part.text or "") // 4 if part.type == "text" else MEDIA_TOKENS
+                             for part in message.content)
+            elif message.content is not None:
+                total += len(message.content) // 4
+        return total
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     if prompts and all(isinstance(p, int) for p in prompts):
         return len(prompts)
@@ -95,7 +110,7 @@ async def admit(gateway: Gateway, account: Account, route: Route,
             admission = await gateway.limiter.admit(account, prompt_estimate(body),
                                                     generated * plan.n, record_id)
         except RateLimited as exc:
-            gateway.metrics.rate_limited.labels(exc.kind).inc()
+            gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
             raise
     return Exchange(gateway, account, route, admission, request_id, endpoint, plan,
                     worker_body, encoded)

@@ -224,3 +224,31 @@ def test_requests_succeed_while_2000_idle_connections_are_open(gateway: Gateway)
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_without_redis_usage_records_go_to_the_log(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    registry = tmp_path_factory.mktemp("logs") / "registry.yaml"
+    registry.write_text(yaml.safe_dump({
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
+        "deployments": [{"id": "d", "account": "fireworks", "default": True,
+                         "model": "accounts/fireworks/models/m",
+                         "replicas": [{"url": f"http://127.0.0.1:{free_port()}"}]}]}))
+    port = free_port()
+    child = start_gateway(registry, port, health_check_interval="0", log_level="info")
+    try:
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=10,
+                              headers={"authorization": f"Bearer {KEY}",
+                                       "x-request-id": "logged-1"},
+                              json={"model": "accounts/fireworks/models/m", "prompt": "x"})
+        assert response.status_code == 503  # no worker there: a failed, recorded request
+        assert "127.0.0.1" not in response.text  # where the worker is stays in the log
+        deadline = time.monotonic() + 5
+        while '"request_id":"logged-1"' not in child.log_tail(200):
+            assert time.monotonic() < deadline, child.log_tail(50)
+            time.sleep(0.1)
+        line = next(line for line in child.log_tail(200).splitlines()
+                    if '"request_id":"logged-1"' in line)
+        assert "gateway.usage" in line and '"status":"error"' in line
+    finally:
+        child.stop()

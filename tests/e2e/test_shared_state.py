@@ -251,6 +251,10 @@ def test_redis_restart_under_load(pair: Pair) -> None:
     time.sleep(2.0)
     before = len(results)
     pair.redis.stop()
+    outage = httpx.get(f"{pair.urls[0]}/admin/v1/usage", timeout=10,
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert outage.status_code == 503
+    assert str(pair.redis.port) not in outage.text  # where Redis is stays in the log
     time.sleep(3.0)
     during = len(results)
     pair.redis.start()
