@@ -187,3 +187,35 @@ def test_admin_key_comes_from_its_own_secret_and_settings_parse(
     defaults = render()  # no admin key configured: no admin Secret, no admin API
     bundled = find(defaults, "Deployment", "rel-fireworks-gateway-gateway")[0]
     assert "GATEWAY_ADMIN_KEY" not in {e["name"] for e in container(bundled)["env"]}
+
+
+def test_edge_limits_reach_the_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import Settings
+
+    values = yaml.safe_load(yaml.safe_dump(THREE))
+    values["gateway"] = {"edge": {"maxBodyBytes": 1 << 20, "headerTimeoutSeconds": 3}}
+    gateway = find(render(values), "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    for name, value in env.items():
+        if name.startswith(("GATEWAY_MAX", "GATEWAY_BODY", "GATEWAY_HEADER", "GATEWAY_KEEP")):
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.max_body_bytes == 1 << 20 and settings.header_timeout == 3
+    defaults = {e["name"]: e.get("value") for e in container(find(
+        render(), "Deployment", "rel-fireworks-gateway-gateway")[0])["env"]}
+    assert defaults["GATEWAY_MAX_BODY_BYTES"] == str(Settings.model_fields[
+        "max_body_bytes"].default)
+    assert defaults["GATEWAY_MAX_CONNECTIONS"] == "4096"
+
+
+def test_the_service_monitor_scrapes_with_the_admin_key() -> None:
+    values = yaml.safe_load(yaml.safe_dump(THREE))
+    values["serviceMonitor"] = {"enabled": True, "interval": "30s", "labels": {}}
+    objects = render(values)
+    monitor = find(objects, "ServiceMonitor")[0]
+    credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
+    secret = find(objects, "Secret", credentials["name"])[0]
+    assert credentials["key"] in secret["stringData"]
+    values["admin"] = {"key": "", "existingSecret": ""}
+    with pytest.raises(Exception, match=r"admin\.key"):
+        render(values)
