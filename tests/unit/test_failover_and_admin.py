@@ -118,7 +118,7 @@ async def test_local_limits_and_usage_records(tmp_path: Path) -> None:
     for line in (f'fwgw_requests_total{{code="200",{deployment},endpoint="/v1/completions"}} 2.0',
                  f'fwgw_requests_total{{code="429",{deployment},endpoint="/v1/completions"}} 1.0',
                  'fwgw_requests_total{code="404",deployment="",endpoint="/v1/completions"} 1.0',
-                 'fwgw_rate_limit_rejections_total{deployment="accounts/fireworks/deployments/d",limit="requests"} 1.0',
+                 f'fwgw_rate_limit_rejections_total{{{deployment},limit="requests"}} 1.0',
                  f'fwgw_tokens_total{{{deployment},kind="completion"}} 4.0',  # sorted labels
                  f'fwgw_requests_in_flight{{{deployment}}} 0.0'):
         assert line in metrics, line
