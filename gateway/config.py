@@ -54,11 +54,11 @@ class Settings(BaseSettings):
     repetition_penalty_native: bool = False
     log_level: str = "info"
     # The edge (README, "Limits at the edge"): the largest request body (bytes) and the most
-    # seconds between two parts of it; the most seconds for a request's headers to arrive
-    # and their largest size; how long an idle keep-alive connection stays open; how many
+    # seconds for it to arrive after the headers; the most seconds for a request's headers
+    # to arrive and their largest size; how long an idle keep-alive connection stays open; how many
     # connections one server process holds.
     max_body_bytes: int = 32 << 20
-    body_timeout: float = 30.0
+    body_timeout: float = 60.0
     header_timeout: float = 10.0
     max_header_bytes: int = 32 << 10
     keep_alive_timeout: int = 5

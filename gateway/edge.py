@@ -2,14 +2,15 @@
 
 Two layers, both configured by Settings (README, "Limits at the edge"):
 - `EdgeProtocol`, the HTTP server protocol (uvicorn's httptools one plus bounds): a request's
-  headers must arrive within `header_timeout` and fit in `max_header_bytes` (else 408 or 431
-  and the connection closes); a connection idle between requests closes after
-  `keep_alive_timeout` (uvicorn's own timer); connections beyond `max_connections` are
-  closed as they come.
+  headers must arrive within `header_timeout` and fit in `max_header_bytes`, its body within
+  `body_timeout` after them (else 408 or 431, and the connection closes); a connection idle
+  between requests closes after `keep_alive_timeout` (uvicorn's own timer); connections
+  beyond `max_connections` are closed as they come. (Timers live here, not in the ASGI
+  layer, so that the common request, whose body came with its headers, arms none.)
 - `Edge`, an ASGI layer: the admin key is checked (for `/admin/` and `/metrics`) before any
   byte of the body is read; a declared body over `max_body_bytes` is a 413 before reading; a
-  body is read at most to that limit, each part within `body_timeout`. A refusal before the
-  body was read closes the connection, so the rest of the body is never read.
+  body is read at most to that limit. A refusal before the body was read closes the
+  connection, so the rest of the body is never read.
 The inference routes read their body with `read_body` after checking the account's key.
 """
 
@@ -64,16 +65,11 @@ def check_declared_length(headers: Mapping[str, str], settings: Settings) -> Non
 
 
 async def read_body(receive: Receive, settings: Settings) -> bytes:
-    """The request body, bounded in size and in time between its parts. A client that
-    leaves while sending it cancels the request (CancelledError: nothing was admitted)."""
+    """The request body, bounded in size (in time by EdgeProtocol). A client that leaves
+    while sending it cancels the request (CancelledError: nothing was admitted)."""
     parts, size = [], 0
     while True:
-        try:
-            async with asyncio.timeout(settings.body_timeout):
-                message = await receive()
-        except TimeoutError:
-            raise GatewayError(408, "The request body did not arrive in time",
-                               headers=CLOSE) from None
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise asyncio.CancelledError
         body = message.get("body", b"")
@@ -109,22 +105,14 @@ class Edge:
         await self.app(scope, self._bounded(receive), send)
 
     def _bounded(self, receive: Receive) -> Receive:
-        settings, size, done = self.settings, 0, False
+        limit, size = self.settings.max_body_bytes, 0
 
         async def bounded_receive() -> Message:
-            nonlocal size, done
-            if done:  # the body is in; what is left is waiting for the disconnect
-                return await receive()
-            try:
-                async with asyncio.timeout(settings.body_timeout):
-                    message = await receive()
-            except TimeoutError:
-                raise GatewayError(408, "The request body did not arrive in time",
-                                   headers=CLOSE) from None
+            nonlocal size
+            message = await receive()
             size += len(message.get("body", b""))
-            if size > settings.max_body_bytes:
-                raise too_large(settings)
-            done = not message.get("more_body", False)
+            if size > limit:
+                raise too_large(self.settings)
             return message
         return bounded_receive
 
@@ -147,6 +135,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.header_bytes = 0
         self.reading_headers = False
         self.header_timer: asyncio.TimerHandle | None = None
+        self.body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -175,8 +164,24 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.reading_headers and not self.transport.is_closing():
             self._refuse(408, "The request headers did not arrive in time")
 
+    def _body_late(self) -> None:
+        self.body_timer = None
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
+            return
+        if cycle.response_started:
+            self.transport.close()
+        else:  # the app waits on receive(): it sees the disconnect and answers nothing
+            self._refuse(408, "The request body did not arrive in time")
+
+    def _body_done(self) -> None:
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
+
     def _refuse(self, status: int, message: str) -> None:
         self._headers_done()
+        self._body_done()
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         body = b'{"error":{"object":"error","type":"invalid_request_error","code":"%s",' \
                b'"message":"%s"}}' % (str(status).encode(), message.encode())
@@ -189,10 +194,20 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self.reading_headers and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()  # the first bytes of the next request on this connection
         super().data_received(data)
-        if self.reading_headers and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.reading_headers:
             self.header_bytes += len(data)
             if self.header_bytes > self.edge.max_header_bytes:
                 self._refuse(431, "The request headers are too large")
+        elif self.body_timer is None and self.cycle is not None and self.cycle.more_body \
+                and not self.cycle.response_complete:
+            # headers in, body still on its way
+            self.body_timer = self.loop.call_later(self.edge.body_timeout, self._body_late)
+
+    def on_message_complete(self) -> None:
+        self._body_done()
+        super().on_message_complete()
 
     def on_headers_complete(self) -> None:
         self._headers_done()
@@ -200,6 +215,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
+        self._body_done()
         super().connection_lost(exc)
 
 
