@@ -4,7 +4,7 @@ Per step and row, on temperature-scaled logits z:
     keep the tokens whose surprise -log2 p(z) is at most mu (the argmax always stays),
     renormalise, sample x, observe s = -log2 p_kept(x), and mu_next = mu - eta * (s - tau).
 
-Design ("sample, force, commit later"; see shared/notes/vllm-logits-processors.md 5.2): the
+Design ("sample, force, commit later", because vLLM may discard or override a sample): the
 processor samples x itself and rewrites the row to one-hot, so vLLM's own sampler emits x and
 every other truncation is neutralised. mu_next is only *pending*: it is committed at the next
 step if and only if the token really emitted at that position is x. Discarded chunked-prefill

@@ -3,7 +3,7 @@
 MRV2 keys state by a request *slot* that is stable for the request's lifetime, calls `apply`
 before temperature (so Mirostat scales by 1/T itself) and after penalties, and still samples
 rows of unfinished chunked prefills (recognised by pos + 1 < prefill_len) only to throw the
-sample away. See shared/notes/vllm-logits-processors.md 1.3-1.4 and 5.4.
+sample away.
 
 Unit-tested on CPU with fake request state; until it has run on a GPU the launcher selects
 the V1 runner when the plugins are loaded.

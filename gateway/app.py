@@ -41,7 +41,7 @@ from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("gateway")
 
-# Every inference route is served under each of these (spec 1.1; the doubled forms are what
+# Every inference route is served under each of these (the doubled forms are what
 # the SDKs produce from common base URLs).
 PREFIXES = ("/inference/v1", "/v1", "/inference/v1/v1", "/v1/v1")
 

@@ -1,7 +1,8 @@
 """The Fireworks error envelope and the exception that carries it.
 
 Every failure leaves the gateway as `{"error": {object, type, code, message, param?},
-"request_id"}` with a real HTTP status (spec section 5.2): validation is 400, never 422.
+"request_id"}` with a real HTTP status (docs/fireworks-api.md, "Errors"): validation is 400,
+never 422.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def error_envelope(
 
 
 def stream_error_event(status: int, message: str, response_id: str) -> bytes:
-    """The mid-stream failure event (spec 5.4): `event: error`, then `data: [DONE]`."""
+    """The mid-stream failure event: `event: error`, then `data: [DONE]`."""
     payload = error_envelope(status, message)
     payload["error"]["status_code"] = status
     payload["id"] = response_id

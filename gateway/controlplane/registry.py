@@ -54,8 +54,8 @@ class Replica(Record):
 
 
 class Limits(Record):
-    """An account's rate limits; 0 means unlimited. Token limits count per minute (spec 4.3:
-    the per-minute reading of Fireworks' headers)."""
+    """An account's rate limits; 0 means unlimited. Token limits count per minute (the
+    per-minute reading of Fireworks' rate-limit headers)."""
 
     requests_per_minute: int = Field(default=0, ge=0)
     prompt_tokens_per_minute: int = Field(default=0, ge=0)
@@ -73,7 +73,7 @@ class Deployment(Record):
     model: str  # the model resource name, e.g. accounts/fireworks/models/smollm2-135m-instruct
     default: bool = False  # the target for requests that name only the model
     context_length: int | None = Field(default=None, gt=0)
-    # Per-deployment defaults when the client sends no max_tokens (spec section 8 Q1).
+    # Per-deployment defaults when the client sends no max_tokens.
     max_tokens_chat: int = Field(default=2048, ge=0)
     max_tokens_completion: int = Field(default=16, ge=0)
     # The sampling keys of the model's generation_config.json (temperature, top_p, top_k,

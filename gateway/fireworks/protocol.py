@@ -1,4 +1,4 @@
-"""Fireworks request models (spec section 2), kept apart from behaviour.
+"""Fireworks request models (docs/fireworks-api.md), kept apart from behaviour.
 
 Validation is strict, like Fireworks: an unknown field is a 400 naming it. Ranges are the
 documented ones; `None` always means "use the default".

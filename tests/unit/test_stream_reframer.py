@@ -1,4 +1,4 @@
-"""Usage placement in streams (spec 3.4 / Q4) on fake worker chunks."""
+"""Usage placement in streams (docs/fireworks-api.md, "Streaming") on fake worker chunks."""
 
 from __future__ import annotations
 
