@@ -9,14 +9,15 @@ within `registry_poll_interval`.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from gateway.controlplane.registry import (
     Account,
     Deployment,
+    DeploymentSettings,
     Limits,
     RegistryData,
     Replica,
@@ -36,20 +37,8 @@ def _gateway(request: Request) -> Gateway:
 router = APIRouter()
 
 
-class DeploymentSpec(BaseModel):
-    """A deployment as the admin API takes it: the path names its account and id."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    model: str
-    default: bool = False
-    context_length: int | None = Field(default=None, gt=0)
-    max_tokens_chat: int = Field(default=2048, ge=0)
-    max_tokens_completion: int = Field(default=16, ge=0)
-    generation_config: dict[str, float] = Field(default_factory=dict)
-    tool_parser: str | None = None
-    replicas: list[Replica] = Field(default_factory=list)
-    state: Literal["ready", "disabled"] = "ready"
+# A deployment as the admin API takes it: its settings (the path names its account and id).
+DeploymentSpec = DeploymentSettings
 
 
 class ReplicaSpec(BaseModel):

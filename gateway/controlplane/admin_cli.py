@@ -13,6 +13,8 @@ import httpx
 import orjson
 import typer
 
+from gateway.controlplane.registry import DeploymentSettings
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Manage deployments, replicas, API keys and limits through the admin API.")
 deployments = typer.Typer(no_args_is_help=True, help="Deployments of an account.")
@@ -55,6 +57,16 @@ def list_deployments(account: str, url: str = URL, admin_key: str = KEY) -> None
     call("GET", url, admin_key, f"/accounts/{account}/deployments")
 
 
+def _default(field: str) -> str:
+    return f"default {DeploymentSettings.model_fields[field].default}"
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """Only the options that were given: the rest take the defaults of the one deployment
+    schema (registry.DeploymentSettings), applied by the gateway."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 @deployments.command("put")
 def put_deployment(
     account: str, deployment: str,
@@ -62,16 +74,21 @@ def put_deployment(
     replica: list[str] = typer.Option([], help="a worker URL; repeat for several"),
     default: bool = typer.Option(False, help="the model's default deployment"),
     context_length: int | None = typer.Option(None),
-    max_tokens_chat: int = typer.Option(2048),
-    max_tokens_completion: int = typer.Option(16),
+    max_tokens_chat: int | None = typer.Option(None, help=_default("max_tokens_chat")),
+    max_tokens_completion: int | None = typer.Option(
+        None, help=_default("max_tokens_completion")),
     tool_parser: str | None = typer.Option(None, help="the workers' --tool-call-parser"),
+    reasoning_parser: str | None = typer.Option(None, help="the workers' --reasoning-parser"),
+    priority_scheduling: bool = typer.Option(
+        False, help="the workers run --scheduling-policy priority"),
     url: str = URL, admin_key: str = KEY,
 ) -> None:
     """Create a deployment, or replace it."""
-    call("PUT", url, admin_key, f"/accounts/{account}/deployments/{deployment}", {
+    call("PUT", url, admin_key, f"/accounts/{account}/deployments/{deployment}", _given({
         "model": model, "replicas": [{"url": u} for u in replica], "default": default,
         "context_length": context_length, "max_tokens_chat": max_tokens_chat,
-        "max_tokens_completion": max_tokens_completion, "tool_parser": tool_parser})
+        "max_tokens_completion": max_tokens_completion, "tool_parser": tool_parser,
+        "reasoning_parser": reasoning_parser, "priority_scheduling": priority_scheduling}))
 
 
 @deployments.command("update")
@@ -82,14 +99,18 @@ def update_deployment(
     context_length: int | None = typer.Option(None),
     max_tokens_chat: int | None = typer.Option(None),
     max_tokens_completion: int | None = typer.Option(None),
+    tool_parser: str | None = typer.Option(None),
+    reasoning_parser: str | None = typer.Option(None),
+    priority_scheduling: bool | None = typer.Option(
+        None, "--priority-scheduling/--no-priority-scheduling"),
     url: str = URL, admin_key: str = KEY,
 ) -> None:
     """Change some fields of a deployment."""
-    fields = {"default": default, "state": state, "context_length": context_length,
-              "max_tokens_chat": max_tokens_chat,
-              "max_tokens_completion": max_tokens_completion}
-    call("PATCH", url, admin_key, f"/accounts/{account}/deployments/{deployment}",
-         {k: v for k, v in fields.items() if v is not None})
+    call("PATCH", url, admin_key, f"/accounts/{account}/deployments/{deployment}", _given({
+        "default": default, "state": state, "context_length": context_length,
+        "max_tokens_chat": max_tokens_chat, "max_tokens_completion": max_tokens_completion,
+        "tool_parser": tool_parser, "reasoning_parser": reasoning_parser,
+        "priority_scheduling": priority_scheduling}))
 
 
 @deployments.command("delete")

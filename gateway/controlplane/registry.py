@@ -67,9 +67,11 @@ class Limits(Record):
                     self.generated_tokens_per_minute, self.concurrent_requests))
 
 
-class Deployment(Record):
-    id: str
-    account: str
+class DeploymentSettings(Record):
+    """Everything about a deployment but its name: the one schema, with its validation and
+    defaults, for the registry file, the admin API (whose path names the deployment) and the
+    CLI (whose unset options fall back to these defaults)."""
+
     model: str  # the model resource name, e.g. accounts/fireworks/models/smollm2-135m-instruct
     default: bool = False  # the target for requests that name only the model
     context_length: int | None = Field(default=None, gt=0)
@@ -79,11 +81,21 @@ class Deployment(Record):
     # The sampling keys of the model's generation_config.json (temperature, top_p, top_k,
     # min_p, typical_p, repetition_penalty): defaults for what the client does not send.
     generation_config: dict[str, float] = Field(default_factory=dict)
-    # The worker's vLLM --tool-call-parser; None: requests with tools get a 400.
+    # The workers' vLLM --tool-call-parser; None: requests with tools get a 400.
     tool_parser: str | None = None
+    # The workers' vLLM --reasoning-parser; None: requests that ask for reasoning get a 400.
+    reasoning_parser: str | None = None
+    # The workers run vLLM's priority scheduler (--scheduling-policy priority), so
+    # service_tier "priority" is served first; elsewhere it is reported as ignored.
+    priority_scheduling: bool = False
     replicas: list[Replica] = Field(default_factory=list)
     # "ready" serves; "disabled" answers 503 (kept, e.g. while its workers are replaced).
     state: Literal["ready", "disabled"] = "ready"
+
+
+class Deployment(DeploymentSettings):
+    id: str
+    account: str
 
     @property
     def name(self) -> str:

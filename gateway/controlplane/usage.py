@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
@@ -46,6 +47,7 @@ class UsageRecord(BaseModel):
     ttft_ms: float | None = None
     duration_ms: float = 0.0
     time: float  # unix seconds at the end
+    metadata: dict[str, str] | None = None  # the request's `metadata`, as the client sent it
 
 
 class UsageTotals(BaseModel):
@@ -150,7 +152,8 @@ return 1
 def _fields(record: UsageRecord) -> list[str]:
     fields: list[str] = []
     for key, value in record.model_dump().items():
-        fields += [key, "" if value is None else str(value)]
+        text = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+        fields += [key, "" if value is None else text]
     return fields
 
 
@@ -256,9 +259,12 @@ async def read_records(client: aioredis.Redis, stream: str,
         entries: Any = await client.xrange(
             stream, min=start, count=page) or []
         for _, fields in entries:
-            values = {_text(k): _text(v) for k, v in fields.items()}
-            if values.get("ttft_ms") == "":
-                values.pop("ttft_ms")
+            values: dict[str, Any] = {_text(k): _text(v) for k, v in fields.items()}
+            for optional in ("ttft_ms", "metadata"):
+                if values.get(optional) == "":
+                    values.pop(optional)
+            if "metadata" in values:
+                values["metadata"] = orjson.loads(values["metadata"])
             records.append(UsageRecord.model_validate(values))
         if len(entries) < page:
             return records

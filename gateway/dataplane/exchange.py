@@ -72,6 +72,8 @@ class Exchange:
         self.started = time.monotonic()
         self.attempt: Attempt | None = None
         self.usage: Any = None  # the latest the worker reported, as sent (coerced at the end)
+        # What each prompt echoes, as the worker renders it (asked for when plan.echo).
+        self.echo_texts: list[str] = []
         self.ended = False
         gateway.metrics.in_flight.labels(route.deployment.name).inc()
 
@@ -127,7 +129,8 @@ class Exchange:
                 cached_tokens=cached,
                 completion_tokens=usage.get("completion_tokens", 0),
                 ttft_ms=(first_token - self.started) * 1000 if first_token else None,
-                duration_ms=(ended - self.started) * 1000, time=time.time())
+                duration_ms=(ended - self.started) * 1000, time=time.time(),
+                metadata=self.plan.metadata)
             self.gateway.ledger.finish(record, self.admission)
         except Exception:  # the slot must not leak: settle with what is known
             logger.exception("request %s: usage record failed", self.request_id)

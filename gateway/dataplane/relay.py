@@ -89,7 +89,8 @@ async def relay_json(exchange: Exchange, attempt: Attempt, texts: TokenTexts) ->
     try:
         vocabulary = await _vocabulary(texts, exchange, attempt, data)
         out, usage, engine = shape_completion(data, exchange.plan,
-                                              exchange.route.requested_model, vocabulary)
+                                              exchange.route.requested_model, vocabulary,
+                                              exchange.echo_texts)
     except SHAPE_ERRORS as exc:
         raise WorkerFault(f"malformed answer: {exc!r}") from exc
     exchange.usage = usage
@@ -110,7 +111,8 @@ class Relay:
         served = attempt.served
         self.reframer = StreamReframer(
             exchange.plan, exchange.route.requested_model,
-            lambda usage, engine, complete: perf_metrics(served, usage, engine, complete))
+            lambda usage, engine, complete: perf_metrics(served, usage, engine, complete),
+            exchange.echo_texts)
         self.chat = exchange.plan.chat
         self.produced = False  # the engine produced something: a token, a finish, usage
         self.done = False  # [DONE] came

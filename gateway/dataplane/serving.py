@@ -90,10 +90,13 @@ async def admit(gateway: Gateway, account: Account, route: Route,
                 request_id: str) -> Exchange:
     """Translate and admit: the Exchange that owns the request from here on."""
     deployment = route.deployment
+    record_id = new_record_id()
     if isinstance(body, ChatCompletionRequest):
-        worker_body, plan = chat_body(body, deployment, gateway.settings)
+        worker_body, plan = chat_body(body, deployment, gateway.settings, account=account.id,
+                                      nonce=record_id)
     else:
-        worker_body, plan = completion_body(body, deployment, gateway.settings)
+        worker_body, plan = completion_body(body, deployment, gateway.settings,
+                                            account=account.id, nonce=record_id)
     try:
         encoded = orjson.dumps(worker_body)
     except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
@@ -101,7 +104,6 @@ async def admit(gateway: Gateway, account: Account, route: Route,
     if gateway.ledger.backlogged:
         raise GatewayError(503, "Usage records cannot be written at the moment; new requests "
                                 "are refused until they can", headers={"retry-after": "5"})
-    record_id = new_record_id()
     admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
     if account.limits.any():
         try:
@@ -173,10 +175,10 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
             await check_context(texts, attempt.worker_url, worker_body, plan.max_tokens,
                                 plan.context_check)
         if plan.echo and plan.chat:
-            plan.echo_texts = [await texts.rendered_chat_prompt(attempt.worker_url,
+            exchange.echo_texts = [await texts.rendered_chat_prompt(attempt.worker_url,
                                                                 worker_body["messages"])]
         elif plan.echo:
-            plan.echo_texts = await texts.echo_texts(attempt.worker_url,
+            exchange.echo_texts = await texts.echo_texts(attempt.worker_url,
                                                      worker_body["prompt"], plan.echo_last)
     attempt.answer = await gateway.workers.open(
         attempt.worker_url + exchange.endpoint, exchange.worker_body,

@@ -13,8 +13,10 @@ from gateway.fireworks.translate import Plan
 from gateway.fireworks.worker_answer import coerce_usage
 
 
-def echo_text(plan: Plan, index: int) -> str:
-    return plan.echo_texts[min(index // plan.n, len(plan.echo_texts) - 1)]
+def echo_text(plan: Plan, echo_texts: list[str], index: int) -> str:
+    """What choice `index` echoes: its prompt's text (completions: the prompt or its last
+    echo_last tokens; chat: the rendered prompt), as the worker rendered it."""
+    return echo_texts[min(index // plan.n, len(echo_texts) - 1)]
 
 
 def keep_last_prompt_logprobs(choice: dict[str, Any], keep: int) -> None:
@@ -29,8 +31,8 @@ def keep_last_prompt_logprobs(choice: dict[str, Any], keep: int) -> None:
             logprobs[key] = values[drop:]
 
 
-def add_echo(plan: Plan, choice: dict[str, Any]) -> None:
-    prefix = echo_text(plan, choice["index"])
+def add_echo(plan: Plan, echo_texts: list[str], choice: dict[str, Any]) -> None:
+    prefix = echo_text(plan, echo_texts, choice["index"])
     if plan.chat:
         choice["message"]["content"] = prefix + (choice["message"]["content"] or "")
     else:
@@ -38,7 +40,7 @@ def add_echo(plan: Plan, choice: dict[str, Any]) -> None:
 
 
 def shape_completion(data: dict[str, Any], plan: Plan, model: str,
-                     vocabulary: dict[int, str]
+                     vocabulary: dict[int, str], echo_texts: list[str] | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
     """The Fireworks answer, its usage (coerced) and the engine's per-request metrics."""
     engine = data.pop("metrics", None)
@@ -55,9 +57,9 @@ def shape_completion(data: dict[str, Any], plan: Plan, model: str,
     choices = [shape_choice(choice, plan, vocabulary, ChoiceState(), chunk=False,
                             prompt_ids=prompt_ids, prompt_fragments=plan.prompt_fragments)
                for choice in data["choices"]]
-    if plan.echo_texts:
+    if echo_texts:
         for choice in choices:
-            add_echo(plan, choice)
+            add_echo(plan, echo_texts, choice)
     out: dict[str, Any] = {
         "id": data["id"], "object": data.get("object") or _object(plan, chunk=False),
         "created": data.get("created", 0), "model": model, "choices": choices, "usage": usage,

@@ -84,7 +84,9 @@ class SamplingFields(Strict):
     prompt_cache_isolation_key: str | None = None
     prompt_cache_max_len: Annotated[int, Field(ge=0)] | None = None
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
-    reasoning_effort: str | int | bool | None = None
+    # A level, true ("medium") / false ("none"), or a cap on reasoning tokens.
+    reasoning_effort: Literal["none", "low", "medium", "high"] | StrictBool \
+        | Annotated[int, Field(ge=1)] | None = None
     reasoning_history: Literal["disabled", "interleaved", "preserved"] | None = None
     thinking: Thinking | None = None
     speculation: str | list[int] | None = None

@@ -38,10 +38,12 @@ def carries_token(chunk: dict[str, Any]) -> bool:
 
 
 class StreamReframer:
-    def __init__(self, plan: Plan, model: str, perf: PerfMetrics) -> None:
+    def __init__(self, plan: Plan, model: str, perf: PerfMetrics,
+                 echo_texts: list[str] | None = None) -> None:
         self.plan = plan
         self.model = model
         self.perf = perf
+        self.echo_texts = echo_texts or []
         self.held_finish: list[dict[str, Any]] = []
         self.states: dict[int, ChoiceState] = {}
         self.prompt_ids: list[int] | None = None
@@ -87,7 +89,7 @@ class StreamReframer:
             out["prompt_token_ids"] = self.prompt_ids
         out["usage"] = None
         parts = []
-        if plan.echo_texts and not plan.chat:
+        if self.echo_texts and not plan.chat:
             parts += self.echo_chunks(out, [c["index"] for c in choices])
         reject_chat_abort(plan, chunk["choices"])
         if any(c["finish_reason"] for c in choices):
@@ -95,7 +97,7 @@ class StreamReframer:
             self.held_finish.append(out)  # usage is not known until the worker's last chunk
         else:
             parts.append(encode(out))
-        if plan.echo_texts and plan.chat:  # after the role chunk
+        if self.echo_texts and plan.chat:  # after the role chunk
             parts += self.echo_chunks(out, [c["index"] for c in choices])
         return parts
 
@@ -106,7 +108,7 @@ class StreamReframer:
             if index in self.echoed:
                 continue
             self.echoed.add(index)
-            text = echo_text(self.plan, index)
+            text = echo_text(self.plan, self.echo_texts, index)
             choice: dict[str, Any] = {"index": index, "finish_reason": None, "logprobs": None}
             choice |= {"delta": {"content": text}} if self.plan.chat else {"text": text}
             parts.append(encode({k: template[k] for k in ("id", "object", "created", "model")}

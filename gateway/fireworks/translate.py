@@ -1,20 +1,33 @@
 """Fireworks request -> vLLM worker request, plus the Plan the relay follows on the way back.
 
+Pure: no I/O, nothing but the request, the deployment, the settings, the account and a
+per-request nonce in; the worker body and the Plan out. Every field a request model accepts
+either changes the worker body or the Plan, or is refused with a 400 naming it; the table in
+tests/unit/test_translate.py holds one row per field, and docs/fireworks-api.md says the same
+in words.
+
 vLLM's OpenAI server already speaks most fields. Here Fireworks defaults are filled in (the
 deployment's max_tokens, the model's generation-config sampling defaults), Fireworks-only
 sampling extensions go into `vllm_xargs` for the engine plugins, and the Fireworks shapes
-(logprobs formats, echo, token ids, structured output) are mapped to what vLLM offers.
+(logprobs formats, echo, token ids, structured output, reasoning, prompt-cache isolation,
+priority) are mapped to what vLLM offers.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment
 from gateway.errors import GatewayError
-from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.fireworks.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
 
 # Sampling knobs with a model default (generation_config.json) and the neutral value used
 # when neither the client nor the model sets one.
@@ -24,6 +37,8 @@ NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_
 MIROSTAT_IGNORES = ("top_k", "top_p", "min_p")
 _PASSTHROUGH = ("frequency_penalty", "presence_penalty", "seed", "n", "ignore_eos",
                 "min_tokens", "user")
+# vLLM schedules lower numbers first; 0 is everyone else.
+PRIORITY = -1
 
 
 @dataclass
@@ -34,11 +49,8 @@ class Plan:
     logprobs: Literal["legacy", "content"] | None = None
     return_token_ids: bool = False
     raw_output: bool = False
-    echo: bool = False  # echo or echo_last was asked for
+    echo: bool = False  # echo or echo_last was asked for (the texts come from the worker)
     echo_last: int | None = None
-    # What each prompt echoes (completions: the prompt or its last echo_last tokens; chat:
-    # the rendered prompt), put in front of the generated text. Filled in by the router.
-    echo_texts: list[str] = field(default_factory=list)
     n: int = 1
     max_tokens: int = 0
     sampling_options: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +61,7 @@ class Plan:
     include_usage: bool | None = None  # the client's stream_options.include_usage
     perf_metrics_in_response: bool = False
     prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
+    metadata: dict[str, str] | None = None  # the client's, kept with the usage record
 
 
 def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict[str, Any]:
@@ -61,11 +74,26 @@ def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict
 
 
 def sampling_body(request: SamplingFields, deployment: Deployment, settings: Settings,
-                  plan: Plan) -> dict[str, Any]:
+                  plan: Plan, account: str, nonce: str) -> dict[str, Any]:
+    for name in ("speculation", "prediction"):
+        if getattr(request, name) is not None:
+            raise GatewayError(400, f"{name} is not supported: the workers take no "
+                                    "speculative-decoding hints", param=name)
     body: dict[str, Any] = {name: getattr(request, name) for name in _PASSTHROUGH
                             if getattr(request, name) is not None}
+    body["cache_salt"] = cache_salt(request, account, nonce)
+    body.update(reasoning_body(request, deployment, plan.chat))
     sampling = _effective_sampling(request, deployment)
     ignored = []
+    if request.service_tier == "priority":
+        if deployment.priority_scheduling:
+            body["priority"] = PRIORITY
+        else:  # best effort, as on Fireworks: said in fireworks-sampling-options
+            ignored.append("service_tier")
+    if request.mirostat_lr is not None and request.mirostat_target is None:
+        ignored.append("mirostat_lr")
+    if request.top_logprobs and request.logprobs in (None, False):
+        ignored.append("top_logprobs")
     if request.mirostat_target is not None:
         ignored += [k for k in MIROSTAT_IGNORES if sampling[k] != NEUTRAL[k]]
         sampling.update({k: NEUTRAL[k] for k in MIROSTAT_IGNORES})
@@ -103,6 +131,7 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
         plan.context_check = "max_tokens" if request.max_tokens is not None \
             else "max_completion_tokens"
     plan.perf_metrics_in_response = bool(request.perf_metrics_in_response)
+    plan.metadata = request.metadata
     if request.stream_options is not None:
         plan.include_usage = request.stream_options.include_usage
     if request.stream:
@@ -122,6 +151,63 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
         options["ignored"] = ignored
     plan.sampling_options = options
     return body
+
+
+def cache_salt(request: SamplingFields, account: str, nonce: str) -> str:
+    """vLLM's prefix-cache salt. Every account has its own (no account can learn another's
+    prompts from cache timing); prompt_cache_isolation_key splits an account's further;
+    prompt_cache_max_len 0 gives the request a salt of its own, so that nothing is reused."""
+    if request.prompt_cache_max_len:
+        raise GatewayError(400, "prompt_cache_max_len: only 0 (no prompt caching for this "
+                                "request) is supported", param="prompt_cache_max_len")
+    scope = nonce if request.prompt_cache_max_len == 0 \
+        else request.prompt_cache_isolation_key or ""
+    return hashlib.sha256(f"{account}\0{scope}".encode()).hexdigest()[:32]
+
+
+def reasoning_body(request: SamplingFields, deployment: Deployment,
+                   chat: bool) -> dict[str, Any]:
+    """reasoning_effort or thinking -> vLLM's reasoning_effort and thinking_token_budget (the
+    answer's reasoning comes back as reasoning_content, by the deployment's parser)."""
+    param, effort, budget = "reasoning_effort", None, None
+    value = request.reasoning_effort
+    if request.thinking is not None:
+        param = "thinking"
+        effort = "none" if request.thinking.type == "disabled" else "medium"
+        budget = request.thinking.budget_tokens
+    elif isinstance(value, bool):
+        effort = "medium" if value else "none"
+    elif isinstance(value, int):
+        effort, budget = "medium", value  # a cap on reasoning tokens
+    elif value is not None:
+        effort = value
+    if effort is None or (effort == "none" and deployment.reasoning_parser is None):
+        return {}  # nothing asked, or nothing to turn off
+    if deployment.reasoning_parser is None:
+        raise GatewayError(400, f"Deployment {deployment.name} does not support reasoning "
+                                "(no reasoning parser configured)", param=param)
+    if not chat:
+        raise GatewayError(400, "Reasoning is set through /chat/completions", param=param)
+    out: dict[str, Any] = {"reasoning_effort": effort}
+    if budget is not None and effort != "none":
+        out["thinking_token_budget"] = budget
+    return out
+
+
+def chat_history(messages: list[ChatMessage], mode: str | None) -> list[dict[str, Any]]:
+    """The messages for vLLM; reasoning_history says which earlier reasoning_content goes
+    back into the prompt: none ("disabled"), that of the turns after the last user message
+    ("interleaved", a tool-calling loop), or all ("preserved"; also when unset)."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    out = []
+    for i, message in enumerate(messages):
+        item = message.model_dump(exclude_none=True)
+        if message.role == "developer":
+            item["role"] = "system"
+        if mode == "disabled" or (mode == "interleaved" and i < last_user):
+            item.pop("reasoning_content", None)
+        out.append(item)
+    return out
 
 
 def structured_output(request: SamplingFields, chat: bool) -> dict[str, Any]:
@@ -157,24 +243,33 @@ def _logprobs_plan(request: SamplingFields) -> tuple[Literal["legacy", "content"
         else int(request.logprobs)
 
 
-def chat_body(request: ChatCompletionRequest, deployment: Deployment,
-              settings: Settings) -> tuple[dict[str, Any], Plan]:
+def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: Settings,
+              *, account: str, nonce: str) -> tuple[dict[str, Any], Plan]:
+    if request.prompt_truncate_len is not None:
+        raise GatewayError(400, "prompt_truncate_len is not supported: send a prompt that "
+                                "fits, or context_length_exceeded_behavior",
+                           param="prompt_truncate_len")
+    if request.safe_tokenization:
+        raise GatewayError(400, "safe_tokenization is not supported", param="safe_tokenization")
+    if request.echo_last is not None:
+        raise GatewayError(400, "echo_last applies to /completions (chat's echo is the whole "
+                                "rendered prompt)", param="echo_last")
     fmt, top = _logprobs_plan(request)
     plan = Plan(chat=True, logprobs=fmt, return_token_ids=bool(request.return_token_ids),
                 raw_output=bool(request.raw_output),
                 echo=bool(request.echo) or request.echo_last is not None, n=request.n or 1)
-    body = sampling_body(request, deployment, settings, plan)
+    body = sampling_body(request, deployment, settings, plan, account, nonce)
     plan.prompt_fragments = [m.content for m in request.messages]
-    body["messages"] = [
-        message.model_dump(exclude_none=True) | (
-            {"role": "system"} if message.role == "developer" else {})
-        for message in request.messages
-    ]
+    body["messages"] = chat_history(request.messages, request.reasoning_history)
     if fmt:
         body["logprobs"] = True
         body["top_logprobs"] = top
         body["return_tokens_as_token_ids"] = True
     tools, tool_choice = request.tools, request.tool_choice
+    if tool_choice is not None and not tools:
+        raise GatewayError(400, "tool_choice needs tools", param="tool_choice")
+    if request.function_call is not None and not request.functions:
+        raise GatewayError(400, "function_call needs functions", param="function_call")
     if request.functions and not tools:  # deprecated form
         tools = [{"type": "function", "function": f} for f in request.functions]
         if isinstance(request.function_call, dict):
@@ -198,13 +293,19 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment,
     return body, plan
 
 
-def completion_body(request: CompletionRequest, deployment: Deployment,
-                    settings: Settings) -> tuple[dict[str, Any], Plan]:
+def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,
+                    *, account: str, nonce: str) -> tuple[dict[str, Any], Plan]:
+    if request.images is not None:
+        raise GatewayError(400, "images on /completions are not supported: send image_url "
+                                "content parts to /chat/completions", param="images")
+    if request.reasoning_history is not None:
+        raise GatewayError(400, "reasoning_history applies to chat messages",
+                           param="reasoning_history")
     fmt, top = _logprobs_plan(request)
     plan = Plan(chat=False, logprobs=fmt, return_token_ids=bool(request.return_token_ids),
                 raw_output=bool(request.raw_output), echo_last=request.echo_last,
                 echo=bool(request.echo) or request.echo_last is not None, n=request.n or 1)
-    body = sampling_body(request, deployment, settings, plan)
+    body = sampling_body(request, deployment, settings, plan, account, nonce)
     plan.prompt_fragments = request.prompt if isinstance(request.prompt, list) \
         else [request.prompt]
     body["prompt"] = request.prompt
