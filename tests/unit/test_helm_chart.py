@@ -90,6 +90,14 @@ def test_registry_routes_every_deployment_to_a_service_selecting_its_workers() -
             selected[0]["spec"]["template"]["metadata"]["labels"].items()
     qwen = next(d for d in registry.deployments if d.id == "qwen-7b")
     assert qwen.generation_config == {"temperature": 0.7, "top_p": 0.8}
+    # What the workers run is what the gateway knows: reasoning and priority scheduling.
+    assert qwen.reasoning_parser == "deepseek_r1" and qwen.priority_scheduling
+    args = next(container(w)["args"] for w in workers
+                if w["metadata"]["labels"].get("fireworks-gateway/deployment") == "qwen-7b")
+    assert args[args.index("--reasoning-parser") + 1] == "deepseek_r1"
+    assert args[args.index("--scheduling-policy") + 1] == "priority"
+    prod = next(d for d in registry.deployments if d.id == "llama-8b-prod")
+    assert prod.reasoning_parser is None and not prod.priority_scheduling
 
 
 def test_gateway_has_redis_url_registry_and_key_secret() -> None:
