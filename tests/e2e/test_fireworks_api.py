@@ -1,4 +1,4 @@
-"""Spec section 6, item by item: the Fireworks behaviours that differ from OpenAI, observed
+"""The Fireworks behaviours that differ from OpenAI, item by item (docs/fireworks-api.md),
 through the gateway and a real SmolLM2 worker."""
 
 from __future__ import annotations
