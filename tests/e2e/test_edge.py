@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -40,14 +41,20 @@ class Gateway:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    registry = tmp_path_factory.mktemp("edge") / "registry.yaml"
+def no_worker_registry(folder: Path) -> Path:
+    """One account, one deployment whose replica is nowhere (these tests need no worker)."""
+    registry = folder / "registry.yaml"
     registry.write_text(yaml.safe_dump({
         "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
         "deployments": [{"id": "d", "account": "fireworks", "default": True,
                          "model": "accounts/fireworks/models/m",
                          "replicas": [{"url": f"http://127.0.0.1:{free_port()}"}]}]}))
+    return registry
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    registry = no_worker_registry(tmp_path_factory.mktemp("edge"))
     port = free_port()
     child = start_gateway(registry, port, admin_key=ADMIN, max_body_bytes=str(LIMIT),
                           header_timeout=str(HEADER_TIMEOUT), keep_alive_timeout="1",
@@ -228,12 +235,7 @@ def test_requests_succeed_while_2000_idle_connections_are_open(gateway: Gateway)
 
 def test_without_redis_usage_records_go_to_the_log(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    registry = tmp_path_factory.mktemp("logs") / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
-        "deployments": [{"id": "d", "account": "fireworks", "default": True,
-                         "model": "accounts/fireworks/models/m",
-                         "replicas": [{"url": f"http://127.0.0.1:{free_port()}"}]}]}))
+    registry = no_worker_registry(tmp_path_factory.mktemp("logs"))
     port = free_port()
     child = start_gateway(registry, port, health_check_interval="0", log_level="info")
     try:
