@@ -32,8 +32,10 @@ tiny-model: $(STAMP)
 run: $(STAMP)
 	@$(PY) -m gateway local --data-dir $(DATA_DIR) $(if $(COMPILE),--compile,)
 
+# Programs the tests start on free ports: redis-server (shared state), dnsmasq (discovery).
 redis:
-	@scripts/ensure-redis.sh
+	@scripts/ensure-command.sh redis-server redis-server
+	@scripts/ensure-command.sh dnsmasq dnsmasq-base
 
 lint: $(STAMP)
 	@echo "[lint] ruff"

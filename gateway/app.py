@@ -28,6 +28,7 @@ from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.controlplane.registry import load_yaml
 from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
 from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
+from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.endpoints import InferenceRoutes, validation_message
 from gateway.dataplane.endpoints import router as models_router
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
@@ -124,12 +125,16 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
         limiter = LocalLimiter()
         ledger = LocalLedger(limiter)
     workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout)
+    discovery = Discovery(
+        lambda: [r.url for d in store.current.data.deployments for r in d.replicas],
+        make_resolver(settings.dns_server), settings.discovery_interval)
     replicas = ReplicaSet(AffinityOrLeastOutstanding(settings.affinity_max_imbalance),
                           ReplicaHealth(settings.eject_after_failures, on_health,
-                                        settings.ejection_seconds))
+                                        settings.ejection_seconds), discovery.expand)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
-                      token_texts=TokenTexts(workers), started_at=time.time())
+                      token_texts=TokenTexts(workers), discovery=discovery,
+                      started_at=time.time())
     return gateway, client
 
 
@@ -155,9 +160,15 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         await gateway.store.start()
         await gateway.limiter.start()
         await gateway.ledger.start()
+        try:  # the first answer before the first request; then every discovery_interval
+            await gateway.discovery.resolve_all()
+        except Exception:
+            logger.exception("replica discovery at start-up failed")
+        gateway.discovery.start()
         checker = HealthChecker(
             gateway.replicas.health,
-            lambda: {r.url for d in gateway.store.current.data.deployments for r in d.replicas},
+            lambda: {r.url for d in gateway.store.current.data.deployments
+                     for r in gateway.replicas.replicas(d)},
             gateway.workers.probe, settings.health_check_interval,
             settings.health_check_timeout)
         if settings.health_check_interval > 0:
@@ -169,6 +180,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             yield
         finally:
             await checker.stop()
+            await gateway.discovery.stop()
             await gateway.ledger.stop()
             await gateway.limiter.stop()
             await gateway.store.stop()

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     health_check_interval: float = 1.0
     health_check_timeout: float = 2.0
     eject_after_failures: int = 2
+    # Replicas named dns+http://<name>:<port> (e.g. a headless Service) are every address of
+    # the name, resolved again every discovery_interval seconds, through dns_server
+    # ("host:port") or the system's resolver when unset.
+    discovery_interval: float = 1.0
+    dns_server: str | None = None
     # An ejected replica gets one trial request this many seconds after its ejection (how
     # it comes back when active checks are off or cannot reach it).
     ejection_seconds: float = 30.0

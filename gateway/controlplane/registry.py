@@ -30,15 +30,16 @@ class Record(BaseModel):
 
 
 def check_replica_url(url: str) -> str:
-    """http(s)://host[:port][/path], with a port that exists: checked when the registry is
-    loaded or changed, not when a request is sent to it."""
+    """http(s)://host[:port][/path], with a port that exists, or dns+http(s)://name[:port]
+    (every address of the name is a replica: dataplane/discovery.py). Checked when the
+    registry is loaded or changed, not when a request is sent to it."""
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url.removeprefix("dns+"))
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"not a usable replica URL: {url!r} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"a replica URL is http(s)://host[:port]: {url!r}")
+        raise ValueError(f"a replica URL is [dns+]http(s)://host[:port]: {url!r}")
     if port == 0 or parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"a replica URL has no port 0, query, fragment or user: {url!r}")
     return url

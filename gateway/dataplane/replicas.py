@@ -95,19 +95,24 @@ class ReplicaSet:
     healthy replicas not already tried for this request."""
 
     def __init__(self, policy: ReplicaPolicy | None = None,
-                 health: ReplicaHealth | None = None) -> None:
+                 health: ReplicaHealth | None = None,
+                 expand: Callable[[list[Replica]], list[Replica]] = lambda r: r) -> None:
         self.policy = policy or AffinityOrLeastOutstanding()
         self.health = health or ReplicaHealth()
+        self.expand = expand  # discovered replicas in place of dns+ ones (discovery.py)
         self.outstanding: dict[str, int] = defaultdict(int)
 
+    def replicas(self, deployment: Deployment) -> list[Replica]:
+        return self.expand(deployment.replicas)
+
     def candidates(self, deployment: Deployment, exclude: set[str]) -> list[Replica]:
-        return [r for r in deployment.replicas
+        return [r for r in self.replicas(deployment)
                 if r.url not in exclude and self.health.is_healthy(r.url)]
 
     def acquire(self, deployment: Deployment, affinity_key: str | None = None,
                 exclude: set[str] | None = None) -> Lease:
         exclude = exclude or set()
-        trial = next((r for r in deployment.replicas
+        trial = next((r for r in self.replicas(deployment)
                       if r.url not in exclude and self.health.trial_due(r.url)), None)
         if trial is not None:
             self.health.start_trial(trial.url)

@@ -20,6 +20,7 @@ from gateway.controlplane.limits import Admission, Limiter, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.controlplane.store import RegistryStore
 from gateway.controlplane.usage import Ledger
+from gateway.dataplane.discovery import Discovery
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
 from gateway.dataplane.relay import PlainAnswer, StreamAnswer, open_stream, relay_json
 from gateway.dataplane.replicas import ReplicaSet
@@ -49,6 +50,7 @@ class Gateway:
     metrics: GatewayMetrics
     workers: WorkerClient
     token_texts: TokenTexts
+    discovery: Discovery
     started_at: float
 
 

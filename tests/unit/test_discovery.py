@@ -1,0 +1,177 @@
+"""Pods as replicas: a dns+http replica discovered through a real DNS server (dnsmasq), each
+address a replica of its own, with pods as real HTTP servers on 127.0.0.x (one port, as pods
+behind a headless Service have). Pods come and go while requests run."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.controlplane.registry import hash_key
+from tests.conftest import free_port
+from tests.dns_server import DnsServer
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+KEY, MODEL, NAME = "k-discovery", "accounts/fireworks/models/m", "workers.test"
+
+
+class Pod:
+    """A worker pod: answers completions with its own address."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.sick = False
+        self.served = 0
+        pod = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def answer(self, status: int, body: dict[str, Any]) -> None:
+                data = orjson.dumps(body)
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.answer(500 if pod.sick else 200, {})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                if pod.sick:
+                    self.answer(500, {"error": {"message": "sick"}})
+                    return
+                pod.served += 1
+                self.answer(200, {
+                    "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "text": pod.address, "finish_reason": "stop",
+                                 "logprobs": None}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+        self.server = ThreadingHTTPServer((address, port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer()
+    yield server
+    server.stop()
+
+
+def gateway_app(tmp_path: Path, dns: DnsServer, port: int) -> Any:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
+        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
+                         "replicas": [{"url": f"dns+http://{NAME}:{port}"}]}]}))
+    return create_app(Settings(registry_path=registry, dns_server=dns.address,
+                               discovery_interval=0.1, health_check_interval=0.2,
+                               eject_after_failures=1, ejection_seconds=60))
+
+
+async def ask(client: httpx.AsyncClient, key: str | None) -> str:
+    """One request; the pod that answered it."""
+    headers = {"Authorization": f"Bearer {KEY}"} | ({"x-session-affinity": key} if key else {})
+    response = await client.post("/v1/completions", headers=headers,
+                                 json={"model": MODEL, "prompt": "x"})
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
+
+
+async def test_pods_come_and_go_while_requests_run(tmp_path: Path, dns: DnsServer) -> None:
+    port = free_port()
+    pods = {a: Pod(a, port) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
+    dns.set({NAME: ["127.0.0.2", "127.0.0.3"]})
+    app = gateway_app(tmp_path, dns, port)
+    keys = [f"session-{n}" for n in range(12)]
+    trace: list[tuple[str, str, str]] = []  # (phase, key, pod)
+    failures: list[Exception] = []
+    stop = asyncio.Event()
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+
+        async def keep_asking() -> None:  # unkeyed traffic all along: none may fail
+            while not stop.is_set():
+                try:
+                    await ask(client, None)
+                except Exception as exc:  # collected, asserted below
+                    failures.append(exc)
+                await asyncio.sleep(0.005)
+
+        async def phase(name: str) -> dict[str, str]:
+            placed = {key: await ask(client, key) for key in keys}
+            trace.extend((name, key, pod) for key, pod in placed.items())
+            return placed
+
+        background = asyncio.create_task(keep_asking())
+        two = await phase("two pods")
+        assert set(two.values()) == {"127.0.0.2", "127.0.0.3"}
+        assert await phase("two pods again") == two  # affinity holds per pod
+
+        dns.set({NAME: ["127.0.0.2", "127.0.0.3", "127.0.0.4"]})  # a pod appears
+        await asyncio.sleep(0.4)
+        three = await phase("three pods")
+        moved = {k for k in keys if three[k] != two[k]}
+        assert moved and all(three[k] == "127.0.0.4" for k in moved)  # only to the new pod
+
+        dns.set({NAME: ["127.0.0.3", "127.0.0.4"]})  # a pod leaves (still up, draining)
+        await asyncio.sleep(0.4)
+        served_before = pods["127.0.0.2"].served
+        left = await phase("127.0.0.2 gone")
+        assert pods["127.0.0.2"].served == served_before  # no new request reaches it
+        assert all(left[k] == three[k] for k in keys if three[k] != "127.0.0.2")
+        pods["127.0.0.2"].stop()
+
+        pods["127.0.0.3"].sick = True  # a sick pod is ejected alone
+        await asyncio.sleep(0.5)
+        sick = await phase("127.0.0.3 sick")
+        assert set(sick.values()) == {"127.0.0.4"}
+        gateway = app.state.gateway
+        assert not gateway.replicas.health.is_healthy(f"http://127.0.0.3:{port}")
+        assert gateway.replicas.health.is_healthy(f"http://127.0.0.4:{port}")
+        stop.set()
+        await background
+    for pod in pods.values():
+        if pod.address != "127.0.0.2":
+            pod.stop()
+    print("\n".join(f"{phase_name:<16} {key:<11} -> {pod}" for phase_name, key, pod in trace))
+    assert failures == []
+    unkeyed = Counter(p.address for p in pods.values() for _ in range(p.served))
+    assert len(unkeyed) == 3  # least-outstanding spread the unkeyed traffic over every pod
+
+
+async def test_a_failed_lookup_keeps_the_last_answer(tmp_path: Path, dns: DnsServer) -> None:
+    port = free_port()
+    pod = Pod("127.0.0.2", port)
+    dns.set({NAME: ["127.0.0.2"]})
+    app = gateway_app(tmp_path, dns, port)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        assert await ask(client, None) == "127.0.0.2"
+        dns.stop()  # the DNS server is gone: the pods are not
+        await asyncio.sleep(2.5)  # past a lookup's 2 s lifetime
+        assert await ask(client, None) == "127.0.0.2"
+    pod.stop()
