@@ -169,8 +169,9 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             gateway.replicas.health,
             lambda: {r.url for d in gateway.store.current.data.deployments
                      for r in gateway.replicas.replicas(d)},
-            gateway.workers.probe, settings.health_check_interval,
-            settings.health_check_timeout)
+            gateway.workers.get, settings.health_check_interval,
+            settings.health_check_timeout,
+            gateway.replicas.load if settings.load_from_workers else None)
         if settings.health_check_interval > 0:
             checker.start()
         # What was loaded at start-up lives as long as the process: keep it out of the

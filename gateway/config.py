@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     # An ejected replica gets one trial request this many seconds after its ejection (how
     # it comes back when active checks are off or cannot reach it).
     ejection_seconds: float = 30.0
+    # Read each replica's load from its worker's /metrics in the health checks (every
+    # gateway then sees the requests of all of them).
+    load_from_workers: bool = True
+    # Requests without an affinity key get one from the first this-many bytes of their
+    # prompt's stable head (dataplane/affinity.py); 0 turns that off.
+    prefix_affinity_bytes: int = 4096
     # A keyed request leaves its preferred replica when that one has this many more requests
     # in flight than the least loaded.
     affinity_max_imbalance: int = 4

@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Settings
 from gateway.controlplane.registry import Account, Route
+from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
-from gateway.dataplane.serving import Gateway, admit, affinity_key, attempt_all, count_refusal
+from gateway.dataplane.serving import Gateway, admit, attempt_all, count_refusal
 from gateway.edge import api_key, check_declared_length, read_body
 from gateway.errors import GatewayError, send_error
 from gateway.fireworks.protocol import (
@@ -167,7 +168,8 @@ class InferenceRoutes:
             body = parse_body(raw, model, gateway.settings)
             route = gateway.store.current.resolve(body.model, account)
             exchange = await admit(gateway, account, route, body, endpoint, request_id)
-            answer = await attempt_all(exchange, affinity_key(headers, body))
+            answer = await attempt_all(exchange, affinity_key(
+                headers, body, gateway.settings.prefix_affinity_bytes))
             outcome = await answer.send(send_tracked)
             watch.stop()
             exchange.end(*outcome)

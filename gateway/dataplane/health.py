@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.background import cancel
+from gateway.dataplane.load import ReplicaLoad, parse_load
 
 logger = logging.getLogger("gateway.health")
 
@@ -81,17 +82,22 @@ class ReplicaHealth:
                 self._on_change(url, None)
 
 
+Get = Callable[[str, float], Awaitable[tuple[int, bytes] | None]]
+
+
 class HealthChecker:
-    """The active half: probes every replica the registry lists, concurrently."""
+    """The active half: probes every replica the registry lists, concurrently, and reads
+    each healthy one's load from its metrics (when `load` is given)."""
 
     def __init__(self, health: ReplicaHealth, replica_urls: Callable[[], Iterable[str]],
-                 probe: Callable[[str, float], Awaitable[bool]], interval: float = 1.0,
-                 timeout: float = 1.0) -> None:
+                 get: Get, interval: float = 1.0, timeout: float = 1.0,
+                 load: ReplicaLoad | None = None) -> None:
         self.health = health
         self.replica_urls = replica_urls
-        self.probe = probe  # probe(url, timeout) -> healthy
+        self.get = get  # get(url, timeout) -> (status, body), or None when unreachable
         self.interval = interval
         self.timeout = timeout
+        self.load = load
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -103,11 +109,21 @@ class HealthChecker:
     async def check_all(self) -> None:
         urls = set(self.replica_urls())
         self.health.forget_except(urls)
+        if self.load is not None:
+            self.load.forget_except(urls)
         await asyncio.gather(*(self._check(url) for url in urls))
 
     async def _check(self, url: str) -> None:
+        base = url.rstrip("/")
         try:
-            healthy = await self.probe(url.rstrip("/") + "/health", self.timeout)
+            answer = await self.get(base + "/health", self.timeout)
+            healthy = answer is not None and answer[0] == 200
+            if healthy and self.load is not None:
+                metrics = await self.get(base + "/metrics", self.timeout)
+                load = parse_load(metrics[1].decode("utf-8", "replace")) \
+                    if metrics is not None and metrics[0] == 200 else None
+                if load is not None:
+                    self.load.record(url, load)
         except Exception:
             logger.exception("health check of %s failed", url)
             healthy = False

@@ -5,9 +5,11 @@ The default, `AffinityOrLeastOutstanding`, sends requests that carry an affinity
 ranks first for that key among the healthy replicas, so the worker's prefix cache is reused.
 Every gateway computes the same ranking from the same replica list, so affinity holds across
 gateway replicas with no shared state and no lock. Requests without a key, and keyed requests
-whose preferred replica is overloaded, go to the replica with the fewest requests in flight
-from this gateway (ties broken at random, so that gateways do not all pile onto the first
-listed replica). An ejected replica whose trial is due gets the next request (health.py).
+whose preferred replica is overloaded, go to the least loaded replica: the requests the
+worker itself reports running and waiting, plus what this gateway started since (load.py),
+so every gateway sees the cluster's load. Ties are broken at random, so that gateways do not
+all pile onto the first listed replica. An ejected replica whose trial is due gets the next
+request (health.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Protocol
 
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.health import ReplicaHealth
+from gateway.dataplane.load import ReplicaLoad
 from gateway.errors import GatewayError
 
 
 class ReplicaPolicy(Protocol):
-    def choose(self, candidates: list[Replica], outstanding: dict[str, int],
+    def choose(self, candidates: list[Replica], load: dict[str, int],
                affinity_key: str | None) -> Replica: ...
 
 
@@ -32,18 +35,17 @@ Pick = Callable[[list[Replica]], Replica]
 
 
 class LeastOutstanding:
-    """The replica with the fewest requests in flight from this gateway; one of the tied
-    ones at random (`pick`)."""
+    """The least loaded replica; one of the tied ones at random (`pick`)."""
 
     def __init__(self, pick: Pick = random.choice) -> None:
         self.pick = pick
 
-    def choose(self, candidates: list[Replica], outstanding: dict[str, int],
+    def choose(self, candidates: list[Replica], load: dict[str, int],
                affinity_key: str | None) -> Replica:
         if len(candidates) == 1:
             return candidates[0]
-        low = min(outstanding[r.url] for r in candidates)
-        tied = [r for r in candidates if outstanding[r.url] == low]
+        low = min(load[r.url] for r in candidates)
+        tied = [r for r in candidates if load[r.url] == low]
         return tied[0] if len(tied) == 1 else self.pick(tied)
 
 
@@ -62,13 +64,13 @@ class AffinityOrLeastOutstanding:
         self.max_imbalance = max_imbalance
         self.fallback = LeastOutstanding(pick)
 
-    def choose(self, candidates: list[Replica], outstanding: dict[str, int],
+    def choose(self, candidates: list[Replica], load: dict[str, int],
                affinity_key: str | None) -> Replica:
-        least = self.fallback.choose(candidates, outstanding, None)
+        least = self.fallback.choose(candidates, load, None)
         if affinity_key is None:
             return least
         preferred = rendezvous_rank(affinity_key, candidates)[0]
-        if outstanding[preferred.url] - outstanding[least.url] > self.max_imbalance:
+        if load[preferred.url] - load[least.url] > self.max_imbalance:
             return least
         return preferred
 
@@ -100,7 +102,8 @@ class ReplicaSet:
         self.policy = policy or AffinityOrLeastOutstanding()
         self.health = health or ReplicaHealth()
         self.expand = expand  # discovered replicas in place of dns+ ones (discovery.py)
-        self.outstanding: dict[str, int] = defaultdict(int)
+        self.outstanding: dict[str, int] = defaultdict(int)  # this gateway's, in flight
+        self.load = ReplicaLoad(self.outstanding)
 
     def replicas(self, deployment: Deployment) -> list[Replica]:
         return self.expand(deployment.replicas)
@@ -122,6 +125,7 @@ class ReplicaSet:
             if not candidates:
                 raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
                                    headers={"retry-after": "1"})
-            replica = self.policy.choose(candidates, self.outstanding, affinity_key)
+            replica = self.policy.choose(
+                candidates, {r.url: self.load.of(r.url) for r in candidates}, affinity_key)
         self.outstanding[replica.url] += 1
         return Lease(self, replica)

@@ -9,7 +9,6 @@ another replica. The Exchange ends the request (exchange.py); the endpoint decid
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,6 @@ from gateway.fireworks.worker_answer import WorkerFault
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("gateway.serving")
-AFFINITY_HEADER = "x-session-affinity"
 ATTEMPTS = 2  # the first try and one retry on another replica
 Answer = PlainAnswer | StreamAnswer
 
@@ -189,7 +187,3 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
         return await open_stream(exchange, attempt, texts)
     return await relay_json(exchange, attempt, texts)
 
-
-def affinity_key(headers: Mapping[str, str],
-                 body: ChatCompletionRequest | CompletionRequest) -> str | None:
-    return headers.get(AFFINITY_HEADER) or body.prompt_cache_key or body.user

@@ -188,18 +188,19 @@ class WorkerClient:
             raise WorkerFault(f"{url}: not a JSON object")
         return data
 
-    async def probe(self, url: str, timeout: float) -> bool:
-        """GET url: True on 200."""
+    async def get(self, url: str, timeout: float) -> tuple[int, bytes] | None:
+        """GET url (a health check, the worker's metrics): status and body (at most 4 MiB),
+        or None when the worker cannot be reached in time."""
         try:
             async with asyncio.timeout(timeout):
                 connection = await self.pool.request(b"GET", url, b"", {}, read_timeout=timeout)
                 try:
-                    await _some(connection, 64 << 10)
+                    body = await _some(connection, 4 << 20)
                 finally:
                     self.pool.release(connection, url)
-                return connection.status == 200
+                return connection.status, body
         except (*TRANSPORT_ERRORS, ValueError):
-            return False
+            return None
 
 
 async def _some(connection: Connection, limit: int) -> bytes:

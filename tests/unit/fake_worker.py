@@ -214,7 +214,8 @@ def gateway(tmp_path: Path, handler: Handler, **settings: Any) -> Any:
 
 
 def in_listed_order(gateway_app: Any) -> None:
-    """Idle replicas are tried in the registry's order (not at random), so that a test can
-    say which replica meets a request first."""
-    gateway_app.state.gateway.replicas.policy = AffinityOrLeastOutstanding(
-        pick=lambda tied: tied[0])
+    """Idle replicas are tried in the registry's order (not at random, nor by a key derived
+    from the prompt), so that a test can say which replica meets a request first."""
+    gateway = gateway_app.state.gateway
+    gateway.replicas.policy = AffinityOrLeastOutstanding(pick=lambda tied: tied[0])
+    gateway.settings.prefix_affinity_bytes = 0

@@ -89,7 +89,8 @@ def gateway_app(tmp_path: Path, dns: DnsServer, port: int) -> Any:
                          "replicas": [{"url": f"dns+http://{NAME}:{port}"}]}]}))
     return create_app(Settings(registry_path=registry, dns_server=dns.address,
                                discovery_interval=0.1, health_check_interval=0.2,
-                               eject_after_failures=1, ejection_seconds=60))
+                               eject_after_failures=1, ejection_seconds=60,
+                               prefix_affinity_bytes=0))  # unkeyed: least loaded
 
 
 async def ask(client: httpx.AsyncClient, key: str | None) -> str:
@@ -175,3 +176,28 @@ async def test_a_failed_lookup_keeps_the_last_answer(tmp_path: Path, dns: DnsSer
         await asyncio.sleep(2.5)  # past a lookup's 2 s lifetime
         assert await ask(client, None) == "127.0.0.2"
     pod.stop()
+
+
+async def test_conversations_stay_on_their_pod_without_a_key(tmp_path: Path,
+                                                             dns: DnsServer) -> None:
+    port = free_port()
+    pods = [Pod(a, port) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")]
+    dns.set({NAME: [p.address for p in pods]})
+    app = gateway_app(tmp_path, dns, port)
+    app.state.gateway.settings.prefix_affinity_bytes = 4096  # derived keys (the default)
+    placed: dict[int, set[str]] = {}
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        for turn in range(3):
+            for conversation in range(9):
+                head = f"conversation {conversation}: " + "lorem ipsum " * 400  # > 4 KB
+                response = await client.post(
+                    "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": MODEL, "prompt": head + " next turn" * turn})
+                assert response.status_code == 200
+                placed.setdefault(conversation, set()).add(
+                    response.json()["choices"][0]["text"])
+    for pod in pods:
+        pod.stop()
+    assert all(len(where) == 1 for where in placed.values()), placed  # each on one pod
+    assert len(set().union(*placed.values())) > 1  # and the conversations spread

@@ -229,7 +229,7 @@ async def test_active_health_checks_eject_and_readmit(tmp_path: Path) -> None:
     w1, w2 = gateway_app.workers.urls["w1"], gateway_app.workers.urls["w2"]
     from gateway.dataplane.health import HealthChecker
 
-    checker = HealthChecker(gateway.replicas.health, lambda: [w1, w2], gateway.workers.probe)
+    checker = HealthChecker(gateway.replicas.health, lambda: [w1, w2], gateway.workers.get)
     await checker.check_all()
     await checker.check_all()
     assert not gateway.replicas.health.is_healthy(w1)

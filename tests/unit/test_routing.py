@@ -8,6 +8,7 @@ import pytest
 
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
+from gateway.dataplane.load import WorkerLoad, parse_load
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet, rendezvous_rank
 from gateway.errors import GatewayError
 
@@ -108,14 +109,52 @@ def test_an_ejected_replica_gets_one_trial_request_after_the_ejection_time() -> 
 async def test_health_checks_outlive_a_probe_that_raises() -> None:
     health = ReplicaHealth(eject_after=1)
 
-    async def probe(url: str, timeout: float) -> bool:
+    async def get(url: str, timeout: float) -> tuple[int, bytes]:
         if "r1" in url:
             raise ValueError("a URL nobody can parse")
-        return True
+        return 200, b""
 
-    checker = HealthChecker(health, lambda: URLS[:2], probe, interval=0.01)
+    checker = HealthChecker(health, lambda: URLS[:2], get, interval=0.01)
     checker.start()
     await asyncio.sleep(0.1)
     assert checker._task is not None and not checker._task.done()
     await checker.stop()
     assert not health.is_healthy("http://r1") and health.is_healthy("http://r2")
+
+
+METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+"""
+
+
+def test_worker_metrics_parse_to_a_load() -> None:
+    assert parse_load(METRICS) == WorkerLoad(running=4, waiting=2, kv_cache_usage=0.25)
+    assert parse_load("# nothing of vLLM here\nother_metric 1\n") is None
+
+
+def test_least_loaded_counts_the_workers_load_and_what_this_gateway_added() -> None:
+    replicas = ReplicaSet()
+    replicas.load.record("http://r1", WorkerLoad(running=5, waiting=3, kv_cache_usage=0.5))
+    replicas.load.record("http://r2", WorkerLoad(running=1, waiting=0, kv_cache_usage=0.1))
+    # r1 is busy with other gateways' requests: r2 takes the next ones until it is as busy
+    leases = [replicas.acquire(DEPLOYMENT) for _ in range(7)]
+    assert [lease.replica.url for lease in leases].count("http://r2") >= 6
+    assert replicas.load.of("http://r2") >= 7  # 1 reported + 6 or 7 of ours since
+    # A reading taken now includes our requests: they are not counted twice.
+    replicas.load.record("http://r2", WorkerLoad(running=8, waiting=0, kv_cache_usage=0.2))
+    assert replicas.load.of("http://r2") == 8
+
+
+def test_affinity_gives_way_to_the_clusters_load() -> None:
+    replicas = ReplicaSet(AffinityOrLeastOutstanding(max_imbalance=4))
+    key = "session-1"
+    preferred = replicas.acquire(DEPLOYMENT, key)
+    preferred.release()
+    other = next(u for u in ("http://r1", "http://r2") if u != preferred.replica.url)
+    replicas.load.record(preferred.replica.url, WorkerLoad(10, 0, 0.9))  # other gateways
+    replicas.load.record(other, WorkerLoad(0, 0, 0.0))
+    assert replicas.acquire(DEPLOYMENT, key).replica.url == other

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment
+from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.endpoints import parse_body
-from gateway.dataplane.serving import affinity_key
 from gateway.errors import GatewayError
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, known_fields
 from gateway.fireworks.translate import PRIORITY, Plan, cache_salt, chat_body, completion_body

@@ -1,0 +1,46 @@
+"""Which replica's prefix cache a request wants: its affinity key.
+
+A client names it (`x-session-affinity`, `prompt_cache_key`, or `user`). When it does not,
+the key is derived from the stable head of the prompt: for chat, the tools, the leading
+system messages and the first user message (what every turn of one conversation, and every
+request of one agent, starts with); for completions, the start of the prompt; at most
+`limit` bytes of it, hashed. Requests that share that head go to the same replica (bounded
+by load as every keyed request is: replicas.py), where vLLM's prefix cache already holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import orjson
+
+from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
+
+AFFINITY_HEADER = "x-session-affinity"
+
+
+def affinity_key(headers: Mapping[str, str], body: ChatCompletionRequest | CompletionRequest,
+                 prefix_bytes: int = 0) -> str | None:
+    """The client's key, else (with prefix_bytes > 0) one derived from the prompt's head."""
+    named = headers.get(AFFINITY_HEADER) or body.prompt_cache_key or body.user
+    if named or prefix_bytes <= 0:
+        return named
+    return prefix_key(body, prefix_bytes)
+
+
+def prefix_key(body: ChatCompletionRequest | CompletionRequest, limit: int) -> str:
+    if isinstance(body, ChatCompletionRequest):
+        head: list[object] = [body.tools]
+        for message in body.messages:
+            head.append(message.model_dump(exclude_none=True))
+            if message.role == "user":
+                break
+        material = orjson.dumps(head)[:limit]
+    elif isinstance(body.prompt, str):
+        material = body.prompt.encode()[:limit]
+    else:
+        first = body.prompt if not body.prompt or isinstance(body.prompt[0], int) \
+            else body.prompt[0]
+        material = orjson.dumps(first)[:limit]
+    return "prefix:" + hashlib.blake2b(material, digest_size=12).hexdigest()

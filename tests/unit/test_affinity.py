@@ -1,0 +1,54 @@
+"""Affinity keys: named by the client, or derived from the prompt's stable head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.dataplane.affinity import affinity_key, prefix_key
+from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
+
+SYSTEM = {"role": "system", "content": "You are a support agent for ACME. " * 20}
+
+
+def chat(*messages: dict[str, Any], **fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": list(messages)} | fields)
+
+
+def key(request: ChatCompletionRequest | CompletionRequest, limit: int = 4096) -> str:
+    return prefix_key(request, limit)
+
+
+def test_every_turn_of_a_conversation_has_the_same_key() -> None:
+    first = chat(SYSTEM, {"role": "user", "content": "My order is late"})
+    later = chat(SYSTEM, {"role": "user", "content": "My order is late"},
+                 {"role": "assistant", "content": "Sorry!"},
+                 {"role": "user", "content": "When will it come?"})
+    assert key(first) == key(later)
+
+
+def test_other_conversations_tools_or_system_prompts_have_other_keys() -> None:
+    base = chat(SYSTEM, {"role": "user", "content": "My order is late"})
+    assert key(base) != key(chat(SYSTEM, {"role": "user", "content": "Refund, please"}))
+    assert key(base) != key(chat({"role": "system", "content": "Other"},
+                                 {"role": "user", "content": "My order is late"}))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert key(base) != key(chat(SYSTEM, {"role": "user", "content": "My order is late"},
+                                 tools=tools))
+
+
+def test_only_the_first_bytes_count() -> None:
+    one = CompletionRequest(model="m", prompt="shared head " * 100 + "one")
+    two = CompletionRequest(model="m", prompt="shared head " * 100 + "two")
+    assert key(one, 1000) == key(two, 1000) and key(one, 4096) != key(two, 4096)
+    ids = CompletionRequest(model="m", prompt=[[1, 2, 3], [4]])
+    assert key(ids) == key(CompletionRequest(model="m", prompt=[1, 2, 3]))
+
+
+def test_a_named_key_wins_and_zero_bytes_derives_none() -> None:
+    request = chat(SYSTEM, {"role": "user", "content": "hi"}, user="u1")
+    assert affinity_key({}, request, 4096) == "u1"
+    assert affinity_key({"x-session-affinity": "s"}, request, 4096) == "s"
+    unnamed = chat(SYSTEM, {"role": "user", "content": "hi"})
+    assert affinity_key({}, unnamed, 0) is None
+    assert affinity_key({}, unnamed, 4096) == key(unnamed)
