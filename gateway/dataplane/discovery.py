@@ -41,7 +41,9 @@ def make_resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
     """The system's resolver (resolv.conf: search domains, as a pod has them), or one that
     asks `host:port` only."""
     if not nameserver:
-        return dns.asyncresolver.Resolver()
+        resolver = dns.asyncresolver.Resolver()
+        resolver.use_search_by_default = True  # a short name, as a pod's resolv.conf means it
+        return resolver
     host, _, port = nameserver.rpartition(":")
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [host or nameserver]

@@ -196,7 +196,8 @@ def test_extensions_travel_and_are_reported(stack: Stack) -> None:
     options = json.loads(response.headers["fireworks-sampling-options"])
     assert options["mirostat_target"] == 3.0 and options["mirostat_lr"] == 0.1
     assert options["repetition_penalty"] == 1.2
-    assert set(options["ignored"]) == {"top_p", "min_p", "typical_p"}
+    # typical_p: no such sampler; priority: this worker runs no priority scheduler
+    assert set(options["ignored"]) == {"top_p", "min_p", "typical_p", "service_tier"}
     assert options["top_p"] == 1.0
 
 

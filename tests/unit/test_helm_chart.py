@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -17,7 +18,24 @@ CHART = ROOT / "helm"
 THREE = yaml.safe_load((ROOT / "tests" / "helm" / "three-deployments.yaml").read_text())
 K8S_VERSION = kubernetes_validate.latest_version()
 # Custom resources have no schema in kubernetes-validate; they are checked by hand below.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+                ("monitoring.coreos.com/v1", "PodMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+# The part of KEDA's ScaledObject CRD (v2.16, keda.sh/v1alpha1) that the chart uses.
+SCALED_OBJECT_SPEC = {
+    "type": "object", "required": ["scaleTargetRef", "triggers"],
+    "properties": {
+        "scaleTargetRef": {"type": "object", "required": ["name"], "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+            "name": {"type": "string"}}},
+        "minReplicaCount": {"type": "integer", "format": "int32"},
+        "maxReplicaCount": {"type": "integer", "format": "int32"},
+        "cooldownPeriod": {"type": "integer", "format": "int32"},
+        "triggers": {"type": "array", "items": {
+            "type": "object", "required": ["type", "metadata"],
+            "properties": {"type": {"type": "string"},
+                           "metadata": {"type": "object",
+                                        "additionalProperties": {"type": "string"}}}}}},
+    "additionalProperties": False}
 
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -50,7 +68,7 @@ def test_every_manifest_validates_against_kubernetes_schemas(values: dict[str, A
     assert objects
     for obj in objects:
         if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
-            assert obj["spec"]["endpoints"][0]["port"] == "http"
+            check_custom(obj)
             continue
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         labels = obj["metadata"]["labels"]
@@ -66,6 +84,17 @@ def test_chart_lints_clean(values: dict[str, Any] | None) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def check_custom(obj: dict[str, Any]) -> None:
+    """Custom resources, which kubernetes-validate has no schema for."""
+    spec = obj["spec"]
+    if obj["kind"] == "ServiceMonitor":
+        assert spec["endpoints"][0]["port"] == "http"
+    elif obj["kind"] == "PodMonitor":
+        assert spec["podMetricsEndpoints"][0]["path"] == "/metrics"
+    else:
+        jsonschema.validate(spec, SCALED_OBJECT_SPEC)
+
+
 def test_registry_routes_every_deployment_to_a_service_selecting_its_workers() -> None:
     objects = render(THREE)
     registry_text = find(objects, "ConfigMap")[0]["data"]["registry.yaml"]
@@ -75,9 +104,12 @@ def test_registry_routes_every_deployment_to_a_service_selecting_its_workers() -
     services = {s["metadata"]["name"]: s for s in find(objects, "Service")}
     workers = find(objects, "Deployment")
     for deployment in registry.deployments:
-        (replica,) = deployment.replicas
-        host, port = replica.url.removeprefix("http://").split(":")
-        service = services[host]
+        (replica,) = deployment.replicas  # every pod of a headless Service, found by DNS
+        host, port = replica.url.removeprefix("dns+http://").split(":")
+        name, namespace, svc, domain = host.split(".", 3)
+        assert (namespace, svc, domain) == ("prod", "svc", "cluster.local")
+        service = services[name]
+        assert service["spec"]["clusterIP"] == "None"
         assert service["spec"]["ports"][0]["port"] == int(port)
         selector = service["spec"]["selector"]
         selected = [w for w in workers if selector.items() <=
@@ -227,3 +259,39 @@ def test_the_service_monitor_scrapes_with_the_admin_key() -> None:
     values["admin"] = {"key": "", "existingSecret": ""}
     with pytest.raises(Exception, match=r"admin\.key"):
         render(values)
+
+
+def test_worker_autoscaling_is_a_keda_scaled_object_on_the_workers_load() -> None:
+    objects = render(THREE)
+    (scaled,) = find(objects, "ScaledObject")
+    jsonschema.validate(scaled["spec"], SCALED_OBJECT_SPEC)
+    target = scaled["spec"]["scaleTargetRef"]["name"]
+    workers = {w["metadata"]["name"]: w for w in find(objects, "Deployment")}
+    assert "replicas" not in workers[target]["spec"]  # KEDA owns the count
+    assert workers["rel-fireworks-gateway-llama-8b-prod"]["spec"]["replicas"] == 3
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "4"
+    query = trigger["metadata"]["query"]
+    assert 'model_name="qwen-7b"' in query and 'namespace="prod"' in query
+    assert "vllm:num_requests_waiting" in query and "vllm:num_requests_running" in query
+    assert find(objects, "PodMonitor")  # Prometheus scrapes what KEDA asks for
+    assert not find(render(), "ScaledObject")  # off by default
+
+
+def test_helm_test_sends_a_chat_completion_to_the_default_deployment() -> None:
+    objects = render(THREE)
+    pods = [p for p in find(objects, "Pod")
+            if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    (pod,) = pods
+    (test,) = pod["spec"]["containers"]
+    env = {e["name"]: e for e in test["env"]}
+    assert env["GATEWAY_URL"]["value"] == "http://rel-fireworks-gateway-gateway:8000"
+    assert env["MODEL"]["value"] == "accounts/acme/models/llama-8b"  # the first default
+    ref = env["API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert find(objects, "Secret", ref["name"])[0]["stringData"][ref["key"]] == \
+        "fw-test-plaintext-key"
+    compile(test["args"][0], "helm-test", "exec")  # the script is valid Python
+    assert "/inference/v1/chat/completions" in test["args"][0]
+    (plain,) = find(render(), "Pod")  # no key configured: no API_KEY
+    assert "API_KEY" not in {e["name"] for e in plain["spec"]["containers"][0]["env"]}
