@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test lint model tiny-model redis bench bench-gateway bench-plugins clean help
+.PHONY: run test lint model tiny-model redis bench bench-gateway bench-plugins bench-affinity clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -64,5 +64,9 @@ bench-plugins: $(STAMP) model
 	@$(PY) -m pip install -q matplotlib 2>/dev/null
 	@$(PY) -m bench.plugins --data-dir $(DATA_DIR)
 	@$(PY) -m bench.surprise --data-dir $(DATA_DIR) --out docs/mirostat-surprise.png
+
+# Prefix-derived affinity over two or more running workers: WORKERS=http://a,http://b
+bench-affinity: $(STAMP)
+	@$(PY) -m bench.affinity --workers "$(WORKERS)"
 
 bench: bench-gateway bench-plugins
