@@ -47,10 +47,14 @@ def build_command(
     return command
 
 
-def build_environment(plugins: bool, base: dict[str, str]) -> dict[str, str]:
+def build_environment(plugins: bool, base: dict[str, str],
+                      passthrough: Sequence[str] = ()) -> dict[str, str]:
     env = dict(base)
     if plugins:
         env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if _has_flag(passthrough, "--enable-lora"):
+        # The gateway loads and unloads adapters at run time (/v1/load_lora_adapter).
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     return env
 
 
@@ -71,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     plugins = not args.no_plugins
     command = build_command(args.model, args.port, args.host, plugins, passthrough)
-    env = build_environment(plugins, dict(os.environ))
+    env = build_environment(plugins, dict(os.environ), passthrough)
     # exec keeps one process: signals from the supervisor reach vLLM directly.
     os.execve(sys.executable, [sys.executable, *command], env)
 

@@ -28,6 +28,7 @@ from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.controlplane.registry import load_yaml
 from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
 from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
+from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.endpoints import InferenceRoutes, validation_message
 from gateway.dataplane.endpoints import router as models_router
@@ -131,10 +132,11 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     replicas = ReplicaSet(AffinityOrLeastOutstanding(settings.affinity_max_imbalance),
                           ReplicaHealth(settings.eject_after_failures, on_health,
                                         settings.ejection_seconds), discovery.expand)
+    adapters = Adapters(workers, lambda: store.current.data, replicas)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
                       token_texts=TokenTexts(workers), discovery=discovery,
-                      started_at=time.time())
+                      adapters=adapters, started_at=time.time())
     return gateway, client
 
 
@@ -165,6 +167,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         except Exception:
             logger.exception("replica discovery at start-up failed")
         gateway.discovery.start()
+        gateway.adapters.start()
         checker = HealthChecker(
             gateway.replicas.health,
             lambda: {r.url for d in gateway.store.current.data.deployments
@@ -182,6 +185,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         finally:
             await checker.stop()
             await gateway.discovery.stop()
+            await gateway.adapters.stop()
             await gateway.ledger.stop()
             await gateway.limiter.stop()
             await gateway.store.stop()

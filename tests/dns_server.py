@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rdatatype
@@ -28,22 +29,30 @@ class DnsServer:
                                   ":/usr/sbin:/sbin")
         if executable is None:
             raise RuntimeError("dnsmasq is not installed (make test installs it)")
-        self.port = free_udp_port()
+        self.executable = executable
         self.dir = Path(tempfile.mkdtemp(prefix="dns-"))
         self.hosts = self.dir / "hosts"
         self.hosts.mkdir()
         self.hosts.chmod(0o755)
         self.dir.chmod(0o755)
         self.set({})
-        command = [executable, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+        self.log = open(self.dir / "log", "wb")  # noqa: SIM115 (closed in stop)
+        for _ in range(5):  # a free port can be taken between the check and dnsmasq's bind
+            self.port = free_udp_port()
+            self.process = subprocess.Popen(self._command(), stdout=self.log,
+                                            stderr=subprocess.STDOUT)
+            if self._wait_ready():
+                return
+        raise RuntimeError(f"dnsmasq did not start: {(self.dir / 'log').read_text()}")
+
+    def _command(self) -> list[str]:
+        command = [self.executable, "--keep-in-foreground", "--no-resolv", "--no-hosts",
                    f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
                    f"--hostsdir={self.hosts}", "--cache-size=0", "--local-ttl=0",
                    "--no-negcache", "--log-facility=-", f"--pid-file={self.dir / 'pid'}"]
         if os.geteuid() == 0:
             command.append("--user=root")
-        self.log = open(self.dir / "log", "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        return command
 
     @property
     def address(self) -> str:
@@ -70,14 +79,15 @@ class DnsServer:
                 raise AssertionError(f"{name} still resolves to {self.lookup(name)}")
             time.sleep(0.05)
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self) -> bool:
+        """True once it answers; False if it exited (its port was taken)."""
         deadline = time.monotonic() + 10
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"dnsmasq exited: {(self.dir / 'log').read_text()}")
+                return False
             try:
                 self.lookup("ready.test")
-                return
+                return True
             except (dns.exception.Timeout, OSError):
                 if time.monotonic() > deadline:
                     raise

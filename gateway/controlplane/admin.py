@@ -19,12 +19,14 @@ from gateway.controlplane.registry import (
     Deployment,
     DeploymentSettings,
     Limits,
+    Lora,
     RegistryData,
     Replica,
     check_replica_url,
     hash_key,
 )
 from gateway.controlplane.usage import UsageTotals
+from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.serving import Gateway
 from gateway.errors import GatewayError
 
@@ -222,6 +224,62 @@ async def set_limits(request: Request, account_id: str, limits: Limits) -> dict[
 
     await _gateway(request).store.change(change)
     return {"account": account_id, "limits": limits.model_dump()}
+
+
+class LoraSpec(BaseModel):
+    """A LoRA adapter as the admin API takes it: the path names its account and id."""
+
+    model_config = ConfigDict(extra="forbid")
+    deployment: str  # the base deployment, in the same account
+    source: str  # where its workers read it: a path on their model cache, or a HF id
+
+
+def _shown_lora(lora: Lora, adapters: Adapters) -> dict[str, Any]:
+    """The adapter, and per replica of its base whether it holds it."""
+    holds = {url: lora.worker_name in names for url, names in adapters.held.items()
+             if lora.worker_name in adapters.wanted().get(url, {})}
+    return lora.model_dump() | {"model": lora.model, "replicas": holds}
+
+
+@router.get("/accounts/{account_id}/loras")
+async def list_loras(request: Request, account_id: str) -> dict[str, Any]:
+    gateway = _gateway(request)
+    return {"loras": [_shown_lora(lora, gateway.adapters)
+                      for lora in gateway.store.current.data.loras
+                      if lora.account == account_id]}
+
+
+@router.put("/accounts/{account_id}/loras/{lora_id}")
+async def put_lora(request: Request, account_id: str, lora_id: str,
+                   spec: LoraSpec) -> dict[str, Any]:
+    lora = Lora.model_validate(spec.model_dump() | {"id": lora_id, "account": account_id})
+    gateway = _gateway(request)
+
+    def change(data: RegistryData) -> RegistryData:
+        _find(data, account_id, lora.deployment)  # the base must exist: 404 otherwise
+        data.loras = [x for x in data.loras if (x.account, x.id) != (account_id, lora_id)]
+        data.loras.append(lora)
+        return data
+
+    await gateway.store.change(change)
+    await gateway.adapters.sync_all()  # loaded now, not at the next round
+    return _shown_lora(lora, gateway.adapters)
+
+
+@router.delete("/accounts/{account_id}/loras/{lora_id}")
+async def delete_lora(request: Request, account_id: str, lora_id: str) -> dict[str, str]:
+    gateway = _gateway(request)
+
+    def change(data: RegistryData) -> RegistryData:
+        kept = [x for x in data.loras if (x.account, x.id) != (account_id, lora_id)]
+        if len(kept) == len(data.loras):
+            raise GatewayError(404, f"No LoRA {lora_id} in account {account_id}")
+        data.loras = kept
+        return data
+
+    await gateway.store.change(change)
+    await gateway.adapters.sync_all()  # unloaded now
+    return {"deleted": f"accounts/{account_id}/models/{lora_id}"}
 
 
 @router.get("/usage")

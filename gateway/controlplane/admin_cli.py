@@ -20,7 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 deployments = typer.Typer(no_args_is_help=True, help="Deployments of an account.")
 replicas = typer.Typer(no_args_is_help=True, help="The vLLM replicas of a deployment.")
 keys = typer.Typer(no_args_is_help=True, help="API keys of an account.")
+loras = typer.Typer(no_args_is_help=True,
+                    help="LoRA adapters of an account, served on its base deployments.")
 app.add_typer(deployments, name="deployments")
+app.add_typer(loras, name="loras")
 app.add_typer(replicas, name="replicas")
 app.add_typer(keys, name="keys")
 
@@ -111,6 +114,29 @@ def update_deployment(
         "max_tokens_chat": max_tokens_chat, "max_tokens_completion": max_tokens_completion,
         "tool_parser": tool_parser, "reasoning_parser": reasoning_parser,
         "priority_scheduling": priority_scheduling}))
+
+
+@loras.command("list")
+def list_loras(account: str, url: str = URL, admin_key: str = KEY) -> None:
+    """The account's adapters, and which replicas hold them."""
+    call("GET", url, admin_key, f"/accounts/{account}/loras")
+
+
+@loras.command("put")
+def put_lora(
+    account: str, lora: str,
+    deployment: str = typer.Option(..., help="the base deployment (same account)"),
+    source: str = typer.Option(..., help="adapter path on the workers, or a Hugging Face id"),
+    url: str = URL, admin_key: str = KEY,
+) -> None:
+    """Serve an adapter as accounts/<account>/models/<lora> on its base deployment."""
+    call("PUT", url, admin_key, f"/accounts/{account}/loras/{lora}",
+         {"deployment": deployment, "source": source})
+
+
+@loras.command("delete")
+def delete_lora(account: str, lora: str, url: str = URL, admin_key: str = KEY) -> None:
+    call("DELETE", url, admin_key, f"/accounts/{account}/loras/{lora}")
 
 
 @deployments.command("delete")

@@ -109,17 +109,47 @@ class Account(Record):
     limits: Limits = Field(default_factory=Limits)
 
 
+class Lora(Record):
+    """A LoRA adapter, its own model `accounts/<account>/models/<id>`, served on a base
+    deployment of the same account (dataplane/adapters.py loads it on its workers)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    account: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    deployment: str  # the base deployment's id
+    source: str = Field(min_length=1)  # a path on the workers' model cache, or a HF id
+
+    @property
+    def model(self) -> str:
+        return f"accounts/{self.account}/models/{self.id}"
+
+    @property
+    def worker_name(self) -> str:
+        """The name the workers know it by (the gateway manages the adapters named so)."""
+        return f"{LORA_PREFIX}{self.account}.{self.id}"
+
+
+LORA_PREFIX = "fwlora."
+
+
 class RegistryData(Record):
     accounts: list[Account] = Field(default_factory=list)
     deployments: list[Deployment] = Field(default_factory=list)
+    loras: list[Lora] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where one request goes: the deployment, and the model id to echo back."""
+    """Where one request goes: the deployment (with a LoRA adapter on it, or none), and the
+    model id to echo back."""
 
     deployment: Deployment
     requested_model: str
+    lora: Lora | None = None
+
+    @property
+    def model(self) -> str:
+        """The model served: the adapter's, or the deployment's."""
+        return self.lora.model if self.lora is not None else self.deployment.model
 
 
 class Registry:
@@ -149,6 +179,14 @@ class Registry:
         return [d for d in self.data.deployments
                 if d.account == account.id or d.account in self.public_accounts]
 
+    def visible_loras(self, account: Account) -> list[Lora]:
+        return [lora for lora in self.data.loras
+                if lora.account == account.id or lora.account in self.public_accounts]
+
+    def base_of(self, lora: Lora) -> Deployment | None:
+        return next((d for d in self.data.deployments
+                     if d.account == lora.account and d.id == lora.deployment), None)
+
     def account(self, account_id: str) -> Account | None:
         return next((a for a in self.data.accounts if a.id == account_id), None)
 
@@ -161,8 +199,15 @@ class Registry:
         visible = self.visible_deployments(account)
         not_found = GatewayError(404, f"Model not found, inaccessible, and/or not deployed: "
                                       f"{model_ref}", param="model")
+        # A LoRA model is served by its base deployment (which the pin, if any, must name).
+        lora = next((x for x in self.visible_loras(account) if x.model == base), None)
         if pinned:
             pinned = self._expand(pinned, kind="deployments")
+        if lora is not None:
+            deployment = self.base_of(lora)
+            match = [deployment] if deployment is not None and (
+                not pinned or deployment.name == pinned) else []
+        elif pinned:
             match = [d for d in visible if d.name == pinned and d.model == base]
         elif "/deployments/" in base:
             match = [d for d in visible if d.name == base]
@@ -173,7 +218,7 @@ class Registry:
             raise not_found
         if match[0].state != "ready":
             raise GatewayError(503, f"Deployment {match[0].name} is {match[0].state}")
-        return Route(deployment=match[0], requested_model=model_ref)
+        return Route(deployment=match[0], requested_model=model_ref, lora=lora)
 
     @staticmethod
     def _expand(ref: str, kind: str = "models") -> str:

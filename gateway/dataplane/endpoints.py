@@ -231,4 +231,10 @@ async def models(request: Request) -> dict[str, Any]:
             if deployment.context_length is not None:  # legacy clients reject a null
                 entry["context_length"] = deployment.context_length
             data.append(entry)
+    for lora in registry.visible_loras(account):
+        base = registry.base_of(lora)
+        if base is not None:
+            data.append({"id": lora.model, "object": "model", "owned_by": lora.account,
+                         "created": created, "kind": "HF_PEFT_ADDON", "supports_chat": True,
+                         "parent": base.model, "deployment": base.name})
     return {"object": "list", "data": data}

@@ -123,7 +123,7 @@ class Exchange:
             record = UsageRecord(
                 record_id=self.admission.record_id, request_id=self.request_id,
                 account=self.account.id, deployment=self.deployment,
-                model=self.route.deployment.model, replica=replica, endpoint=self.endpoint,
+                model=self.route.model, replica=replica, endpoint=self.endpoint,
                 status=status, http_status=http_status,
                 prompt_tokens=usage.get("prompt_tokens", 0),
                 cached_tokens=cached,

@@ -113,7 +113,10 @@ class ReplicaSet:
                 if r.url not in exclude and self.health.is_healthy(r.url)]
 
     def acquire(self, deployment: Deployment, affinity_key: str | None = None,
-                exclude: set[str] | None = None) -> Lease:
+                exclude: set[str] | None = None,
+                prefer: Callable[[str], bool] | None = None) -> Lease:
+        """A lease on a replica; among those `prefer` accepts when there are any (e.g. the
+        replicas that hold a request's LoRA adapter)."""
         exclude = exclude or set()
         trial = next((r for r in self.replicas(deployment)
                       if r.url not in exclude and self.health.trial_due(r.url)), None)
@@ -125,6 +128,8 @@ class ReplicaSet:
             if not candidates:
                 raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
                                    headers={"retry-after": "1"})
+            if prefer is not None:
+                candidates = [r for r in candidates if prefer(r.url)] or candidates
             replica = self.policy.choose(
                 candidates, {r.url: self.load.of(r.url) for r in candidates}, affinity_key)
         self.outstanding[replica.url] += 1

@@ -19,6 +19,7 @@ from gateway.controlplane.limits import Admission, Limiter, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.controlplane.store import RegistryStore
 from gateway.controlplane.usage import Ledger
+from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
 from gateway.dataplane.relay import PlainAnswer, StreamAnswer, open_stream, relay_json
@@ -49,6 +50,7 @@ class Gateway:
     workers: WorkerClient
     token_texts: TokenTexts
     discovery: Discovery
+    adapters: Adapters
     started_at: float
 
 
@@ -97,6 +99,8 @@ async def admit(gateway: Gateway, account: Account, route: Route,
     else:
         worker_body, plan = completion_body(body, deployment, gateway.settings,
                                             account=account.id, nonce=record_id)
+    if route.lora is not None:  # the adapter, by the name its workers know it
+        worker_body["model"] = route.lora.worker_name
     try:
         encoded = orjson.dumps(worker_body)
     except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
@@ -121,10 +125,11 @@ async def admit(gateway: Gateway, account: Account, route: Route,
 async def attempt_all(exchange: Exchange, affinity: str | None) -> Answer:
     """Attempts on replicas until one answers well up to its first token."""
     gateway = exchange.gateway
-    deployment = exchange.route.deployment
+    deployment, lora = exchange.route.deployment, exchange.route.lora
+    prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
     tried: set[str] = set()
     for attempt_number in range(ATTEMPTS):
-        attempt = exchange.begin(gateway.replicas.acquire(deployment, affinity, tried))
+        attempt = exchange.begin(gateway.replicas.acquire(deployment, affinity, tried, prefer))
         tried.add(attempt.lease.replica.url)
         try:
             return await _attempt(exchange, attempt)
@@ -169,6 +174,8 @@ async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any]
 async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
     gateway, plan = exchange.gateway, exchange.plan
     texts = gateway.token_texts
+    if exchange.route.lora is not None:  # wait for the adapter, if this replica lacks it
+        await gateway.adapters.ensure(attempt.worker_url, exchange.route.lora)
     if plan.context_check or plan.echo:
         worker_body = exchange.worker_request
         if plan.context_check:

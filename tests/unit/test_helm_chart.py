@@ -169,6 +169,8 @@ def test_gpus_and_vllm_args_land_on_the_right_containers() -> None:
     assert prod["args"][prod["args"].index("--tensor-parallel-size") + 1] == "2"
     assert prod["args"][-2:] == ["--gpu-memory-utilization", "0.92"]
     assert "--enable-auto-tool-choice" in prod["args"]
+    assert prod["args"][prod["args"].index("--max-loras") + 1] == "4"  # LoRA adapters on
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in prod["env"]
     assert by_id["llama-8b-prod"]["spec"]["replicas"] == 3
     pod = by_id["llama-8b-prod"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}

@@ -29,3 +29,9 @@ def test_user_flags_are_not_duplicated() -> None:
                                                 "--logits-processors", "x:Y"])
     assert command.count("--enable-per-request-metrics") == 1
     assert command.count("--logits-processors") == 1
+
+
+def test_lora_workers_take_adapters_at_run_time() -> None:
+    env = build_environment(True, {}, ["--enable-lora", "--max-loras", "2"])
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in build_environment(True, {}, [])
