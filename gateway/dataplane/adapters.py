@@ -44,6 +44,10 @@ class Adapters:
     def holds(self, url: str, lora: Lora) -> bool:
         return lora.worker_name in self.held.get(url, set())
 
+    def forget(self, url: str, lora: Lora) -> None:
+        """The replica turned out not to hold it (it restarted since the last look)."""
+        self.held.get(url, set()).discard(lora.worker_name)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="adapters")
 

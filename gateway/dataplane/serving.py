@@ -187,9 +187,17 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
         elif plan.echo:
             exchange.echo_texts = await texts.echo_texts(attempt.worker_url,
                                                      worker_body["prompt"], plan.echo_last)
-    attempt.answer = await gateway.workers.open(
-        attempt.worker_url + exchange.endpoint, exchange.worker_body,
-        {"x-request-id": exchange.request_id})
+    url, headers = attempt.worker_url + exchange.endpoint, {"x-request-id": exchange.request_id}
+    try:
+        attempt.answer = await gateway.workers.open(url, exchange.worker_body, headers)
+    except WorkerFault as exc:
+        lora = exchange.route.lora
+        if lora is None or exc.worker_status != 404:
+            raise
+        # The replica lost the adapter since the last look (it restarted): load it again.
+        gateway.adapters.forget(attempt.worker_url, lora)
+        await gateway.adapters.ensure(attempt.worker_url, lora)
+        attempt.answer = await gateway.workers.open(url, exchange.worker_body, headers)
     if plan.stream:
         return await open_stream(exchange, attempt, texts)
     return await relay_json(exchange, attempt, texts)

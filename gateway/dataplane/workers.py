@@ -56,8 +56,9 @@ def check_status(status: int, body: bytes) -> None:
     detail = f"worker answered HTTP {status}: {body[:500]!r}"
     if status == 429 or status == 503:
         raise WorkerFault(detail, status=503, message="The worker is overloaded",
-                          headers={"retry-after": "1"})
-    raise WorkerFault(detail, message=f"The worker failed to answer (HTTP {status})")
+                          headers={"retry-after": "1"}, worker_status=status)
+    raise WorkerFault(detail, message=f"The worker failed to answer (HTTP {status})",
+                      worker_status=status)
 
 
 def transport_fault(exc: BaseException) -> WorkerFault:

@@ -20,9 +20,11 @@ class WorkerFault(GatewayError):
 
     def __init__(self, detail: str, *, status: int = 502,
                  message: str = "The worker returned an invalid answer",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 worker_status: int | None = None) -> None:
         super().__init__(status, message, headers=headers, replica_fault=True)
         self.detail = detail  # for the log only: may hold worker internals
+        self.worker_status = worker_status  # the worker's HTTP status, when it sent one
 
 
 def _choices(data: dict[str, Any], chat: bool, chunk: bool) -> list[dict[str, Any]]:

@@ -132,6 +132,14 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
                                    json={"model": TUNED, "prompt": "x"})
         assert served.status_code == 200, served.text
         assert workers.loaded["w1"] == {"fwlora.acme.tuned"}
+        # Both restarted, and the gateway has not looked yet: the worker's 404 for the
+        # adapter makes it load it there and ask again; the client sees nothing of it.
+        for host in ("w1", "w2"):
+            workers.loaded[host].clear()
+        served = await client.post("/v1/completions", headers=user,
+                                   json={"model": TUNED, "prompt": "x"})
+        assert served.status_code == 200, served.text
+        assert served.json()["choices"][0]["text"] == "fwlora.acme.tuned"
         # Other accounts do not see it.
         other = await client.post("/v1/completions", headers={"Authorization": f"Bearer {OTHER}"},
                                   json={"model": TUNED, "prompt": "x"})

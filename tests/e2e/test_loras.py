@@ -1,0 +1,129 @@
+"""A LoRA adapter on a real SmolLM2 worker (vLLM's CPU LoRA path), loaded at run time through
+the admin API: the gateway's greedy output equals vLLM's own for the adapter, differs from the
+base model's, and survives a worker restart; removed, it is a 404; other accounts never see
+it. The adapter is made here, deterministically, with peft (rank 8, random non-zero weights
+on q_proj and v_proj)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from gateway.controlplane.registry import hash_key
+from gateway.local_stack import Child
+from tests.conftest import free_port
+from tests.e2e.conftest import API_KEY, OTHER_KEY
+from tests.e2e.processes import start_gateway, start_worker
+
+pytestmark = pytest.mark.e2e
+ADMIN = "fw_lora_admin"
+BASE = "accounts/fireworks/models/lora-base"
+TUNED = "accounts/fireworks/models/tuned"
+PROMPT = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+WORKER_ARGS = ("--max-model-len", "2048", "--served-model-name", "smollm2",
+               "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8")
+
+
+def make_adapter(base: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:  # peft starts B at zero: an adapter that changes nothing
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+class LoraStack:
+    def __init__(self, model_dir: Path, tmp: Path) -> None:
+        self.model_dir = model_dir
+        self.adapter = make_adapter(model_dir, tmp / "adapter")
+        self.worker_port = free_port()
+        self.worker: Child = start_worker(model_dir, self.worker_port, *WORKER_ARGS)
+        registry = tmp / "registry.yaml"
+        registry.write_text(yaml.safe_dump({
+            "accounts": [{"id": "fireworks", "api_keys": [hash_key(API_KEY)]},
+                         {"id": "other", "api_keys": [hash_key(OTHER_KEY)]}],
+            "deployments": [{"id": "lora-base", "account": "fireworks", "model": BASE,
+                             "default": True, "context_length": 2048,
+                             "replicas": [{"url": self.worker_url}]}]}))
+        port = free_port()
+        self.gateway = start_gateway(registry, port, admin_key=ADMIN, public_accounts="[]",
+                                     health_check_interval="0.5")
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def worker_url(self) -> str:
+        return f"http://127.0.0.1:{self.worker_port}"
+
+    def restart_worker(self) -> None:
+        self.worker.stop()
+        self.worker = start_worker(self.model_dir, self.worker_port, *WORKER_ARGS)
+
+    def complete(self, model: str, key: str = API_KEY) -> httpx.Response:
+        return httpx.post(f"{self.url}/inference/v1/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"model": model} | PROMPT)
+
+    def direct(self, model: str) -> str:
+        response = httpx.post(f"{self.worker_url}/v1/completions", timeout=120,
+                              json={"model": model} | PROMPT)
+        assert response.status_code == 200, response.text
+        return str(response.json()["choices"][0]["text"])
+
+    def admin(self, method: str, path: str, **body: str) -> httpx.Response:
+        return httpx.request(method, f"{self.url}/admin/v1{path}", timeout=300,
+                             headers={"Authorization": f"Bearer {ADMIN}"},
+                             json=body or None)
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.worker.stop()
+
+
+@pytest.fixture(scope="module")
+def lora_stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[LoraStack]:
+    stack = LoraStack(smollm2_dir, tmp_path_factory.mktemp("lora"))
+    yield stack
+    stack.stop()
+
+
+def test_an_adapter_loaded_through_the_admin_api(lora_stack: LoraStack) -> None:
+    added = lora_stack.admin("PUT", "/accounts/fireworks/loras/tuned",
+                             deployment="lora-base", source=str(lora_stack.adapter))
+    assert added.status_code == 200, added.text
+    assert added.json()["replicas"] == {lora_stack.worker_url: True}
+    through = lora_stack.complete(TUNED)
+    assert through.status_code == 200, through.text
+    tuned = through.json()["choices"][0]["text"]
+    assert through.json()["model"] == TUNED
+    assert tuned == lora_stack.direct("fwlora.fireworks.tuned")  # vLLM's own, for the adapter
+    base = lora_stack.complete(BASE).json()["choices"][0]["text"]
+    assert base == lora_stack.direct("smollm2") and base != tuned  # the base is unchanged
+    assert lora_stack.complete(TUNED, OTHER_KEY).status_code == 404  # other accounts
+    models = httpx.get(f"{lora_stack.url}/inference/v1/models", timeout=10,
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
+    assert any(m["id"] == TUNED and m.get("parent") == BASE for m in models)
+
+    lora_stack.restart_worker()  # a restarted replica has no adapters; it gets them back
+    again = lora_stack.complete(TUNED)
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["text"] == tuned
+
+    removed = lora_stack.admin("DELETE", "/accounts/fireworks/loras/tuned")
+    assert removed.status_code == 200
+    assert lora_stack.complete(TUNED).status_code == 404
+    listed = httpx.get(f"{lora_stack.worker_url}/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in listed] == ["smollm2"]  # unloaded from the worker
