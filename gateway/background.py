@@ -1,10 +1,26 @@
-"""The one way the gateway stops its background loops (registry poll, health checks, usage
-ledger)."""
+"""The gateway's background loops (health checks, discovery, adapters, registry poll, usage
+ledger, slot refresh): how a periodic one runs, and the one way they all stop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+
+def every(seconds: float, step: Callable[[], Awaitable[None]], name: str,
+          logger: logging.Logger) -> asyncio.Task[None]:
+    """Run `step` every `seconds` until cancelled. The loop outlives anything one round
+    meets: an exception is logged, and the next round runs."""
+    async def run() -> None:
+        while True:
+            try:
+                await step()
+            except Exception:
+                logger.exception("%s failed; trying again", name)
+            await asyncio.sleep(seconds)
+    return asyncio.create_task(run(), name=name)
 
 
 async def cancel(task: asyncio.Task[None] | None) -> None:

@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.background import cancel
+from gateway.background import cancel, every
 from gateway.controlplane.registry import Account, Limits
 from gateway.errors import GatewayError
 
@@ -188,7 +188,8 @@ class RedisLimiter:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._keep_slots(), name="limit-slots")
+        self._task = every(self.slot_lifetime / 3, self.refresh_slots,
+                           "concurrency slot refresh", logger)
 
     async def stop(self) -> None:
         await cancel(self._task)
@@ -199,14 +200,6 @@ class RedisLimiter:
             await self._refresh(
                 keys=[limit_keys(self.prefix, account)[3] for _, account in held],
                 args=[self.slot_lifetime, *(record_id for record_id, _ in held)])
-
-    async def _keep_slots(self) -> None:
-        while True:
-            await asyncio.sleep(self.slot_lifetime / 3)
-            try:
-                await self.refresh_slots()
-            except Exception as exc:  # Redis away: the next round tries again
-                logger.warning("concurrency slots not refreshed: %r", exc)
 
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import orjson
 
-from gateway.background import cancel
+from gateway.background import cancel, every
 from gateway.controlplane.registry import LORA_PREFIX, Lora, RegistryData
 from gateway.dataplane.replicas import ReplicaSet
 from gateway.dataplane.workers import WorkerClient
@@ -49,18 +49,10 @@ class Adapters:
         self.held.get(url, set()).discard(lora.worker_name)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="adapters")
+        self._task = every(self.interval, self.sync_all, "adapter sync", logger)
 
     async def stop(self) -> None:
         await cancel(self._task)
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sync_all()
-            except Exception:  # the loop outlives anything one round meets
-                logger.exception("adapter sync failed; trying again")
-            await asyncio.sleep(self.interval)
 
     def wanted(self) -> dict[str, dict[str, Lora]]:
         """Replica URL -> the adapters it should hold, by worker name: the replicas of base

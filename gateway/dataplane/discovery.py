@@ -26,7 +26,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from gateway.background import cancel
+from gateway.background import cancel, every
 from gateway.controlplane.registry import Replica
 
 logger = logging.getLogger("gateway.discovery")
@@ -70,18 +70,10 @@ class Discovery:
         return out
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="discovery")
+        self._task = every(self.interval, self.resolve_all, "replica discovery", logger)
 
     async def stop(self) -> None:
         await cancel(self._task)
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.resolve_all()
-            except Exception:  # the loop outlives anything one round meets
-                logger.exception("replica discovery failed; trying again")
-            await asyncio.sleep(self.interval)
 
     async def resolve_all(self) -> None:
         urls = {url for url in self.names() if is_discovered(url)}

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.background import cancel
+from gateway.background import cancel, every
 from gateway.dataplane.load import ReplicaLoad, parse_load
 
 logger = logging.getLogger("gateway.health")
@@ -101,7 +101,7 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="health-checks")
+        self._task = every(self.interval, self.check_all, "health checks", logger)
 
     async def stop(self) -> None:
         await cancel(self._task)
@@ -132,10 +132,4 @@ class HealthChecker:
         else:
             self.health.failure(url)
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:  # e.g. a replica URL nobody could parse: the others go on
-                logger.exception("health checks failed; trying again")
-            await asyncio.sleep(self.interval)
+
