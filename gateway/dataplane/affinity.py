@@ -38,7 +38,7 @@ def prefix_key(body: ChatCompletionRequest | CompletionRequest, limit: int) -> s
                 break
         material = orjson.dumps(head)[:limit]
     elif isinstance(body.prompt, str):
-        material = body.prompt.encode()[:limit]
+        material = body.prompt[:limit].encode()[:limit]  # not the whole prompt encoded
     else:
         first = body.prompt if not body.prompt or isinstance(body.prompt[0], int) \
             else body.prompt[0]
