@@ -21,7 +21,7 @@ import contextlib
 import hmac
 import logging
 import resource
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
 
@@ -34,6 +34,11 @@ from gateway.errors import GatewayError, send_error
 logger = logging.getLogger("gateway.edge")
 ADMIN_PATHS = ("/admin/", "/metrics")
 CLOSE = {"connection": "close"}
+
+
+def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    # ASGI servers give header names in lower case.
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
@@ -93,8 +98,7 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {name.decode("latin-1"): value.decode("latin-1")
-                   for name, value in scope["headers"]}
+        headers = header_map(scope["headers"])
         try:
             if scope["path"].startswith(ADMIN_PATHS):
                 check_admin_key(self.settings, api_key(headers))

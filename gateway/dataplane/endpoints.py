@@ -25,7 +25,7 @@ from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.serving import Gateway, admit, attempt_all, count_refusal
-from gateway.edge import api_key, check_declared_length, read_body
+from gateway.edge import api_key, check_declared_length, header_map, read_body
 from gateway.errors import GatewayError, send_error
 from gateway.fireworks.protocol import (
     ChatCompletionRequest,
@@ -81,11 +81,6 @@ def parse_body(raw: bytes, model: type[RequestModel], settings: Settings) -> Req
     except ValidationError as exc:
         message, field = validation_message(exc)
         raise GatewayError(400, message, param=field) from exc
-
-
-def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    # ASGI servers give header names in lower case.
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
 
 
 class ClientWatch:
