@@ -33,6 +33,7 @@ from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.endpoints import InferenceRoutes, validation_message
 from gateway.dataplane.endpoints import router as models_router
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
+from gateway.dataplane.messages import ServedModels
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
 from gateway.dataplane.serving import Gateway
 from gateway.dataplane.tokens import TokenTexts
@@ -136,7 +137,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
                       token_texts=TokenTexts(workers), discovery=discovery,
-                      adapters=adapters, started_at=time.time())
+                      adapters=adapters, served_models=ServedModels(workers),
+                      started_at=time.time())
     return gateway, client
 
 

@@ -77,9 +77,11 @@ def stream_error_event(status: int, message: str, response_id: str) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\ndata: [DONE]\n\n"
 
 
-async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    """An error response through ASGI (for the layers in front of FastAPI)."""
-    body = orjson.dumps(exc.envelope(request_id))
+async def send_error(send: Send, exc: GatewayError, request_id: str,
+                     envelope: dict[str, Any] | None = None) -> None:
+    """An error response through ASGI (for the layers in front of FastAPI); the Fireworks
+    envelope unless another is given."""
+    body = orjson.dumps(exc.envelope(request_id) if envelope is None else envelope)
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in exc.headers.items()]

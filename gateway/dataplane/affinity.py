@@ -15,22 +15,31 @@ from collections.abc import Mapping
 
 import orjson
 
+from gateway.anthropic import MessagesRequest
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
 
 AFFINITY_HEADER = "x-session-affinity"
 
 
-def affinity_key(headers: Mapping[str, str], body: ChatCompletionRequest | CompletionRequest,
+Body = ChatCompletionRequest | CompletionRequest | MessagesRequest
+
+
+def affinity_key(headers: Mapping[str, str], body: Body,
                  prefix_bytes: int = 0) -> str | None:
     """The client's key, else (with prefix_bytes > 0) one derived from the prompt's head."""
-    named = headers.get(AFFINITY_HEADER) or body.prompt_cache_key or body.user
+    named = headers.get(AFFINITY_HEADER) or getattr(body, "prompt_cache_key", None) \
+        or getattr(body, "user", None)
     if named or prefix_bytes <= 0:
         return named
     return prefix_key(body, prefix_bytes)
 
 
-def prefix_key(body: ChatCompletionRequest | CompletionRequest, limit: int) -> str:
-    if isinstance(body, ChatCompletionRequest):
+def prefix_key(body: Body, limit: int) -> str:
+    if isinstance(body, MessagesRequest):  # the system prompt, the tools, the first turn
+        extra = body.model_extra or {}
+        material = orjson.dumps([extra.get("system"), extra.get("tools"),
+                                 body.messages[0]])[:limit]
+    elif isinstance(body, ChatCompletionRequest):
         head: list[object] = [body.tools]
         for message in body.messages:
             head.append(message.model_dump(exclude_none=True))

@@ -20,13 +20,15 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.anthropic import MessagesRequest, error_envelope
 from gateway.config import Settings
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.serving import Gateway, admit, attempt_all, count_refusal
 from gateway.edge import api_key, check_declared_length, header_map, read_body
-from gateway.errors import GatewayError, send_error
+from gateway.errors import GatewayError
+from gateway.errors import send_error as send_envelope
 from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,9 +40,11 @@ logger = logging.getLogger("gateway.endpoints")
 router = APIRouter()
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 # path suffix -> (request model, worker path, which is also the endpoint label)
-INFERENCE: dict[str, tuple[type[ChatCompletionRequest | CompletionRequest], str]] = {
+InferenceRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest
+INFERENCE: dict[str, tuple[type[InferenceRequest], str]] = {
     "/chat/completions": (ChatCompletionRequest, "/v1/chat/completions"),
     "/completions": (CompletionRequest, "/v1/completions"),
+    "/messages": (MessagesRequest, "/v1/messages"),  # Anthropic's, relayed as it is
 }
 
 
@@ -73,7 +77,7 @@ def parse_body(raw: bytes, model: type[RequestModel], settings: Settings) -> Req
         raise GatewayError(400, f"Request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise GatewayError(400, "Request body must be a JSON object")
-    if not settings.strict_validation:
+    if not settings.strict_validation and model.model_config.get("extra") == "forbid":
         allowed = known_fields(model)
         payload = {key: value for key, value in payload.items() if key in allowed}
     try:
@@ -124,18 +128,22 @@ class InferenceRoutes:
         if route is None:
             await self.app(scope, receive, send)
         elif scope["method"] != "POST":
-            await send_error(send, GatewayError(405, "Method not allowed",
-                                                headers={"allow": "POST"}),
-                             scope["state"]["request_id"])
+            await send_envelope(send, GatewayError(405, "Method not allowed",
+                                                   headers={"allow": "POST"}),
+                                scope["state"]["request_id"])
         else:
             await self.serve(scope, receive, send, *route)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send,
-                    model: type[ChatCompletionRequest | CompletionRequest],
-                    endpoint: str) -> None:
+                    model: type[InferenceRequest], endpoint: str) -> None:
         gateway = self.gateway
         request_id: str = scope["state"]["request_id"]
         started = False
+
+        async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+            """In the envelope of the API asked (Anthropic's for Messages)."""
+            await send_envelope(send, exc, request_id, error_envelope(
+                exc.status, exc.message) if model is MessagesRequest else None)
 
         async def send_tracked(message: Any) -> None:
             nonlocal started

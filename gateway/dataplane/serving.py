@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway.anthropic import MessagesRequest
 from gateway.config import Settings
 from gateway.controlplane.limits import Admission, Limiter, RateLimited
 from gateway.controlplane.registry import Account, Route
@@ -22,19 +23,25 @@ from gateway.controlplane.usage import Ledger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
+from gateway.dataplane.messages import (
+    MessageStream,
+    ServedModels,
+    open_message_stream,
+    relay_message,
+)
 from gateway.dataplane.relay import PlainAnswer, StreamAnswer, open_stream, relay_json
 from gateway.dataplane.replicas import ReplicaSet
 from gateway.dataplane.tokens import TokenTexts
 from gateway.dataplane.workers import WorkerClient
 from gateway.errors import GatewayError
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, prompts_of
-from gateway.fireworks.translate import chat_body, completion_body
+from gateway.fireworks.translate import Plan, chat_body, completion_body
 from gateway.fireworks.worker_answer import WorkerFault
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("gateway.serving")
 ATTEMPTS = 2  # the first try and one retry on another replica
-Answer = PlainAnswer | StreamAnswer
+Answer = PlainAnswer | StreamAnswer | MessageStream
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Gateway:
     token_texts: TokenTexts
     discovery: Discovery
     adapters: Adapters
+    served_models: ServedModels
     started_at: float
 
 
@@ -60,10 +68,12 @@ class Gateway:
 MEDIA_TOKENS = 1024
 
 
-def prompt_estimate(body: ChatCompletionRequest | CompletionRequest) -> int:
+def prompt_estimate(body: ChatCompletionRequest | CompletionRequest | MessagesRequest) -> int:
     """Tokens to reserve for the prompt before the worker has counted them: about four
     characters per token of text, MEDIA_TOKENS per image, video or audio part (token-id
     prompts count exactly). Settled with the real count."""
+    if isinstance(body, MessagesRequest):
+        return len(orjson.dumps(body.messages)) // 4 + 4 * len(body.messages)
     if isinstance(body, ChatCompletionRequest):
         total = 0
         for message in body.messages:
@@ -88,12 +98,16 @@ def count_refusal(gateway: Gateway, deployment: str, endpoint: str, status: int)
 
 
 async def admit(gateway: Gateway, account: Account, route: Route,
-                body: ChatCompletionRequest | CompletionRequest, endpoint: str,
-                request_id: str) -> Exchange:
+                body: ChatCompletionRequest | CompletionRequest | MessagesRequest,
+                endpoint: str, request_id: str) -> Exchange:
     """Translate and admit: the Exchange that owns the request from here on."""
     deployment = route.deployment
     record_id = new_record_id()
-    if isinstance(body, ChatCompletionRequest):
+    if isinstance(body, MessagesRequest):  # relayed as it is; the model is named per replica
+        worker_body = body.model_dump(exclude_none=True)
+        plan = Plan(chat=True, stream=bool(body.stream), max_tokens=body.max_tokens,
+                    messages_api=True)
+    elif isinstance(body, ChatCompletionRequest):
         worker_body, plan = chat_body(body, deployment, gateway.settings, account=account.id,
                                       nonce=record_id)
     else:
@@ -171,11 +185,26 @@ async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any]
                                     f"{context} tokens", param=param)
 
 
+async def _attempt_messages(exchange: Exchange, attempt: Attempt) -> Answer:
+    gateway, lora = exchange.gateway, exchange.route.lora
+    served = lora.worker_name if lora is not None \
+        else await gateway.served_models.of(attempt.worker_url)
+    attempt.answer = await gateway.workers.open(
+        attempt.worker_url + exchange.endpoint,
+        orjson.dumps(exchange.worker_request | {"model": served}),
+        {"x-request-id": exchange.request_id})
+    if exchange.plan.stream:
+        return await open_message_stream(exchange, attempt)
+    return await relay_message(exchange, attempt)
+
+
 async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
     gateway, plan = exchange.gateway, exchange.plan
     texts = gateway.token_texts
     if exchange.route.lora is not None:  # wait for the adapter, if this replica lacks it
         await gateway.adapters.ensure(attempt.worker_url, exchange.route.lora)
+    if plan.messages_api:
+        return await _attempt_messages(exchange, attempt)
     if plan.context_check or plan.echo:
         worker_body = exchange.worker_request
         if plan.context_check:

@@ -101,30 +101,57 @@ class WorkerAnswer:
             raise transport_fault(exc) from exc
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def events(self) -> AsyncIterator[list[bytes]]:
-        """The SSE `data:` payloads, in batches of those that arrived together; the batch
-        holding `[DONE]` ends there. A body that ends without `[DONE]` is a fault."""
+    async def _pieces(self, separator: bytes, end: str) -> AsyncIterator[list[bytes]]:
+        """The body in whole pieces (lines, or SSE blocks), in batches of those that arrived
+        together. A body that ends is a fault: the caller stops reading at `end`."""
         buffer = b""
-        connection = self.connection
         while True:
             try:
-                data = await connection.read_some()
+                data = await self.connection.read_some()
             except TRANSPORT_ERRORS as exc:
                 raise transport_fault(exc) from exc
             if not data:
-                raise WorkerFault("the stream ended without [DONE]")
+                raise WorkerFault(f"the stream ended without {end}")
             buffer += data
-            if b"\n" not in data:
+            if separator not in buffer:
                 if len(buffer) > MAX_ANSWER_BYTES:
                     raise WorkerFault("a streamed event larger than the limit")
                 continue
-            *lines, buffer = buffer.split(b"\n")
+            *pieces, buffer = buffer.split(separator)
+            yield pieces
+
+    async def events(self) -> AsyncIterator[list[bytes]]:
+        """The SSE `data:` payloads, in batches of those that arrived together; the batch
+        holding `[DONE]` ends there. A body that ends without `[DONE]` is a fault."""
+        async for lines in self._pieces(b"\n", "[DONE]"):
             batch = []
             for line in lines:
                 if line.startswith(b"data:"):
                     payload = line[5:].strip()
                     batch.append(payload)
                     if payload == DONE:
+                        await self._to_the_end()
+                        yield batch
+                        return
+            if batch:
+                yield batch
+
+    async def sse_events(self) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """Named SSE events (`event:` and `data:`), in batches of those that arrived
+        together; the batch holding `message_stop` ends there (the Messages API's end). A
+        body that ends before it is a fault."""
+        async for blocks in self._pieces(b"\n\n", "message_stop"):
+            batch = []
+            for block in blocks:
+                name, payload = "", b""
+                for line in block.split(b"\n"):
+                    if line.startswith(b"event:"):
+                        name = line[6:].strip().decode("latin-1")
+                    elif line.startswith(b"data:"):
+                        payload = line[5:].strip()
+                if name or payload:
+                    batch.append((name, payload))
+                    if name == "message_stop":
                         await self._to_the_end()
                         yield batch
                         return

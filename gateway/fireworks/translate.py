@@ -62,6 +62,7 @@ class Plan:
     perf_metrics_in_response: bool = False
     prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
+    messages_api: bool = False  # an Anthropic Messages request, relayed as it is
 
 
 def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict[str, Any]:
