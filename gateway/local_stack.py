@@ -101,11 +101,15 @@ def wait_healthy(child: Child, url: str, what: str, timeout: float) -> None:
 
 
 def write_local_registry(data_dir: Path, worker_port: int, model_dir: Path) -> Path:
-    """The embedded registry, pointed at this worker, with the model's sampling defaults."""
+    """The embedded registry, pointed at these workers (the embedding one on the next port),
+    with the generating model's sampling defaults."""
     registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
     generation = json.loads((model_dir / "generation_config.json").read_text())
     defaults = {k: v for k, v in generation.items() if k in NEUTRAL}
     for deployment in registry["deployments"]:
+        if deployment.get("task") == "embed":
+            deployment["replicas"] = [{"url": f"http://127.0.0.1:{worker_port + 1}"}]
+            continue
         deployment["replicas"] = [{"url": f"http://127.0.0.1:{worker_port}"}]
         deployment["generation_config"] = defaults
     path = data_dir / "registry.local.yaml"
@@ -150,6 +154,17 @@ def run_local_stack(data_dir: Path, port: int, worker_port: int, compile: bool =
         ], logs / "worker.log", worker_env))
         wait_healthy(children[0], f"http://127.0.0.1:{worker_port}/health",
                      "loading the model into vLLM", timeout=900)
+        say(f"starting the embedding worker (all-MiniLM-L6-v2) on port {worker_port + 1}")
+        subprocess.run([sys.executable, "-m", "engine_plugins.models", "minilm",
+                        "--data-dir", str(data_dir)], check=True, stdout=subprocess.DEVNULL)
+        children.append(Child("vLLM embedding worker", [
+            sys.executable, "-m", "engine_plugins.worker", "--no-plugins",
+            "--model", str(data_dir / "models" / "all-minilm-l6-v2"),
+            "--port", str(worker_port + 1), "--dtype", "float32", "--runner", "pooling",
+            "--served-model-name", "all-minilm-l6-v2", "-O0",
+        ], logs / "embedding-worker.log", worker_env))
+        wait_healthy(children[1], f"http://127.0.0.1:{worker_port + 1}/health",
+                     "loading the embedding model into vLLM", timeout=900)
         say(f"starting the gateway on 127.0.0.1:{port}")
         gateway_env = dict(os.environ)
         gateway_env["GATEWAY_REGISTRY_PATH"] = str(write_local_registry(data_dir, worker_port,
@@ -158,7 +173,7 @@ def run_local_stack(data_dir: Path, port: int, worker_port: int, compile: bool =
         gateway_env.setdefault("GATEWAY_ADMIN_KEY", LOCAL_ADMIN_KEY)
         children.append(Child("gateway", [sys.executable, "-m", "gateway", "serve"],
                               logs / "gateway.log", gateway_env))
-        wait_healthy(children[1], f"http://127.0.0.1:{port}/health", "starting the gateway",
+        wait_healthy(children[2], f"http://127.0.0.1:{port}/health", "starting the gateway",
                      timeout=60)
         say(ready_line(port))
         say(f"admin: GATEWAY_ADMIN_KEY={gateway_env['GATEWAY_ADMIN_KEY']} "

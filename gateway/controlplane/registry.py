@@ -75,6 +75,9 @@ class DeploymentSettings(Record):
 
     model: str  # the model resource name, e.g. accounts/fireworks/models/smollm2-135m-instruct
     default: bool = False  # the target for requests that name only the model
+    # What its workers do: generate text (vLLM's generate runner) or embed it (its pooling
+    # runner, `--runner pooling`). Each endpoint serves deployments of its task only.
+    task: Literal["generate", "embed"] = "generate"
     context_length: int | None = Field(default=None, gt=0)
     # Per-deployment defaults when the client sends no max_tokens.
     max_tokens_chat: int = Field(default=2048, ge=0)

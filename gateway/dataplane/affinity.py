@@ -16,12 +16,12 @@ from collections.abc import Mapping
 import orjson
 
 from gateway.anthropic import MessagesRequest
-from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 AFFINITY_HEADER = "x-session-affinity"
 
 
-Body = ChatCompletionRequest | CompletionRequest | MessagesRequest
+Body = ChatCompletionRequest | CompletionRequest | MessagesRequest | EmbeddingRequest
 
 
 def affinity_key(headers: Mapping[str, str], body: Body,
@@ -29,12 +29,13 @@ def affinity_key(headers: Mapping[str, str], body: Body,
     """The client's key, else (with prefix_bytes > 0) one derived from the prompt's head."""
     named = headers.get(AFFINITY_HEADER) or getattr(body, "prompt_cache_key", None) \
         or getattr(body, "user", None)
-    if named or prefix_bytes <= 0:
-        return named
+    if named or prefix_bytes <= 0 or isinstance(body, EmbeddingRequest):
+        return named  # (an embedding reuses no cached prefix worth a key)
     return prefix_key(body, prefix_bytes)
 
 
-def prefix_key(body: Body, limit: int) -> str:
+def prefix_key(body: ChatCompletionRequest | CompletionRequest | MessagesRequest,
+               limit: int) -> str:
     if isinstance(body, MessagesRequest):  # the system prompt, the tools, the first turn
         extra = body.model_extra or {}
         material = orjson.dumps([extra.get("system"), extra.get("tools"),

@@ -32,6 +32,7 @@ from gateway.errors import send_error as send_envelope
 from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     FieldError,
     known_fields,
 )
@@ -40,11 +41,13 @@ logger = logging.getLogger("gateway.endpoints")
 router = APIRouter()
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 # path suffix -> (request model, worker path, which is also the endpoint label)
-InferenceRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest
+InferenceRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest \
+    | EmbeddingRequest
 INFERENCE: dict[str, tuple[type[InferenceRequest], str]] = {
     "/chat/completions": (ChatCompletionRequest, "/v1/chat/completions"),
     "/completions": (CompletionRequest, "/v1/completions"),
     "/messages": (MessagesRequest, "/v1/messages"),  # Anthropic's, relayed as it is
+    "/embeddings": (EmbeddingRequest, "/v1/embeddings"),
 }
 
 

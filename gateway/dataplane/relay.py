@@ -100,6 +100,23 @@ async def relay_json(exchange: Exchange, attempt: Attempt, texts: TokenTexts) ->
     return PlainAnswer(200, orjson.dumps(out), _headers(exchange, metrics))
 
 
+async def relay_embeddings(exchange: Exchange, attempt: Attempt) -> PlainAnswer:
+    """An /embeddings answer: a list of vectors (float lists, or base64 strings)."""
+    answer = attempt.answer
+    assert answer is not None
+    _expect(answer, "application/json")
+    data = _parse(await answer.read())
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("embedding"), (list, str)) for i in items):
+        raise WorkerFault(f"not an embedding list: {str(data)[:200]}")
+    exchange.first_token()
+    exchange.usage = data.get("usage")
+    data["model"] = exchange.route.requested_model
+    return PlainAnswer(200, orjson.dumps(data), [
+        (k.encode(), v.encode()) for k, v in exchange.admission.headers.items()])
+
+
 class Relay:
     """One stream's way from the worker's events to Fireworks chunks (with the worker's
     token texts when logprobs need them)."""

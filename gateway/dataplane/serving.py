@@ -29,13 +29,24 @@ from gateway.dataplane.messages import (
     open_message_stream,
     relay_message,
 )
-from gateway.dataplane.relay import PlainAnswer, StreamAnswer, open_stream, relay_json
+from gateway.dataplane.relay import (
+    PlainAnswer,
+    StreamAnswer,
+    open_stream,
+    relay_embeddings,
+    relay_json,
+)
 from gateway.dataplane.replicas import ReplicaSet
 from gateway.dataplane.tokens import TokenTexts
 from gateway.dataplane.workers import WorkerClient
 from gateway.errors import GatewayError
-from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, prompts_of
-from gateway.fireworks.translate import Plan, chat_body, completion_body
+from gateway.fireworks.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    prompts_of,
+)
+from gateway.fireworks.translate import Plan, chat_body, completion_body, embedding_body
 from gateway.fireworks.worker_answer import WorkerFault
 from gateway.metrics import GatewayMetrics
 
@@ -68,12 +79,18 @@ class Gateway:
 MEDIA_TOKENS = 1024
 
 
-def prompt_estimate(body: ChatCompletionRequest | CompletionRequest | MessagesRequest) -> int:
+def prompt_estimate(body: ChatCompletionRequest | CompletionRequest | MessagesRequest
+                    | EmbeddingRequest) -> int:
     """Tokens to reserve for the prompt before the worker has counted them: about four
     characters per token of text, MEDIA_TOKENS per image, video or audio part (token-id
     prompts count exactly). Settled with the real count."""
     if isinstance(body, MessagesRequest):
         return len(orjson.dumps(body.messages)) // 4 + 4 * len(body.messages)
+    if isinstance(body, EmbeddingRequest):
+        inputs = body.input if isinstance(body.input, list) else [body.input]
+        if inputs and all(isinstance(i, int) for i in inputs):
+            return len(inputs)
+        return sum(len(i) if isinstance(i, list) else len(str(i)) // 4 + 1 for i in inputs)
     if isinstance(body, ChatCompletionRequest):
         total = 0
         for message in body.messages:
@@ -98,8 +115,8 @@ def count_refusal(gateway: Gateway, deployment: str, endpoint: str, status: int)
 
 
 async def admit(gateway: Gateway, account: Account, route: Route,
-                body: ChatCompletionRequest | CompletionRequest | MessagesRequest,
-                endpoint: str, request_id: str) -> Exchange:
+                body: ChatCompletionRequest | CompletionRequest | MessagesRequest
+                | EmbeddingRequest, endpoint: str, request_id: str) -> Exchange:
     """Translate and admit: the Exchange that owns the request from here on."""
     deployment = route.deployment
     record_id = new_record_id()
@@ -107,6 +124,8 @@ async def admit(gateway: Gateway, account: Account, route: Route,
         worker_body = body.model_dump(exclude_none=True)
         plan = Plan(chat=True, stream=bool(body.stream), max_tokens=body.max_tokens,
                     messages_api=True)
+    elif isinstance(body, EmbeddingRequest):
+        worker_body, plan = embedding_body(body, deployment)
     elif isinstance(body, ChatCompletionRequest):
         worker_body, plan = chat_body(body, deployment, gateway.settings, account=account.id,
                                       nonce=record_id)
@@ -205,6 +224,11 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
         await gateway.adapters.ensure(attempt.worker_url, exchange.route.lora)
     if plan.messages_api:
         return await _attempt_messages(exchange, attempt)
+    if plan.embeddings:
+        attempt.answer = await gateway.workers.open(
+            attempt.worker_url + exchange.endpoint, exchange.worker_body,
+            {"x-request-id": exchange.request_id})
+        return await relay_embeddings(exchange, attempt)
     if plan.context_check or plan.echo:
         worker_body = exchange.worker_request
         if plan.context_check:

@@ -174,6 +174,18 @@ class CompletionRequest(SamplingFields):
         return self
 
 
+class EmbeddingRequest(Strict):
+    """/embeddings (OpenAI's shape, as Fireworks serves it)."""
+
+    model: str
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] \
+        | Annotated[list[int], Field(min_length=1)] \
+        | Annotated[list[list[int]], Field(min_length=1)]
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+
 def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
     """A completions `prompt` as its list of prompts (a token-id list is one prompt)."""
     several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)

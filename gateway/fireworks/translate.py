@@ -26,6 +26,7 @@ from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    EmbeddingRequest,
     SamplingFields,
 )
 
@@ -63,6 +64,7 @@ class Plan:
     prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     messages_api: bool = False  # an Anthropic Messages request, relayed as it is
+    embeddings: bool = False  # an /embeddings request
 
 
 def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict[str, Any]:
@@ -76,6 +78,9 @@ def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict
 
 def sampling_body(request: SamplingFields, deployment: Deployment, settings: Settings,
                   plan: Plan, account: str, nonce: str) -> dict[str, Any]:
+    if deployment.task != "generate":
+        raise GatewayError(400, f"Deployment {deployment.name} serves embeddings "
+                                "(/embeddings), not generation", param="model")
     for name in ("speculation", "prediction"):
         if getattr(request, name) is not None:
             raise GatewayError(400, f"{name} is not supported: the workers take no "
@@ -292,6 +297,16 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: 
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
     return body, plan
+
+
+def embedding_body(request: EmbeddingRequest, deployment: Deployment
+                   ) -> tuple[dict[str, Any], Plan]:
+    """/embeddings: vLLM's own shape; the deployment must embed."""
+    if deployment.task != "embed":
+        raise GatewayError(400, f"Deployment {deployment.name} generates text; embeddings "
+                                "come from a deployment whose task is embed", param="model")
+    body = request.model_dump(exclude_none=True, exclude={"model"})
+    return body, Plan(chat=False, embeddings=True)
 
 
 def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,

@@ -130,6 +130,11 @@ def test_registry_routes_every_deployment_to_a_service_selecting_its_workers() -
     assert args[args.index("--scheduling-policy") + 1] == "priority"
     prod = next(d for d in registry.deployments if d.id == "llama-8b-prod")
     assert prod.reasoning_parser is None and not prod.priority_scheduling
+    embed = next(d for d in registry.deployments if d.id == "bge-small")
+    assert embed.task == "embed" and prod.task == "generate"
+    args = next(container(w)["args"] for w in workers
+                if w["metadata"]["labels"].get("fireworks-gateway/deployment") == "bge-small")
+    assert args[args.index("--runner") + 1] == "pooling" and "--no-plugins" in args
 
 
 def test_gateway_has_redis_url_registry_and_key_secret() -> None:

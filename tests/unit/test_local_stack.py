@@ -19,9 +19,10 @@ def test_local_registry_points_at_the_worker_with_model_defaults(tmp_path: Path)
         {"eos_token_id": 2, "temperature": 0.6, "top_p": 0.9}))
     data = RegistryData.model_validate(yaml.safe_load(
         write_local_registry(tmp_path, 9123, model).read_text()))
-    (deployment,) = data.deployments
+    deployment, embedding = data.deployments
     assert deployment.replicas[0].url == "http://127.0.0.1:9123"
     assert deployment.generation_config == {"temperature": 0.6, "top_p": 0.9}
+    assert embedding.task == "embed" and embedding.replicas[0].url == "http://127.0.0.1:9124"
 
 
 def test_ready_line_has_a_working_key_and_model() -> None:

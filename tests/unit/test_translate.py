@@ -17,17 +17,33 @@ from gateway.controlplane.registry import Deployment
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.endpoints import parse_body
 from gateway.errors import GatewayError
-from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest, known_fields
-from gateway.fireworks.translate import PRIORITY, Plan, cache_salt, chat_body, completion_body
+from gateway.fireworks.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    known_fields,
+)
+from gateway.fireworks.translate import (
+    PRIORITY,
+    Plan,
+    cache_salt,
+    chat_body,
+    completion_body,
+    embedding_body,
+)
 
 PLAIN = Deployment(id="d", account="acct", model="accounts/acct/models/m",
                    context_length=4096, tool_parser="hermes")
 REASONING = PLAIN.model_copy(update={"reasoning_parser": "deepseek_r1",
                                      "priority_scheduling": True})
+EMBED = PLAIN.model_copy(update={"task": "embed"})
 BASES = {"chat": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-         "completions": {"model": "m", "prompt": "hi"}}
-MODELS: dict[str, type[ChatCompletionRequest | CompletionRequest]] = {
-    "chat": ChatCompletionRequest, "completions": CompletionRequest}
+         "completions": {"model": "m", "prompt": "hi"},
+         "embeddings": {"model": "m", "input": "hi"}}
+MODELS: dict[str, type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest]] = {
+    "chat": ChatCompletionRequest, "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest}
+EMBEDDINGS = ("embeddings",)
 BOTH = ("chat", "completions")
 
 
@@ -51,7 +67,10 @@ HISTORY = [{"role": "user", "content": "a"},
            {"role": "assistant", "content": "d", "reasoning_content": "r2"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
 ROWS: dict[str, list[Row]] = {
-    "model": [Row("accounts/acct/models/m", where="routing: resolves the deployment")],
+    "model": [Row("accounts/acct/models/m", where="routing: resolves the deployment"),
+              Row("accounts/acct/models/m", where="routing", endpoints=EMBEDDINGS,
+                  deployment=EMBED),
+              Row("accounts/acct/models/m", refused=True, endpoints=EMBEDDINGS)],  # generates
     "stream": [Row(True, body={"stream": True, "stream_options": {
         "include_usage": True, "continuous_usage_stats": True}}, plan={"stream": True})],
     "max_tokens": [Row(7, body={"max_tokens": 7}, plan={"max_tokens": 7})],
@@ -89,7 +108,16 @@ ROWS: dict[str, list[Row]] = {
                             body={"structured_outputs": {"json_object": True}},
                             endpoints=("completions",))],
     "logit_bias": [Row({"5": 150.0}, body={"logit_bias": {"5": 100.0}})],
-    "user": [Row("u1", body={"user": "u1"})],  # also the affinity key (see below)
+    "user": [Row("u1", body={"user": "u1"}),  # also the affinity key (see below)
+             Row("u1", body={"user": "u1"}, endpoints=EMBEDDINGS, deployment=EMBED)],
+    # embeddings only
+    "input": [Row(["a", "b"], body={"input": ["a", "b"]}, endpoints=EMBEDDINGS,
+                  deployment=EMBED),
+              Row([1, 2, 3], body={"input": [1, 2, 3]}, endpoints=EMBEDDINGS,
+                  deployment=EMBED)],
+    "dimensions": [Row(64, body={"dimensions": 64}, endpoints=EMBEDDINGS, deployment=EMBED)],
+    "encoding_format": [Row("base64", body={"encoding_format": "base64"},
+                            endpoints=EMBEDDINGS, deployment=EMBED)],
     "perf_metrics_in_response": [Row(True, plan={"perf_metrics_in_response": True})],
     "raw_output": [Row(True, plan={"raw_output": True}, body={"return_token_ids": True})],
     "return_token_ids": [Row(True, plan={"return_token_ids": True},
@@ -172,6 +200,8 @@ def translate(endpoint: str, extra: dict[str, Any], deployment: Deployment = PLA
               ) -> tuple[dict[str, Any], Plan]:
     model = MODELS[endpoint]
     request = parse_body(orjson.dumps(BASES[endpoint] | extra), model, Settings())
+    if isinstance(request, EmbeddingRequest):
+        return embedding_body(request, deployment)
     if isinstance(request, ChatCompletionRequest):
         return chat_body(request, deployment, Settings(), account="acct", nonce="n1")
     return completion_body(request, deployment, Settings(), account="acct", nonce="n1")
