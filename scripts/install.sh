@@ -32,6 +32,8 @@ if [ "$engine" = "cpu" ]; then
 fi
 # Its wheel asks for a certifi newer than some mirrors carry; its real deps are in [test].
 $pip install -q --no-deps fireworks-ai==1.2.30 2>&1 | grep -v "^WARNING: Location" || true
+# LangChain's Fireworks integration asks for fireworks-ai too: its other deps are in [test].
+$pip install -q --no-deps langchain-fireworks==1.7.1 2>&1 | grep -v "^WARNING: Location" || true
 # The legacy 0.x client (`fireworks.client`) for compatibility tests, beside 1.x: same
 # distribution name, so it lives in its own directory that the tests put on PYTHONPATH.
 legacy="$venv/legacy-fireworks"

@@ -74,6 +74,18 @@ def test_vectors_equal_the_models_own(embed_stack: tuple[str, Path]) -> None:
     assert np.allclose(decoded, vectors[0], atol=1e-5)
 
 
+def test_langchain_fireworks_embeddings(embed_stack: tuple[str, Path]) -> None:
+    from langchain_fireworks import FireworksEmbeddings
+
+    url, model_dir = embed_stack
+    embeddings = FireworksEmbeddings(api_key=API_KEY, model=MODEL)
+    # The integration builds its client for api.fireworks.ai: point that client here.
+    embeddings.client = openai.OpenAI(api_key=API_KEY, base_url=f"{url}/inference/v1")
+    documents = np.array(embeddings.embed_documents(TEXTS))
+    assert np.allclose(documents, reference(model_dir, TEXTS), atol=1e-4)
+    assert np.allclose(embeddings.embed_query(TEXTS[1]), documents[1], atol=1e-5)
+
+
 def test_token_ids_and_refusals(embed_stack: tuple[str, Path]) -> None:
     url, model_dir = embed_stack
     from transformers import AutoTokenizer
