@@ -204,30 +204,39 @@ async def check_context(texts: TokenTexts, worker_url: str, body: dict[str, Any]
                                     f"{context} tokens", param=param)
 
 
-async def _attempt_messages(exchange: Exchange, attempt: Attempt) -> Answer:
+async def _open(exchange: Exchange, attempt: Attempt, body: bytes) -> None:
+    """Send the request to the attempt's replica, whatever the API. With a LoRA adapter: the
+    replica gets it first if it lacks it, and a 404 means it lost it since the last look (it
+    restarted): it is loaded again and the request sent once more."""
     gateway, lora = exchange.gateway, exchange.route.lora
-    served = lora.worker_name if lora is not None \
-        else await gateway.served_models.of(attempt.worker_url)
-    attempt.answer = await gateway.workers.open(
-        attempt.worker_url + exchange.endpoint,
-        orjson.dumps(exchange.worker_request | {"model": served}),
-        {"x-request-id": exchange.request_id})
-    if exchange.plan.stream:
-        return await open_message_stream(exchange, attempt)
-    return await relay_message(exchange, attempt)
+    url, headers = attempt.worker_url + exchange.endpoint, {"x-request-id": exchange.request_id}
+    if lora is not None:
+        await gateway.adapters.ensure(attempt.worker_url, lora)
+    try:
+        attempt.answer = await gateway.workers.open(url, body, headers)
+    except WorkerFault as exc:
+        if lora is None or exc.worker_status != 404:
+            raise
+        gateway.adapters.forget(attempt.worker_url, lora)
+        await gateway.adapters.ensure(attempt.worker_url, lora)
+        attempt.answer = await gateway.workers.open(url, body, headers)
 
 
 async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
     gateway, plan = exchange.gateway, exchange.plan
     texts = gateway.token_texts
-    if exchange.route.lora is not None:  # wait for the adapter, if this replica lacks it
-        await gateway.adapters.ensure(attempt.worker_url, exchange.route.lora)
     if plan.messages_api:
-        return await _attempt_messages(exchange, attempt)
+        # The Messages API must name the model: the adapter (already in the body), or what
+        # this replica serves.
+        body = exchange.worker_body if exchange.route.lora is not None else orjson.dumps(
+            exchange.worker_request | {"model": await gateway.served_models.of(
+                attempt.worker_url)})
+        await _open(exchange, attempt, body)
+        if plan.stream:
+            return await open_message_stream(exchange, attempt)
+        return await relay_message(exchange, attempt)
     if plan.embeddings:
-        attempt.answer = await gateway.workers.open(
-            attempt.worker_url + exchange.endpoint, exchange.worker_body,
-            {"x-request-id": exchange.request_id})
+        await _open(exchange, attempt, exchange.worker_body)
         return await relay_embeddings(exchange, attempt)
     if plan.context_check or plan.echo:
         worker_body = exchange.worker_request
@@ -240,17 +249,7 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
         elif plan.echo:
             exchange.echo_texts = await texts.echo_texts(attempt.worker_url,
                                                      worker_body["prompt"], plan.echo_last)
-    url, headers = attempt.worker_url + exchange.endpoint, {"x-request-id": exchange.request_id}
-    try:
-        attempt.answer = await gateway.workers.open(url, exchange.worker_body, headers)
-    except WorkerFault as exc:
-        lora = exchange.route.lora
-        if lora is None or exc.worker_status != 404:
-            raise
-        # The replica lost the adapter since the last look (it restarted): load it again.
-        gateway.adapters.forget(attempt.worker_url, lora)
-        await gateway.adapters.ensure(attempt.worker_url, lora)
-        attempt.answer = await gateway.workers.open(url, exchange.worker_body, headers)
+    await _open(exchange, attempt, exchange.worker_body)
     if plan.stream:
         return await open_stream(exchange, attempt, texts)
     return await relay_json(exchange, attempt, texts)
