@@ -19,7 +19,7 @@ from starlette.types import Send
 
 from gateway.anthropic import error_envelope, usage_of
 from gateway.dataplane.exchange import Attempt, Exchange
-from gateway.dataplane.relay import STREAM_HEADERS, PlainAnswer
+from gateway.dataplane.relay import STREAM_HEADERS, PlainAnswer, admission_headers
 from gateway.dataplane.workers import WorkerAnswer, WorkerClient
 from gateway.errors import GatewayError
 from gateway.fireworks.worker_answer import WorkerFault
@@ -57,10 +57,6 @@ def _checked(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _headers(exchange: Exchange) -> list[tuple[bytes, bytes]]:
-    return [(k.encode(), v.encode()) for k, v in exchange.admission.headers.items()]
-
-
 async def relay_message(exchange: Exchange, attempt: Attempt) -> PlainAnswer:
     answer = attempt.answer
     assert answer is not None
@@ -72,7 +68,7 @@ async def relay_message(exchange: Exchange, attempt: Attempt) -> PlainAnswer:
     exchange.first_token()
     exchange.usage = usage_of(data)
     data["model"] = exchange.route.requested_model
-    return PlainAnswer(200, orjson.dumps(data), _headers(exchange))
+    return PlainAnswer(200, orjson.dumps(data), admission_headers(exchange))
 
 
 def _event(name: str, payload: bytes) -> bytes:
@@ -110,7 +106,7 @@ class MessageStream:
 
     async def send(self, send: Send) -> tuple[str, int]:
         await send({"type": "http.response.start", "status": 200,
-                    "headers": STREAM_HEADERS + _headers(self.exchange)})
+                    "headers": STREAM_HEADERS + admission_headers(self.exchange)})
         try:
             parts = self.held
             while not self.done:

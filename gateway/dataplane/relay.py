@@ -36,11 +36,16 @@ STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
+def admission_headers(exchange: Exchange) -> list[tuple[bytes, bytes]]:
+    """The account's rate-limit headers, on every answer of a limited account."""
+    return [(k.encode(), v.encode()) for k, v in exchange.admission.headers.items()]
+
+
 def _headers(exchange: Exchange, metrics: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     deployment = exchange.route.deployment
     return [(k.encode(), v.encode("latin-1", "replace")) for k, v in metric_headers(
         metrics, exchange.plan.sampling_options, deployment.context_length).items()] + \
-        [(k.encode(), v.encode()) for k, v in exchange.admission.headers.items()]
+        admission_headers(exchange)
 
 
 async def _vocabulary(texts: TokenTexts, exchange: Exchange, attempt: Attempt,
@@ -113,8 +118,7 @@ async def relay_embeddings(exchange: Exchange, attempt: Attempt) -> PlainAnswer:
     exchange.first_token()
     exchange.usage = data.get("usage")
     data["model"] = exchange.route.requested_model
-    return PlainAnswer(200, orjson.dumps(data), [
-        (k.encode(), v.encode()) for k, v in exchange.admission.headers.items()])
+    return PlainAnswer(200, orjson.dumps(data), admission_headers(exchange))
 
 
 class Relay:
