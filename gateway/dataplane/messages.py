@@ -19,7 +19,13 @@ from starlette.types import Send
 
 from gateway.anthropic import error_envelope, usage_of
 from gateway.dataplane.exchange import Attempt, Exchange
-from gateway.dataplane.relay import STREAM_HEADERS, PlainAnswer, admission_headers
+from gateway.dataplane.relay import (
+    STREAM_HEADERS,
+    PlainAnswer,
+    admission_headers,
+    expect_type,
+    parse_json,
+)
 from gateway.dataplane.workers import WorkerAnswer, WorkerClient
 from gateway.errors import GatewayError
 from gateway.fireworks.worker_answer import WorkerFault
@@ -48,10 +54,7 @@ class ServedModels:
 
 
 def _checked(raw: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise WorkerFault(f"not JSON: {raw[:200]!r}") from exc
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise WorkerFault("a Messages answer that is not an object")
     return data
@@ -60,8 +63,7 @@ def _checked(raw: bytes) -> dict[str, Any]:
 async def relay_message(exchange: Exchange, attempt: Attempt) -> PlainAnswer:
     answer = attempt.answer
     assert answer is not None
-    if answer.content_type != "application/json":
-        raise WorkerFault(f"content-type {answer.content_type!r}, expected JSON")
+    expect_type(answer, "application/json")
     data = _checked(await answer.read())
     if data.get("type") != "message" or not isinstance(data.get("content"), list):
         raise WorkerFault(f"not a message: {str(data)[:200]}")
@@ -132,8 +134,7 @@ async def open_message_stream(exchange: Exchange, attempt: Attempt) -> MessageSt
     request may be retried elsewhere)."""
     answer: WorkerAnswer | None = attempt.answer
     assert answer is not None
-    if answer.content_type != "text/event-stream":
-        raise WorkerFault(f"content-type {answer.content_type!r}, expected text/event-stream")
+    expect_type(answer, "text/event-stream")
     events = answer.sse_events()
     stream = MessageStream(exchange, events, [])
     while not any(part.startswith(b"event: message_start") for part in stream.held):

@@ -58,12 +58,12 @@ async def _vocabulary(texts: TokenTexts, exchange: Exchange, attempt: Attempt,
     return await texts.texts(exchange.route.deployment.model, attempt.worker_url, ids)
 
 
-def _expect(answer: WorkerAnswer, content_type: str) -> None:
+def expect_type(answer: WorkerAnswer, content_type: str) -> None:
     if answer.content_type != content_type:
         raise WorkerFault(f"content-type {answer.content_type!r}, expected {content_type!r}")
 
 
-def _parse(raw: bytes) -> Any:
+def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -88,8 +88,8 @@ class PlainAnswer:
 async def relay_json(exchange: Exchange, attempt: Attempt, texts: TokenTexts) -> PlainAnswer:
     answer = attempt.answer
     assert answer is not None
-    _expect(answer, "application/json")
-    data = check_completion(_parse(await answer.read()), exchange.plan.chat)
+    expect_type(answer, "application/json")
+    data = check_completion(parse_json(await answer.read()), exchange.plan.chat)
     exchange.first_token()
     try:
         vocabulary = await _vocabulary(texts, exchange, attempt, data)
@@ -109,8 +109,8 @@ async def relay_embeddings(exchange: Exchange, attempt: Attempt) -> PlainAnswer:
     """An /embeddings answer: a list of vectors (float lists, or base64 strings)."""
     answer = attempt.answer
     assert answer is not None
-    _expect(answer, "application/json")
-    data = _parse(await answer.read())
+    expect_type(answer, "application/json")
+    data = parse_json(await answer.read())
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list) or not all(
             isinstance(i, dict) and isinstance(i.get("embedding"), (list, str)) for i in items):
@@ -145,7 +145,7 @@ class Relay:
                 parts += self.reframer.end()
                 self.done = True
                 break
-            chunk = check_chunk(_parse(raw), self.chat)
+            chunk = check_chunk(parse_json(raw), self.chat)
             if not self.produced and (not chunk["choices"] or carries_token(chunk)):
                 self.produced = True
                 self.exchange.first_token()
@@ -197,7 +197,7 @@ async def open_stream(exchange: Exchange, attempt: Attempt, texts: TokenTexts) -
     reached the client, so the request may be retried elsewhere)."""
     answer = attempt.answer
     assert answer is not None
-    _expect(answer, "text/event-stream")
+    expect_type(answer, "text/event-stream")
     relay = Relay(exchange, attempt, texts)
     events = answer.events()
     held: list[bytes] = []
