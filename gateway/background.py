@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 
 
 def every(seconds: float, step: Callable[[], Awaitable[None]], name: str,
-          logger: logging.Logger) -> asyncio.Task[None]:
-    """Run `step` every `seconds` until cancelled. The loop outlives anything one round
-    meets: an exception is logged, and the next round runs."""
+          logger: logging.Logger, *, first_after: float = 0.0) -> asyncio.Task[None]:
+    """Run `step` every `seconds` (the first time after `first_after`) until cancelled. The
+    loop outlives anything one round meets: an exception is logged, and the next round
+    runs."""
     async def run() -> None:
+        await asyncio.sleep(first_after)
         while True:
             try:
                 await step()

@@ -70,7 +70,9 @@ class Discovery:
         return out
 
     def start(self) -> None:
-        self._task = every(self.interval, self.resolve_all, "replica discovery", logger)
+        """The loop that follows the first resolution (app start-up awaits that one)."""
+        self._task = every(self.interval, self.resolve_all, "replica discovery", logger,
+                           first_after=self.interval)
 
     async def stop(self) -> None:
         await cancel(self._task)
