@@ -33,7 +33,9 @@ def prefix() -> str:
 
 @pytest.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_server.url)
+    # A timeout as the gateway's own client has: a stuck command fails the test, never
+    # stalls the run.
+    client = aioredis.from_url(redis_server.url, socket_timeout=10)
     yield client
     await client.aclose()
 
@@ -290,7 +292,7 @@ async def test_a_failing_check_refuses_and_only_an_unreachable_redis_admits(
 
 
 async def test_a_stored_registry_that_does_not_validate_never_stops_a_gateway(
-        client: aioredis.Redis, prefix: str) -> None:
+        client: aioredis.Redis, redis_server: RedisServer, prefix: str) -> None:
     running = RedisStore(client, SEED, prefix=prefix, poll_interval=0.05)
     await running.start()
     await running.change(add_deployment)
@@ -304,10 +306,14 @@ async def test_a_stored_registry_that_does_not_validate_never_stops_a_gateway(
         await asyncio.sleep(0.2)
         assert running.problem is not None  # noticed, reported ...
         assert len(running.current.data.deployments) == 2  # ... and the last good copy served
-        starting = RedisStore(client, SEED, prefix=prefix)
-        await starting.start()  # a gateway starting now starts, on its seed
+        # A gateway starting now (its own connections, as another process has) starts, on
+        # its seed.
+        other_client = aioredis.from_url(redis_server.url, socket_timeout=10)
+        starting = RedisStore(other_client, SEED, prefix=prefix)
+        await starting.start()
         assert starting.problem is not None and len(starting.current.data.deployments) == 1
         await starting.stop()
+        await other_client.aclose()
         # The next valid change starts from the good copy and repairs Redis for everyone.
         await running.change(lambda data: data)
         assert running.problem is None
