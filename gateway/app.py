@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -22,7 +23,10 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.anthropic.api import MessagesApi
+from gateway.api import InferenceApi
 from gateway.config import Settings
+from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
 from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.controlplane.registry import load_yaml
@@ -30,16 +34,16 @@ from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
 from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery, make_resolver
-from gateway.dataplane.endpoints import InferenceRoutes, validation_message
-from gateway.dataplane.endpoints import router as models_router
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
-from gateway.dataplane.messages import ServedModels
+from gateway.dataplane.parts import Gateway
+from gateway.dataplane.queries import WorkerQueries
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
-from gateway.dataplane.serving import Gateway
-from gateway.dataplane.tokens import TokenTexts
+from gateway.dataplane.routes import InferenceRoutes, validation_message
+from gateway.dataplane.routes import router as models_router
 from gateway.dataplane.workers import WorkerClient
 from gateway.edge import Edge
 from gateway.errors import GatewayError
+from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("gateway")
@@ -47,6 +51,9 @@ logger = logging.getLogger("gateway")
 # Every inference route is served under each of these (the doubled forms are what
 # the SDKs produce from common base URLs).
 PREFIXES = ("/inference/v1", "/v1", "/inference/v1/v1", "/v1/v1")
+# The route table: every inference API the gateway serves, one object each (gateway/api.py).
+APIS: tuple[InferenceApi[Any], ...] = (ChatApi(), CompletionsApi(), EmbeddingsApi(),
+                                       MessagesApi())
 
 
 class RequestIdMiddleware:
@@ -136,9 +143,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     adapters = Adapters(workers, lambda: store.current.data, replicas)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
-                      token_texts=TokenTexts(workers), discovery=discovery,
-                      adapters=adapters, served_models=ServedModels(workers),
-                      started_at=time.time())
+                      queries=WorkerQueries(workers), discovery=discovery,
+                      adapters=adapters, started_at=time.time())
     return gateway, client
 
 
@@ -198,6 +204,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     app = FastAPI(title="Fireworks-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.gateway = gateway
+    app.state.admin = AdminParts(gateway.store, gateway.ledger, gateway.adapters)
     for prefix in PREFIXES:
         app.include_router(models_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
@@ -243,8 +250,8 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         logger.exception("unhandled error")
         return _error_response(request, GatewayError(500, "Internal error"))
 
-    return GatewayApp(RequestIdMiddleware(InferenceRoutes(Edge(app, settings), gateway, PREFIXES)),
-                      app)
+    routes = InferenceRoutes(Edge(app, settings), gateway, APIS, PREFIXES)
+    return GatewayApp(RequestIdMiddleware(routes), app, settings)
 
 
 def serve_app() -> ASGIApp:
@@ -256,11 +263,13 @@ def serve_app() -> ASGIApp:
 
 class GatewayApp:
     """The ASGI app uvicorn serves; `.fastapi` is the app behind the inference routes (its
-    state holds the Gateway, its router the lifespan)."""
+    state holds the Gateway, its router the lifespan); `.settings` what it was built with,
+    which the server protocol (edge.EdgeProtocol) reads too."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, settings: Settings) -> None:
         self.app = app
         self.fastapi = fastapi
+        self.settings = settings
         self.state = fastapi.state
         self.router = fastapi.router
 

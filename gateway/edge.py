@@ -1,6 +1,7 @@
 """The gateway's edge: what a client can make the gateway hold before it is known.
 
-Two layers, both configured by Settings (README, "Limits at the edge"):
+Two layers, both configured by the Settings the app was built with (docs/operations.md,
+"Limits at the edge"):
 - `EdgeProtocol`, the HTTP server protocol (uvicorn's httptools one plus bounds): a request's
   headers must arrive within `header_timeout` and fit in `max_header_bytes`, its body within
   `body_timeout` after them (else 408 or 431, and the connection closes); a connection idle
@@ -22,7 +23,6 @@ import hmac
 import logging
 import resource
 from collections.abc import Iterable, Mapping
-from functools import cache
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -121,11 +121,15 @@ class Edge:
         return bounded_receive
 
 
-@cache
-def _server_settings() -> Settings:
-    """The settings the server protocol reads, once per process (from the environment,
-    as every server process gets it)."""
-    return Settings()
+def served_settings(app: Any) -> Settings:
+    """The Settings the served app was built with (GatewayApp.settings), found through any
+    middleware the server wrapped around it: one source of truth for both layers."""
+    while app is not None:
+        settings = getattr(app, "settings", None)
+        if isinstance(settings, Settings):
+            return settings
+        app = getattr(app, "app", None)
+    raise RuntimeError("EdgeProtocol serves the gateway's app (gateway.app:serve_app) only")
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -135,7 +139,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.edge = _server_settings()
+        self.edge = served_settings(self.app)
         self.header_bytes = 0
         self.reading_headers = False
         self.header_timer: asyncio.TimerHandle | None = None

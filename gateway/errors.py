@@ -55,6 +55,18 @@ class GatewayError(Exception):
         return error_envelope(self.status, self.message, param=self.param, request_id=request_id)
 
 
+class WorkerFault(GatewayError):
+    """The worker answered something that is not a valid answer (or failed to answer)."""
+
+    def __init__(self, detail: str, *, status: int = 502,
+                 message: str = "The worker returned an invalid answer",
+                 headers: dict[str, str] | None = None,
+                 worker_status: int | None = None) -> None:
+        super().__init__(status, message, headers=headers, replica_fault=True)
+        self.detail = detail  # for the log only: may hold worker internals
+        self.worker_status = worker_status  # the worker's HTTP status, when it sent one
+
+
 def error_envelope(
     status: int, message: str, *, param: str | None = None, request_id: str | None = None
 ) -> dict[str, Any]:

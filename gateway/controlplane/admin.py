@@ -9,7 +9,8 @@ within `registry_poll_interval`.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -25,15 +26,33 @@ from gateway.controlplane.registry import (
     check_replica_url,
     hash_key,
 )
-from gateway.controlplane.usage import UsageTotals
-from gateway.dataplane.adapters import Adapters
-from gateway.dataplane.serving import Gateway
+from gateway.controlplane.store import RegistryStore
+from gateway.controlplane.usage import Ledger, UsageTotals
 from gateway.errors import GatewayError
 
 
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+class AdapterPlacement(Protocol):
+    """Where LoRA adapters are loaded (the data plane's Adapters keeps it)."""
+
+    held: dict[str, set[str]]  # replica URL -> adapters it holds (worker names)
+
+    def wanted(self) -> dict[str, dict[str, Lora]]: ...
+
+    async def sync_all(self) -> None: ...
+
+
+@dataclass
+class AdminParts:
+    """What the admin API works on (app.state.admin)."""
+
+    store: RegistryStore
+    ledger: Ledger
+    adapters: AdapterPlacement
+
+
+def _parts(request: Request) -> AdminParts:
+    parts: AdminParts = request.app.state.admin
+    return parts
 
 
 router = APIRouter()
@@ -84,7 +103,7 @@ def _shown(deployment: Deployment) -> dict[str, Any]:
 @router.get("/registry")
 async def registry_status(request: Request) -> dict[str, Any]:
     """Whether the stored registry is the one being served (problem: why not)."""
-    store = _gateway(request).store
+    store = _parts(request).store
     registry = store.current.data
     return {"problem": store.problem, "accounts": len(registry.accounts),
             "deployments": len(registry.deployments)}
@@ -92,21 +111,21 @@ async def registry_status(request: Request) -> dict[str, Any]:
 
 @router.get("/accounts")
 async def list_accounts(request: Request) -> dict[str, Any]:
-    data = _gateway(request).store.current.data
+    data = _parts(request).store.current.data
     return {"accounts": [{"id": a.id, "limits": a.limits.model_dump(),
                           "api_keys": len(a.api_keys)} for a in data.accounts]}
 
 
 @router.get("/accounts/{account_id}/deployments")
 async def list_deployments(request: Request, account_id: str) -> dict[str, Any]:
-    data = _gateway(request).store.current.data
+    data = _parts(request).store.current.data
     return {"deployments": [_shown(d) for d in data.deployments if d.account == account_id]}
 
 
 @router.get("/accounts/{account_id}/deployments/{deployment_id}")
 async def get_deployment(request: Request, account_id: str,
                          deployment_id: str) -> dict[str, Any]:
-    return _shown(_find(_gateway(request).store.current.data, account_id, deployment_id))
+    return _shown(_find(_parts(request).store.current.data, account_id, deployment_id))
 
 
 @router.put("/accounts/{account_id}/deployments/{deployment_id}")
@@ -119,7 +138,7 @@ async def put_deployment(request: Request, account_id: str, deployment_id: str,
         _put(data, deployment)
         return data
 
-    await _gateway(request).store.change(change)
+    await _parts(request).store.change(change)
     return _shown(deployment)
 
 
@@ -141,7 +160,7 @@ async def patch_deployment(request: Request, account_id: str, deployment_id: str
         updated.append(deployment)
         return data
 
-    await _gateway(request).store.change(change)
+    await _parts(request).store.change(change)
     return _shown(updated[-1])
 
 
@@ -153,7 +172,7 @@ async def delete_deployment(request: Request, account_id: str,
         data.deployments = [d for d in data.deployments if d is not gone]
         return data
 
-    await _gateway(request).store.change(change)
+    await _parts(request).store.change(change)
     return {"deleted": f"accounts/{account_id}/deployments/{deployment_id}"}
 
 
@@ -166,7 +185,7 @@ async def add_replica(request: Request, account_id: str, deployment_id: str,
             deployment.replicas.append(Replica(url=replica.url))
         return data
 
-    registry = await _gateway(request).store.change(change)
+    registry = await _parts(request).store.change(change)
     return _shown(_find(registry.data, account_id, deployment_id))
 
 
@@ -180,7 +199,7 @@ async def remove_replica(request: Request, account_id: str, deployment_id: str,
         deployment.replicas = [r for r in deployment.replicas if r.url != url]
         return data
 
-    registry = await _gateway(request).store.change(change)
+    registry = await _parts(request).store.change(change)
     return _shown(_find(registry.data, account_id, deployment_id))
 
 
@@ -193,13 +212,13 @@ async def create_api_key(request: Request, account_id: str) -> dict[str, str]:
         _account(data, account_id).api_keys.append(hash_key(key))
         return data
 
-    await _gateway(request).store.change(change)
+    await _parts(request).store.change(change)
     return {"api_key": key, "key_id": hash_key(key), "account": account_id}
 
 
 @router.get("/accounts/{account_id}/api-keys")
 async def list_api_keys(request: Request, account_id: str) -> dict[str, list[str]]:
-    account = _gateway(request).store.current.account(account_id)
+    account = _parts(request).store.current.account(account_id)
     return {"key_ids": list(account.api_keys) if account else []}
 
 
@@ -212,7 +231,7 @@ async def delete_api_key(request: Request, account_id: str, key_id: str) -> dict
         account.api_keys = [k for k in account.api_keys if k != key_id]
         return data
 
-    await _gateway(request).store.change(change)
+    await _parts(request).store.change(change)
     return {"deleted": key_id}
 
 
@@ -222,7 +241,7 @@ async def set_limits(request: Request, account_id: str, limits: Limits) -> dict[
         _account(data, account_id).limits = limits
         return data
 
-    await _gateway(request).store.change(change)
+    await _parts(request).store.change(change)
     return {"account": account_id, "limits": limits.model_dump()}
 
 
@@ -234,7 +253,7 @@ class LoraSpec(BaseModel):
     source: str  # where its workers read it: a path on their model cache, or a HF id
 
 
-def _shown_lora(lora: Lora, adapters: Adapters) -> dict[str, Any]:
+def _shown_lora(lora: Lora, adapters: AdapterPlacement) -> dict[str, Any]:
     """The adapter, and per replica of its base whether it holds it."""
     holds = {url: lora.worker_name in names for url, names in adapters.held.items()
              if lora.worker_name in adapters.wanted().get(url, {})}
@@ -243,9 +262,9 @@ def _shown_lora(lora: Lora, adapters: Adapters) -> dict[str, Any]:
 
 @router.get("/accounts/{account_id}/loras")
 async def list_loras(request: Request, account_id: str) -> dict[str, Any]:
-    gateway = _gateway(request)
-    return {"loras": [_shown_lora(lora, gateway.adapters)
-                      for lora in gateway.store.current.data.loras
+    parts = _parts(request)
+    return {"loras": [_shown_lora(lora, parts.adapters)
+                      for lora in parts.store.current.data.loras
                       if lora.account == account_id]}
 
 
@@ -253,7 +272,7 @@ async def list_loras(request: Request, account_id: str) -> dict[str, Any]:
 async def put_lora(request: Request, account_id: str, lora_id: str,
                    spec: LoraSpec) -> dict[str, Any]:
     lora = Lora.model_validate(spec.model_dump() | {"id": lora_id, "account": account_id})
-    gateway = _gateway(request)
+    parts = _parts(request)
 
     def change(data: RegistryData) -> RegistryData:
         _find(data, account_id, lora.deployment)  # the base must exist: 404 otherwise
@@ -261,14 +280,14 @@ async def put_lora(request: Request, account_id: str, lora_id: str,
         data.loras.append(lora)
         return data
 
-    await gateway.store.change(change)
-    await gateway.adapters.sync_all()  # loaded now, not at the next round
-    return _shown_lora(lora, gateway.adapters)
+    await parts.store.change(change)
+    await parts.adapters.sync_all()  # loaded now, not at the next round
+    return _shown_lora(lora, parts.adapters)
 
 
 @router.delete("/accounts/{account_id}/loras/{lora_id}")
 async def delete_lora(request: Request, account_id: str, lora_id: str) -> dict[str, str]:
-    gateway = _gateway(request)
+    parts = _parts(request)
 
     def change(data: RegistryData) -> RegistryData:
         kept = [x for x in data.loras if (x.account, x.id) != (account_id, lora_id)]
@@ -277,11 +296,11 @@ async def delete_lora(request: Request, account_id: str, lora_id: str) -> dict[s
         data.loras = kept
         return data
 
-    await gateway.store.change(change)
-    await gateway.adapters.sync_all()  # unloaded now
+    await parts.store.change(change)
+    await parts.adapters.sync_all()  # unloaded now
     return {"deleted": f"accounts/{account_id}/models/{lora_id}"}
 
 
 @router.get("/usage")
 async def usage(request: Request) -> dict[str, dict[str, UsageTotals]]:
-    return {"accounts": await _gateway(request).ledger.totals()}
+    return {"accounts": await _parts(request).ledger.totals()}

@@ -1,7 +1,8 @@
 """The registry: accounts with their API keys, and deployments with their replicas.
 
 This module holds the data model and the embedded YAML backend. A request's model id is
-resolved here to a Route (the deployment that serves it); replica choice is routing.py's job.
+resolved here to a Route (the deployment that serves it); which replica serves it is
+dataplane/replicas.py's choice.
 """
 
 from __future__ import annotations

@@ -23,8 +23,7 @@ from gateway.background import cancel, every
 from gateway.controlplane.registry import LORA_PREFIX, Lora, RegistryData
 from gateway.dataplane.replicas import ReplicaSet
 from gateway.dataplane.workers import WorkerClient
-from gateway.errors import GatewayError
-from gateway.fireworks.worker_answer import WorkerFault
+from gateway.errors import GatewayError, WorkerFault
 
 logger = logging.getLogger("gateway.adapters")
 

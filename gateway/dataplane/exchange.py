@@ -17,20 +17,16 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from gateway.api import Call, Served, coerce_usage
 from gateway.controlplane.limits import Admission
 from gateway.controlplane.registry import Account, Route
 from gateway.controlplane.usage import UsageRecord
+from gateway.dataplane.parts import Gateway
+from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.replicas import Lease
 from gateway.dataplane.workers import WorkerAnswer
-from gateway.fireworks.perf import Served
-from gateway.fireworks.translate import Plan
-from gateway.fireworks.worker_answer import coerce_usage
-
-if TYPE_CHECKING:
-    from gateway.dataplane.serving import Gateway
 
 logger = logging.getLogger("gateway.exchange")
 
@@ -41,11 +37,8 @@ class Attempt:
 
     lease: Lease
     served: Served
+    worker: ReplicaWorker
     answer: WorkerAnswer | None = None
-
-    @property
-    def worker_url(self) -> str:
-        return self.lease.replica.url.rstrip("/")
 
     def close(self) -> None:
         """Abort the worker request if it is still open, and give the replica back."""
@@ -58,22 +51,19 @@ class Attempt:
 
 class Exchange:
     def __init__(self, gateway: Gateway, account: Account, route: Route, admission: Admission,
-                 request_id: str, endpoint: str, plan: Plan, worker_request: dict[str, Any],
-                 worker_body: bytes) -> None:
+                 request_id: str, endpoint: str, call: Call, encoded: bytes) -> None:
         self.gateway = gateway
         self.account = account
         self.route = route
         self.admission = admission
         self.request_id = request_id
         self.endpoint = endpoint
-        self.plan = plan
-        self.worker_request = worker_request  # for the token checks before generating
-        self.worker_body = worker_body  # the same, encoded once, sent to every attempt
+        self.call = call
+        self.encoded = encoded  # the worker request, encoded once for every attempt
         self.started = time.monotonic()
         self.attempt: Attempt | None = None
-        self.usage: Any = None  # the latest the worker reported, as sent (coerced at the end)
-        # What each prompt echoes, as the worker renders it (asked for when plan.echo).
-        self.echo_texts: list[str] = []
+        # The latest usage any attempt reported (a retry may report none).
+        self.usage: object = None
         self.ended = False
         gateway.metrics.in_flight.labels(route.deployment.name).inc()
 
@@ -86,21 +76,21 @@ class Exchange:
         served = Served(deployment=self.deployment,
                         backend_host=urlsplit(lease.replica.url).netloc,
                         concurrent=lease.concurrent, started=self.started)
-        self.attempt = Attempt(lease, served)
+        worker = ReplicaWorker(lease.replica.url.rstrip("/"), self.gateway.queries)
+        self.attempt = Attempt(lease, served, worker)
         return self.attempt
 
     def drop(self) -> None:
         """Give up the current attempt (before retrying elsewhere, or at the end)."""
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
+            if attempt.served.usage is not None:
+                self.usage = attempt.served.usage
             attempt.close()
 
-    def first_token(self) -> None:
-        if self.attempt is not None and self.attempt.served.first_token_at is None:
-            self.attempt.served.first_token_at = time.monotonic()
-
     def end(self, status: str, http_status: int) -> None:
-        """Exactly once per request, whatever happened."""
+        """Exactly once per request, whatever happened (routes.py calls it in one
+        `finally`; a second call is a no-op)."""
         if self.ended:
             return
         self.ended = True
@@ -130,7 +120,7 @@ class Exchange:
                 completion_tokens=usage.get("completion_tokens", 0),
                 ttft_ms=(first_token - self.started) * 1000 if first_token else None,
                 duration_ms=(ended - self.started) * 1000, time=time.time(),
-                metadata=self.plan.metadata)
+                metadata=self.call.metadata)
             self.gateway.ledger.finish(record, self.admission)
         except Exception:  # the slot must not leak: settle with what is known
             logger.exception("request %s: usage record failed", self.request_id)

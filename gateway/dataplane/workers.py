@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 
 from gateway.dataplane.http1 import ConnectFailed, Connection, HttpError, Pool
-from gateway.errors import GatewayError
-from gateway.fireworks.worker_answer import WorkerFault
+from gateway.errors import GatewayError, WorkerFault
 
 logger = logging.getLogger("gateway.workers")
 
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_ANSWER_BYTES = 64 << 20  # a non-streaming answer, or one streamed event
-DONE = b"[DONE]"
-END_GRACE = 0.5  # seconds to wait for the end of a body after its [DONE]
+END_GRACE = 0.5  # seconds to wait for the end of a body after its last event
 # Worker statuses that judge the client's request, not the replica.
 CLIENT_STATUSES = {400: 400, 413: 413, 422: 400}
 
@@ -101,57 +99,40 @@ class WorkerAnswer:
             raise transport_fault(exc) from exc
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _pieces(self, separator: bytes, end: str) -> AsyncIterator[list[bytes]]:
-        """The body in whole pieces (lines, or SSE blocks), in batches of those that arrived
-        together. A body that ends is a fault: the caller stops reading at `end`."""
-        buffer = b""
+    async def events(self, ends: Callable[[str, bytes], bool]
+                     ) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """The body's server-sent events as (name, data), in batches of those that arrived
+        together (the name is "" when the event has none; several `data:` lines are joined
+        by newlines). The batch holding the event that `ends` says is the last ends there;
+        a body that ends before it is a fault."""
+        buffer, name, data, size = b"", "", [], 0
         while True:
             try:
-                data = await self.connection.read_some()
+                received = await self.connection.read_some()
             except TRANSPORT_ERRORS as exc:
                 raise transport_fault(exc) from exc
-            if not data:
-                raise WorkerFault(f"the stream ended without {end}")
-            buffer += data
-            if separator not in buffer:
+            if not received:
+                raise WorkerFault("the stream ended before its last event")
+            buffer += received
+            if b"\n" not in buffer:
                 if len(buffer) > MAX_ANSWER_BYTES:
                     raise WorkerFault("a streamed event larger than the limit")
                 continue
-            *pieces, buffer = buffer.split(separator)
-            yield pieces
-
-    async def events(self) -> AsyncIterator[list[bytes]]:
-        """The SSE `data:` payloads, in batches of those that arrived together; the batch
-        holding `[DONE]` ends there. A body that ends without `[DONE]` is a fault."""
-        async for lines in self._pieces(b"\n", "[DONE]"):
+            *lines, buffer = buffer.split(b"\n")
             batch = []
             for line in lines:
                 if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    batch.append(payload)
-                    if payload == DONE:
-                        await self._to_the_end()
-                        yield batch
-                        return
-            if batch:
-                yield batch
-
-    async def sse_events(self) -> AsyncIterator[list[tuple[str, bytes]]]:
-        """Named SSE events (`event:` and `data:`), in batches of those that arrived
-        together; the batch holding `message_stop` ends there (the Messages API's end). A
-        body that ends before it is a fault."""
-        async for blocks in self._pieces(b"\n\n", "message_stop"):
-            batch = []
-            for block in blocks:
-                name, payload = "", b""
-                for line in block.split(b"\n"):
-                    if line.startswith(b"event:"):
-                        name = line[6:].strip().decode("latin-1")
-                    elif line.startswith(b"data:"):
-                        payload = line[5:].strip()
-                if name or payload:
-                    batch.append((name, payload))
-                    if name == "message_stop":
+                    data.append(line[5:].strip())
+                    size += len(line)
+                    if size > MAX_ANSWER_BYTES:
+                        raise WorkerFault("a streamed event larger than the limit")
+                elif line.startswith(b"event:"):
+                    name = line[6:].strip().decode("latin-1")
+                elif not line.strip() and (name or data):  # a blank line ends an event
+                    event = (name, data[0] if len(data) == 1 else b"\n".join(data))
+                    name, data, size = "", [], 0
+                    batch.append(event)
+                    if ends(*event):
                         await self._to_the_end()
                         yield batch
                         return
@@ -159,7 +140,7 @@ class WorkerAnswer:
                 yield batch
 
     async def _to_the_end(self) -> None:
-        """After `[DONE]`, the end of the body is on its way: read it, so that the
+        """After the last event, the end of the body is on its way: read it, so that the
         connection goes back to the pool instead of being closed."""
         try:
             async with asyncio.timeout(END_GRACE):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.api import coerce_usage
 from gateway.fireworks.choices import ChoiceState, reject_chat_abort, shape_choice
 from gateway.fireworks.translate import Plan
-from gateway.fireworks.worker_answer import coerce_usage
 
 
 def echo_text(plan: Plan, echo_texts: list[str], index: int) -> str:

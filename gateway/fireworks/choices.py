@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, WorkerFault
 from gateway.fireworks.translate import Plan
-from gateway.fireworks.worker_answer import WorkerFault
 
 CHAT_MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls")
 TOKEN_ID_PREFIX = "token_id:"

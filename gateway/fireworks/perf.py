@@ -7,21 +7,11 @@ per-request metrics, else from the gateway's own clock. Pure: the caller says wh
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-
-@dataclass
-class Served:
-    """Where and when one request was served, as the gateway saw it."""
-
-    deployment: str
-    backend_host: str  # host:port of the replica
-    concurrent: int  # requests in flight on that replica from this gateway, this one included
-    started: float  # monotonic
-    first_token_at: float | None = None
+from gateway.api import Served
 
 
 def perf_metrics(served: Served, usage: dict[str, Any] | None,

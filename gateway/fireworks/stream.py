@@ -13,10 +13,11 @@ from typing import Any
 
 import orjson
 
+from gateway.api import coerce_usage
+from gateway.errors import WorkerFault
 from gateway.fireworks.answer import echo_text
 from gateway.fireworks.choices import ChoiceState, reject_chat_abort, shape_choice
 from gateway.fireworks.translate import Plan
-from gateway.fireworks.worker_answer import WorkerFault, coerce_usage
 
 DONE = b"data: [DONE]\n\n"
 # perf(usage, engine metrics, complete) -> the perf_metrics object

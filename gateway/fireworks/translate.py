@@ -63,8 +63,6 @@ class Plan:
     perf_metrics_in_response: bool = False
     prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
-    messages_api: bool = False  # an Anthropic Messages request, relayed as it is
-    embeddings: bool = False  # an /embeddings request
 
 
 def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict[str, Any]:
@@ -299,14 +297,12 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: 
     return body, plan
 
 
-def embedding_body(request: EmbeddingRequest, deployment: Deployment
-                   ) -> tuple[dict[str, Any], Plan]:
+def embedding_body(request: EmbeddingRequest, deployment: Deployment) -> dict[str, Any]:
     """/embeddings: vLLM's own shape; the deployment must embed."""
     if deployment.task != "embed":
         raise GatewayError(400, f"Deployment {deployment.name} generates text; embeddings "
                                 "come from a deployment whose task is embed", param="model")
-    body = request.model_dump(exclude_none=True, exclude={"model"})
-    return body, Plan(chat=False, embeddings=True)
+    return request.model_dump(exclude_none=True, exclude={"model"})
 
 
 def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,

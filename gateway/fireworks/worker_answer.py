@@ -9,22 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.errors import GatewayError
-
-# Keys of a usage block that are token counts.
-_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-class WorkerFault(GatewayError):
-    """The worker answered something that is not a valid answer (or failed to answer)."""
-
-    def __init__(self, detail: str, *, status: int = 502,
-                 message: str = "The worker returned an invalid answer",
-                 headers: dict[str, str] | None = None,
-                 worker_status: int | None = None) -> None:
-        super().__init__(status, message, headers=headers, replica_fault=True)
-        self.detail = detail  # for the log only: may hold worker internals
-        self.worker_status = worker_status  # the worker's HTTP status, when it sent one
+from gateway.errors import WorkerFault
 
 
 def _choices(data: dict[str, Any], chat: bool, chunk: bool) -> list[dict[str, Any]]:
@@ -80,25 +65,3 @@ def check_chunk(data: Any, chat: bool) -> dict[str, Any]:
     _header(data)
     _choices(data, chat, chunk=True)
     return data
-
-
-def _count(value: Any) -> int:
-    """A token count as a non-negative int; anything else counts as 0."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return max(value, 0)
-    if isinstance(value, float) and value.is_integer():
-        return max(int(value), 0)
-    return 0
-
-
-def coerce_usage(usage: Any) -> dict[str, Any] | None:
-    """The worker's usage block in the Fireworks shape, every count a non-negative int."""
-    if not isinstance(usage, dict):
-        return None
-    out: dict[str, Any] = {key: _count(usage.get(key)) for key in _COUNTS}
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    out["prompt_tokens_details"] = {"cached_tokens": _count(cached)}
-    return out

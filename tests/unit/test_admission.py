@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment
-from gateway.dataplane.serving import MEDIA_TOKENS, prompt_estimate
+from gateway.fireworks.apis import MEDIA_TOKENS, ChatApi, CompletionsApi
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.fireworks.translate import chat_body
 
@@ -24,15 +24,15 @@ IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 750_000
                    {"role": "user", "content": None}]}, 4 + 2 + 4),
 ])
 def test_chat_prompt_estimates(body: dict[str, object], expected: int) -> None:
-    assert prompt_estimate(ChatCompletionRequest.model_validate({"model": "m"} | body)) == \
-        expected
+    request = ChatCompletionRequest.model_validate({"model": "m"} | body)
+    assert ChatApi().prompt_estimate(request) == expected
 
 
 @pytest.mark.parametrize("prompt,expected", [
     ("x" * 40, 11), ([1, 2, 3], 3), (["ab" * 4, "c"], 3 + 1), ([[1, 2], [3]], 3),
 ])
 def test_completion_prompt_estimates(prompt: object, expected: int) -> None:
-    assert prompt_estimate(CompletionRequest(model="m", prompt=prompt)) == expected
+    assert CompletionsApi().prompt_estimate(CompletionRequest(model="m", prompt=prompt)) == expected
 
 
 def test_chat_reserves_for_every_choice() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.dataplane.affinity import affinity_key, prefix_key
+from gateway.fireworks.apis import ChatApi, CompletionsApi
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
 
 SYSTEM = {"role": "system", "content": "You are a support agent for ACME. " * 20}
@@ -16,7 +17,13 @@ def chat(*messages: dict[str, Any], **fields: Any) -> ChatCompletionRequest:
 
 
 def key(request: ChatCompletionRequest | CompletionRequest, limit: int = 4096) -> str:
-    return prefix_key(request, limit)
+    """The key derived from the request's head, as its API defines the head."""
+    if isinstance(request, ChatCompletionRequest):
+        material = ChatApi().prefix_material(request, limit)
+    else:
+        material = CompletionsApi().prefix_material(request, limit)
+    assert material is not None
+    return prefix_key(material)
 
 
 def test_every_turn_of_a_conversation_has_the_same_key() -> None:
@@ -47,8 +54,9 @@ def test_only_the_first_bytes_count() -> None:
 
 def test_a_named_key_wins_and_zero_bytes_derives_none() -> None:
     request = chat(SYSTEM, {"role": "user", "content": "hi"}, user="u1")
-    assert affinity_key({}, request, 4096) == "u1"
-    assert affinity_key({"x-session-affinity": "s"}, request, 4096) == "s"
+    api = ChatApi()
+    assert affinity_key({}, api, request, 4096) == "u1"
+    assert affinity_key({"x-session-affinity": "s"}, api, request, 4096) == "s"
     unnamed = chat(SYSTEM, {"role": "user", "content": "hi"})
-    assert affinity_key({}, unnamed, 0) is None
-    assert affinity_key({}, unnamed, 4096) == key(unnamed)
+    assert affinity_key({}, api, unnamed, 0) is None
+    assert affinity_key({}, api, unnamed, 4096) == key(unnamed)

@@ -8,10 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.fireworks.perf import Served, perf_metrics
+from gateway.api import Served
+from gateway.errors import WorkerFault
+from gateway.fireworks.perf import perf_metrics
 from gateway.fireworks.stream import StreamReframer
 from gateway.fireworks.translate import Plan
-from gateway.fireworks.worker_answer import WorkerFault
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
          "prompt_tokens_details": {"cached_tokens": 0}}

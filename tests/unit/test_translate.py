@@ -13,10 +13,12 @@ import orjson
 import pytest
 
 from gateway.config import Settings
-from gateway.controlplane.registry import Deployment
+from gateway.controlplane.registry import Deployment, Route
 from gateway.dataplane.affinity import affinity_key
-from gateway.dataplane.endpoints import parse_body
+from gateway.dataplane.routes import parse_body
 from gateway.errors import GatewayError
+from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
+from gateway.fireworks.calls import GenerationCall
 from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,9 +29,6 @@ from gateway.fireworks.translate import (
     PRIORITY,
     Plan,
     cache_salt,
-    chat_body,
-    completion_body,
-    embedding_body,
 )
 
 PLAIN = Deployment(id="d", account="acct", model="accounts/acct/models/m",
@@ -43,6 +42,8 @@ BASES = {"chat": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 MODELS: dict[str, type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest]] = {
     "chat": ChatCompletionRequest, "completions": CompletionRequest,
     "embeddings": EmbeddingRequest}
+APIS: dict[str, ChatApi | CompletionsApi | EmbeddingsApi] = {
+    "chat": ChatApi(), "completions": CompletionsApi(), "embeddings": EmbeddingsApi()}
 EMBEDDINGS = ("embeddings",)
 BOTH = ("chat", "completions")
 
@@ -198,13 +199,14 @@ ROWS["reasoning_history"] += [Row("disabled", endpoints=("chat",),
 
 def translate(endpoint: str, extra: dict[str, Any], deployment: Deployment = PLAIN
               ) -> tuple[dict[str, Any], Plan]:
-    model = MODELS[endpoint]
-    request = parse_body(orjson.dumps(BASES[endpoint] | extra), model, Settings())
-    if isinstance(request, EmbeddingRequest):
-        return embedding_body(request, deployment)
-    if isinstance(request, ChatCompletionRequest):
-        return chat_body(request, deployment, Settings(), account="acct", nonce="n1")
-    return completion_body(request, deployment, Settings(), account="acct", nonce="n1")
+    """Through the endpoint's API object, as the data plane does."""
+    api = APIS[endpoint]
+    request = parse_body(orjson.dumps(BASES[endpoint] | extra), api.request_model, Settings())
+    call = api.translate(request, Route(deployment, request.model), Settings(),
+                         account="acct", nonce="n1")
+    if isinstance(call, GenerationCall):
+        return call.body, call.plan
+    return call.body, Plan(chat=False)  # embeddings have no plan
 
 
 def test_every_field_has_a_row() -> None:
@@ -249,7 +251,7 @@ def test_each_field_takes_effect_or_is_refused(name: str, index: int, endpoint: 
 def test_affinity_keys_route_and_do_not_reach_the_worker() -> None:
     for name in ("prompt_cache_key", "user"):
         request = CompletionRequest.model_validate(BASES["completions"] | {name: "k1"})
-        assert affinity_key({}, request) == "k1"
+        assert affinity_key({}, CompletionsApi(), request) == "k1"
     body, _ = translate("completions", {"prompt_cache_key": "k1"})
     assert "prompt_cache_key" not in body
 

@@ -6,12 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway.fireworks.worker_answer import (
-    WorkerFault,
-    check_chunk,
-    check_completion,
-    coerce_usage,
-)
+from gateway.api import coerce_usage
+from gateway.errors import WorkerFault
+from gateway.fireworks.worker_answer import check_chunk, check_completion
 
 CHOICE = {"index": 0, "text": "hi", "finish_reason": "stop"}
 MESSAGE = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": None}

@@ -1,10 +1,8 @@
-"""The Anthropic-compatible Messages API (`/inference/v1/messages`): what the gateway reads
-of a request, its error envelope, and the usage in its answers and events.
+"""Anthropic's Messages protocol: what the gateway reads of a request, its error envelope,
+and the usage in its answers and events (pure; the API object is api.py).
 
-vLLM serves the Messages API natively (`/v1/messages`), so the body goes to the worker as
-the client sent it, with `model` replaced by the name the worker serves. The gateway
-validates what it needs (the model, `max_tokens`, `messages`, `stream`) and leaves the rest
-to the worker, whose 400s pass through in Anthropic's shape.
+The gateway validates what it needs (the model, `max_tokens`, `messages`, `stream`) and
+leaves the rest to the worker, whose 400s pass through in Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -29,9 +27,6 @@ class MessagesRequest(BaseModel):
     max_tokens: int = Field(ge=1, le=MAX_TOKENS)
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: StrictBool | None = False
-
-    def worker_body(self, served_model: str) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True) | {"model": served_model}
 
 
 def error_envelope(status: int, message: str) -> dict[str, Any]:

@@ -1,11 +1,11 @@
-"""The Fireworks inference endpoints.
+"""The inference routes: every API in the route table, served by one path.
 
-`/chat/completions` and `/completions` (under every prefix) are served by `InferenceRoutes`,
-a plain ASGI app in front of FastAPI: the hot path skips FastAPI's routing and dependency
-machinery, and one place sees the whole request, so that a client leaving at any moment
-(while the worker is asked, while headers are held for the first token, mid-stream, during a
-plain request) cancels it, which closes the worker request. The rest (`/models`) is a
-FastAPI router.
+`POST <prefix><api.path>` for every API object (app.py builds the table) is served by
+`InferenceRoutes`, a plain ASGI app in front of FastAPI: the hot path skips FastAPI's
+routing and dependency machinery, and one place sees the whole request, so that a client
+leaving at any moment (while the worker is asked, while headers are held for the first
+token, mid-stream, during a plain request) cancels it, which closes the worker request.
+The rest (`/models`) is a FastAPI router.
 """
 
 from __future__ import annotations
@@ -20,35 +20,20 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.anthropic import MessagesRequest, error_envelope
+from gateway.api import InferenceApi
 from gateway.config import Settings
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
-from gateway.dataplane.serving import Gateway, admit, attempt_all, count_refusal
+from gateway.dataplane.parts import Gateway
+from gateway.dataplane.serving import admit, attempt_all, count_refusal
 from gateway.edge import api_key, check_declared_length, header_map, read_body
-from gateway.errors import GatewayError
-from gateway.errors import send_error as send_envelope
-from gateway.fireworks.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    FieldError,
-    known_fields,
-)
+from gateway.errors import GatewayError, send_error
+from gateway.fireworks.protocol import FieldError, known_fields
 
-logger = logging.getLogger("gateway.endpoints")
+logger = logging.getLogger("gateway.routes")
 router = APIRouter()
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
-# path suffix -> (request model, worker path, which is also the endpoint label)
-InferenceRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest \
-    | EmbeddingRequest
-INFERENCE: dict[str, tuple[type[InferenceRequest], str]] = {
-    "/chat/completions": (ChatCompletionRequest, "/v1/chat/completions"),
-    "/completions": (CompletionRequest, "/v1/completions"),
-    "/messages": (MessagesRequest, "/v1/messages"),  # Anthropic's, relayed as it is
-    "/embeddings": (EmbeddingRequest, "/v1/embeddings"),
-}
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -117,44 +102,38 @@ class ClientWatch:
 
 
 class InferenceRoutes:
-    """POST <prefix>/chat/completions and <prefix>/completions; everything else goes on to
-    `app` (FastAPI)."""
+    """POST <prefix><api.path> for every API and prefix; everything else goes on to `app`
+    (FastAPI)."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway, prefixes: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, gateway: Gateway, apis: Iterable[InferenceApi[Any]],
+                 prefixes: Iterable[str]) -> None:
         self.app = app
         self.gateway = gateway
-        self.paths = {prefix + suffix: route for prefix in prefixes
-                      for suffix, route in INFERENCE.items()}
+        apis = list(apis)
+        self.paths = {prefix + api.path: api for prefix in prefixes for api in apis}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.paths.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None:
+        api = self.paths.get(scope["path"]) if scope["type"] == "http" else None
+        if api is None:
             await self.app(scope, receive, send)
         elif scope["method"] != "POST":
-            await send_envelope(send, GatewayError(405, "Method not allowed",
-                                                   headers={"allow": "POST"}),
-                                scope["state"]["request_id"])
+            await send_error(send, GatewayError(405, "Method not allowed",
+                                                headers={"allow": "POST"}),
+                             scope["state"]["request_id"])
         else:
-            await self.serve(scope, receive, send, *route)
+            await self.serve(scope, receive, send, api)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send,
-                    model: type[InferenceRequest], endpoint: str) -> None:
-        gateway = self.gateway
+                    api: InferenceApi[Any]) -> None:
+        gateway, endpoint = self.gateway, api.worker_path
         request_id: str = scope["state"]["request_id"]
         started = False
-
-        async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-            """In the envelope of the API asked (Anthropic's for Messages)."""
-            await send_envelope(send, exc, request_id, error_envelope(
-                exc.status, exc.message) if model is MessagesRequest else None)
 
         async def send_tracked(message: Any) -> None:
             nonlocal started
             started = True
             await send(message)
 
-        exchange: Exchange | None = None
-        route: Route | None = None
         # The key and the declared size are checked before the body is read: a client
         # without a key costs a bounded amount, whatever it sends.
         headers = header_map(scope["headers"])
@@ -167,50 +146,46 @@ class InferenceRoutes:
         except GatewayError as exc:
             count_refusal(gateway, "", endpoint, exc.status)
             exc.headers.setdefault("connection", "close")  # the body was not read
-            await send_error(send, exc, request_id)
+            await send_error(send, exc, request_id, api.error_body(exc, request_id))
             return
+        exchange: Exchange | None = None
+        route: Route | None = None
+        error: GatewayError | None = None
+        outcome = ("error", 500)  # unless a path below says otherwise
         watch = ClientWatch(receive)
         try:
-            body = parse_body(raw, model, gateway.settings)
-            route = gateway.store.current.resolve(body.model, account)
-            exchange = await admit(gateway, account, route, body, endpoint, request_id)
+            request: Any = parse_body(raw, api.request_model, gateway.settings)
+            route = gateway.store.current.resolve(request.model, account)
+            exchange = await admit(gateway, api, account, route, request, request_id)
             answer = await attempt_all(exchange, affinity_key(
-                headers, body, gateway.settings.prefix_affinity_bytes))
+                headers, api, request, gateway.settings.prefix_affinity_bytes))
             outcome = await answer.send(send_tracked)
-            watch.stop()
-            exchange.end(*outcome)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            if exchange is not None:
-                exchange.end("aborted", 499)
+            outcome = ("aborted", 499)
         except GatewayError as exc:
-            watch.stop()
-            if exchange is None:
-                count_refusal(gateway, route.deployment.name if route else "", endpoint,
-                              exc.status)
-            else:
-                exchange.end("error", exc.status)
-            if exc.status >= 500:
-                logger.warning("request %s failed: %s %s", request_id, exc.status, exc.message)
-            if not started:
-                await send_error(send, exc, request_id)
+            error, outcome = exc, ("error", exc.status)
         except Exception:
-            watch.stop()
             logger.exception("request %s: unexpected error", request_id)
-            if exchange is not None:
-                exchange.end("error", 500)
-            else:
-                count_refusal(gateway, "", endpoint, 500)
-            if not started:
-                await send_error(send, GatewayError(500, "Internal error"), request_id)
+            error = GatewayError(500, "Internal error")
         finally:
+            # The one place a request ends: no await since the last send (see ClientWatch).
             watch.stop()
             if exchange is not None:
-                exchange.end("error", 500)  # a no-op unless a path above missed it
+                exchange.end(*outcome)
+            elif error is not None:
+                count_refusal(gateway, route.deployment.name if route else "", endpoint,
+                              error.status)
+        if error is not None:
+            if error.status >= 500:
+                logger.warning("request %s failed: %s %s", request_id, error.status,
+                               error.message)
+            if not started:
+                await send_error(send, error, request_id, api.error_body(error, request_id))
 
 
 def authenticate(request: Request) -> Account:

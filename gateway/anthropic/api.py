@@ -1,0 +1,145 @@
+"""The Messages API (`/inference/v1/messages`) as an inference API object.
+
+vLLM serves the Messages API natively (`/v1/messages`), so the body goes to the worker as
+the client sent it, with `model` replaced by the name the worker serves (or the LoRA
+adapter's). The worker's answer is checked as every answer is: a plain one must be a JSON
+object of type `message`; a stream's headers wait for `message_start` (so a failure up to
+there is a real status, and may be retried on another replica), and it must end with
+`message_stop`; after the first byte a failure becomes Anthropic's `error` event. The usage
+(input tokens from `message_start`, output tokens from `message_delta`) goes to the usage
+record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from gateway.anthropic.protocol import MessagesRequest, error_envelope, usage_of
+from gateway.api import Reply, Served, Worker, worker_json
+from gateway.config import Settings
+from gateway.controlplane.registry import Route
+from gateway.errors import GatewayError, WorkerFault
+
+
+def messages_body(request: MessagesRequest) -> dict[str, Any]:
+    """The worker request: the client's, as it is (the model is named per replica)."""
+    return request.model_dump(exclude_none=True)
+
+
+def _object(raw: bytes, what: str) -> dict[str, Any]:
+    data = worker_json(raw)
+    if not isinstance(data, dict):
+        raise WorkerFault(f"a Messages {what} that is not an object")
+    return data
+
+
+def sse_event(name: str, payload: bytes) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+@dataclass
+class MessagesCall:
+    body: dict[str, Any]
+    model: str  # the Fireworks id the client asked for, which answers carry
+    adapter: bool  # a LoRA adapter: the body already names it
+    stream: bool
+    max_tokens: int
+    n: int = 1
+    metadata: dict[str, str] | None = None
+
+    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
+        if self.adapter:
+            return encoded
+        return orjson.dumps(self.body | {"model": await worker.served_model()})
+
+    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        data = _object(raw, "answer")
+        if data.get("type") != "message" or not isinstance(data.get("content"), list):
+            raise WorkerFault(f"not a message: {str(data)[:200]}")
+        served.first_token()
+        served.usage = usage_of(data)
+        data["model"] = self.model
+        return Reply(orjson.dumps(data), [])
+
+    def framing(self, worker: Worker, served: Served) -> MessageFraming:
+        return MessageFraming(self.model, served)
+
+
+@dataclass
+class MessageFraming:
+    """Anthropic's named events, relayed as they come: the model renamed in
+    `message_start`, usage noted, an `error` event from the worker a fault."""
+
+    model: str
+    served: Served
+    ready: bool = False  # message_start came
+    done: bool = False  # message_stop came
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def ends(self, name: str, data: bytes) -> bool:
+        return name == "message_stop"
+
+    async def take(self, name: str, data: bytes) -> list[bytes]:
+        if name == "error":
+            raise WorkerFault(f"the worker sent an error event: {data[:300]!r}")
+        if name in ("message_start", "message_delta"):
+            event = _object(data, "event")
+            self.usage |= usage_of(event) or {}
+            self.served.usage = dict(self.usage)
+            if name == "message_start" and isinstance(event.get("message"), dict):
+                event["message"]["model"] = self.model
+                data = orjson.dumps(event)
+        if name == "content_block_delta":
+            self.served.first_token()
+        self.ready = self.ready or name == "message_start"
+        self.done = self.done or name == "message_stop"
+        return [sse_event(name, data)]
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def drain(self) -> list[bytes]:
+        return []  # nothing is held back
+
+    def error_event(self, exc: GatewayError, request_id: str) -> bytes:
+        error = error_envelope(exc.status, f"{exc.message} (request {request_id})")
+        return sse_event("error", orjson.dumps(error))
+
+
+class MessagesApi:
+    path = "/messages"
+    worker_path = "/v1/messages"
+
+    @property
+    def request_model(self) -> type[BaseModel]:
+        return MessagesRequest
+
+    def translate(self, request: MessagesRequest, route: Route, settings: Settings, *,
+                  account: str, nonce: str) -> MessagesCall:
+        return MessagesCall(messages_body(request), route.requested_model,
+                            adapter=route.lora is not None, stream=bool(request.stream),
+                            max_tokens=request.max_tokens)
+
+    def prompt_estimate(self, request: MessagesRequest) -> int:
+        """About four characters per token of the messages' JSON, four per message."""
+        return len(orjson.dumps(request.messages)) // 4 + 4 * len(request.messages)
+
+    def affinity(self, request: MessagesRequest) -> str | None:
+        extra = request.model_extra or {}
+        for name in ("prompt_cache_key", "user"):
+            if isinstance(extra.get(name), str) and extra[name]:
+                return str(extra[name])
+        return None
+
+    def prefix_material(self, request: MessagesRequest, limit: int) -> bytes | None:
+        """The system prompt, the tools and the first turn."""
+        extra = request.model_extra or {}
+        return orjson.dumps([extra.get("system"), extra.get("tools"),
+                             request.messages[0]])[:limit]
+
+    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
+        return error_envelope(exc.status, exc.message)

@@ -1,0 +1,221 @@
+"""The contract between the data plane and each inference API.
+
+The data plane (dataplane/) serves every inference API with one path: parse, resolve,
+admit, attempt on replicas, relay, end. What differs between APIs (chat, completions,
+embeddings, Anthropic Messages, ...) lives in one `InferenceApi` object per API, in the
+package of its protocol (fireworks/apis.py, anthropic/api.py), and in the `Call` it makes of
+each request. The data plane calls only what is declared here; adding an API is one new
+object plus its tests, and one row in the route table (app.py).
+
+Imports run one way: app -> dataplane and the API packages -> this module -> control
+plane, errors, config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from pydantic import BaseModel
+
+from gateway.config import Settings
+from gateway.controlplane.registry import Route
+from gateway.errors import GatewayError, WorkerFault
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+RequestModel_contra = TypeVar("RequestModel_contra", bound=BaseModel, contravariant=True)
+
+
+@dataclass
+class Served:
+    """Where and when one attempt was served, and what its worker reported so far: the
+    report an API's answer or stream writes (first token, usage) and the Exchange reads at
+    the request's end. Nothing else of the request is reachable from the API's side."""
+
+    deployment: str
+    backend_host: str  # host:port of the replica
+    concurrent: int  # requests in flight on that replica from this gateway, this one included
+    started: float  # monotonic, when the request was admitted
+    first_token_at: float | None = None
+    # The latest usage the worker reported, in the usage-record shape (see coerce_usage),
+    # as sent: coerced when read.
+    usage: Any = None
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+
+
+class Worker(Protocol):
+    """What an API may ask the worker an attempt is on, besides the request itself
+    (dataplane/tokens.py answers)."""
+
+    @property
+    def url(self) -> str: ...
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /tokenize: `{"count", "max_model_len", "tokens"}`."""
+        ...
+
+    async def detokenize(self, ids: list[int]) -> str: ...
+
+    async def token_texts(self, model: str, ids: Iterable[int]) -> dict[int, str]:
+        """The text of each token id (cached per model)."""
+        ...
+
+    async def served_model(self) -> str:
+        """The name the worker serves its base model under."""
+        ...
+
+
+@dataclass
+class Reply:
+    """A complete, checked, reshaped non-streaming answer."""
+
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+class StreamFraming(Protocol):
+    """One attempt's stream, event by event: the worker's SSE events in, the client's
+    bytes out. The relay (dataplane/relay.py) runs the one loop around it; the framing
+    reports the first token and the usage into the attempt's `Served`."""
+
+    # The engine produced something: the held headers may go.
+    ready: bool
+    # The worker's stream ended as it should.
+    done: bool
+
+    def ends(self, name: str, data: bytes) -> bool:
+        """Whether this event is the worker's last (the reader stops after it)."""
+        ...
+
+    async def take(self, name: str, data: bytes) -> list[bytes]:
+        """One worker event -> what to send now (WorkerFault when it is not valid)."""
+        ...
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The response headers once ready (besides the content type)."""
+        ...
+
+    def drain(self) -> list[bytes]:
+        """Before an error event: whatever is held back, so no produced text is lost."""
+        ...
+
+    def error_event(self, exc: GatewayError, request_id: str) -> bytes:
+        """The API's own mid-stream failure event (and end marker)."""
+        ...
+
+
+class Call(Protocol):
+    """One request, translated for the workers: what the data plane needs to admit and
+    send it, and the API's handling of each attempt's answer."""
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The worker request (the data plane encodes it once)."""
+        ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def max_tokens(self) -> int:
+        """Per choice, for the token limits."""
+        ...
+
+    @property
+    def n(self) -> int:
+        """Choices."""
+        ...
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The client's, kept with the usage record."""
+        ...
+
+    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
+        """Before each attempt: checks or lookups on that worker; the body to send."""
+        ...
+
+    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        """A complete JSON answer (status 2xx, content type checked) -> the client's;
+        WorkerFault when it is not a valid answer."""
+        ...
+
+    def framing(self, worker: Worker, served: Served) -> StreamFraming:
+        """A fresh framing for one attempt's stream."""
+        ...
+
+
+class InferenceApi(Protocol[RequestModel_contra]):
+    """One inference API: served at `<prefix><path>`, sent to `<worker><worker_path>`."""
+
+    path: str
+    worker_path: str  # also the endpoint label of metrics and usage records
+
+    @property
+    def request_model(self) -> type[BaseModel]: ...
+
+    def translate(self, request: RequestModel_contra, route: Route, settings: Settings, *,
+                  account: str, nonce: str) -> Call:
+        """Pure: the request for this route -> the Call (or a 400 naming a field)."""
+        ...
+
+    def prompt_estimate(self, request: RequestModel_contra) -> int:
+        """Prompt tokens to reserve before the worker has counted them."""
+        ...
+
+    def affinity(self, request: RequestModel_contra) -> str | None:
+        """The client's own cache key in the body (prompt_cache_key, user), if any."""
+        ...
+
+    def prefix_material(self, request: RequestModel_contra, limit: int) -> bytes | None:
+        """At most `limit` bytes of the prompt's stable head (what every turn of a
+        conversation starts with); None when the API reuses no cached prefix."""
+        ...
+
+    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
+        """The API's error envelope."""
+        ...
+
+
+def worker_json(raw: bytes) -> Any:
+    """A worker's JSON; WorkerFault when it is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise WorkerFault(f"not JSON: {raw[:200]!r}") from exc
+
+
+def bytes_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
+
+
+# Keys of a usage block that are token counts.
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _count(value: Any) -> int:
+    """A token count as a non-negative int; anything else counts as 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer():
+        return max(int(value), 0)
+    return 0
+
+
+def coerce_usage(usage: Any) -> dict[str, Any] | None:
+    """The worker's usage block in the Fireworks shape, every count a non-negative int."""
+    if not isinstance(usage, dict):
+        return None
+    out: dict[str, Any] = {key: _count(usage.get(key)) for key in _COUNTS}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    out["prompt_tokens_details"] = {"cached_tokens": _count(cached)}
+    return out

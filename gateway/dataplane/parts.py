@@ -1,0 +1,33 @@
+"""The parts one gateway process serves inference with (app.state.gateway), built once in
+app.py and handed down: settings, the registry store, replicas, limits, usage, metrics,
+the worker client and what is kept about workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import Settings
+from gateway.controlplane.limits import Limiter
+from gateway.controlplane.store import RegistryStore
+from gateway.controlplane.usage import Ledger
+from gateway.dataplane.adapters import Adapters
+from gateway.dataplane.discovery import Discovery
+from gateway.dataplane.queries import WorkerQueries
+from gateway.dataplane.replicas import ReplicaSet
+from gateway.dataplane.workers import WorkerClient
+from gateway.metrics import GatewayMetrics
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    store: RegistryStore
+    replicas: ReplicaSet
+    limiter: Limiter
+    ledger: Ledger
+    metrics: GatewayMetrics
+    workers: WorkerClient
+    queries: WorkerQueries
+    discovery: Discovery
+    adapters: Adapters
+    started_at: float

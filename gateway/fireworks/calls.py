@@ -1,0 +1,218 @@
+"""One Fireworks request on its way through the workers: the checks and lookups before each
+attempt, and the answer reshaped (around the pure answer.py and stream.py).
+
+Non-streaming: the worker's body is checked, reshaped, and sent with fireworks-* headers.
+Streaming: `ChunkFraming` turns the worker's events into Fireworks chunks one by one; the
+data plane's relay holds the client's headers until the first token, so that anything wrong
+up to there is a real status. A failure after that becomes the held chunks, then
+`event: error` with the Fireworks envelope, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.api import Reply, Served, Worker, bytes_headers, worker_json
+from gateway.controlplane.registry import Route
+from gateway.errors import GatewayError, WorkerFault, stream_error_event
+from gateway.fireworks.answer import shape_completion
+from gateway.fireworks.choices import token_ids_in
+from gateway.fireworks.perf import metric_headers, perf_metrics
+from gateway.fireworks.protocol import prompts_of
+from gateway.fireworks.stream import DONE, StreamReframer, carries_token
+from gateway.fireworks.translate import Plan
+from gateway.fireworks.worker_answer import check_chunk, check_completion
+
+# A worker answer that breaks the shaping code is a malformed answer, not a gateway bug.
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+WORKER_DONE = b"[DONE]"
+
+
+async def check_context(worker: Worker, body: dict[str, Any], max_tokens: int,
+                        param: str) -> None:
+    """context_length_exceeded_behavior=error: 400 naming both numbers when a prompt and
+    max_tokens do not fit. (truncate needs nothing: the worker lowers max_tokens itself.)"""
+    if "messages" in body:
+        queries: list[dict[str, Any]] = [{"messages": body["messages"],
+                                          "add_generation_prompt": True}]
+    else:
+        queries = [{"prompt": p} for p in prompts_of(body["prompt"])]
+    for query in queries:
+        prompt = query.get("prompt")
+        if isinstance(prompt, list):  # token ids: their number is the length
+            counted = await worker.tokenize({"prompt": ""})
+            counted["count"] = len(prompt)
+        else:
+            counted = await worker.tokenize(query)
+        count, context = int(counted["count"]), int(counted["max_model_len"])
+        if count + max_tokens > context:
+            raise GatewayError(400, f"The prompt is {count} tokens and max_tokens is "
+                                    f"{max_tokens}, which exceeds the context length of "
+                                    f"{context} tokens", param=param)
+
+
+async def echo_texts(worker: Worker, prompt: Any, last: int | None) -> list[str]:
+    """Completions echo: per prompt, the prompt itself or its last `last` tokens."""
+    out = []
+    for one in prompts_of(prompt):
+        if last is None and isinstance(one, str):
+            out.append(one)
+            continue
+        ids = one if isinstance(one, list) else \
+            (await worker.tokenize({"prompt": one}))["tokens"]
+        ids = ids if last is None else ids[len(ids) - min(last, len(ids)):]
+        out.append(await worker.detokenize(list(ids)) if ids else "")
+    return out
+
+
+async def rendered_chat_prompt(worker: Worker, messages: list[dict[str, Any]]) -> str:
+    """Chat echo: the prompt as the worker's chat template renders it."""
+    tokens = await worker.tokenize({"messages": messages, "add_generation_prompt": True})
+    return await worker.detokenize(list(tokens["tokens"]))
+
+
+@dataclass
+class GenerationCall:
+    """A /chat/completions or /completions request (the Plan says which)."""
+
+    body: dict[str, Any]
+    plan: Plan
+    route: Route
+    # What each prompt echoes, as the worker renders it (asked for when plan.echo).
+    echo_texts: list[str] = field(default_factory=list)
+
+    @property
+    def stream(self) -> bool:
+        return self.plan.stream
+
+    @property
+    def max_tokens(self) -> int:
+        return self.plan.max_tokens
+
+    @property
+    def n(self) -> int:
+        return self.plan.n
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return self.plan.metadata
+
+    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
+        plan = self.plan
+        if plan.context_check:
+            await check_context(worker, self.body, plan.max_tokens, plan.context_check)
+        if plan.echo and plan.chat:
+            self.echo_texts = [await rendered_chat_prompt(worker, self.body["messages"])]
+        elif plan.echo:
+            self.echo_texts = await echo_texts(worker, self.body["prompt"], plan.echo_last)
+        return encoded
+
+    async def vocabulary(self, worker: Worker, payload: dict[str, Any]) -> dict[int, str]:
+        """The text of every token id the answer's logprobs name."""
+        if not self.plan.logprobs:
+            return {}
+        ids: set[int] = set()
+        for choice in payload["choices"]:
+            ids |= token_ids_in(choice.get("logprobs"))
+        return await worker.token_texts(self.route.deployment.model, ids)
+
+    def headers(self, metrics: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+        return bytes_headers(metric_headers(metrics, self.plan.sampling_options,
+                                            self.route.deployment.context_length))
+
+    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        plan = self.plan
+        data = check_completion(worker_json(raw), plan.chat)
+        served.first_token()
+        try:
+            vocabulary = await self.vocabulary(worker, data)
+            out, usage, engine = shape_completion(data, plan, self.route.requested_model,
+                                                  vocabulary, self.echo_texts)
+        except SHAPE_ERRORS as exc:
+            raise WorkerFault(f"malformed answer: {exc!r}") from exc
+        served.usage = usage
+        metrics = perf_metrics(served, usage, engine, complete=True)
+        if plan.perf_metrics_in_response:
+            out["perf_metrics"] = metrics
+        return Reply(orjson.dumps(out), self.headers(metrics))
+
+    def framing(self, worker: Worker, served: Served) -> ChunkFraming:
+        return ChunkFraming(self, worker, served)
+
+
+class ChunkFraming:
+    """A worker's chunk stream -> Fireworks chunks (with the worker's token texts when
+    logprobs need them)."""
+
+    def __init__(self, call: GenerationCall, worker: Worker, served: Served) -> None:
+        self.call, self.worker, self.served = call, worker, served
+        self.reframer = StreamReframer(
+            call.plan, call.route.requested_model,
+            lambda usage, engine, complete: perf_metrics(served, usage, engine, complete),
+            call.echo_texts)
+        self.ready = False  # the engine produced something: a token, a finish, usage
+        self.done = False  # [DONE] came
+
+    def ends(self, name: str, data: bytes) -> bool:
+        return data == WORKER_DONE
+
+    async def take(self, name: str, data: bytes) -> list[bytes]:
+        if data == WORKER_DONE:
+            self.done = True
+            return [*self.reframer.end(), DONE]
+        chunk = check_chunk(worker_json(data), self.call.plan.chat)
+        if not self.ready and (not chunk["choices"] or carries_token(chunk)):
+            self.ready = True
+            self.served.first_token()
+        try:
+            texts = await self.call.vocabulary(self.worker, chunk) \
+                if self.call.plan.logprobs else None
+            parts = self.reframer.chunk(chunk, texts)
+        except SHAPE_ERRORS as exc:
+            raise WorkerFault(f"malformed chunk: {exc!r}") from exc
+        self.served.usage = self.reframer.raw_usage
+        return parts
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return self.call.headers(perf_metrics(self.served, self.reframer.last_usage, None,
+                                              complete=False))
+
+    def drain(self) -> list[bytes]:
+        return self.reframer.drain()
+
+    def error_event(self, exc: GatewayError, request_id: str) -> bytes:
+        return stream_error_event(exc.status, f"{exc.message} (request {request_id})",
+                                  self.reframer.response_id or request_id)
+
+
+@dataclass
+class EmbeddingCall:
+    """An /embeddings request: vectors back (float lists, or base64 strings)."""
+
+    body: dict[str, Any]
+    model: str  # the Fireworks id the client asked for, which answers carry
+    stream: bool = False
+    max_tokens: int = 0
+    n: int = 1
+    metadata: dict[str, str] | None = None
+
+    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
+        return encoded
+
+    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        data = worker_json(raw)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("embedding"), (list, str))
+                for i in items):
+            raise WorkerFault(f"not an embedding list: {str(data)[:200]}")
+        served.first_token()
+        served.usage = data.get("usage")
+        data["model"] = self.model
+        return Reply(orjson.dumps(data), [])
+
+    def framing(self, worker: Worker, served: Served) -> ChunkFraming:
+        raise AssertionError("embeddings are never streamed")  # the model has no `stream`
