@@ -25,7 +25,7 @@ from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
 
-RequestModel = TypeVar("RequestModel", bound=BaseModel)
+MAX_TOKENS = (1 << 31) - 1  # vLLM counts tokens in 32-bit integers
 RequestModel_contra = TypeVar("RequestModel_contra", bound=BaseModel, contravariant=True)
 
 

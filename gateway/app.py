@@ -38,13 +38,14 @@ from gateway.dataplane.health import HealthChecker, ReplicaHealth
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import WorkerQueries
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
-from gateway.dataplane.routes import InferenceRoutes, validation_message
+from gateway.dataplane.routes import InferenceRoutes
 from gateway.dataplane.routes import router as models_router
 from gateway.dataplane.workers import WorkerClient
 from gateway.edge import Edge
 from gateway.errors import GatewayError
 from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
 from gateway.metrics import GatewayMetrics
+from gateway.validation import validation_message
 
 logger = logging.getLogger("gateway")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from gateway.fireworks.protocol import MAX_TOKENS
+from gateway.api import MAX_TOKENS
 
 # status -> Anthropic's error type
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",

@@ -13,15 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api import InferenceApi
-from gateway.config import Settings
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
@@ -29,50 +26,10 @@ from gateway.dataplane.parts import Gateway
 from gateway.dataplane.serving import admit, attempt_all, count_refusal
 from gateway.edge import api_key, check_declared_length, header_map, read_body
 from gateway.errors import GatewayError, send_error
-from gateway.fireworks.protocol import FieldError, known_fields
+from gateway.validation import parse_body
 
 logger = logging.getLogger("gateway.routes")
 router = APIRouter()
-RequestModel = TypeVar("RequestModel", bound=BaseModel)
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def validation_message(error: ValidationError) -> tuple[str, str | None]:
-    """Fireworks' wording: `Extra inputs are not permitted, field: 'messages[1].reasoning'`."""
-    first = error.errors(include_url=False)[0]
-    # Union members add their type names to the location; keep only real field names.
-    loc = tuple(p for p in first["loc"]
-                if isinstance(p, int) or (not any(c in str(p) for c in "[]-")
-                and str(p) not in {"str", "int", "float", "bool", "list", "dict"}))
-    field = _location(loc) or None
-    cause = (first.get("ctx") or {}).get("error")
-    if field is None and isinstance(cause, FieldError):
-        field = cause.field
-    message = first["msg"].removeprefix("Value error, ")
-    return (f"{message}, field: '{field}'" if field else message), field
-
-
-def parse_body(raw: bytes, model: type[RequestModel], settings: Settings) -> RequestModel:
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, f"Request body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise GatewayError(400, "Request body must be a JSON object")
-    if not settings.strict_validation and model.model_config.get("extra") == "forbid":
-        allowed = known_fields(model)
-        payload = {key: value for key, value in payload.items() if key in allowed}
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        message, field = validation_message(exc)
-        raise GatewayError(400, message, param=field) from exc
 
 
 class ClientWatch:

@@ -10,17 +10,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from gateway.api import MAX_TOKENS
+from gateway.validation import FieldError
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-MAX_TOKENS = (1 << 31) - 1  # vLLM counts tokens in 32-bit integers
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-
-
-class FieldError(ValueError):
-    """A cross-field problem, naming the field to report in the error's `param`."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class Strict(BaseModel):
@@ -190,8 +184,3 @@ def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[An
     """A completions `prompt` as its list of prompts (a token-id list is one prompt)."""
     several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
     return list(prompt) if several else [prompt]
-
-
-def known_fields(model: type[BaseModel]) -> set[str]:
-    """The top-level field names (by alias) a request model accepts."""
-    return {info.alias or name for name, info in model.model_fields.items()}

@@ -8,8 +8,8 @@ from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    known_fields,
 )
+from gateway.validation import known_fields
 from tests.conftest import ROOT
 
 

@@ -5,8 +5,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.dataplane.routes import validation_message
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.validation import validation_message
 
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -15,7 +15,6 @@ import pytest
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.dataplane.affinity import affinity_key
-from gateway.dataplane.routes import parse_body
 from gateway.errors import GatewayError
 from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
 from gateway.fireworks.calls import GenerationCall
@@ -23,13 +22,13 @@ from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    known_fields,
 )
 from gateway.fireworks.translate import (
     PRIORITY,
     Plan,
     cache_salt,
 )
+from gateway.validation import known_fields, parse_body
 
 PLAIN = Deployment(id="d", account="acct", model="accounts/acct/models/m",
                    context_length=4096, tool_parser="hermes")
