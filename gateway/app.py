@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.anthropic.api import MessagesApi
 from gateway.api import InferenceApi
+from gateway.background import cancel, every
 from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
@@ -134,7 +135,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
         ledger = LocalLedger(limiter)
-    workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout)
+    workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
+                           str(settings.upstream_ca_file) if settings.upstream_ca_file else None)
     discovery = Discovery(
         lambda: [r.url for d in store.current.data.deployments for r in d.replicas],
         make_resolver(settings.dns_server), settings.discovery_interval)
@@ -177,11 +179,18 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             logger.exception("replica discovery at start-up failed")
         gateway.discovery.start()
         gateway.adapters.start()
+        def listed() -> set[str]:  # every replica, pods found through DNS included
+            return {r.url for d in gateway.store.current.data.deployments
+                    for r in gateway.replicas.replicas(d)}
+
+        async def prune() -> None:
+            gateway.workers.prune(listed())
+
+        # Pooled connections to replicas that left (and idle ones past their time) close.
+        pruning = every(max(settings.discovery_interval, 1.0), prune, "connection pruning",
+                        logger)
         checker = HealthChecker(
-            gateway.replicas.health,
-            lambda: {r.url for d in gateway.store.current.data.deployments
-                     for r in gateway.replicas.replicas(d)},
-            gateway.workers.get, settings.health_check_interval,
+            gateway.replicas.health, listed, gateway.workers.get, settings.health_check_interval,
             settings.health_check_timeout,
             gateway.replicas.load if settings.load_from_workers else None)
         if settings.health_check_interval > 0:
@@ -193,6 +202,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             yield
         finally:
             await checker.stop()
+            await cancel(pruning)
             await gateway.discovery.stop()
             await gateway.adapters.stop()
             await gateway.ledger.stop()

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Seconds to wait for a worker to connect, and for each read from it.
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
+    # Workers reached over https are verified against the system's CAs, or against the
+    # certificates in this PEM file when set (e.g. a cluster's own CA).
+    upstream_ca_file: Path | None = None
     # repetition_penalty through vLLM's native field instead of the engine plugin.
     repetition_penalty_native: bool = False
     log_level: str = "info"

@@ -15,6 +15,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
@@ -70,6 +71,8 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        self.in_pool = False  # idle, waiting for its next request
+        self.write_paused = False  # the socket's send buffer is full (asyncio flow control)
         self._reset()
 
     def _reset(self) -> None:
@@ -81,6 +84,8 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received = False  # any byte of this answer
+        self.began = False  # the parser saw this answer begin
+        self.unasked = False  # more came after it: another answer nobody asked for
         self.error: BaseException | None = None
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -92,7 +97,19 @@ class Connection(asyncio.Protocol):
         # uvloop's transports are not subclasses of asyncio.Transport, only alike.
         self.transport = cast(asyncio.Transport, transport)
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
+
     def data_received(self, data: bytes) -> None:
+        if self.in_pool:
+            # Nothing was asked: bytes on an idle connection are a broken peer (or the
+            # start of a close); reusing it would read them as the next answer.
+            self.close()
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -113,7 +130,15 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     # the parser's callbacks
+    def on_message_begin(self) -> None:
+        if self.began:  # bytes after the answer's end: the connection cannot be reused
+            self.unasked = True
+            self.keep_alive = False
+        self.began = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.unasked:
+            return
         name = name.lower()
         if name == b"content-type":
             self.content_type = value.split(b";", 1)[0].strip().lower().decode("latin-1")
@@ -123,12 +148,16 @@ class Connection(asyncio.Protocol):
             self.chunked = True
 
     def on_headers_complete(self) -> None:
+        if self.unasked:
+            return
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.unasked:
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -137,6 +166,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.unasked:
+            return
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
         self._wake()
@@ -160,6 +191,14 @@ class Connection(asyncio.Protocol):
         finally:
             timer.cancel()
             self.waiter = None
+
+    async def drained(self) -> None:
+        """Until the socket took what was written (a large body), the answer began, or the
+        read timeout passed: a worker that stops reading must not hold the gateway."""
+        while self.write_paused and not self.headers_done and not self.closed:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
 
     async def headers(self) -> None:
         while not self.headers_done:
@@ -201,11 +240,13 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class Pool:
     """Keep-alive connections per worker, newest reused first."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle: dict[tuple[str, str, int], list[Connection]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        # https workers: verified with this context (the system's CAs unless given)
+        self._ssl = tls
 
     async def request(self, method: bytes, url: str, body: bytes,
                       headers: dict[str, str], read_timeout: float | None = None
@@ -215,9 +256,14 @@ class Pool:
         head = _head(method, where, body, headers)
         key = (where.scheme, where.host, where.port)
         timeout = self.read_timeout if read_timeout is None else read_timeout
-        while (connection := self._idle(key)) is not None:
-            # A reused connection the worker closed just now fails before any byte of the
-            # answer came; the worker never saw the request, so it is sent again.
+        connection = self._idle(key)
+        if connection is not None:
+            # A pooled connection may have been closed by the worker just now (uvicorn
+            # closes idle ones): the request then fails before any byte of an answer came.
+            # It is sent again, once, on a fresh connection. Re-sending a POST is safe
+            # here: the worker either never read it (the usual case) or lost the connection
+            # before answering, which aborts the request in vLLM; an inference request has
+            # no effect beyond its answer, which nobody received.
             try:
                 return await self._exchange(connection, head, body, timeout)
             except HttpError:
@@ -233,6 +279,7 @@ class Pool:
         if len(body) >= 65536:
             connection.transport.write(body)
         try:
+            await connection.drained()
             await connection.headers()
         except BaseException:
             connection.close()
@@ -244,6 +291,7 @@ class Pool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
+            connection.in_pool = False
             if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
                 connection._reset()
                 return connection
@@ -277,7 +325,31 @@ class Pool:
             connection.close()
             return
         connection.idle_since = time.monotonic()
+        connection.in_pool = True
         idle.append(connection)
+
+    def prune(self, listed: Iterable[str]) -> int:
+        """Close the idle connections to workers not in `listed` (replica URLs: pods that
+        left DNS, replicas removed) and those past IDLE_SECONDS; how many were closed."""
+        keep = set()
+        for url in listed:
+            try:
+                where = target(url)
+            except ConnectFailed:
+                continue
+            keep.add((where.scheme, where.host, where.port))
+        now, closed = time.monotonic(), 0
+        for key in list(self.idle):
+            idle = self.idle[key]
+            stale = [c for c in idle if key not in keep or c.closed
+                     or now - c.idle_since >= IDLE_SECONDS]
+            for connection in stale:
+                connection.close()
+            closed += len(stale)
+            self.idle[key] = [c for c in idle if c not in stale]
+            if not self.idle[key]:
+                del self.idle[key]
+        return closed
 
     def close(self) -> None:
         for idle in self.idle.values():

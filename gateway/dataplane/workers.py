@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -158,8 +159,14 @@ class WorkerAnswer:
 class WorkerClient:
     """Pooled HTTP/1.1 connections to every worker."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
-        self.pool = Pool(connect_timeout, read_timeout)
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 ca_file: str | None = None) -> None:
+        tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self.pool = Pool(connect_timeout, read_timeout, tls)
+
+    def prune(self, listed: Iterable[str]) -> int:
+        """Close idle connections to workers no longer listed (see Pool.prune)."""
+        return self.pool.prune(listed)
 
     async def aclose(self) -> None:
         self.pool.close()

@@ -221,3 +221,166 @@ def test_unreachable_and_unusable_urls(run: Callable[[Awaitable[None]], None]) -
             with pytest.raises(ConnectFailed):
                 await pool.request(b"POST", url, b"", {})
     run(main())
+
+
+def reads_then_closes(after: int = 0) -> Script:
+    """Answers `after` requests, then reads one more and closes without answering."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(after):
+            await read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+        await read_request(reader)
+    return script
+
+
+class Counting(Server):
+    """A Server that also counts the requests it read whole."""
+
+    def __init__(self, script: Script) -> None:
+        async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            real = reader.readuntil
+
+            async def readuntil(separator: bytes = b"\n") -> bytes:
+                data = await real(separator)
+                if separator == b"\r\n\r\n":
+                    self.requests.append(data)
+                return data
+            reader.readuntil = readuntil  # type: ignore[method-assign]
+            await script(reader, writer)
+        super().__init__(counted)
+
+
+def test_a_worker_that_reads_the_request_and_closes(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    async def main() -> None:
+        server = Counting(reads_then_closes())
+        async with server as url:
+            with pytest.raises(HttpError):
+                await fetch(Pool(1, 1), url)
+            assert len(server.requests) == 1  # a fresh connection: never sent again
+    run(main())
+
+
+def test_at_most_one_stale_pooled_connection_is_retried(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    server: Counting
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # the first two connections answer once; every connection then reads a request
+        # and closes without answering
+        await reads_then_closes(after=1 if server.connections <= 2 else 0)(reader, writer)
+
+    async def main() -> None:
+        async with server as url:
+            pool = Pool(1, 1)
+            # two pooled connections, each of which will read the next request and close
+            await asyncio.gather(fetch(pool, url), fetch(pool, url))
+            assert server.connections == 2 and len(pool.idle[("http", "127.0.0.1",
+                                                            int(url.split(":")[2][:5]))]) == 2
+            with pytest.raises(HttpError):
+                await fetch(pool, url)
+            # the first pooled one, then a fresh one: not the second pooled one too
+            assert len(server.requests) == 2 + 2 and server.connections == 3
+    server = Counting(script)
+    run(main())
+
+
+def test_bytes_on_an_idle_connection_close_it(run: Callable[[Awaitable[None]], None]) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")  # unasked
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        server = Server(script)
+        async with server as url:
+            pool = Pool(1, 1)
+            assert await fetch(pool, url) == (200, b"{}")
+            await asyncio.sleep(0.05)  # the unasked bytes arrive while it is pooled
+            assert await fetch(pool, url) == (200, b"{}")  # not "stale"
+            assert server.connections == 2
+    run(main())
+
+
+def test_connections_of_replicas_no_longer_listed_are_pruned(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    async def main() -> None:
+        kept, gone = Server(answering(OK, OK)), Server(answering(OK, OK))
+        async with kept as kept_url, gone as gone_url:
+            pool = Pool(1, 1)
+            await fetch(pool, kept_url)
+            await fetch(pool, gone_url)
+            assert len(pool.idle) == 2
+            assert pool.prune([kept_url, "not a url"]) == 1
+            assert [key[2] for key in pool.idle] == [int(kept_url.split(":")[2][:5])]
+            await fetch(pool, kept_url)
+            assert kept.connections == 1  # still pooled and reused
+    run(main())
+
+
+def test_a_10_mb_body_honours_write_flow_control(
+        run: Callable[[Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    body = bytes(range(256)) * (10 * 4096)  # 10 MiB
+    received: list[bytes] = []
+    pauses: list[bool] = []
+    original = http1.Connection.pause_writing
+
+    def pause_writing(self: http1.Connection) -> None:
+        pauses.append(True)
+        original(self)
+    monkeypatch.setattr(http1.Connection, "pause_writing", pause_writing)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)  # a slow reader: the gateway's socket buffer fills
+        received.append(await read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with Server(script) as url:
+            pool = Pool(1, 5)
+            connection = await pool.request(b"POST", url, body, {})
+            assert connection.status == 200 and not connection.write_paused
+    run(main())
+    assert pauses, "the socket's buffer never filled: flow control untested"
+    assert received[0].partition(b"\r\n\r\n")[2] == body
+
+
+def test_tls_workers(run: Callable[[Awaitable[None]], None]) -> None:
+    """A worker on https with a self-signed CA: trusted when the pool is given it, refused
+    (as unreachable) with the system's CAs."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+
+    async def main() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    await read_request(reader)
+                    writer.write(OK)
+                    await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
+        try:
+            pool = Pool(1, 1, trusting)
+            assert await fetch(pool, url) == (200, b"{}")
+            assert await fetch(pool, url) == (200, b"{}")  # pooled over TLS too
+            pool.close()
+            with pytest.raises(ConnectFailed):
+                await fetch(Pool(1, 1), url)
+        finally:
+            server.close()
+    run(main())
