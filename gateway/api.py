@@ -32,7 +32,7 @@ RequestModel_contra = TypeVar("RequestModel_contra", bound=BaseModel, contravari
 @dataclass
 class Served:
     """Where and when one attempt was served, and what its worker reported so far: the
-    report an API's answer or stream writes (first token, usage) and the Exchange reads at
+    report an API's reply or stream framing writes (first token, usage) and the Exchange reads at
     the request's end. Nothing else of the request is reachable from the API's side."""
 
     deployment: str
@@ -51,7 +51,7 @@ class Served:
 
 class Worker(Protocol):
     """What an API may ask the worker an attempt is on, besides the request itself
-    (dataplane/tokens.py answers)."""
+    (dataplane/queries.py serves it)."""
 
     @property
     def url(self) -> str: ...
@@ -73,7 +73,9 @@ class Worker(Protocol):
 
 @dataclass
 class Reply:
-    """A complete, checked, reshaped non-streaming answer."""
+    """What the client gets for a complete non-streaming answer: the worker's answer
+    checked and reshaped. (Names: an *answer* is what a worker sends, a *reply* what the
+    client gets.)"""
 
     body: bytes
     headers: list[tuple[bytes, bytes]]
@@ -141,9 +143,9 @@ class Call(Protocol):
         """Before each attempt: checks or lookups on that worker; the body to send."""
         ...
 
-    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
-        """A complete JSON answer (status 2xx, content type checked) -> the client's;
-        WorkerFault when it is not a valid answer."""
+    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        """A worker's complete JSON answer (status 2xx, content type checked) -> the
+        client's reply; WorkerFault when it is not a valid answer."""
         ...
 
     def framing(self, worker: Worker, served: Served) -> StreamFraming:

@@ -56,7 +56,7 @@ class MessagesCall:
             return encoded
         return orjson.dumps(self.body | {"model": await worker.served_model()})
 
-    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = _object(raw, "answer")
         if data.get("type") != "message" or not isinstance(data.get("content"), list):
             raise WorkerFault(f"not a message: {str(data)[:200]}")

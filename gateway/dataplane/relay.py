@@ -1,4 +1,4 @@
-"""Relaying a worker's answer to the client, for every API.
+"""Relaying a worker's answer to the client as its reply, for every API.
 
 Non-streaming: the body is read whole (bounded), and the API's Call checks and reshapes it.
 Streaming: one loop for every API. The worker's stream is read, event by event through the
@@ -35,8 +35,8 @@ def expect_type(answer: WorkerAnswer, content_type: str) -> None:
         raise WorkerFault(f"content-type {answer.content_type!r}, expected {content_type!r}")
 
 
-class PlainAnswer:
-    """A complete non-streaming answer, sent as one body."""
+class PlainReply:
+    """A complete non-streaming reply, sent as one body."""
 
     def __init__(self, status: int, body: bytes, headers: Headers) -> None:
         self.status, self.body, self.headers = status, body, headers
@@ -52,11 +52,11 @@ class PlainAnswer:
 
 
 async def read_plain(answer: WorkerAnswer, call: Call, worker: Worker, served: Served,
-                     headers: Headers) -> PlainAnswer:
+                     headers: Headers) -> PlainReply:
     """The worker's whole answer, checked and reshaped by the API's call."""
     expect_type(answer, "application/json")
-    reply = await call.answer(await answer.read(), worker, served)
-    return PlainAnswer(200, reply.body, reply.headers + headers)
+    reply = await call.reply(await answer.read(), worker, served)
+    return PlainReply(200, reply.body, reply.headers + headers)
 
 
 async def _take(framing: StreamFraming, batch: list[tuple[str, bytes]]) -> list[bytes]:

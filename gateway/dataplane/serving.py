@@ -19,12 +19,12 @@ from gateway.controlplane.limits import Admission, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
 from gateway.dataplane.parts import Gateway
-from gateway.dataplane.relay import HeldStream, PlainAnswer, open_stream, read_plain
+from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
 from gateway.errors import GatewayError, WorkerFault
 
 logger = logging.getLogger("gateway.serving")
 ATTEMPTS = 2  # the first try and one retry on another replica
-Answer = PlainAnswer | HeldStream
+ClientReply = PlainReply | HeldStream  # what goes back to the client
 
 
 def count_refusal(gateway: Gateway, deployment: str, endpoint: str, status: int) -> None:
@@ -64,7 +64,7 @@ async def admit(gateway: Gateway, api: InferenceApi[Any], account: Account, rout
                     encoded)
 
 
-async def attempt_all(exchange: Exchange, affinity: str | None) -> Answer:
+async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
     """Attempts on replicas until one answers well up to its first token."""
     gateway = exchange.gateway
     deployment, lora = exchange.route.deployment, exchange.route.lora
@@ -108,7 +108,7 @@ async def _open(exchange: Exchange, attempt: Attempt, body: bytes) -> None:
         attempt.answer = await gateway.workers.open(target, body, headers)
 
 
-async def _attempt(exchange: Exchange, attempt: Attempt) -> Answer:
+async def _attempt(exchange: Exchange, attempt: Attempt) -> ClientReply:
     call, worker, served = exchange.call, attempt.worker, attempt.served
     await _open(exchange, attempt, await call.prepare(worker, exchange.encoded))
     assert attempt.answer is not None

@@ -18,9 +18,9 @@ import orjson
 from gateway.api import Reply, Served, Worker, bytes_headers, worker_json
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault, stream_error_event
-from gateway.fireworks.answer import shape_completion
 from gateway.fireworks.choices import token_ids_in
 from gateway.fireworks.perf import metric_headers, perf_metrics
+from gateway.fireworks.plain import shape_completion
 from gateway.fireworks.protocol import prompts_of
 from gateway.fireworks.stream import DONE, StreamReframer, carries_token
 from gateway.fireworks.translate import Plan
@@ -123,7 +123,7 @@ class GenerationCall:
         return bytes_headers(metric_headers(metrics, self.plan.sampling_options,
                                             self.route.deployment.context_length))
 
-    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         plan = self.plan
         data = check_completion(worker_json(raw), plan.chat)
         served.first_token()
@@ -202,7 +202,7 @@ class EmbeddingCall:
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded
 
-    async def answer(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = worker_json(raw)
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list) or not all(

@@ -15,8 +15,8 @@ import orjson
 
 from gateway.api import coerce_usage
 from gateway.errors import WorkerFault
-from gateway.fireworks.answer import echo_text
 from gateway.fireworks.choices import ChoiceState, reject_chat_abort, shape_choice
+from gateway.fireworks.plain import echo_text
 from gateway.fireworks.translate import Plan
 
 DONE = b"data: [DONE]\n\n"

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.fireworks.answer import shape_completion
 from gateway.fireworks.choices import ChoiceState, shape_choice
+from gateway.fireworks.plain import shape_completion
 from gateway.fireworks.stream import StreamReframer
 from gateway.fireworks.translate import Plan
 

@@ -236,8 +236,8 @@ async def test_plain_answers_checked(answer: Any, ok: bool) -> None:
     call, record = translate({}), served()
     if not ok:
         with pytest.raises(WorkerFault):
-            await call.answer(orjson.dumps(answer), NamedWorker(), record)
+            await call.reply(orjson.dumps(answer), NamedWorker(), record)
         return
-    reply = await call.answer(orjson.dumps(answer), NamedWorker(), record)
+    reply = await call.reply(orjson.dumps(answer), NamedWorker(), record)
     assert orjson.loads(reply.body)["model"] == "accounts/acct/models/asked"
     assert record.usage == {"prompt_tokens": 1, "completion_tokens": 1}

@@ -1,3 +1,6 @@
+"""Replica choice (affinity, least loaded, leases), replica health (ejection, trials, active
+checks) and load read from the workers (dataplane/replicas.py, health.py, load.py)."""
+
 from __future__ import annotations
 
 import asyncio
