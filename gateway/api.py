@@ -158,9 +158,7 @@ class InferenceApi(Protocol[RequestModel_contra]):
 
     path: str
     worker_path: str  # also the endpoint label of metrics and usage records
-
-    @property
-    def request_model(self) -> type[BaseModel]: ...
+    request_model: type[BaseModel]
 
     def translate(self, request: RequestModel_contra, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> Call:

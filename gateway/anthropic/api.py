@@ -113,10 +113,7 @@ class MessageFraming:
 class MessagesApi:
     path = "/messages"
     worker_path = "/v1/messages"
-
-    @property
-    def request_model(self) -> type[BaseModel]:
-        return MessagesRequest
+    request_model: type[BaseModel] = MessagesRequest
 
     def translate(self, request: MessagesRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> MessagesCall:

@@ -53,10 +53,7 @@ class FireworksApi:
 class ChatApi(FireworksApi):
     path = "/chat/completions"
     worker_path = "/v1/chat/completions"
-
-    @property
-    def request_model(self) -> type[BaseModel]:
-        return ChatCompletionRequest
+    request_model: type[BaseModel] = ChatCompletionRequest
 
     def translate(self, request: ChatCompletionRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> GenerationCall:
@@ -90,10 +87,7 @@ class ChatApi(FireworksApi):
 class CompletionsApi(FireworksApi):
     path = "/completions"
     worker_path = "/v1/completions"
-
-    @property
-    def request_model(self) -> type[BaseModel]:
-        return CompletionRequest
+    request_model: type[BaseModel] = CompletionRequest
 
     def translate(self, request: CompletionRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> GenerationCall:
@@ -116,10 +110,7 @@ class CompletionsApi(FireworksApi):
 class EmbeddingsApi(FireworksApi):
     path = "/embeddings"
     worker_path = "/v1/embeddings"
-
-    @property
-    def request_model(self) -> type[BaseModel]:
-        return EmbeddingRequest
+    request_model: type[BaseModel] = EmbeddingRequest
 
     def translate(self, request: EmbeddingRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> EmbeddingCall:
