@@ -88,15 +88,13 @@ class StreamFraming(Protocol):
 
     # The engine produced something: the held headers may go.
     ready: bool
-    # The worker's stream ended as it should.
+    # The worker's last event came (the relay reads no further; events after it are
+    # ignored).
     done: bool
 
-    def ends(self, name: str, data: bytes) -> bool:
-        """Whether this event is the worker's last (the reader stops after it)."""
-        ...
-
-    async def take(self, name: str, data: bytes) -> list[bytes]:
-        """One worker event -> what to send now (WorkerFault when it is not valid)."""
+    async def take(self, events: list[tuple[str, bytes]]) -> list[bytes]:
+        """Worker events (name, data), in order, as they arrived together -> what to send
+        now (WorkerFault when one is not valid)."""
         ...
 
     def headers(self) -> list[tuple[bytes, bytes]]:

@@ -80,10 +80,15 @@ class MessageFraming:
     done: bool = False  # message_stop came
     usage: dict[str, int] = field(default_factory=dict)
 
-    def ends(self, name: str, data: bytes) -> bool:
-        return name == "message_stop"
+    async def take(self, events: list[tuple[str, bytes]]) -> list[bytes]:
+        parts = []
+        for name, data in events:
+            parts.append(self.event(name, data))
+            if self.done:
+                break
+        return parts
 
-    async def take(self, name: str, data: bytes) -> list[bytes]:
+    def event(self, name: str, data: bytes) -> bytes:
         if name == "error":
             raise WorkerFault(f"the worker sent an error event: {data[:300]!r}")
         if name in ("message_start", "message_delta"):
@@ -96,8 +101,8 @@ class MessageFraming:
         if name == "content_block_delta":
             self.served.first_token()
         self.ready = self.ready or name == "message_start"
-        self.done = self.done or name == "message_stop"
-        return [sse_event(name, data)]
+        self.done = name == "message_stop"
+        return sse_event(name, data)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return []

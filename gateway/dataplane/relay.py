@@ -59,21 +59,14 @@ async def read_plain(answer: WorkerAnswer, call: Call, worker: Worker, served: S
     return PlainReply(200, reply.body, reply.headers + headers)
 
 
-async def _take(framing: StreamFraming, batch: list[tuple[str, bytes]]) -> list[bytes]:
-    parts: list[bytes] = []
-    for name, data in batch:
-        parts += await framing.take(name, data)
-    return parts
-
-
 class HeldStream:
     """A stream whose headers are ready: what was read while they were held, then the
     rest."""
 
-    def __init__(self, framing: StreamFraming, events: Events, held: list[bytes],
-                 headers: Headers, request_id: str, worker_url: str) -> None:
-        self.framing, self.events, self.held, self.headers = framing, events, held, headers
-        self.request_id, self.worker_url = request_id, worker_url
+    def __init__(self, answer: WorkerAnswer, framing: StreamFraming, events: Events,
+                 held: list[bytes], headers: Headers, request_id: str) -> None:
+        self.answer, self.framing, self.events = answer, framing, events
+        self.held, self.headers, self.request_id = held, headers, request_id
 
     async def send(self, send: Send) -> tuple[str, int]:
         """Send the stream; how the request ended."""
@@ -86,12 +79,15 @@ class HeldStream:
                 if parts:
                     await send({"type": "http.response.body", "body": b"".join(parts),
                                 "more_body": True})
-                parts = await _take(framing, await anext(self.events))
+                parts = await framing.take(await anext(self.events))
+            # Read the end of the body before the last send (no await may follow it:
+            # routes.ClientWatch), so that the connection goes back to the pool.
+            await self.answer.finish()
             await send({"type": "http.response.body", "body": b"".join(parts)})
         except GatewayError as exc:
             if isinstance(exc, WorkerFault):
                 logger.warning("request %s: worker %s failed mid-stream: %s",
-                               self.request_id, self.worker_url, exc.detail)
+                               self.request_id, self.answer.url, exc.detail)
             await send({"type": "http.response.body", "body": b"".join(
                 [*framing.drain(), framing.error_event(exc, self.request_id)])})
             return "error", exc.status
@@ -103,9 +99,9 @@ async def open_stream(answer: WorkerAnswer, framing: StreamFraming, headers: Hea
     """Read the worker's stream until the framing is ready. Failures up to here raise
     (nothing reached the client, so the request may be retried elsewhere)."""
     expect_type(answer, "text/event-stream")
-    events = answer.events(framing.ends)
+    events = answer.events()
     held: list[bytes] = []
     while not (framing.ready or framing.done):
-        held += await _take(framing, await anext(events))
-    return HeldStream(framing, events, held, framing.headers() + headers, request_id,
-                      answer.url)
+        held += await framing.take(await anext(events))
+    return HeldStream(answer, framing, events, held, framing.headers() + headers,
+                      request_id)

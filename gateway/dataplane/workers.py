@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
@@ -100,13 +100,12 @@ class WorkerAnswer:
             raise transport_fault(exc) from exc
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def events(self, ends: Callable[[str, bytes], bool]
-                     ) -> AsyncIterator[list[tuple[str, bytes]]]:
+    async def events(self) -> AsyncIterator[list[tuple[str, bytes]]]:
         """The body's server-sent events as (name, data), in batches of those that arrived
         together (the name is "" when the event has none; several `data:` lines are joined
-        by newlines). The batch holding the event that `ends` says is the last ends there;
-        a body that ends before it is a fault."""
-        buffer, name, data, size = b"", "", [], 0
+        by newlines). The reader stops asking once it has the last event it wants (then
+        `finish`); a body that ends before that is a fault."""
+        buffer, name, data = b"", "", None
         while True:
             try:
                 received = await self.connection.read_some()
@@ -114,7 +113,7 @@ class WorkerAnswer:
                 raise transport_fault(exc) from exc
             if not received:
                 raise WorkerFault("the stream ended before its last event")
-            buffer += received
+            buffer = buffer + received if buffer else received
             if b"\n" not in buffer:
                 if len(buffer) > MAX_ANSWER_BYTES:
                     raise WorkerFault("a streamed event larger than the limit")
@@ -122,25 +121,20 @@ class WorkerAnswer:
             *lines, buffer = buffer.split(b"\n")
             batch = []
             for line in lines:
-                if line.startswith(b"data:"):
-                    data.append(line[5:].strip())
-                    size += len(line)
-                    if size > MAX_ANSWER_BYTES:
+                if line[:5] == b"data:":
+                    payload = line[5:].strip()
+                    data = payload if data is None else data + b"\n" + payload
+                    if len(data) > MAX_ANSWER_BYTES:
                         raise WorkerFault("a streamed event larger than the limit")
-                elif line.startswith(b"event:"):
+                elif line[:6] == b"event:":
                     name = line[6:].strip().decode("latin-1")
-                elif not line.strip() and (name or data):  # a blank line ends an event
-                    event = (name, data[0] if len(data) == 1 else b"\n".join(data))
-                    name, data, size = "", [], 0
-                    batch.append(event)
-                    if ends(*event):
-                        await self._to_the_end()
-                        yield batch
-                        return
+                elif (line == b"" or line == b"\r") and (data is not None or name):
+                    batch.append((name, b"" if data is None else data))  # a blank line
+                    name, data = "", None  # ends an event
             if batch:
                 yield batch
 
-    async def _to_the_end(self) -> None:
+    async def finish(self) -> None:
         """After the last event, the end of the body is on its way: read it, so that the
         connection goes back to the pool instead of being closed."""
         try:

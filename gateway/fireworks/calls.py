@@ -156,24 +156,25 @@ class ChunkFraming:
         self.ready = False  # the engine produced something: a token, a finish, usage
         self.done = False  # [DONE] came
 
-    def ends(self, name: str, data: bytes) -> bool:
-        return data == WORKER_DONE
-
-    async def take(self, name: str, data: bytes) -> list[bytes]:
-        if data == WORKER_DONE:
-            self.done = True
-            return [*self.reframer.end(), DONE]
-        chunk = check_chunk(worker_json(data), self.call.plan.chat)
-        if not self.ready and (not chunk["choices"] or carries_token(chunk)):
-            self.ready = True
-            self.served.first_token()
-        try:
-            texts = await self.call.vocabulary(self.worker, chunk) \
-                if self.call.plan.logprobs else None
-            parts = self.reframer.chunk(chunk, texts)
-        except SHAPE_ERRORS as exc:
-            raise WorkerFault(f"malformed chunk: {exc!r}") from exc
-        self.served.usage = self.reframer.raw_usage
+    async def take(self, events: list[tuple[str, bytes]]) -> list[bytes]:
+        parts: list[bytes] = []
+        chat, logprobs = self.call.plan.chat, self.call.plan.logprobs
+        for _, data in events:
+            if data == WORKER_DONE:
+                self.done = True
+                parts += self.reframer.end()
+                parts.append(DONE)
+                break
+            chunk = check_chunk(worker_json(data), chat)
+            if not self.ready and (not chunk["choices"] or carries_token(chunk)):
+                self.ready = True
+                self.served.first_token()
+            try:
+                texts = await self.call.vocabulary(self.worker, chunk) if logprobs else None
+                parts += self.reframer.chunk(chunk, texts)
+            except SHAPE_ERRORS as exc:
+                raise WorkerFault(f"malformed chunk: {exc!r}") from exc
+            self.served.usage = self.reframer.raw_usage
         return parts
 
     def headers(self) -> list[tuple[bytes, bytes]]:

@@ -194,16 +194,16 @@ STOP = event("message_stop", {"type": "message_stop"})
 async def test_a_stream_framed_event_by_event() -> None:
     record = served()
     framing = MessageFraming("accounts/acct/models/asked", record)
-    out = await framing.take(*START)
+    out = await framing.take([START])
     assert framing.ready and not framing.done and record.first_token_at is None
     assert b'"model":"accounts/acct/models/asked"' in out[0]
     assert out[0].startswith(b"event: message_start\ndata: ")
-    await framing.take(*DELTA)
+    await framing.take([DELTA])
     assert record.first_token_at is not None
-    await framing.take(*END)
-    assert not framing.ends(*END) and framing.ends(*STOP)
-    assert await framing.take(*STOP) == [b'event: message_stop\ndata: {"type":"message_stop"}'
-                                         b"\n\n"]
+    await framing.take([END])
+    assert not framing.done
+    stop = await framing.take([STOP, DELTA])  # nothing after the last event
+    assert stop == [b'event: message_stop\ndata: {"type":"message_stop"}\n\n']
     assert framing.done
     assert coerce_usage(record.usage) == {"prompt_tokens": 9, "completion_tokens": 2,
                                           "total_tokens": 0,
@@ -214,7 +214,7 @@ async def test_a_stream_framed_event_by_event() -> None:
                                  ("message_start", b"not json"), ("message_delta", b"[1]")])
 async def test_bad_events_are_worker_faults(bad: tuple[str, bytes]) -> None:
     with pytest.raises(WorkerFault):
-        await MessageFraming("m", served()).take(*bad)
+        await MessageFraming("m", served()).take([bad])
 
 
 def test_the_error_event_after_the_first_byte() -> None:
