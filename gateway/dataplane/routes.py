@@ -114,9 +114,9 @@ class InferenceRoutes:
             request: Any = parse_body(raw, api.request_model, gateway.settings)
             route = gateway.store.current.resolve(request.model, account)
             exchange = await admit(gateway, api, account, route, request, request_id)
-            answer = await attempt_all(exchange, affinity_key(
+            reply = await attempt_all(exchange, affinity_key(
                 headers, api, request, gateway.settings.prefix_affinity_bytes))
-            outcome = await answer.send(send_tracked)
+            outcome = await reply.send(send_tracked)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
