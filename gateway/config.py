@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # repetition_penalty through vLLM's native field instead of the engine plugin.
     repetition_penalty_native: bool = False
     log_level: str = "info"
-    # The edge (README, "Limits at the edge"): the largest request body (bytes) and the most
+    # The edge (docs/operations.md, "Limits at the edge"): the largest request body (bytes) and the most
     # seconds for it to arrive after the headers; the most seconds for a request's headers
     # to arrive and their largest size; how long an idle keep-alive connection stays open; how many
     # connections one server process holds.

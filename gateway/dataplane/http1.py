@@ -6,7 +6,7 @@ aiohttp's client was about a quarter of the gateway's CPU, most of it for featur
 never uses (cookies, redirects, proxies, tracing, multipart). This client does one thing:
 send a request with a body and read back a status, a few headers and the body, with a
 per-read timeout, bounded buffering (reading pauses when the reader falls behind) and
-connection reuse. See README, "What the gateway costs".
+connection reuse. See docs/benchmarks.md, "What the gateway costs".
 """
 
 from __future__ import annotations

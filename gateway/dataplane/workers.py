@@ -2,7 +2,7 @@
 
 The HTTP itself is dataplane/http1.py, a small client chosen by measurement: with httpx the
 client was ~78% of the gateway's CPU per plain request at concurrency 32, with aiohttp ~27%
-(README, "What the gateway costs").
+(docs/benchmarks.md, "What the gateway costs").
 
 A worker that cannot be reached, times out, breaks the connection, redirects, refuses the
 gateway (401/403/404) or fails (5xx) is a replica fault: 502/503/504, retried elsewhere
