@@ -1,5 +1,6 @@
 """One Fireworks request on its way through the workers: the checks and lookups before each
-attempt, and the answer reshaped (around the pure answer.py and stream.py).
+attempt, and the worker's answer reshaped into the reply (around the pure plain.py and
+stream.py).
 
 Non-streaming: the worker's body is checked, reshaped, and sent with fireworks-* headers.
 Streaming: `ChunkFraming` turns the worker's events into Fireworks chunks one by one; the

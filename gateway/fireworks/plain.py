@@ -1,4 +1,4 @@
-"""A checked, non-streaming worker answer -> the Fireworks answer (pure; the relay does I/O).
+"""A checked, non-streaming worker answer -> the Fireworks reply (pure; calls.py does I/O).
 
 Echo: vLLM leaves the echoed prompt out of the text when asked for token ids (which the
 gateway always asks for with echo), so the prompt is put back in front of the text here.
@@ -42,7 +42,7 @@ def add_echo(plan: Plan, echo_texts: list[str], choice: dict[str, Any]) -> None:
 def shape_completion(data: dict[str, Any], plan: Plan, model: str,
                      vocabulary: dict[int, str], echo_texts: list[str] | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
-    """The Fireworks answer, its usage (coerced) and the engine's per-request metrics."""
+    """The Fireworks reply body, its usage (coerced) and the engine's per-request metrics."""
     engine = data.pop("metrics", None)
     usage = coerce_usage(data.get("usage"))
     if plan.max_tokens == 0 and usage is not None:
