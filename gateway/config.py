@@ -67,10 +67,10 @@ class Settings(BaseSettings):
     # repetition_penalty through vLLM's native field instead of the engine plugin.
     repetition_penalty_native: bool = False
     log_level: str = "info"
-    # The edge (docs/operations.md, "Limits at the edge"): the largest request body (bytes) and the most
-    # seconds for it to arrive after the headers; the most seconds for a request's headers
-    # to arrive and their largest size; how long an idle keep-alive connection stays open; how many
-    # connections one server process holds.
+    # The edge (docs/operations.md, "Limits at the edge"): the largest request body (bytes)
+    # and the most seconds for it to arrive after the headers; the most seconds for a
+    # request's headers to arrive and their largest size; how long an idle keep-alive
+    # connection stays open; how many connections one server process holds.
     max_body_bytes: int = 32 << 20
     body_timeout: float = 60.0
     header_timeout: float = 10.0
