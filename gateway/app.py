@@ -8,7 +8,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -163,8 +163,10 @@ def configure_logging(level: str) -> None:
         root.propagate = False
 
 
-def create_app(settings: Settings | None = None) -> ASGIApp:
-    """The gateway: the inference endpoints in front of the FastAPI app for the rest."""
+def create_app(settings: Settings | None = None,
+               apis: Iterable[InferenceApi[Any]] = APIS) -> ASGIApp:
+    """The gateway: the inference endpoints (one per API in `apis`) in front of the FastAPI
+    app for the rest."""
     settings = settings or Settings()
     gateway, redis_client = _build(settings)
 
@@ -261,7 +263,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         logger.exception("unhandled error")
         return _error_response(request, GatewayError(500, "Internal error"))
 
-    routes = InferenceRoutes(Edge(app, settings), gateway, APIS, PREFIXES)
+    routes = InferenceRoutes(Edge(app, settings), gateway, apis, PREFIXES)
     return GatewayApp(RequestIdMiddleware(routes), app, settings)
 
 
