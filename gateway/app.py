@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.anthropic.api import MessagesApi
+from gateway.anthropic.api import CountTokensApi, MessagesApi
 from gateway.api import InferenceApi
 from gateway.background import cancel, every
 from gateway.config import Settings
@@ -55,7 +55,7 @@ logger = logging.getLogger("gateway")
 PREFIXES = ("/inference/v1", "/v1", "/inference/v1/v1", "/v1/v1")
 # The route table: every inference API the gateway serves, one object each (gateway/api.py).
 APIS: tuple[InferenceApi[Any], ...] = (ChatApi(), CompletionsApi(), EmbeddingsApi(),
-                                       MessagesApi())
+                                       MessagesApi(), CountTokensApi())
 
 
 class RequestIdMiddleware:

@@ -18,7 +18,12 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from gateway.anthropic.protocol import MessagesRequest, error_envelope, usage_of
+from gateway.anthropic.protocol import (
+    CountTokensRequest,
+    MessagesRequest,
+    error_envelope,
+    usage_of,
+)
 from gateway.api import Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
@@ -115,7 +120,28 @@ class MessageFraming:
         return sse_event("error", orjson.dumps(error))
 
 
-class MessagesApi:
+class AnthropicApi:
+    """What Anthropic's APIs share: the client's cache key, the prompt's head, the errors."""
+
+    def affinity(self, request: MessagesRequest | CountTokensRequest) -> str | None:
+        extra = request.model_extra or {}
+        for name in ("prompt_cache_key", "user"):
+            if isinstance(extra.get(name), str) and extra[name]:
+                return str(extra[name])
+        return None
+
+    def prefix_material(self, request: MessagesRequest | CountTokensRequest,
+                        limit: int) -> bytes | None:
+        """The system prompt, the tools and the first turn."""
+        extra = request.model_extra or {}
+        return orjson.dumps([extra.get("system"), extra.get("tools"),
+                             request.messages[0]])[:limit]
+
+    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
+        return error_envelope(exc.status, exc.message)
+
+
+class MessagesApi(AnthropicApi):
     path = "/messages"
     worker_path = "/v1/messages"
     request_model: type[BaseModel] = MessagesRequest
@@ -130,18 +156,36 @@ class MessagesApi:
         """About four characters per token of the messages' JSON, four per message."""
         return len(orjson.dumps(request.messages)) // 4 + 4 * len(request.messages)
 
-    def affinity(self, request: MessagesRequest) -> str | None:
-        extra = request.model_extra or {}
-        for name in ("prompt_cache_key", "user"):
-            if isinstance(extra.get(name), str) and extra[name]:
-                return str(extra[name])
-        return None
 
-    def prefix_material(self, request: MessagesRequest, limit: int) -> bytes | None:
-        """The system prompt, the tools and the first turn."""
-        extra = request.model_extra or {}
-        return orjson.dumps([extra.get("system"), extra.get("tools"),
-                             request.messages[0]])[:limit]
+@dataclass
+class CountTokensCall(MessagesCall):
+    """The worker's own count (vLLM serves `/v1/messages/count_tokens`, rendering the
+    messages, system prompt and tools with the model's chat template). Counting generates
+    nothing and is recorded with no tokens."""
 
-    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
-        return error_envelope(exc.status, exc.message)
+    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        data = _object(raw, "count")
+        count = data.get("input_tokens")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise WorkerFault(f"not a token count: {str(data)[:200]}")
+        served.first_token()
+        return Reply(orjson.dumps({"input_tokens": count}), [])
+
+    def framing(self, worker: Worker, served: Served) -> MessageFraming:
+        raise AssertionError("a count is never streamed")  # the model has no `stream`
+
+
+class CountTokensApi(AnthropicApi):
+    """`/messages/count_tokens`: Anthropic's `messages.count_tokens`."""
+
+    path = "/messages/count_tokens"
+    worker_path = "/v1/messages/count_tokens"
+    request_model: type[BaseModel] = CountTokensRequest
+
+    def translate(self, request: CountTokensRequest, route: Route, settings: Settings, *,
+                  account: str, nonce: str) -> CountTokensCall:
+        return CountTokensCall(request.model_dump(exclude_none=True), route.requested_model,
+                               adapter=route.lora is not None, stream=False, max_tokens=0)
+
+    def prompt_estimate(self, request: CountTokensRequest) -> int:
+        return 0  # nothing is generated or billed: the count is free

@@ -29,6 +29,15 @@ class MessagesRequest(BaseModel):
     stream: StrictBool | None = False
 
 
+class CountTokensRequest(BaseModel):
+    """`messages.count_tokens`: a Messages request without `max_tokens` or `stream`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
 def error_envelope(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"),
                                        "message": message}}

@@ -87,3 +87,24 @@ def test_a_client_that_leaves_a_stream_stops_the_worker(stack: Stack) -> None:
         assert wait_for(lambda: running_requests(stack.worker_url) >= 1, 5.0)
         response.close()
         assert wait_for(lambda: running_requests(stack.worker_url) == 0, 1.0)
+
+
+def test_count_tokens_with_the_sdk(stack: Stack) -> None:
+    """`messages.count_tokens` is the worker's own count (its chat template included): the
+    same number as the worker gives directly, and the count grows with the input."""
+    system = "You answer in one word, and only about geography. " * 10
+    counted = client(stack).messages.count_tokens(model=stack.model, messages=ASK,
+                                                  system=system)
+    direct = httpx.post(f"{stack.worker_url}/v1/messages/count_tokens", timeout=30,
+                        json={"model": "smollm2", "messages": ASK, "system": system})
+    assert direct.status_code == 200
+    assert counted.input_tokens == direct.json()["input_tokens"] > 0
+    plain = client(stack).messages.count_tokens(model=stack.model, messages=ASK)
+    longer = client(stack).messages.count_tokens(
+        model=stack.model, messages=[{"role": "user", "content": ASK[0]["content"] * 3}])
+    # the system prompt counts (SmolLM2's template has a short default one without it)
+    assert plain.input_tokens < counted.input_tokens
+    assert longer.input_tokens > plain.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        client(stack).messages.count_tokens(model="accounts/fireworks/models/none",
+                                            messages=ASK)

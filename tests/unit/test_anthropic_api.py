@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.anthropic.api import MessageFraming, MessagesApi, MessagesCall
-from gateway.anthropic.protocol import MessagesRequest, usage_of
+from gateway.anthropic.api import CountTokensApi, MessageFraming, MessagesApi, MessagesCall
+from gateway.anthropic.protocol import CountTokensRequest, MessagesRequest, usage_of
 from gateway.api import Served, Worker, coerce_usage
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Lora, Route
@@ -241,3 +241,41 @@ async def test_plain_answers_checked(answer: Any, ok: bool) -> None:
     reply = await call.reply(orjson.dumps(answer), NamedWorker(), record)
     assert orjson.loads(reply.body)["model"] == "accounts/acct/models/asked"
     assert record.usage == {"prompt_tokens": 1, "completion_tokens": 1}
+
+
+COUNT = CountTokensApi()
+
+
+@pytest.mark.parametrize("fields,refused", [
+    ({}, None), ({"messages": []}, "messages"), ({"model": 3}, "model"),
+    ({"system": "S", "tools": []}, None),
+])
+def test_count_tokens_requests(fields: dict[str, Any], refused: str | None) -> None:
+    body = {"model": "accounts/acct/models/m", "messages": BASE["messages"]} | fields
+    if refused:
+        with pytest.raises(GatewayError) as error:
+            parse_body(orjson.dumps(body), CountTokensRequest, Settings())
+        assert error.value.status == 400 and error.value.param == refused
+        return
+    request = parse_body(orjson.dumps(body), CountTokensRequest, Settings())
+    call = COUNT.translate(request, Route(DEPLOYMENT, "accounts/acct/models/asked"),
+                           Settings(), account="acct", nonce="n")
+    assert call.body == body and not call.stream and call.max_tokens == 0
+    assert COUNT.prompt_estimate(request) == 0  # a count reserves no tokens
+
+
+@pytest.mark.parametrize("answer,count", [
+    ({"input_tokens": 12, "context_management": {"original_input_tokens": 12}}, 12),
+    ({"input_tokens": -1}, None), ({"input_tokens": True}, None), ({}, None), ([], None),
+])
+async def test_count_tokens_replies(answer: Any, count: int | None) -> None:
+    request = CountTokensRequest.model_validate({"model": "m", "messages": BASE["messages"]})
+    call = COUNT.translate(request, Route(DEPLOYMENT, "m"), Settings(), account="a", nonce="n")
+    record = served()
+    if count is None:
+        with pytest.raises(WorkerFault):
+            await call.reply(orjson.dumps(answer), NamedWorker(), record)
+        return
+    reply = await call.reply(orjson.dumps(answer), NamedWorker(), record)
+    assert orjson.loads(reply.body) == {"input_tokens": count}
+    assert record.usage is None  # counting is recorded with no tokens
