@@ -194,15 +194,26 @@ class Registry:
     def account(self, account_id: str) -> Account | None:
         return next((a for a in self.data.accounts if a.id == account_id), None)
 
-    def resolve(self, model_ref: str, account: Account) -> Route:
+    def resolve(self, model_ref: str, account: Account, pin: str | None = None) -> Route:
         """Resolve `accounts/<a>/models/<m>`, `accounts/<a>/deployments/<d>` and
-        `<model>#<deployment>`. Anything the account may not use is reported exactly like
-        something that does not exist."""
+        `<model>#<deployment>`; `pin` (the `fireworks-deployment` header) names the
+        deployment as `#` does, and must agree with the model. Anything the account may not
+        use is reported exactly like something that does not exist."""
         base, _, pinned = model_ref.partition("#")
         base = self._expand(base)
         visible = self.visible_deployments(account)
+        asked = model_ref if pin is None else f"{model_ref} (fireworks-deployment: {pin})"
         not_found = GatewayError(404, f"Model not found, inaccessible, and/or not deployed: "
-                                      f"{model_ref}", param="model")
+                                      f"{asked}", param="model")
+        if pin is not None:
+            pin = self._expand(pin, kind="deployments")
+            if pinned and self._expand(pinned, kind="deployments") != pin:
+                raise not_found  # two pins that disagree
+            if "/deployments/" in base:  # the body names a deployment: the same one
+                if base != pin:
+                    raise not_found
+                pin = None
+            pinned = pin or pinned
         # A LoRA model is served by its base deployment (which the pin, if any, must name).
         lora = next((x for x in self.visible_loras(account) if x.model == base), None)
         if pinned:

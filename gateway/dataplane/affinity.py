@@ -1,7 +1,7 @@
 """Which replica's prefix cache a request wants: its affinity key.
 
-A client names it (`x-session-affinity`, or in the body what its API reads: for the
-Fireworks APIs `prompt_cache_key` or `user`). When it does not, the key is derived from the
+A client names it (`x-multi-turn-session-id`, which wins, or `x-session-affinity`, or in the
+body what its API reads: for the Fireworks APIs `prompt_cache_key` or `user`). When it does not, the key is derived from the
 stable head of the prompt, as the request's API defines it (for chat: the tools, the leading
 system messages and the first user message, what every turn of one conversation and every
 request of one agent starts with; for completions, the start of the prompt), at most
@@ -19,13 +19,16 @@ from pydantic import BaseModel
 
 from gateway.api import InferenceApi
 
-AFFINITY_HEADER = "x-session-affinity"
+# The headers that name a key, first one present wins (the first groups the turns of one
+# multi-turn session, as Fireworks' SDK sends it).
+AFFINITY_HEADERS = ("x-multi-turn-session-id", "x-session-affinity")
 
 
 def affinity_key(headers: Mapping[str, str], api: InferenceApi[Any], request: BaseModel,
                  prefix_bytes: int = 0) -> str | None:
     """The client's key, else (with prefix_bytes > 0) one derived from the prompt's head."""
-    named = headers.get(AFFINITY_HEADER) or api.affinity(request)
+    named = next((headers[h] for h in AFFINITY_HEADERS if headers.get(h)), None) \
+        or api.affinity(request)
     if named or prefix_bytes <= 0:
         return named
     material = api.prefix_material(request, prefix_bytes)

@@ -29,6 +29,8 @@ from gateway.errors import GatewayError, send_error
 from gateway.validation import parse_body
 
 logger = logging.getLogger("gateway.routes")
+# Pins the deployment while the body keeps the model id (as `<model>#<deployment>` does).
+DEPLOYMENT_HEADER = "fireworks-deployment"
 router = APIRouter()
 
 
@@ -112,7 +114,8 @@ class InferenceRoutes:
         watch = ClientWatch(receive)
         try:
             request: Any = parse_body(raw, api.request_model, gateway.settings)
-            route = gateway.store.current.resolve(request.model, account)
+            route = gateway.store.current.resolve(request.model, account,
+                                                  headers.get(DEPLOYMENT_HEADER))
             exchange = await admit(gateway, api, account, route, request, request_id)
             reply = await attempt_all(exchange, affinity_key(
                 headers, api, request, gateway.settings.prefix_affinity_bytes))

@@ -60,3 +60,11 @@ def test_a_named_key_wins_and_zero_bytes_derives_none() -> None:
     unnamed = chat(SYSTEM, {"role": "user", "content": "hi"})
     assert affinity_key({}, api, unnamed, 0) is None
     assert affinity_key({}, api, unnamed, 4096) == key(unnamed)
+
+
+def test_the_multi_turn_session_header_wins() -> None:
+    request = chat(SYSTEM, {"role": "user", "content": "hi"}, user="u1")
+    both = {"x-session-affinity": "s", "x-multi-turn-session-id": "turns-1"}
+    assert affinity_key(both, ChatApi(), request, 4096) == "turns-1"
+    assert affinity_key({"x-multi-turn-session-id": "t"}, ChatApi(), request, 0) == "t"
+    assert affinity_key({"x-multi-turn-session-id": ""}, ChatApi(), request, 0) == "u1"

@@ -102,3 +102,36 @@ def test_registry_floats_must_be_finite() -> None:
             Deployment.model_validate_json(
                 '{"id": "d", "account": "a", "model": "m", "generation_config": '
                 f'{{"temperature": "{value}"}}}}')
+
+
+@pytest.mark.parametrize("model,pin,expected", [
+    (MODEL, "accounts/fireworks/deployments/llama-a", "llama-a"),  # the header pins
+    (MODEL, "llama-a", "llama-a"),  # short form, as `#` takes it
+    (MODEL, "accounts/fireworks/deployments/llama-b", "llama-b"),
+    (f"{MODEL}#accounts/fireworks/deployments/llama-a", "accounts/fireworks/deployments/llama-a",
+     "llama-a"),  # both say the same
+    ("accounts/fireworks/deployments/llama-a", "accounts/fireworks/deployments/llama-a",
+     "llama-a"),
+    (f"{MODEL}#accounts/fireworks/deployments/llama-b", "accounts/fireworks/deployments/llama-a",
+     None),  # two pins that disagree
+    ("accounts/fireworks/deployments/llama-b", "accounts/fireworks/deployments/llama-a", None),
+    (MODEL, "accounts/alice/deployments/mine", None),  # not a deployment of this model
+    (MODEL, "accounts/fireworks/deployments/nope", None),
+])
+def test_the_deployment_header_pins(model: str, pin: str, expected: str | None) -> None:
+    alice = registry().authenticate("k-alice")
+    if expected is None:
+        with pytest.raises(GatewayError) as info:
+            registry().resolve(model, alice, pin)
+        assert info.value.status == 404 and pin in info.value.message
+        return
+    route = registry().resolve(model, alice, pin)
+    assert route.deployment.id == expected and route.requested_model == model
+
+
+def test_a_pin_to_another_accounts_deployment_is_not_found() -> None:
+    bob = registry().authenticate("k-bob")
+    with pytest.raises(GatewayError) as info:
+        registry().resolve("accounts/alice/models/tuned", bob,
+                           "accounts/alice/deployments/mine")
+    assert info.value.status == 404
