@@ -25,11 +25,12 @@ import resource
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import Settings
-from gateway.errors import GatewayError, send_error
+from gateway.errors import GatewayError, error_envelope, send_error
 
 logger = logging.getLogger("gateway.edge")
 ADMIN_PATHS = ("/admin/", "/metrics")
@@ -191,8 +192,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._headers_done()
         self._body_done()
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
-        body = b'{"error":{"object":"error","type":"invalid_request_error","code":"%s",' \
-               b'"message":"%s"}}' % (str(status).encode(), message.encode())
+        body = orjson.dumps(error_envelope(status, message))
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                              % (status, reason, len(body), body))

@@ -12,18 +12,22 @@ from typing import Any
 import orjson
 from starlette.types import Send
 
-# status -> (type, code), OpenAI-aligned types and the gRPC-style codes Fireworks returns.
+# status -> (type, code): the gRPC-style codes Fireworks returns, with OpenAI-aligned types,
+# except where Fireworks' own body differs: its 404 says `"type": "error"` (and clients such
+# as LiteLLM read `invalid_request_error` as a 400 whatever the status).
 _KINDS: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "INVALID_ARGUMENT"),
     401: ("authentication_error", "UNAUTHORIZED"),
     402: ("invalid_request_error", "PAYMENT_REQUIRED"),
     403: ("permission_error", "FORBIDDEN"),
-    404: ("invalid_request_error", "NOT_FOUND"),
+    404: ("error", "NOT_FOUND"),
     405: ("invalid_request_error", "METHOD_NOT_ALLOWED"),
     408: ("internal_server_error", "DEADLINE_EXCEEDED"),
     412: ("invalid_request_error", "FAILED_PRECONDITION"),
     413: ("invalid_request_error", "PAYLOAD_TOO_LARGE"),
+    422: ("invalid_request_error", "INVALID_ARGUMENT"),  # never sent: validation is 400
     429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
+    431: ("invalid_request_error", "REQUEST_HEADER_FIELDS_TOO_LARGE"),
     500: ("internal_server_error", "INTERNAL"),
     502: ("internal_server_error", "BAD_GATEWAY"),
     503: ("internal_server_error", "UNAVAILABLE"),

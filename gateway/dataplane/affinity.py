@@ -1,12 +1,13 @@
 """Which replica's prefix cache a request wants: its affinity key.
 
 A client names it (`x-multi-turn-session-id`, which wins, or `x-session-affinity`, or in the
-body what its API reads: for the Fireworks APIs `prompt_cache_key` or `user`). When it does not, the key is derived from the
-stable head of the prompt, as the request's API defines it (for chat: the tools, the leading
-system messages and the first user message, what every turn of one conversation and every
-request of one agent starts with; for completions, the start of the prompt), at most
-`limit` bytes of it, hashed. Requests that share that head go to the same replica (bounded
-by load as every keyed request is: replicas.py), where vLLM's prefix cache already holds it.
+body what its API reads: for the Fireworks APIs `prompt_cache_key` or `user`). When it does
+not, the key is derived from the stable head of the prompt, as the request's API defines it
+(for chat: the tools, the leading system messages and the first user message, what every
+turn of one conversation and every request of one agent starts with; for completions, the
+start of the prompt), at most `limit` bytes of it, hashed. Requests that share that head go
+to the same replica (bounded by load as every keyed request is: replicas.py), where vLLM's
+prefix cache already holds it.
 """
 
 from __future__ import annotations

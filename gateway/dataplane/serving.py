@@ -9,6 +9,7 @@ replica. The Exchange ends the request (exchange.py); routes.py decides how and 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -99,13 +100,34 @@ async def _open(exchange: Exchange, attempt: Attempt, body: bytes) -> None:
     if lora is not None:
         await gateway.adapters.ensure(url, lora)
     try:
-        attempt.answer = await gateway.workers.open(target, body, headers)
-    except WorkerFault as exc:
-        if lora is None or exc.worker_status != 404:
-            raise
-        gateway.adapters.forget(url, lora)
-        await gateway.adapters.ensure(url, lora)
-        attempt.answer = await gateway.workers.open(target, body, headers)
+        try:
+            attempt.answer = await gateway.workers.open(target, body, headers)
+        except WorkerFault as exc:
+            if lora is None or exc.worker_status != 404:
+                raise
+            gateway.adapters.forget(url, lora)
+            await gateway.adapters.ensure(url, lora)
+            attempt.answer = await gateway.workers.open(target, body, headers)
+    except GatewayError as exc:
+        if not exc.replica_fault:  # the worker judged the request: its message goes out
+            await _name_the_asked_model(exc, exchange, attempt)
+        raise
+
+
+async def _name_the_asked_model(exc: GatewayError, exchange: Exchange,
+                                attempt: Attempt) -> None:
+    """A worker's message names the model as the worker serves it (`smollm2 is not a
+    multimodal model`): the client reads the model it asked for instead."""
+    lora = exchange.route.lora
+    try:
+        names = [lora.worker_name] if lora is not None else []
+        names.append(await attempt.worker.served_model())
+    except GatewayError:  # the name is unknown: the message stays as the worker said it
+        pass
+    for name in names:
+        if name:  # the whole name only, not a part of a longer one
+            exc.message = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w./-])",
+                                 exchange.route.requested_model, exc.message)
 
 
 async def _attempt(exchange: Exchange, attempt: Attempt) -> ClientReply:

@@ -50,9 +50,11 @@ async def check_context(worker: Worker, body: dict[str, Any], max_tokens: int,
             counted = await worker.tokenize(query)
         count, context = int(counted["count"]), int(counted["max_model_len"])
         if count + max_tokens > context:
-            raise GatewayError(400, f"The prompt is {count} tokens and max_tokens is "
-                                    f"{max_tokens}, which exceeds the context length of "
-                                    f"{context} tokens", param=param)
+            # "prompt is too long" is what clients (LiteLLM) read as a context overflow.
+            raise GatewayError(400, f"The prompt is too long: it is {count} tokens and "
+                                    f"max_tokens is {max_tokens}, which exceeds the model's "
+                                    f"maximum context length of {context} tokens",
+                               param=param)
 
 
 async def echo_texts(worker: Worker, prompt: Any, last: int | None) -> list[str]:

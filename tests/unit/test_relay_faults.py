@@ -264,7 +264,9 @@ async def test_worker_400_passes_through_with_its_message_only(tmp_path: Path) -
     response = await call(gateway_app, {"prompt": "x"})
     assert response.status_code == 400 and response.json()["error"]["message"] == message
     assert response.headers["x-should-retry"] == "false"
-    assert [r.url.host for r in gateway_app.workers.served.requests] == ["bad"]
+    # not retried elsewhere (only the served model's name was asked, to name the model)
+    assert [(r.url.host, r.method) for r in gateway_app.workers.served.requests
+            if r.url.path != "/v1/models"] == [("bad", "POST")]
     assert (record(gateway_app).status, record(gateway_app).http_status) == ("error", 400)
 
 
