@@ -84,7 +84,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received = False  # any byte of this answer
-        self.began = False  # the parser saw this answer begin
+        self.interim = False  # a 1xx answer (e.g. 103 Early Hints) before the real one
         self.unasked = False  # more came after it: another answer nobody asked for
         self.error: BaseException | None = None
         self.body: deque[bytes] = deque()
@@ -131,10 +131,9 @@ class Connection(asyncio.Protocol):
 
     # the parser's callbacks
     def on_message_begin(self) -> None:
-        if self.began:  # bytes after the answer's end: the connection cannot be reused
+        if self.complete:  # bytes after the answer's end: the connection cannot be reused
             self.unasked = True
             self.keep_alive = False
-        self.began = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.unasked:
@@ -149,6 +148,10 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         if self.unasked:
+            return
+        if 100 <= self.parser.get_status_code() < 200:  # interim: the answer comes after it
+            self.interim = True
+            self.content_type, self.content_length, self.chunked = "", None, False
             return
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
@@ -167,6 +170,9 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.unasked:
+            return
+        if self.interim:
+            self.interim = False
             return
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()

@@ -15,10 +15,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api import InferenceApi
+from gateway.controlplane import listing
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
@@ -179,3 +180,31 @@ async def models(request: Request) -> dict[str, Any]:
                          "created": created, "kind": "HF_PEFT_ADDON", "supports_chat": True,
                          "parent": base.model, "deployment": base.name})
     return {"object": "list", "data": data}
+
+
+# The account listing (read-only, Fireworks' control-plane shape: controlplane/listing.py).
+PageSize = Query(None, alias="pageSize")
+PageToken = Query(None, alias="pageToken")
+
+
+@router.get("/accounts/{account_id}/models")
+async def account_models(request: Request, account_id: str, page_size: int | None = PageSize,
+                         page_token: str | None = PageToken) -> dict[str, Any]:
+    registry = request.app.state.gateway.store.current
+    return listing.page(listing.models_of(registry, authenticate(request), account_id),
+                        "models", page_size, page_token)
+
+
+@router.get("/accounts/{account_id}/models/{model_id}")
+async def account_model(request: Request, account_id: str, model_id: str) -> dict[str, Any]:
+    registry = request.app.state.gateway.store.current
+    return listing.model_of(registry, authenticate(request), account_id, model_id)
+
+
+@router.get("/accounts/{account_id}/deployments")
+async def account_deployments(request: Request, account_id: str,
+                              page_size: int | None = PageSize,
+                              page_token: str | None = PageToken) -> dict[str, Any]:
+    registry = request.app.state.gateway.store.current
+    return listing.page(listing.deployments_of(registry, authenticate(request), account_id),
+                        "deployments", page_size, page_token)

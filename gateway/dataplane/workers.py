@@ -112,6 +112,13 @@ class WorkerAnswer:
             except TRANSPORT_ERRORS as exc:
                 raise transport_fault(exc) from exc
             if not received:
+                if buffer[:5] == b"data:":  # a last line without its newline
+                    payload, buffer = buffer[5:].strip(), b""
+                    data = payload if data is None else data + b"\n" + payload
+                if data is not None or name:  # a last event without its blank line
+                    yield [(name, b"" if data is None else data)]
+                    name, data = "", None
+                    continue
                 raise WorkerFault("the stream ended before its last event")
             buffer = buffer + received if buffer else received
             if b"\n" not in buffer:

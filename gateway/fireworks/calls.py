@@ -163,6 +163,8 @@ class ChunkFraming:
         parts: list[bytes] = []
         chat, logprobs = self.call.plan.chat, self.call.plan.logprobs
         for _, data in events:
+            if not data:
+                continue  # an event without data (a keep-alive): nothing to relay
             if data == WORKER_DONE:
                 self.done = True
                 parts += self.reframer.end()

@@ -168,3 +168,13 @@ def test_client_leaving_before_any_byte_stops_generation(stack: Stack, stream: b
     if not stream:
         assert received == b""  # the answer was not complete: nothing was sent yet
     assert wait_for(lambda: running_requests(stack.worker_url) == 0, 1.0)
+
+
+def test_fireworks_sdk_lists_the_accounts_models(stack: Stack) -> None:
+    client = Fireworks(base_url=stack.base_url, api_key=stack.api_key, max_retries=0)
+    names = [model.name for model in client.models.list(account_id="fireworks")]
+    assert stack.model in names
+    model = client.models.get(stack.model.rsplit("/", 1)[1], account_id="fireworks")
+    assert model.context_length == 2048 and model.state == "READY"
+    deployments = [d.name for d in client.deployments.list(account_id="fireworks")]
+    assert "accounts/fireworks/deployments/smollm2-135m-instruct" in deployments

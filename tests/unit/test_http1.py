@@ -384,3 +384,15 @@ def test_tls_workers(run: Callable[[Awaitable[None]], None]) -> None:
         finally:
             server.close()
     run(main())
+
+
+def test_an_interim_answer_before_the_real_one(run: Callable[[Awaitable[None]], None]) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </x>; rel=preload\r\n\r\n"
+    async def main() -> None:
+        server = Server(answering(early + OK, OK))
+        async with server as url:
+            pool = Pool(1, 1)
+            assert await fetch(pool, url) == (200, b"{}")
+            assert await fetch(pool, url) == (200, b"{}")  # and the connection is reusable
+            assert server.connections == 1
+    run(main())
