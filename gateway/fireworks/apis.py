@@ -114,8 +114,9 @@ class EmbeddingsApi(FireworksApi):
 
     def translate(self, request: EmbeddingRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> EmbeddingCall:
-        return EmbeddingCall(embedding_body(request, route.deployment),
-                             route.requested_model)
+        body = embedding_body(request, route.deployment, account=account, nonce=nonce)
+        return EmbeddingCall(body, route.requested_model,
+                             perf_metrics_in_response=bool(request.perf_metrics_in_response))
 
     def prompt_estimate(self, request: EmbeddingRequest) -> int:
         return prompt_list_estimate(request.input)

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gateway.api import Reply, Served, Worker, bytes_headers, worker_json
+from gateway.api import Reply, Served, Worker, bytes_headers, coerce_usage, worker_json
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault, stream_error_event
 from gateway.fireworks.choices import token_ids_in
@@ -200,6 +200,7 @@ class EmbeddingCall:
 
     body: dict[str, Any]
     model: str  # the Fireworks id the client asked for, which answers carry
+    perf_metrics_in_response: bool = False
     stream: bool = False
     max_tokens: int = 0
     n: int = 1
@@ -218,6 +219,9 @@ class EmbeddingCall:
         served.first_token()
         served.usage = data.get("usage")
         data["model"] = self.model
+        if self.perf_metrics_in_response:  # the keys chat's have, as far as they apply
+            data["perf_metrics"] = perf_metrics(served, coerce_usage(served.usage), None,
+                                                complete=True)
         return Reply(orjson.dumps(data), [])
 
     def framing(self, worker: Worker, served: Served) -> ChunkFraming:

@@ -169,15 +169,24 @@ class CompletionRequest(SamplingFields):
 
 
 class EmbeddingRequest(Strict):
-    """/embeddings (OpenAI's shape, as Fireworks serves it)."""
+    """/embeddings (OpenAI's shape, as Fireworks serves it, with Fireworks' extras)."""
 
     model: str
+    # Texts, token ids, or objects whose fields `prompt_template` places into text.
     input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] \
         | Annotated[list[int], Field(min_length=1)] \
-        | Annotated[list[list[int]], Field(min_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1)] \
+        | Annotated[dict[str, Any], Field(min_length=1)] \
+        | Annotated[list[dict[str, Any]], Field(min_length=1)]
     dimensions: Annotated[int, Field(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
+    normalize: StrictBool | None = None
+    prompt_template: Annotated[str, Field(min_length=1)] | None = None
+    return_logits: list[int] | None = None
+    perf_metrics_in_response: StrictBool | None = False
+    prompt_cache_key: str | None = None
+    prompt_cache_isolation_key: str | None = None
 
 
 def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:

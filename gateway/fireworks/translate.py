@@ -16,6 +16,7 @@ priority) are mapped to what vLLM offers.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -157,15 +158,15 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
     return body
 
 
-def cache_salt(request: SamplingFields, account: str, nonce: str) -> str:
+def cache_salt(request: SamplingFields | EmbeddingRequest, account: str, nonce: str) -> str:
     """vLLM's prefix-cache salt. Every account has its own (no account can learn another's
     prompts from cache timing); prompt_cache_isolation_key splits an account's further;
     prompt_cache_max_len 0 gives the request a salt of its own, so that nothing is reused."""
-    if request.prompt_cache_max_len:
+    max_len = getattr(request, "prompt_cache_max_len", None)
+    if max_len:
         raise GatewayError(400, "prompt_cache_max_len: only 0 (no prompt caching for this "
                                 "request) is supported", param="prompt_cache_max_len")
-    scope = nonce if request.prompt_cache_max_len == 0 \
-        else request.prompt_cache_isolation_key or ""
+    scope = nonce if max_len == 0 else request.prompt_cache_isolation_key or ""
     return hashlib.sha256(f"{account}\0{scope}".encode()).hexdigest()[:32]
 
 
@@ -297,12 +298,58 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: 
     return body, plan
 
 
-def embedding_body(request: EmbeddingRequest, deployment: Deployment) -> dict[str, Any]:
-    """/embeddings: vLLM's own shape; the deployment must embed."""
+def embedding_body(request: EmbeddingRequest, deployment: Deployment, *, account: str,
+                   nonce: str) -> dict[str, Any]:
+    """/embeddings: vLLM's own shape; the deployment must embed. `normalize` is vLLM's
+    pooling activation (the embed pooler's is normalization); `prompt_template` is applied
+    here, so the workers see plain texts."""
     if deployment.task != "embed":
         raise GatewayError(400, f"Deployment {deployment.name} generates text; embeddings "
                                 "come from a deployment whose task is embed", param="model")
-    return request.model_dump(exclude_none=True, exclude={"model"})
+    if request.return_logits is not None:
+        raise GatewayError(400, "return_logits is not supported: the workers' pooling "
+                                "runner returns embeddings only", param="return_logits")
+    body = request.model_dump(exclude_none=True, include={"dimensions", "encoding_format",
+                                                          "user"})
+    body["input"] = embedding_input(request.input, request.prompt_template)
+    if request.normalize is not None:
+        body["use_activation"] = request.normalize
+    body["cache_salt"] = cache_salt(request, account, nonce)
+    return body
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def embedding_input(given: Any, template: str | None) -> Any:
+    """The input as the workers take it. With a template each text (as `{text}`) or object
+    (its fields, as `{name}`) becomes one string; objects need a template."""
+    several = isinstance(given, list)
+    items = given if several else [given]
+    if template is None:
+        if any(isinstance(item, dict) for item in items):
+            raise GatewayError(400, "input objects need a prompt_template that places their "
+                                    "fields", param="input")
+        return given
+    if "{{" in template or "{%" in template:
+        raise GatewayError(400, "prompt_template: only {field} substitution is supported",
+                           param="prompt_template")
+    rendered = []
+    for item in items:
+        if isinstance(item, (int, list)):  # token ids
+            raise GatewayError(400, "prompt_template applies to texts and objects, not to "
+                                    "token ids", param="prompt_template")
+        fields = item if isinstance(item, dict) else {"text": item}
+        missing = sorted({name for name in _FIELD.findall(template) if name not in fields})
+        if missing:
+            raise GatewayError(400, f"prompt_template names {missing[0]!r}, which the input "
+                                    "does not have", param="prompt_template")
+        rendered.append(_render(template, fields))
+    return rendered if several else rendered[0]
+
+
+def _render(template: str, fields: dict[str, Any]) -> str:
+    return _FIELD.sub(lambda match: str(fields[match.group(1)]), template)
 
 
 def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,

@@ -46,7 +46,7 @@ def embed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     worker.stop()
 
 
-def reference(model_dir: Path, texts: list[str]) -> np.ndarray:
+def reference(model_dir: Path, texts: list[str], normalize: bool = True) -> np.ndarray:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -56,6 +56,8 @@ def reference(model_dir: Path, texts: list[str]) -> np.ndarray:
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1)
+    if not normalize:
+        return pooled.numpy()
     return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
@@ -99,3 +101,43 @@ def test_token_ids_and_refusals(embed_stack: tuple[str, Path]) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):  # an unknown field, as everywhere
         client.embeddings.create(model=MODEL, input="x", extra_body={"nope": 1})
+
+
+def test_fireworks_extras(embed_stack: tuple[str, Path]) -> None:
+    """normalize, prompt_template with text and object inputs, perf_metrics_in_response and
+    the prompt-cache keys, against the model's own vectors."""
+    url, model_dir = embed_stack
+
+    def embed(**body: object) -> dict[str, object]:
+        answer = httpx.post(f"{url}/inference/v1/embeddings", timeout=60,
+                            headers={"Authorization": f"Bearer {API_KEY}"},
+                            json={"model": MODEL} | body)
+        assert answer.status_code == 200, answer.text
+        data: dict[str, object] = answer.json()
+        return data
+
+    def vectors(data: dict[str, object]) -> np.ndarray:
+        return np.array([item["embedding"] for item in data["data"]])  # type: ignore[attr-defined]
+
+    raw = vectors(embed(input=TEXTS, normalize=False))
+    assert np.allclose(raw, reference(model_dir, TEXTS, normalize=False), atol=1e-4)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    normalized = vectors(embed(input=TEXTS, normalize=True))
+    assert np.allclose(normalized, reference(model_dir, TEXTS), atol=1e-4)
+    objects = [{"city": "Paris", "country": "France"}, {"city": "Rome", "country": "Italy"}]
+    templated = vectors(embed(input=objects, prompt_template="{city} is in {country}."))
+    texts = ["Paris is in France.", "Rome is in Italy."]
+    assert np.allclose(templated, reference(model_dir, texts), atol=1e-4)
+    one = vectors(embed(input="Paris", prompt_template="The capital of France is {text}."))
+    assert np.allclose(one[0], reference(model_dir, [TEXTS[0]])[0], atol=1e-4)
+    measured = embed(input=TEXTS[0], perf_metrics_in_response=True, prompt_cache_key="k",
+                     prompt_cache_isolation_key="tenant-1")
+    perf = measured["perf_metrics"]
+    assert isinstance(perf, dict)
+    assert perf["prompt-tokens"] == measured["usage"]["prompt_tokens"] > 0  # type: ignore[index]
+    assert perf["deployment"] == "accounts/fireworks/deployments/minilm"
+    assert perf["server-processing-time"] > 0
+    refused = httpx.post(f"{url}/inference/v1/embeddings", timeout=60,
+                         headers={"Authorization": f"Bearer {API_KEY}"},
+                         json={"model": MODEL, "input": "x", "return_logits": [0]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_logits"

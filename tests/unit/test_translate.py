@@ -27,6 +27,7 @@ from gateway.fireworks.translate import (
     PRIORITY,
     Plan,
     cache_salt,
+    embedding_input,
 )
 from gateway.validation import known_fields, parse_body
 
@@ -113,21 +114,46 @@ ROWS: dict[str, list[Row]] = {
     # embeddings only
     "input": [Row(["a", "b"], body={"input": ["a", "b"]}, endpoints=EMBEDDINGS,
                   deployment=EMBED),
+              Row({"text": "T", "n": 2}, given={"prompt_template": "{text}!"},
+                  body={"input": "T!"}, endpoints=EMBEDDINGS, deployment=EMBED),
+              Row([{"text": "T"}, {"text": "U"}], given={"prompt_template": "# {text}"},
+                  body={"input": ["# T", "# U"]}, endpoints=EMBEDDINGS, deployment=EMBED),
+              Row({"title": "T"}, refused=True, endpoints=EMBEDDINGS, deployment=EMBED),
               Row([1, 2, 3], body={"input": [1, 2, 3]}, endpoints=EMBEDDINGS,
                   deployment=EMBED)],
     "dimensions": [Row(64, body={"dimensions": 64}, endpoints=EMBEDDINGS, deployment=EMBED)],
+    "normalize": [Row(False, body={"use_activation": False}, endpoints=EMBEDDINGS,
+                      deployment=EMBED),
+                  Row(True, body={"use_activation": True}, endpoints=EMBEDDINGS,
+                      deployment=EMBED),
+                  Row("no", refused=True, endpoints=EMBEDDINGS, deployment=EMBED)],
+    "prompt_template": [
+        Row("Query: {text}", body={"input": "Query: hi"}, endpoints=EMBEDDINGS,
+            deployment=EMBED),
+        Row("{{ truncate_tokens(text) }}", refused=True, endpoints=EMBEDDINGS,
+            deployment=EMBED),
+        Row("{title}", refused=True, endpoints=EMBEDDINGS, deployment=EMBED),  # no field
+        Row("{text}", given={"input": [1, 2]}, refused=True, endpoints=EMBEDDINGS,
+            deployment=EMBED)],
+    "return_logits": [Row([0, 1], refused=True, endpoints=EMBEDDINGS, deployment=EMBED)],
     "encoding_format": [Row("base64", body={"encoding_format": "base64"},
                             endpoints=EMBEDDINGS, deployment=EMBED)],
-    "perf_metrics_in_response": [Row(True, plan={"perf_metrics_in_response": True})],
+    "perf_metrics_in_response": [Row(True, plan={"perf_metrics_in_response": True}),
+                                 Row(True, plan={"perf_metrics_in_response": True},
+                                     endpoints=EMBEDDINGS, deployment=EMBED)],
     "raw_output": [Row(True, plan={"raw_output": True}, body={"return_token_ids": True})],
     "return_token_ids": [Row(True, plan={"return_token_ids": True},
                              body={"return_token_ids": True})],
     "prompt_cache_key": [Row("k1", where="routing: the affinity key (same replica, warm "
-                                         "prefix cache)")],
-    "prompt_cache_isolation_key": [Row("tenant-7", body={
-        "cache_salt": cache_salt(CompletionRequest(model="m", prompt="x",
-                                                   prompt_cache_isolation_key="tenant-7"),
-                                 "acct", "n1")})],
+                                         "prefix cache)"),
+                         Row("k1", where="routing: the affinity key", endpoints=EMBEDDINGS,
+                             deployment=EMBED)],
+    "prompt_cache_isolation_key": [
+        Row("tenant-7", body={"cache_salt": cache_salt(CompletionRequest(
+            model="m", prompt="x", prompt_cache_isolation_key="tenant-7"), "acct", "n1")}),
+        Row("tenant-7", body={"cache_salt": cache_salt(CompletionRequest(
+            model="m", prompt="x", prompt_cache_isolation_key="tenant-7"), "acct", "n1")},
+            endpoints=EMBEDDINGS, deployment=EMBED)],
     "prompt_cache_max_len": [
         Row(0, body={"cache_salt": cache_salt(CompletionRequest(
             model="m", prompt="x", prompt_cache_max_len=0), "acct", "n1")}),
@@ -205,7 +231,8 @@ def translate(endpoint: str, extra: dict[str, Any], deployment: Deployment = PLA
                          account="acct", nonce="n1")
     if isinstance(call, GenerationCall):
         return call.body, call.plan
-    return call.body, Plan(chat=False)  # embeddings have no plan
+    # embeddings have no Plan: what they carry besides the body, in one
+    return call.body, Plan(chat=False, perf_metrics_in_response=call.perf_metrics_in_response)
 
 
 def test_every_field_has_a_row() -> None:
@@ -277,3 +304,10 @@ def test_cache_salts_never_cross_accounts_and_zero_max_len_never_reuses() -> Non
     assert salt("a", prompt_cache_isolation_key="t") != salt("b", prompt_cache_isolation_key="t")
     assert salt("a", "n1", prompt_cache_max_len=0) != salt("a", "n2", prompt_cache_max_len=0)
     assert len(salt("a")) == 32 and not set(salt("a")) & set("@/\\\0")  # what vLLM accepts
+
+
+def test_prompt_templates_place_every_field_once_per_input() -> None:
+    objects = [{"title": "T", "n": 2}, {"title": "U", "n": 3.5}]
+    assert embedding_input(objects, "{title} ({n}); {title}") == ["T (2); T", "U (3.5); U"]
+    assert embedding_input("x", "{text}{text}") == "xx"
+    assert embedding_input(["a", "b"], None) == ["a", "b"]  # no template: as given
