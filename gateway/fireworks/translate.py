@@ -285,17 +285,40 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: 
         if not deployment.tool_parser:
             raise GatewayError(400, f"Deployment {deployment.name} does not support tools "
                                     "(no tool parser configured)", param="tools")
-        body["tools"] = tools
         if tool_choice == "any":
             tool_choice = "required"
         if isinstance(tool_choice, dict) and "function" not in tool_choice \
                 and "name" in tool_choice:
             tool_choice = {"type": "function", "function": {"name": tool_choice["name"]}}
+        body["tools"] = strict_when_forced(tools, tool_choice)
         if tool_choice is not None:
             body["tool_choice"] = tool_choice
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
     return body, plan
+
+
+def strict_when_forced(tools: list[dict[str, Any]], tool_choice: Any
+                       ) -> list[dict[str, Any]]:
+    """A forced call (tool_choice naming a function, or "required") follows the forced
+    tools' parameter schemas, as on Fireworks: those tools go to vLLM with `strict: true`,
+    which constrains their arguments (vLLM 0.32 constrains only the call's envelope for
+    tools that do not say `strict`). A tool whose `strict` the client set is left as sent;
+    an automatic choice is left to the model."""
+    if isinstance(tool_choice, dict):
+        forced = {(tool_choice.get("function") or {}).get("name")}
+    elif tool_choice == "required":
+        forced = {(t.get("function") or {}).get("name") for t in tools}
+    else:
+        return tools
+    out = []
+    for tool in tools:
+        function = tool.get("function")
+        if isinstance(function, dict) and function.get("name") in forced \
+                and "strict" not in function:
+            tool = tool | {"function": function | {"strict": True}}
+        out.append(tool)
+    return out
 
 
 def embedding_body(request: EmbeddingRequest, deployment: Deployment, *, account: str,

@@ -50,8 +50,10 @@ def smollm2_worker(smollm2_dir: Path) -> Iterator[str]:
         yield REUSE_WORKER
         return
     port = free_port()
+    # The hermes tool parser: requests with tools go to the smollm2-tools deployment.
     worker = start_worker(smollm2_dir, port, "--max-model-len", "2048",
-                          "--served-model-name", "smollm2")
+                          "--served-model-name", "smollm2", "--enable-auto-tool-choice",
+                          "--tool-call-parser", "hermes")
     yield f"http://127.0.0.1:{port}"
     worker.stop()
 
@@ -69,6 +71,10 @@ def write_registry(path: Path, worker_url: str) -> Path:
              "model": "accounts/fireworks/models/smollm2-defaults", "default": True,
              "context_length": 2048, "max_tokens_chat": 7, "max_tokens_completion": 5,
              "generation_config": {"temperature": 0.0, "top_k": 7},
+             "replicas": [{"url": worker_url}]},
+            {"id": "smollm2-tools", "account": "fireworks",
+             "model": "accounts/fireworks/models/smollm2-tools", "default": True,
+             "context_length": 2048, "tool_parser": "hermes",
              "replicas": [{"url": worker_url}]},
             {"id": "dead", "account": "fireworks", "model": "accounts/fireworks/models/dead",
              "default": True, "replicas": [{"url": f"http://127.0.0.1:{free_port()}"}]},

@@ -28,6 +28,7 @@ from gateway.fireworks.translate import (
     Plan,
     cache_salt,
     embedding_input,
+    strict_when_forced,
 )
 from gateway.validation import known_fields, parse_body
 
@@ -197,6 +198,10 @@ ROWS: dict[str, list[Row]] = {
                   update={"tool_parser": None}), endpoints=("chat",))],
     "tool_choice": [Row("any", body={"tool_choice": "required"}, given={"tools": TOOLS},
                         endpoints=("chat",)),
+                    Row({"type": "function", "function": {"name": "f"}},
+                        body={"tools": [{"type": "function", "function": {
+                            "name": "f", "parameters": {}, "strict": True}}]},
+                        given={"tools": TOOLS}, endpoints=("chat",)),
                     Row("auto", refused=True, endpoints=("chat",))],
     "parallel_tool_calls": [Row(False, body={"parallel_tool_calls": False},
                                 given={"tools": TOOLS}, endpoints=("chat",)),
@@ -311,3 +316,22 @@ def test_prompt_templates_place_every_field_once_per_input() -> None:
     assert embedding_input(objects, "{title} ({n}); {title}") == ["T (2); T", "U (3.5); U"]
     assert embedding_input("x", "{text}{text}") == "xx"
     assert embedding_input(["a", "b"], None) == ["a", "b"]  # no template: as given
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def tool(name: str, **function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": SCHEMA} | function}
+
+
+@pytest.mark.parametrize("choice,strict", [
+    ({"type": "function", "function": {"name": "g"}}, [None, True, False]),  # only the forced
+    ("required", [True, True, False]),  # every tool may be the call; a client's False stays
+    ("auto", [None, None, False]), (None, [None, None, False]), ("none", [None, None, False]),
+])
+def test_forced_calls_follow_the_tool_schema(choice: Any, strict: list[bool | None]) -> None:
+    tools = [tool("f"), tool("g"), tool("h", strict=False)]
+    sent = strict_when_forced(tools, choice)
+    assert [t["function"].get("strict") for t in sent] == strict
+    assert [t["function"].get("strict") for t in tools] == [None, None, False]  # not mutated
