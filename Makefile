@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test lint model tiny-model redis bench bench-gateway bench-plugins bench-affinity clean help
+.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-plugins bench-affinity clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -46,6 +46,11 @@ lint: $(STAMP)
 
 test: $(STAMP) redis lint model tiny-model
 	@$(VENV)/bin/pytest -v -rA --durations=10
+
+# LangChain's standard integration tests for ChatFireworks through the gateway (~20 min on CPU;
+# what a 135M model decodes varies between runs, so they are not part of `make test`).
+test-langchain: $(STAMP) model
+	@LANGCHAIN_STANDARD=1 $(VENV)/bin/pytest -v -rA tests/e2e/test_langchain_standard.py
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

@@ -114,6 +114,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept, dropped = [], []
     for item in items:
         module = getattr(item, "module", None)
+        if getattr(module, "OPT_IN", None) and not os.environ.get(module.OPT_IN):
+            dropped.append(item)  # not run unless asked for (see the module)
+            continue
         not_applicable = getattr(module, "NOT_APPLICABLE", {})
         model_size = getattr(module, "MODEL_SIZE", {})
         name = getattr(item, "originalname", item.name)

@@ -18,6 +18,11 @@ from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.e2e
 MODEL = "accounts/fireworks/models/smollm2-tools"
+# Run with `make test-langchain` (LANGCHAIN_STANDARD=1): not part of `make test`, whose
+# result must not depend on what a 135M model decodes in a shared CPU batch. Measured: the
+# same tests pass in one run and fail in the next (test_bind_runnables_as_tools,
+# test_structured_output_async[typeddict], test_tool_calling), and the suite takes ~20 min.
+OPT_IN = "LANGCHAIN_STANDARD"
 # What the suite asks of a model this deployment does not serve (not collected: see
 # tests/e2e/conftest.py): SmolLM2-135M-Instruct reads text only, and no cassettes are kept.
 NOT_APPLICABLE = {
