@@ -14,7 +14,7 @@ plane, errors, config.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -187,10 +187,6 @@ def worker_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise WorkerFault(f"not JSON: {raw[:200]!r}") from exc
-
-
-def bytes_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
 
 
 # Keys of a usage block that are token counts.

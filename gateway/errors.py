@@ -7,6 +7,7 @@ never 422.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -93,6 +94,11 @@ def stream_error_event(status: int, message: str, response_id: str) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\ndata: [DONE]\n\n"
 
 
+def bytes_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI sends them (values outside latin-1 replaced, never an exception)."""
+    return [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
+
+
 async def send_error(send: Send, exc: GatewayError, request_id: str,
                      envelope: dict[str, Any] | None = None) -> None:
     """An error response through ASGI (for the layers in front of FastAPI); the Fireworks
@@ -100,6 +106,6 @@ async def send_error(send: Send, exc: GatewayError, request_id: str,
     body = orjson.dumps(exc.envelope(request_id) if envelope is None else envelope)
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in exc.headers.items()]
+    headers += bytes_headers(exc.headers)
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

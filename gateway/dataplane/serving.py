@@ -21,7 +21,7 @@ from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
-from gateway.errors import GatewayError, WorkerFault
+from gateway.errors import GatewayError, WorkerFault, bytes_headers
 
 logger = logging.getLogger("gateway.serving")
 ATTEMPTS = 2  # the first try and one retry on another replica
@@ -134,7 +134,7 @@ async def _attempt(exchange: Exchange, attempt: Attempt) -> ClientReply:
     call, worker, served = exchange.call, attempt.worker, attempt.served
     await _open(exchange, attempt, await call.prepare(worker, exchange.encoded))
     assert attempt.answer is not None
-    headers = [(k.encode(), v.encode()) for k, v in exchange.admission.headers.items()]
+    headers = bytes_headers(exchange.admission.headers)
     if call.stream:
         return await open_stream(attempt.answer, call.framing(worker, served), headers,
                                  exchange.request_id)

@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from gateway.api import Reply, Served, Worker, bytes_headers, coerce_usage, worker_json
+from gateway.api import Reply, Served, Worker, coerce_usage, worker_json
 from gateway.controlplane.registry import Route
-from gateway.errors import GatewayError, WorkerFault, stream_error_event
+from gateway.errors import GatewayError, WorkerFault, bytes_headers, stream_error_event
 from gateway.fireworks.choices import token_ids_in
 from gateway.fireworks.perf import metric_headers, perf_metrics
 from gateway.fireworks.plain import shape_completion
