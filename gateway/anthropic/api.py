@@ -30,7 +30,7 @@ from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
 
 
-def messages_body(request: MessagesRequest) -> dict[str, Any]:
+def messages_body(request: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
     """The worker request: the client's, as it is (the model is named per replica)."""
     return request.model_dump(exclude_none=True)
 
@@ -184,7 +184,7 @@ class CountTokensApi(AnthropicApi):
 
     def translate(self, request: CountTokensRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> CountTokensCall:
-        return CountTokensCall(request.model_dump(exclude_none=True), route.requested_model,
+        return CountTokensCall(messages_body(request), route.requested_model,
                                adapter=route.lora is not None, stream=False, max_tokens=0)
 
     def prompt_estimate(self, request: CountTokensRequest) -> int:

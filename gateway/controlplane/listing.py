@@ -51,10 +51,9 @@ def models_of(registry: Registry, caller: Account, account_id: str) -> list[dict
                                          deployment.context_length)
         entry["supportsTools"] |= deployment.tool_parser is not None
         entry["supportsLora"] |= deployment.name in with_loras
-        entry["deployedModelRefs"].append({
-            "name": f"accounts/{deployment.account}/deployedModels/{deployment.id}",
-            "deployment": deployment.name, "state": "DEPLOYED", "default": deployment.default,
-            "public": public})
+        entry["deployedModelRefs"].append(
+            _deployed(deployment.account, deployment.id, deployment, deployment.default,
+                      public))
     for lora in loras:
         base = registry.base_of(lora)
         if base is None:
@@ -64,13 +63,18 @@ def models_of(registry: Registry, caller: Account, account_id: str) -> list[dict
             "kind": "HF_PEFT_ADDON", "supportsServerless": False,
             "supportsTools": base.tool_parser is not None, "supportsLora": False,
             "peftDetails": {"baseModel": base.model},
-            "deployedModelRefs": [{
-                "name": f"accounts/{lora.account}/deployedModels/{lora.id}",
-                "deployment": base.name, "state": "DEPLOYED", "default": True,
-                "public": public}]}
+            "deployedModelRefs": [_deployed(lora.account, lora.id, base, True, public)]}
         if base.context_length is not None:
             out[lora.model]["contextLength"] = base.context_length
     return [out[name] for name in sorted(out)]
+
+
+def _deployed(account: str, ref_id: str, deployment: Deployment, default: bool,
+              public: bool) -> dict[str, Any]:
+    """A model's place on a deployment (Fireworks' deployedModelRef)."""
+    return {"name": f"accounts/{account}/deployedModels/{ref_id}",
+            "deployment": deployment.name, "state": "DEPLOYED", "default": default,
+            "public": public}
 
 
 def model_of(registry: Registry, caller: Account, account_id: str,

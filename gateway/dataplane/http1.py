@@ -345,15 +345,18 @@ class Pool:
                 continue
             keep.add((where.scheme, where.host, where.port))
         now, closed = time.monotonic(), 0
-        for key in list(self.idle):
-            idle = self.idle[key]
-            stale = [c for c in idle if key not in keep or c.closed
-                     or now - c.idle_since >= IDLE_SECONDS]
-            for connection in stale:
-                connection.close()
-            closed += len(stale)
-            self.idle[key] = [c for c in idle if c not in stale]
-            if not self.idle[key]:
+        for key, idle in list(self.idle.items()):
+            kept = []
+            for connection in idle:
+                if key in keep and not connection.closed \
+                        and now - connection.idle_since < IDLE_SECONDS:
+                    kept.append(connection)
+                else:
+                    connection.close()
+                    closed += 1
+            if kept:
+                self.idle[key] = kept
+            else:
                 del self.idle[key]
         return closed
 
