@@ -19,6 +19,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from engine_plugins.lora_rows import DISABLE_ENV as DISABLE_CORRECTIONS
+
 # Registered in this order; each class serves both model runners (engine_plugins/plugins.py).
 PROCESSORS = [
     "engine_plugins.plugins:RepetitionPenalty",
@@ -52,6 +54,8 @@ def build_environment(plugins: bool, base: dict[str, str],
     env = dict(base)
     if plugins:
         env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    else:  # stock vLLM: not even the corrections (engine_plugins/lora_rows.py)
+        env[DISABLE_CORRECTIONS] = "off"
     if _has_flag(passthrough, "--enable-lora"):
         # The gateway loads and unloads adapters at run time (/v1/load_lora_adapter).
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")

@@ -16,6 +16,9 @@ def test_no_plugins_means_stock_vllm() -> None:
     command = build_command("m", 9, "127.0.0.1", False, [])
     assert "--logits-processors" not in command
     assert "VLLM_USE_V2_MODEL_RUNNER" not in build_environment(False, {})
+    # stock vLLM has no corrections either (engine_plugins/lora_rows.py)
+    assert build_environment(False, {})["ENGINE_PLUGINS_CORRECTIONS"] == "off"
+    assert "ENGINE_PLUGINS_CORRECTIONS" not in build_environment(True, {})
 
 
 def test_v1_runner_is_pinned_with_plugins_unless_overridden() -> None:
