@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-plugins bench-lora bench-affinity clean help
+.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-plugins bench-lora bench-tenancy bench-affinity clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -74,6 +74,11 @@ bench-plugins: $(STAMP) model
 # What the CPU LoRA correction (engine_plugins/lora_rows.py) costs in mixed batches
 bench-lora: $(STAMP) model
 	@$(PY) -m bench.lora --data-dir $(DATA_DIR)
+
+# Two accounts on one deployment, one flooding: the light one's TTFT with and without the
+# gateway's queue (scripted workers; a real one too with WORKER=http://host:port CAPACITY=<req/s>)
+bench-tenancy: $(STAMP)
+	@$(PY) -m bench.tenancy $(if $(WORKER),--worker $(WORKER) --capacity $(CAPACITY),)
 
 # Prefix-derived affinity over two or more running workers: WORKERS=http://a,http://b
 bench-affinity: $(STAMP)

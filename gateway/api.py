@@ -137,6 +137,11 @@ class Call(Protocol):
         """The client's, kept with the usage record."""
         ...
 
+    @property
+    def priority(self) -> bool:
+        """Asked for priority service (`service_tier`): ahead in the gateway's queue."""
+        ...
+
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         """Before each attempt: checks or lookups on that worker; the body to send."""
         ...

@@ -30,7 +30,7 @@ from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
 from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
-from gateway.controlplane.registry import load_yaml
+from gateway.controlplane.registry import Deployment, load_yaml
 from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
 from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
 from gateway.dataplane.adapters import Adapters
@@ -38,6 +38,7 @@ from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import WorkerQueries
+from gateway.dataplane.queue import Queues
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
 from gateway.dataplane.routes import InferenceRoutes
 from gateway.dataplane.routes import router as models_router
@@ -140,14 +141,22 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     discovery = Discovery(
         lambda: [r.url for d in store.current.data.deployments for r in d.replicas],
         make_resolver(settings.dns_server), settings.discovery_interval)
+    def saturated_at(deployment: Deployment) -> int:
+        own = deployment.queue_replica_load
+        return settings.queue_replica_load if own is None else own
+
     replicas = ReplicaSet(AffinityOrLeastOutstanding(settings.affinity_max_imbalance),
                           ReplicaHealth(settings.eject_after_failures, on_health,
-                                        settings.ejection_seconds), discovery.expand)
+                                        settings.ejection_seconds), discovery.expand,
+                          settings.max_ejection_percent,
+                          lambda deployment: metrics.panics.labels(deployment.name).inc(),
+                          lambda: queues.dispatch_all(), saturated_at)
+    queues = Queues(replicas.room, metrics, settings.queue_max_length, settings.queue_timeout)
     adapters = Adapters(workers, lambda: store.current.data, replicas)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
                       queries=WorkerQueries(workers), discovery=discovery,
-                      adapters=adapters, started_at=time.time())
+                      adapters=adapters, queues=queues, started_at=time.time())
     return gateway, client
 
 
@@ -194,7 +203,8 @@ def create_app(settings: Settings | None = None,
         checker = HealthChecker(
             gateway.replicas.health, listed, gateway.workers.get, settings.health_check_interval,
             settings.health_check_timeout,
-            gateway.replicas.load if settings.load_from_workers else None)
+            gateway.replicas.load if settings.load_from_workers else None,
+            after=gateway.queues.dispatch_all)  # new load readings may free room
         if settings.health_check_interval > 0:
             checker.start()
         # What was loaded at start-up lives as long as the process: keep it out of the

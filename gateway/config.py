@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REGISTRY = Path(__file__).with_name("default_registry.yaml")
@@ -45,6 +46,17 @@ class Settings(BaseSettings):
     # An ejected replica gets one trial request this many seconds after its ejection (how
     # it comes back when active checks are off or cannot reach it).
     ejection_seconds: float = 30.0
+    # At most this share of a deployment's replicas is ejected at once (the replicas
+    # ejected last stay in rotation); with every replica ejected, requests go to all.
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+    # The gateway's queue (dataplane/queue.py): a replica whose load (requests running +
+    # waiting, as its worker reports them) reaches queue_replica_load is saturated (0: no
+    # queue; per deployment in the registry). Set it to the workers' --max-num-seqs, past
+    # which vLLM queues requests in arrival order. A request waits at most queue_timeout
+    # seconds, a deployment's queue holds at most queue_max_length requests.
+    queue_replica_load: int = Field(default=256, ge=0)
+    queue_timeout: float = Field(default=30.0, gt=0)
+    queue_max_length: int = Field(default=1000, ge=0)
     # Read each replica's load from its worker's /metrics in the health checks (every
     # gateway then sees the requests of all of them).
     load_from_workers: bool = True

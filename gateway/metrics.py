@@ -63,6 +63,17 @@ class GatewayMetrics:
         self.tokens = counter("tokens", "Tokens by kind (prompt, cached, completion)",
                               "deployment", "kind")
         self.retries = counter("retries", "Requests retried on another replica", "deployment")
+        self.request_caused = counter(
+            "request_caused_failures", "Requests whose answers failed on two replicas: "
+            "counted against neither replica's health", "deployment")
+        self.queue_length = gauge("queue_length", "Requests waiting in the gateway's queue",
+                                  "deployment", "priority")
+        self.queue_wait = histogram("queue_wait_seconds", "Time requests waited in the "
+                                    "gateway's queue", "deployment", "priority")
+        self.shed = counter("shed", "Requests shed by the gateway's queue (full, or waited "
+                            "too long)", "deployment", "priority", "reason")
+        self.panics = counter("panic_mode_entries", "Times every replica of a deployment was "
+                              "ejected and requests went to all of them", "deployment")
         self.replica_healthy = gauge("replica_healthy",
                                      "1 when the replica takes traffic, 0 when ejected",
                                      "replica")

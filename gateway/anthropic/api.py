@@ -55,6 +55,7 @@ class MessagesCall:
     max_tokens: int
     n: int = 1
     metadata: dict[str, str] | None = None
+    priority: bool = False
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         if self.adapter:

@@ -93,6 +93,10 @@ class DeploymentSettings(Record):
     # The workers run vLLM's priority scheduler (--scheduling-policy priority), so
     # service_tier "priority" is served first; elsewhere it is reported as ignored.
     priority_scheduling: bool = False
+    # Load (requests running + waiting) at which a replica counts as saturated; while every
+    # replica is, requests wait in the gateway's queue (dataplane/queue.py). None: the
+    # gateway's queue_replica_load.
+    queue_replica_load: int | None = Field(default=None, ge=0)
     replicas: list[Replica] = Field(default_factory=list)
     # "ready" serves; "disabled" answers 503 (kept, e.g. while its workers are replaced).
     state: Literal["ready", "disabled"] = "ready"
@@ -111,6 +115,10 @@ class Account(Record):
     id: str
     api_keys: list[str] = Field(default_factory=list)  # "sha256:<hex>"
     limits: Limits = Field(default_factory=Limits)
+    # In the gateway's queue: a higher priority goes first; within one priority, accounts
+    # take turns in proportion to their weight.
+    priority: int = 0
+    weight: int = Field(default=1, ge=1, le=1000)
 
 
 class Lora(Record):

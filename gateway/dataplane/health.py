@@ -7,6 +7,11 @@ that passes, or by a trial request: `ejection_seconds` after its ejection, an ej
 gets one request again (as Envoy's outlier detection does), so that with active checks off
 (interval 0) a replica is not ejected forever. Each gateway keeps its own view; they agree
 because they watch the same replicas.
+
+What a request causes is not the replica's failure: serving.py counts a worker's failed
+answer only once another replica has answered the same request well (or could not be
+asked), never when a second replica's answer fails too. And ejection is capped per
+deployment (replicas.py): a client cannot take a deployment away from the others.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ class ReplicaHealth:
     def is_healthy(self, url: str) -> bool:
         state = self.states.get(url)
         return state is None or state.healthy
+
+    def ejected_at(self, url: str) -> float:
+        state = self.states.get(url)
+        return 0.0 if state is None else state.ejected_at
 
     def trial_due(self, url: str) -> bool:
         """Ejected long enough ago for one trial request."""
@@ -91,13 +100,15 @@ class HealthChecker:
 
     def __init__(self, health: ReplicaHealth, replica_urls: Callable[[], Iterable[str]],
                  get: Get, interval: float = 1.0, timeout: float = 1.0,
-                 load: ReplicaLoad | None = None) -> None:
+                 load: ReplicaLoad | None = None,
+                 after: Callable[[], None] = lambda: None) -> None:
         self.health = health
         self.replica_urls = replica_urls
         self.get = get  # get(url, timeout) -> (status, body), or None when unreachable
         self.interval = interval
         self.timeout = timeout
         self.load = load
+        self.after = after  # called after each round of checks
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -112,6 +123,7 @@ class HealthChecker:
         if self.load is not None:
             self.load.forget_except(urls)
         await asyncio.gather(*(self._check(url) for url in urls))
+        self.after()
 
     async def _check(self, url: str) -> None:
         base = url.rstrip("/")

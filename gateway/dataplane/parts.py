@@ -13,6 +13,7 @@ from gateway.controlplane.usage import Ledger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery
 from gateway.dataplane.queries import WorkerQueries
+from gateway.dataplane.queue import Queues
 from gateway.dataplane.replicas import ReplicaSet
 from gateway.dataplane.workers import WorkerClient
 from gateway.metrics import GatewayMetrics
@@ -30,4 +31,5 @@ class Gateway:
     queries: WorkerQueries
     discovery: Discovery
     adapters: Adapters
+    queues: Queues
     started_at: float

@@ -10,12 +10,19 @@ worker itself reports running and waiting, plus what this gateway started since 
 so every gateway sees the cluster's load. Ties are broken at random, so that gateways do not
 all pile onto the first listed replica. An ejected replica whose trial is due gets the next
 request (health.py).
+
+Ejection is capped per deployment, as Envoy's `max_ejection_percent`: beyond that share of a
+deployment's replicas, the replicas ejected last stay in rotation, so health that one
+client's requests managed to steer can never take the whole deployment. When no replica is
+left at all (a cap of 100%, every replica ejected), requests go to all of them (panic mode)
+rather than getting a 503.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Protocol
@@ -90,6 +97,7 @@ class Lease:
         if self._held:
             self._held = False
             self._replicas.outstanding[self.replica.url] -= 1
+            self._replicas.on_release()
 
 
 class ReplicaSet:
@@ -98,9 +106,19 @@ class ReplicaSet:
 
     def __init__(self, policy: ReplicaPolicy | None = None,
                  health: ReplicaHealth | None = None,
-                 expand: Callable[[list[Replica]], list[Replica]] = lambda r: r) -> None:
+                 expand: Callable[[list[Replica]], list[Replica]] = lambda r: r,
+                 max_ejection_percent: int = 50,
+                 on_panic: Callable[[Deployment], None] = lambda deployment: None,
+                 on_release: Callable[[], None] = lambda: None,
+                 saturated_at: Callable[[Deployment], int] = lambda deployment: 0) -> None:
         self.policy = policy or AffinityOrLeastOutstanding()
         self.health = health or ReplicaHealth()
+        self.max_ejection_percent = max_ejection_percent
+        self.on_panic = on_panic  # called when a deployment enters panic mode
+        self.panicking: set[str] = set()  # deployments in panic mode
+        self.on_release = on_release  # a lease ended: the queue may let a request go
+        # The load at which a deployment's replica is saturated (queue.py); 0: never.
+        self.saturated_at = saturated_at
         self.expand = expand  # discovered replicas in place of dns+ ones (discovery.py)
         self.outstanding: dict[str, int] = defaultdict(int)  # this gateway's, in flight
         self.load = ReplicaLoad(self.outstanding)
@@ -108,9 +126,34 @@ class ReplicaSet:
     def replicas(self, deployment: Deployment) -> list[Replica]:
         return self.expand(deployment.replicas)
 
+    def in_rotation(self, deployment: Deployment) -> list[Replica]:
+        """The healthy replicas, and the ejected ones beyond the deployment's ejection cap
+        (the latest ejected first); all of them when none is left (panic)."""
+        replicas = self.replicas(deployment)
+        ejected = [r for r in replicas if not self.health.is_healthy(r.url)]
+        if ejected:
+            cap = len(replicas) * self.max_ejection_percent // 100
+            ejected.sort(key=lambda r: self.health.ejected_at(r.url))
+            out = {r.url for r in ejected[:cap]}
+            kept = [r for r in replicas if r.url not in out]
+            if not kept and replicas:
+                if deployment.name not in self.panicking:
+                    self.panicking.add(deployment.name)
+                    self.on_panic(deployment)
+                return replicas
+            replicas = kept
+        self.panicking.discard(deployment.name)
+        return replicas
+
+    def room(self, deployment: Deployment) -> int:
+        """Requests the replicas in rotation can take before each is saturated."""
+        limit = self.saturated_at(deployment)
+        if not limit:
+            return sys.maxsize
+        return sum(max(0, limit - self.load.of(r.url)) for r in self.in_rotation(deployment))
+
     def candidates(self, deployment: Deployment, exclude: set[str]) -> list[Replica]:
-        return [r for r in self.replicas(deployment)
-                if r.url not in exclude and self.health.is_healthy(r.url)]
+        return [r for r in self.in_rotation(deployment) if r.url not in exclude]
 
     def acquire(self, deployment: Deployment, affinity_key: str | None = None,
                 exclude: set[str] | None = None,
@@ -128,6 +171,10 @@ class ReplicaSet:
             if not candidates:
                 raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
                                    headers={"retry-after": "1"})
+            limit = self.saturated_at(deployment)
+            if limit:  # the queue let this request go for a replica with room: that one
+                candidates = [r for r in candidates if self.load.of(r.url) < limit] \
+                    or candidates
             if prefer is not None:
                 candidates = [r for r in candidates if prefer(r.url)] or candidates
             replica = self.policy.choose(

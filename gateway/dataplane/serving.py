@@ -66,28 +66,53 @@ async def admit(gateway: Gateway, api: InferenceApi[Any], account: Account, rout
 
 
 async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
-    """Attempts on replicas until one answers well up to its first token."""
+    """Attempts on replicas until one answers well up to its first token.
+
+    A replica that cannot be reached (refused, reset, timed out) has failed. A replica
+    whose answer failed (a 5xx, a malformed answer) may have been given a request that
+    fails anywhere: that counts against it only once another replica answered the same
+    request well, or could not be asked; if a second replica's answer fails too, the
+    request caused it and neither replica is blamed (health.py)."""
     gateway = exchange.gateway
+    health = gateway.replicas.health
     deployment, lora = exchange.route.deployment, exchange.route.lora
     prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
+    await gateway.queues.turn(deployment, exchange.account, exchange.call.priority)
     tried: set[str] = set()
-    for attempt_number in range(ATTEMPTS):
-        attempt = exchange.begin(gateway.replicas.acquire(deployment, affinity, tried, prefer))
-        tried.add(attempt.lease.replica.url)
-        try:
-            return await _attempt(exchange, attempt)
-        except GatewayError as exc:
-            exchange.drop()
-            if not exc.replica_fault:
-                raise
-            if isinstance(exc, WorkerFault):
-                logger.warning("request %s: replica %s failed: %s", exchange.request_id,
-                               attempt.worker.url, exc.detail)
-            gateway.replicas.health.failure(attempt.lease.replica.url)
-            if attempt_number + 1 == ATTEMPTS or not gateway.replicas.candidates(deployment,
-                                                                                 tried):
-                raise
-            gateway.metrics.retries.labels(deployment.name).inc()
+    answered_badly: str | None = None
+    try:
+        for attempt_number in range(ATTEMPTS):
+            attempt = exchange.begin(gateway.replicas.acquire(deployment, affinity, tried,
+                                                              prefer))
+            url = attempt.lease.replica.url
+            tried.add(url)
+            try:
+                return await _attempt(exchange, attempt)
+            except GatewayError as exc:
+                exchange.drop()
+                if not exc.replica_fault:
+                    answered_badly = None  # another replica judged the request itself
+                    raise
+                if not isinstance(exc, WorkerFault):
+                    health.failure(url)
+                elif answered_badly is None:
+                    logger.warning("request %s: replica %s failed: %s", exchange.request_id,
+                                   url, exc.detail)
+                    answered_badly = url
+                else:  # the same request failed on two replicas: the request's doing
+                    logger.warning("request %s failed on replicas %s and %s (%s): not "
+                                   "counted against either", exchange.request_id,
+                                   answered_badly, url, exc.detail)
+                    gateway.metrics.request_caused.labels(deployment.name).inc()
+                    answered_badly = None
+                    raise
+                if attempt_number + 1 == ATTEMPTS or \
+                        not gateway.replicas.candidates(deployment, tried):
+                    raise
+                gateway.metrics.retries.labels(deployment.name).inc()
+    finally:
+        if answered_badly is not None:
+            health.failure(answered_badly)
     raise AssertionError("unreachable")  # the loop returns or raises
 
 

@@ -103,6 +103,10 @@ class GenerationCall:
     def metadata(self) -> dict[str, str] | None:
         return self.plan.metadata
 
+    @property
+    def priority(self) -> bool:
+        return self.plan.priority
+
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         plan = self.plan
         if plan.context_check:
@@ -205,6 +209,7 @@ class EmbeddingCall:
     max_tokens: int = 0
     n: int = 1
     metadata: dict[str, str] | None = None
+    priority: bool = False
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded

@@ -64,6 +64,7 @@ class Plan:
     perf_metrics_in_response: bool = False
     prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
+    priority: bool = False  # service_tier "priority"
 
 
 def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict[str, Any]:
@@ -91,6 +92,7 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
     sampling = _effective_sampling(request, deployment)
     ignored = []
     if request.service_tier == "priority":
+        plan.priority = True  # the gateway's queue, when requests wait there
         if deployment.priority_scheduling:
             body["priority"] = PRIORITY
         else:  # best effort, as on Fireworks: said in fireworks-sampling-options

@@ -44,6 +44,7 @@ class ReverseCall:
     max_tokens: int = 1
     n: int = 1
     metadata: dict[str, str] | None = None
+    priority: bool = False
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded

@@ -75,16 +75,28 @@ def test_affinity_falls_back_when_preferred_is_unhealthy_or_overloaded() -> None
     assert replicas.acquire(WIDE, "s").replica.url == preferred
 
 
-def test_no_healthy_replica_is_a_503_with_retry_after() -> None:
-    health = ReplicaHealth(eject_after=1)
-    replicas = ReplicaSet(health=health)
-    for url in URLS[:2]:
-        health.failure(url)
+def test_every_replica_tried_is_a_503_with_retry_after() -> None:
     with pytest.raises(GatewayError) as info:
-        replicas.acquire(DEPLOYMENT)
-    assert info.value.status == 503 and info.value.headers["retry-after"] == "1"
-    with pytest.raises(GatewayError):
         ReplicaSet().acquire(DEPLOYMENT, exclude=set(URLS[:2]))  # both already tried
+    assert info.value.status == 503 and info.value.headers["retry-after"] == "1"
+
+
+def test_ejection_is_capped_and_none_left_is_panic() -> None:
+    health = ReplicaHealth(eject_after=1)
+    panics: list[str] = []
+    capped = ReplicaSet(health=health)  # 50%: one of the two replicas may be out
+    everything = ReplicaSet(health=health, max_ejection_percent=100,
+                            on_panic=lambda deployment: panics.append(deployment.name))
+    health.failure(URLS[0])
+    assert [r.url for r in capped.in_rotation(DEPLOYMENT)] == [URLS[1]]
+    health.states[URLS[0]].ejected_at -= 1  # ejected before the other one
+    health.failure(URLS[1])
+    assert [r.url for r in capped.in_rotation(DEPLOYMENT)] == [URLS[1]]  # the latest stays
+    assert {everything.acquire(DEPLOYMENT).replica.url for _ in range(8)} <= set(URLS[:2])
+    assert panics == [DEPLOYMENT.name]  # entered once, however many requests
+    health.success(URLS[0])
+    assert [r.url for r in everything.in_rotation(DEPLOYMENT)] == [URLS[0]]
+    assert everything.panicking == set()
 
 
 def test_an_ejected_replica_gets_one_trial_request_after_the_ejection_time() -> None:
@@ -161,3 +173,13 @@ def test_affinity_gives_way_to_the_clusters_load() -> None:
     replicas.load.record(preferred.replica.url, WorkerLoad(10, 0, 0.9))  # other gateways
     replicas.load.record(other, WorkerLoad(0, 0, 0.0))
     assert replicas.acquire(DEPLOYMENT, key).replica.url == other
+
+
+def test_a_request_the_queue_lets_go_takes_a_replica_with_room() -> None:
+    """Affinity would pick the saturated replica; the queue counted on the other one."""
+    replicas = ReplicaSet(AffinityOrLeastOutstanding(max_imbalance=4),
+                          saturated_at=lambda deployment: 2)
+    preferred = rendezvous_rank("s", replicas.replicas(DEPLOYMENT))[0]
+    replicas.outstanding[preferred.url] = 2  # saturated, within affinity's imbalance
+    assert replicas.acquire(DEPLOYMENT, "s").replica.url != preferred.url
+    assert replicas.room(DEPLOYMENT) == 1  # the saturated one none, the other 2 - 1

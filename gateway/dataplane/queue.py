@@ -1,0 +1,227 @@
+"""The gateway's queue per deployment: while a deployment's workers are saturated, requests
+wait here, in an order the gateway chooses, instead of in the workers' arrival order.
+
+A replica is saturated when its load (the requests its worker reports running and waiting,
+plus those this gateway started since: load.py) reaches the deployment's `queue_replica_load`.
+A request goes straight on while its deployment has a replica below that and nothing waits;
+otherwise it joins the deployment's queue. Requests leave the queue as replicas free up
+(a lease released, a new load reading): the highest priority first (`service_tier`
+"priority" above standard, then the account's `priority` in the registry), and within one
+priority fair across accounts by weight (deficit round robin: each account gets `weight`
+turns per round, so a flooding account waits behind its own requests, not in front of the
+others'; an account with nothing waiting goes first).
+
+Bounded in time and length: a request waits at most `queue_timeout` seconds, then gets a 503
+with `retry-after`; a deployment holds at most `queue_max_length` waiting requests, and when
+full one is shed (503 with `retry-after`): in the lowest priority present, the newest request
+of the account with the most waiting (the arriving one, if it is that account's or of a
+lower priority), so that a flooding account's requests are shed, not the others'. The queue
+is per gateway process; docs/operations.md says what several gateways sharing the workers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.controlplane.registry import Account, Deployment
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+
+Priority = tuple[int, int]  # (service tier, account priority): higher goes first
+
+
+@dataclass(eq=False)
+class Waiter:
+    account: str
+    weight: int
+    priority: Priority
+    turn: asyncio.Future[None]
+    since: float = field(default_factory=time.monotonic)
+
+
+class Band:
+    """The waiters of one priority: a FIFO per account, served by deficit round robin."""
+
+    def __init__(self) -> None:
+        self.flows: OrderedDict[str, deque[Waiter]] = OrderedDict()  # round-robin order
+        self.deficits: dict[str, int] = {}
+        self.new: set[str] = set()  # accounts not served since they started waiting
+        self.size = 0
+
+    def push(self, waiter: Waiter) -> None:
+        if waiter.account not in self.flows:
+            # An account with nothing waiting goes ahead of the round, after the other new
+            # ones, with a turn in hand (as fq_codel serves new flows first): a light
+            # account's request goes next, while a flooding account always has requests
+            # waiting and takes its turns in the round.
+            ahead = [name for name in self.flows if name in self.new]
+            self.flows[waiter.account] = deque()
+            self.flows.move_to_end(waiter.account, last=False)
+            for name in reversed(ahead):
+                self.flows.move_to_end(name, last=False)
+            self.new.add(waiter.account)
+            self.deficits[waiter.account] = waiter.weight
+        self.flows[waiter.account].append(waiter)
+        self.size += 1
+
+    def pop(self) -> Waiter:
+        """The next turn: the account at the head of the round, while it has credit."""
+        while True:
+            account, flow = next(iter(self.flows.items()))
+            if self.deficits[account] <= 0:
+                self.deficits[account] += flow[0].weight
+                self.flows.move_to_end(account)  # credit for its next round; others first
+                continue
+            self.deficits[account] -= 1
+            self.new.discard(account)
+            waiter = flow.popleft()
+            self.size -= 1
+            if not flow:
+                del self.flows[account], self.deficits[account]
+            return waiter
+
+    def remove(self, waiter: Waiter) -> bool:
+        flow = self.flows.get(waiter.account)
+        if flow is None or waiter not in flow:
+            return False
+        flow.remove(waiter)
+        self.size -= 1
+        if not flow:
+            del self.flows[waiter.account], self.deficits[waiter.account]
+            self.new.discard(waiter.account)
+        return True
+
+    def longest(self) -> tuple[str, int]:
+        """The account with the most requests waiting, and how many."""
+        account = max(self.flows, key=lambda name: len(self.flows[name]))
+        return account, len(self.flows[account])
+
+
+class DeploymentQueue:
+    def __init__(self) -> None:
+        self.bands: dict[Priority, Band] = {}
+        self.length = 0
+        self.dispatched = 0  # let go, not yet holding a lease: capacity already promised
+
+    def push(self, waiter: Waiter) -> None:
+        self.bands.setdefault(waiter.priority, Band()).push(waiter)
+        self.length += 1
+
+    def pop(self) -> Waiter:
+        priority = max(p for p, band in self.bands.items() if band.size)
+        self.length -= 1
+        return self.bands[priority].pop()
+
+    def remove(self, waiter: Waiter) -> bool:
+        band = self.bands.get(waiter.priority)
+        if band is None or not band.remove(waiter):
+            return False
+        self.length -= 1
+        return True
+
+    def victim(self, arriving: Priority, account: str) -> Waiter | None:
+        """Whom a full queue sheds for a request arriving: the newest request of the account
+        with the most waiting in the lowest priority present (so a flood pays for itself,
+        not the others); None when that is the arriving request."""
+        lowest = min(p for p, band in self.bands.items() if band.size)
+        if arriving < lowest:
+            return None
+        band = self.bands[lowest]
+        longest, waiting = band.longest()
+        if arriving == lowest and len(band.flows.get(account, ())) + 1 >= waiting:
+            return None
+        return band.flows[longest][-1]
+
+
+Free = Callable[[Deployment], int]  # requests the deployment's replicas can still take
+
+
+class Queues:
+    def __init__(self, free: Free, metrics: GatewayMetrics, max_length: int = 1000,
+                 timeout: float = 30.0) -> None:
+        self.free = free
+        self.metrics = metrics
+        self.max_length = max_length
+        self.timeout = timeout
+        self.queues: dict[str, DeploymentQueue] = {}
+        self.deployments: dict[str, Deployment] = {}
+
+    async def turn(self, deployment: Deployment, account: Account, priority: bool) -> None:
+        """Returns when the request may take a replica; raises 503 when it is shed."""
+        queue = self.queues.get(deployment.name)
+        promised = 0 if queue is None else queue.dispatched
+        if (queue is None or queue.length == 0) and self.free(deployment) > promised:
+            return  # nothing waits and there is room: go on
+        queue = self.queues.setdefault(deployment.name, DeploymentQueue())
+        self.deployments[deployment.name] = deployment
+        tier = (1 if priority else 0, account.priority)
+        waiter = Waiter(account.id, account.weight, tier,
+                        asyncio.get_running_loop().create_future())
+        if queue.length >= self.max_length:
+            victim = queue.victim(tier, account.id)
+            if victim is None:
+                self._count_shed(deployment, tier, "full")
+                raise _overloaded(deployment, "its queue is full")
+            queue.remove(victim)
+            self._count_shed(deployment, victim.priority, "full")
+            victim.turn.set_exception(_overloaded(deployment, "its queue is full"))
+            self._gauge(deployment, victim.priority, queue)
+        queue.push(waiter)
+        self._gauge(deployment, tier, queue)
+        self.dispatch(deployment.name)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.turn), self.timeout)
+        except TimeoutError:
+            self._count_shed(deployment, tier, "timeout")
+            raise _overloaded(deployment, f"no replica freed up in {self.timeout:g} s")\
+                from None
+        finally:
+            if queue.remove(waiter):  # timed out or cancelled while still waiting
+                self._gauge(deployment, tier, queue)
+            elif waiter.turn.done() and not waiter.turn.cancelled() \
+                    and waiter.turn.exception() is None:
+                queue.dispatched -= 1  # it goes on to take its lease now
+                self.metrics.queue_wait.labels(deployment.name, _label(tier)).observe(
+                    time.monotonic() - waiter.since)
+            if not waiter.turn.done():
+                waiter.turn.cancel()
+
+    def dispatch(self, name: str) -> None:
+        """Let waiting requests go while the deployment's replicas have room."""
+        queue, deployment = self.queues.get(name), self.deployments.get(name)
+        if queue is None or deployment is None or queue.length == 0:
+            return
+        room = self.free(deployment) - queue.dispatched
+        while queue.length and room > 0:
+            waiter = queue.pop()
+            queue.dispatched += 1
+            room -= 1
+            waiter.turn.set_result(None)
+            self._gauge(deployment, waiter.priority, queue)
+
+    def dispatch_all(self) -> None:
+        """After a lease is released or the workers' load is read again."""
+        for name, queue in self.queues.items():
+            if queue.length:
+                self.dispatch(name)
+
+    def _gauge(self, deployment: Deployment, tier: Priority, queue: DeploymentQueue) -> None:
+        band = queue.bands.get(tier)
+        self.metrics.queue_length.labels(deployment.name, _label(tier)).set(
+            band.size if band is not None else 0)
+
+    def _count_shed(self, deployment: Deployment, tier: Priority, reason: str) -> None:
+        self.metrics.shed.labels(deployment.name, _label(tier), reason).inc()
+
+
+def _label(tier: Priority) -> str:
+    return f"{'priority' if tier[0] else 'standard'}/{tier[1]}"
+
+
+def _overloaded(deployment: Deployment, why: str) -> GatewayError:
+    return GatewayError(503, f"Deployment {deployment.name} is overloaded: {why}; retry "
+                             "later", headers={"retry-after": "1"})

@@ -1,0 +1,172 @@
+"""The gateway's queue (dataplane/queue.py): order by priority, fairness across accounts by
+weight, bounds in time and length, and the data plane waiting in it while the replicas are
+saturated (scripted workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.controlplane.registry import Account, Deployment
+from gateway.dataplane.queue import Band, Queues, Waiter
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+from tests.unit.fake_worker import Pause, Stream
+from tests.unit.test_failover_and_admin import (
+    ADMIN,
+    COMPLETION,
+    KEY,
+    MODEL,
+    OTHER_KEY,
+    Client,
+    app,
+    auth,
+)
+
+DEPLOYMENT = Deployment(id="d", account="a", model="accounts/a/models/m")
+
+
+def waiter(account: str, weight: int = 1) -> Waiter:
+    return Waiter(account, weight, (0, 0), asyncio.get_running_loop().create_future())
+
+
+async def test_accounts_take_turns_by_weight() -> None:
+    band = Band()
+    for _ in range(6):
+        band.push(waiter("flood"))
+    band.push(waiter("light"))
+    band.push(waiter("light"))
+    order = [band.pop().account for _ in range(8)]
+    assert order[:4] == ["flood", "light", "flood", "light"]  # not 6 floods first
+    weighted = Band()
+    for _ in range(6):
+        weighted.push(waiter("big", weight=2))
+        weighted.push(waiter("small"))
+    order = [weighted.pop().account for _ in range(9)]
+    assert order.count("big") == 6 and order.count("small") == 3
+    flooded = Band()
+    for _ in range(6):
+        flooded.push(waiter("flood"))
+    assert flooded.pop().account == "flood"
+    flooded.push(waiter("light"))  # nothing of its own waiting: it goes next
+    assert [flooded.pop().account for _ in range(3)] == ["light", "flood", "flood"]
+
+
+class Room:
+    """A deployment with `free` requests of room, as the replicas' load would say."""
+
+    def __init__(self) -> None:
+        self.free = 0
+
+    def __call__(self, deployment: Deployment) -> int:
+        return self.free
+
+
+def account(name: str, priority: int = 0) -> Account:
+    return Account(id=name, priority=priority)
+
+
+async def test_priority_first_then_arrival_and_bounds() -> None:
+    room = Room()
+    queues = Queues(room, GatewayMetrics(), max_length=3, timeout=5)
+    done: list[str] = []
+
+    async def ask(name: str, acct: Account, priority: bool = False) -> None:
+        await queues.turn(DEPLOYMENT, acct, priority)
+        done.append(name)
+
+    tasks = [asyncio.create_task(ask("a1", account("a"))),
+             asyncio.create_task(ask("b1", account("b", priority=5))),
+             asyncio.create_task(ask("c1", account("c"), priority=True))]
+    await asyncio.sleep(0.01)
+    assert done == []  # no room: all three wait
+    # Full: a fourth standard request is the lowest newest: shed itself.
+    with pytest.raises(GatewayError) as shed:
+        await queues.turn(DEPLOYMENT, account("d"), False)
+    assert shed.value.status == 503 and shed.value.headers["retry-after"] == "1"
+    # A priority-tier request sheds the newest of the lowest priority (a1) instead.
+    tasks.append(asyncio.create_task(ask("e1", account("e"), priority=True)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(GatewayError):
+        await tasks[0]
+    room.free = 3
+    queues.dispatch_all()
+    await asyncio.gather(*tasks[1:])
+    assert done == ["c1", "e1", "b1"]  # priority tier, then the account's priority
+
+
+async def test_a_full_queue_sheds_the_flood_not_the_light_account() -> None:
+    queues = Queues(Room(), GatewayMetrics(), max_length=4)
+    flood = [asyncio.create_task(queues.turn(DEPLOYMENT, account("flood"), False))
+             for _ in range(4)]
+    await asyncio.sleep(0.01)
+    light = asyncio.create_task(queues.turn(DEPLOYMENT, account("light"), False))
+    await asyncio.sleep(0.01)
+    assert flood[-1].done() and isinstance(flood[-1].exception(), GatewayError)
+    assert not light.done()  # waiting, in the flood's newest place
+    with pytest.raises(GatewayError):  # the flood's next one sheds itself
+        await queues.turn(DEPLOYMENT, account("flood"), False)
+    for task in [*flood[:-1], light]:
+        task.cancel()
+    await asyncio.gather(*flood, light, return_exceptions=True)
+
+
+async def test_a_request_waits_no_longer_than_the_timeout() -> None:
+    metrics = GatewayMetrics()
+    queues = Queues(Room(), metrics, timeout=0.05)
+    with pytest.raises(GatewayError) as late:
+        await queues.turn(DEPLOYMENT, account("a"), False)
+    assert late.value.status == 503 and "0.05 s" in late.value.message
+    assert queues.queues[DEPLOYMENT.name].length == 0
+    text = metrics.render().decode()
+    assert 'fwgw_shed_total{deployment="accounts/a/deployments/d",priority="standard/0",' \
+           'reason="timeout"} 1.0' in text
+
+
+async def test_a_client_that_leaves_leaves_the_queue() -> None:
+    queues = Queues(Room(), GatewayMetrics())
+    task = asyncio.create_task(queues.turn(DEPLOYMENT, account("a"), False))
+    await asyncio.sleep(0.01)
+    assert queues.queues[DEPLOYMENT.name].length == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert queues.queues[DEPLOYMENT.name].length == 0
+
+
+async def test_saturated_replicas_hold_requests_in_the_gateway(tmp_path: Path) -> None:
+    """Two replicas saturated at 1 request each: of 5 requests at once, 2 reach the
+    workers; the rest wait in the gateway and go as requests finish, a priority-tier one
+    first."""
+    at_workers: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        at_workers.append(request.content.decode())
+        return httpx.Response(200, headers={"content-type": "application/json"},
+                              stream=Stream([Pause(0.5), json.dumps(COMPLETION).encode()]))
+
+    gateway_app = app(tmp_path, handler, queue_replica_load=1, load_from_workers=False)
+    async with Client(gateway_app) as client:
+        def ask(key: str, prompt: str, **extra: str) -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(client.post(
+                "/v1/completions", headers=auth(key),
+                json={"model": MODEL, "prompt": prompt} | extra))
+
+        tasks = [ask(KEY, f"standard {n}") for n in range(4)]
+        await asyncio.sleep(0.1)
+        tasks.append(ask(OTHER_KEY, "urgent", service_tier="priority"))
+        await asyncio.sleep(0.2)
+        assert len(at_workers) == 2
+        metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
+        assert 'fwgw_queue_length{deployment="accounts/fireworks/deployments/d",' \
+               'priority="standard/0"} 2.0' in metrics
+        responses = await asyncio.gather(*tasks)
+        metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
+    assert [r.status_code for r in responses] == [200] * 5
+    assert "urgent" in at_workers[2]  # the first to leave the queue
+    assert 'fwgw_queue_wait_seconds_count{deployment="accounts/fireworks/deployments/d",' \
+           'priority="standard/0"} 2.0' in metrics
