@@ -76,9 +76,10 @@ bench-lora: $(STAMP) model
 	@$(PY) -m bench.lora --data-dir $(DATA_DIR)
 
 # Two accounts on one deployment, one flooding: the light one's TTFT with and without the
-# gateway's queue (scripted workers; a real one too with WORKER=http://host:port CAPACITY=<req/s>)
+# gateway's queue (scripted workers; a real one too with WORKER=http://host:port, whose
+# --max-num-seqs is SLOTS, default 4)
 bench-tenancy: $(STAMP)
-	@$(PY) -m bench.tenancy $(if $(WORKER),--worker $(WORKER) --capacity $(CAPACITY),)
+	@$(PY) -m bench.tenancy $(if $(WORKER),--worker $(WORKER),) $(if $(SLOTS),--worker-slots $(SLOTS),)
 
 # Prefix-derived affinity over two or more running workers: WORKERS=http://a,http://b
 bench-affinity: $(STAMP)

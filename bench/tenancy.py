@@ -3,7 +3,8 @@ sends at 10% of it. The light account's time to first token, alone, under the fl
 the gateway's queue off (vLLM-style workers queue in arrival order), and with it on.
 
     make bench-tenancy                       # scripted workers with a fixed capacity
-    WORKER=http://127.0.0.1:8001 CAPACITY=4 make bench-tenancy   # a real worker too
+    WORKER=http://127.0.0.1:8001 SLOTS=4 make bench-tenancy   # a real worker too (its
+                                             # --max-num-seqs; its capacity is measured)
 
 The scripted workers (`python -m bench.tenancy worker PORT ...`) serve at most `--slots`
 requests at once and queue the rest in arrival order, as vLLM does past --max-num-seqs:
@@ -32,11 +33,14 @@ import aiohttp
 import orjson
 import yaml
 
+from bench.gateway import start, wait
 from gateway.controlplane.registry import hash_key
+from tests.conftest import free_port
 
 FLOOD_KEY, LIGHT_KEY = "fw_flood_key", "fw_light_key"
 MODEL = "accounts/tenancy/models/shared"
 DRAIN = 30.0  # seconds a light request may still wait for its first token after the run
+MAX_TOKENS = int(os.environ.get("BENCH_MAX_TOKENS", "64"))  # a real worker's answers
 
 
 def worker_app(slots: int, prefill: float, tokens: int, rate: float) -> object:
@@ -129,7 +133,8 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, account: Accou
     account.sent += 1
     started = time.perf_counter()
     first: float | None = None
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 64, "stream": True}
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": MAX_TOKENS, "stream": True,
+            "ignore_eos": True}
     try:
         async with session.post(f"{url}/inference/v1/completions", json=body,
                                 headers={"Authorization": f"Bearer {key}"}) as response:
@@ -174,32 +179,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-
-def wait_up(url: str) -> None:
-    import httpx
-
-    for _ in range(300):
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def gateway(replicas: list[str], queue: bool, slots: int) -> tuple[str, subprocess.Popen[bytes]]:
     registry = Path(tempfile.mkdtemp(prefix="bench-tenancy-")) / "registry.yaml"
     registry.write_text(yaml.safe_dump({
@@ -215,7 +194,7 @@ def gateway(replicas: list[str], queue: bool, slots: int) -> tuple[str, subproce
                GATEWAY_LOG_LEVEL="error", GATEWAY_STRICT_VALIDATION="false")
     process = start([sys.executable, "-m", "gateway", "serve"], env)
     url = f"http://127.0.0.1:{port}"
-    wait_up(url + "/health")
+    wait(url + "/health")
     return url, process
 
 
@@ -243,6 +222,30 @@ def scenario(url: str, capacity: float, seconds: float, flood: bool, warmup: flo
         flooding.sent, flooding.shed, flooding.failed = results.get()
         process.join()
     return light, flooding
+
+
+def measure_capacity(replicas: list[str], slots: int, seconds: float = 15.0) -> float:
+    """Requests per second the replicas serve with `slots` requests always in flight each."""
+    url, process = gateway(replicas, False, slots)
+
+    async def closed_loop() -> int:
+        done = 0
+        end = time.perf_counter() + seconds
+        async with aiohttp.ClientSession() as session:
+            async def client() -> None:
+                nonlocal done
+                while time.perf_counter() < end:
+                    account = Account()
+                    await one(session, url, LIGHT_KEY, account)
+                    done += len(account.ttft)
+            await asyncio.gather(*(client() for _ in range(slots * len(replicas))))
+        return done
+
+    try:
+        return asyncio.run(closed_loop()) / seconds
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def table(title: str, replicas: list[str], slots: int, capacity: float, seconds: float,
@@ -281,8 +284,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0,
                         help="seconds of flood before the light account starts (real worker)")
     parser.add_argument("--worker", help="a real worker's URL, for a second table")
+    parser.add_argument("--scripted", action=argparse.BooleanOptionalAction, default=True,
+                        help="the scripted workers' table")
     parser.add_argument("--capacity", type=float, default=0.0,
-                        help="the real worker's requests/s at saturation (measured)")
+                        help="the real worker's requests/s at saturation (0: measured)")
     parser.add_argument("--worker-slots", type=int, default=4,
                         help="the real worker's --max-num-seqs")
     args = parser.parse_args()
@@ -292,6 +297,15 @@ def main() -> None:
         uvicorn.run(worker_app(args.slots, args.prefill, args.tokens, args.rate),  # type: ignore[arg-type]
                     host="127.0.0.1", port=args.port, log_level="error")
         return
+    if args.scripted:
+        scripted(args)
+    if args.worker:
+        capacity = args.capacity or measure_capacity([args.worker], args.worker_slots)
+        table(f"Real worker {args.worker}, {MAX_TOKENS} tokens per answer", [args.worker],
+              args.worker_slots, capacity, args.seconds, args.warmup)
+
+
+def scripted(args: argparse.Namespace) -> None:
     ports = [free_port(), free_port()]
     workers = [start([sys.executable, "-m", "bench.tenancy", "worker", str(port),
                       "--slots", str(args.slots), "--prefill", str(args.prefill),
@@ -300,7 +314,7 @@ def main() -> None:
     try:
         replicas = [f"http://127.0.0.1:{port}" for port in ports]
         for url in replicas:
-            wait_up(url + "/health")
+            wait(url + "/health")
         duration = args.prefill + (args.tokens - 1) / args.rate
         capacity = len(replicas) * args.slots / duration
         table(f"Scripted workers: 2 x {args.slots} slots, {duration:.1f} s per request",
@@ -308,9 +322,6 @@ def main() -> None:
     finally:
         for worker in workers:
             worker.terminate()
-    if args.worker:
-        table(f"Real worker {args.worker}", [args.worker], args.worker_slots, args.capacity,
-              args.seconds, args.warmup)
 
 
 if __name__ == "__main__":
