@@ -179,7 +179,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def gateway(replicas: list[str], queue: bool, slots: int) -> tuple[str, subprocess.Popen[bytes]]:
+def gateway(replicas: list[str], queue: bool, slots: int, reserve: int = 0
+            ) -> tuple[str, subprocess.Popen[bytes]]:
     registry = Path(tempfile.mkdtemp(prefix="bench-tenancy-")) / "registry.yaml"
     registry.write_text(yaml.safe_dump({
         "accounts": [{"id": "tenancy", "api_keys": []},
@@ -190,7 +191,10 @@ def gateway(replicas: list[str], queue: bool, slots: int) -> tuple[str, subproce
     port = free_port()
     env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry), GATEWAY_PORT=str(port),
                GATEWAY_PUBLIC_ACCOUNTS='["tenancy"]', GATEWAY_HEALTH_CHECK_INTERVAL="0.2",
-               GATEWAY_QUEUE_REPLICA_LOAD=str(slots if queue else 0),
+               # Saturated `reserve` short of the workers' slots: those are for accounts
+               # with nothing waiting.
+               GATEWAY_QUEUE_REPLICA_LOAD=str(slots - reserve if queue else 0),
+               GATEWAY_QUEUE_RESERVE=str(reserve),
                GATEWAY_LOG_LEVEL="error", GATEWAY_STRICT_VALIDATION="false")
     process = start([sys.executable, "-m", "gateway", "serve"], env)
     url = f"http://127.0.0.1:{port}"
@@ -249,7 +253,7 @@ def measure_capacity(replicas: list[str], slots: int, seconds: float = 15.0) -> 
 
 
 def table(title: str, replicas: list[str], slots: int, capacity: float, seconds: float,
-          warmup: float) -> None:
+          warmup: float, reserve: int) -> None:
     print(f"\n{title}: capacity {capacity:.1f} requests/s; light at {capacity * 0.1:.2f}/s, "
           f"flood at {capacity * 10:.0f}/s, {seconds:g} s each (light from {warmup:g} s)")
     print(f"{'case':<28}{'light p50':>10}{'light p99':>10}{'light n':>8}{'no token':>9}"
@@ -257,7 +261,7 @@ def table(title: str, replicas: list[str], slots: int, capacity: float, seconds:
     for label, queue, flood in (("light alone", True, False),
                                 ("flood, no gateway queue", False, True),
                                 ("flood, gateway queue", True, True)):
-        url, process = gateway(replicas, queue, slots)
+        url, process = gateway(replicas, queue, slots, reserve)
         try:
             light, flooding = scenario(url, capacity, seconds, flood, warmup if flood else 0)
         finally:
@@ -290,6 +294,10 @@ def main() -> None:
                         help="the real worker's requests/s at saturation (0: measured)")
     parser.add_argument("--worker-slots", type=int, default=4,
                         help="the real worker's --max-num-seqs")
+    parser.add_argument("--reserve", type=int, default=3,
+                        help="slots per scripted worker for accounts with nothing waiting")
+    parser.add_argument("--worker-reserve", type=int, default=1,
+                        help="the same for the real worker")
     args = parser.parse_args()
     if args.role == "worker":
         import uvicorn
@@ -301,8 +309,10 @@ def main() -> None:
         scripted(args)
     if args.worker:
         capacity = args.capacity or measure_capacity([args.worker], args.worker_slots)
-        table(f"Real worker {args.worker}, {MAX_TOKENS} tokens per answer", [args.worker],
-              args.worker_slots, capacity, args.seconds, args.warmup)
+        table(f"Real worker {args.worker}, {MAX_TOKENS} tokens per answer, queue at "
+              f"{args.worker_slots - args.worker_reserve} + {args.worker_reserve} reserved",
+              [args.worker], args.worker_slots, capacity, args.seconds, args.warmup,
+              args.worker_reserve)
 
 
 def scripted(args: argparse.Namespace) -> None:
@@ -317,8 +327,9 @@ def scripted(args: argparse.Namespace) -> None:
             wait(url + "/health")
         duration = args.prefill + (args.tokens - 1) / args.rate
         capacity = len(replicas) * args.slots / duration
-        table(f"Scripted workers: 2 x {args.slots} slots, {duration:.1f} s per request",
-              replicas, args.slots, capacity, args.seconds, 2 * duration)
+        table(f"Scripted workers: 2 x {args.slots} slots, {duration:.1f} s per request, queue "
+              f"at {args.slots - args.reserve} + {args.reserve} reserved", replicas,
+              args.slots, capacity, args.seconds, 2 * duration, args.reserve)
     finally:
         for worker in workers:
             worker.terminate()

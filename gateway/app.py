@@ -151,7 +151,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                           settings.max_ejection_percent,
                           lambda deployment: metrics.panics.labels(deployment.name).inc(),
                           lambda: queues.dispatch_all(), saturated_at)
-    queues = Queues(replicas.room, metrics, settings.queue_max_length, settings.queue_timeout)
+    queues = Queues(replicas.room, metrics, settings.queue_max_length, settings.queue_timeout,
+                    settings.queue_reserve)
     adapters = Adapters(workers, lambda: store.current.data, replicas)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,

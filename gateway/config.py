@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # which vLLM queues requests in arrival order. A request waits at most queue_timeout
     # seconds, a deployment's queue holds at most queue_max_length requests.
     queue_replica_load: int = Field(default=256, ge=0)
+    # Per replica, past queue_replica_load, for requests of accounts with nothing waiting.
+    queue_reserve: int = Field(default=0, ge=0)
     queue_timeout: float = Field(default=30.0, gt=0)
     queue_max_length: int = Field(default=1000, ge=0)
     # Read each replica's load from its worker's /metrics in the health checks (every

@@ -11,6 +11,12 @@ priority fair across accounts by weight (deficit round robin: each account gets 
 turns per round, so a flooding account waits behind its own requests, not in front of the
 others'; an account with nothing waiting goes first).
 
+Requests of an account with nothing waiting may also take a replica up to `queue_reserve`
+past saturation (set `queue_replica_load` + `queue_reserve` to the workers' --max-num-seqs):
+while the deployment is saturated, an occasional request of a light account starts at once
+in the reserve, where it would otherwise wait for the next request to end; the accounts
+whose requests wait cannot use it, as their requests wait behind their own.
+
 Bounded in time and length: a request waits at most `queue_timeout` seconds, then gets a 503
 with `retry-after`; a deployment holds at most `queue_max_length` waiting requests, and when
 full one is shed (503 with `retry-after`): in the lowest priority present, the newest request
@@ -116,6 +122,10 @@ class DeploymentQueue:
         self.length -= 1
         return self.bands[priority].pop()
 
+    def has(self, account: str) -> bool:
+        """Whether the account has a request waiting."""
+        return any(account in band.flows for band in self.bands.values())
+
     def remove(self, waiter: Waiter) -> bool:
         band = self.bands.get(waiter.priority)
         if band is None or not band.remove(waiter):
@@ -137,13 +147,15 @@ class DeploymentQueue:
         return band.flows[longest][-1]
 
 
-Free = Callable[[Deployment], int]  # requests the deployment's replicas can still take
+# Requests the deployment's replicas can still take before saturation, plus `extra` each.
+Free = Callable[[Deployment, int], int]
 
 
 class Queues:
     def __init__(self, free: Free, metrics: GatewayMetrics, max_length: int = 1000,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, reserve: int = 0) -> None:
         self.free = free
+        self.reserve = reserve  # per replica, for accounts with nothing waiting
         self.metrics = metrics
         self.max_length = max_length
         self.timeout = timeout
@@ -154,8 +166,11 @@ class Queues:
         """Returns when the request may take a replica; raises 503 when it is shed."""
         queue = self.queues.get(deployment.name)
         promised = 0 if queue is None else queue.dispatched
-        if (queue is None or queue.length == 0) and self.free(deployment) > promised:
+        if (queue is None or queue.length == 0) and self.free(deployment, 0) > promised:
             return  # nothing waits and there is room: go on
+        if self.reserve and (queue is None or not queue.has(account.id)) \
+                and self.free(deployment, self.reserve) > promised:
+            return  # an account with nothing waiting takes the reserve: no wait at all
         queue = self.queues.setdefault(deployment.name, DeploymentQueue())
         self.deployments[deployment.name] = deployment
         tier = (1 if priority else 0, account.priority)
@@ -195,7 +210,7 @@ class Queues:
         queue, deployment = self.queues.get(name), self.deployments.get(name)
         if queue is None or deployment is None or queue.length == 0:
             return
-        room = self.free(deployment) - queue.dispatched
+        room = self.free(deployment, 0) - queue.dispatched
         while queue.length and room > 0:
             waiter = queue.pop()
             queue.dispatched += 1

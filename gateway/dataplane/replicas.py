@@ -145,12 +145,14 @@ class ReplicaSet:
         self.panicking.discard(deployment.name)
         return replicas
 
-    def room(self, deployment: Deployment) -> int:
-        """Requests the replicas in rotation can take before each is saturated."""
+    def room(self, deployment: Deployment, extra: int = 0) -> int:
+        """Requests the replicas in rotation can take before each is saturated (past it by
+        `extra`)."""
         limit = self.saturated_at(deployment)
         if not limit:
             return sys.maxsize
-        return sum(max(0, limit - self.load.of(r.url)) for r in self.in_rotation(deployment))
+        return sum(max(0, limit + extra - self.load.of(r.url))
+                   for r in self.in_rotation(deployment))
 
     def candidates(self, deployment: Deployment, exclude: set[str]) -> list[Replica]:
         return [r for r in self.in_rotation(deployment) if r.url not in exclude]

@@ -62,8 +62,8 @@ class Room:
     def __init__(self) -> None:
         self.free = 0
 
-    def __call__(self, deployment: Deployment) -> int:
-        return self.free
+    def __call__(self, deployment: Deployment, extra: int) -> int:
+        return self.free + extra  # one replica
 
 
 def account(name: str, priority: int = 0) -> Account:
@@ -113,6 +113,22 @@ async def test_a_full_queue_sheds_the_flood_not_the_light_account() -> None:
     for task in [*flood[:-1], light]:
         task.cancel()
     await asyncio.gather(*flood, light, return_exceptions=True)
+
+
+async def test_an_account_with_nothing_waiting_takes_the_reserve() -> None:
+    room = Room()
+    room.free = -1  # saturated, and the one reserved taken
+    queues = Queues(room, GatewayMetrics(), reserve=1)
+    flood = asyncio.create_task(queues.turn(DEPLOYMENT, account("flood"), False))
+    await asyncio.sleep(0.01)
+    room.free = 0  # the reserve free again; still saturated
+    await asyncio.wait_for(queues.turn(DEPLOYMENT, account("light"), False), 1)  # at once
+    second = asyncio.create_task(queues.turn(DEPLOYMENT, account("flood"), False))
+    await asyncio.sleep(0.01)
+    assert not flood.done() and not second.done()  # it waits behind its own
+    for task in (flood, second):
+        task.cancel()
+    await asyncio.gather(flood, second, return_exceptions=True)
 
 
 async def test_a_request_waits_no_longer_than_the_timeout() -> None:
