@@ -164,6 +164,9 @@ def main() -> None:
                         help="the vllm-router executable ('' to leave it out)")
     parser.add_argument("--gateway-src", default=".",
                         help="the checkout whose gateway to run (for before/after numbers)")
+    parser.add_argument("--before-src",
+                        help="another checkout whose gateway is measured in the same rounds "
+                             "(rows 'before')")
     parser.add_argument("--gateway-workers", type=int, default=1)
     parser.add_argument("--requests", type=int, default=1000, help="per plain measurement")
     parser.add_argument("--streams", type=int, default=300, help="per stream measurement")
@@ -186,6 +189,14 @@ def main() -> None:
     processes.append(gateway)
     proxies: dict[str, tuple[str, int | None]] = {
         "gateway": (f"http://127.0.0.1:{gateway_port}", gateway.pid)}
+    if args.before_src:
+        before_port = free_port()
+        before = subprocess.Popen([sys.executable, "-m", "gateway", "serve"],
+                                  env=dict(env, GATEWAY_PORT=str(before_port)),
+                                  cwd=args.before_src, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        processes.append(before)
+        proxies["before"] = (f"http://127.0.0.1:{before_port}", before.pid)
     if args.router:
         router = start([args.router, "--host", "127.0.0.1", "--port", str(router_port),
                         "--worker-urls", fake, "--policy", "round_robin",

@@ -16,6 +16,19 @@ def _child(name: str, command: list[str], env: dict[str, str] | None = None) -> 
     return Child(name, command, log, env)
 
 
+def log_tails(*urls: str, lines: int = 40) -> str:
+    """The last lines of the logs of the children serving `urls` (their ports name the log
+    files): what a failed test prints, so that a failure in CI can be read afterwards."""
+    tails = []
+    for url in urls:
+        port = url.rsplit(":", 1)[-1]
+        for kind in ("gateway", "worker"):
+            for log in Path(tempfile.gettempdir()).glob(f"{kind}-{port}-*.log"):
+                text = log.read_text(errors="replace").splitlines()[-lines:]
+                tails.append(f"--- {log.name} ---\n" + "\n".join(text))
+    return "\n".join(tails)
+
+
 def start_worker(model_dir: Path, port: int, *extra: str, plugins: bool = True) -> Child:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

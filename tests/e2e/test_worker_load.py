@@ -18,7 +18,7 @@ from gateway.dataplane.load import parse_load
 from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
-from tests.e2e.processes import start_gateway
+from tests.e2e.processes import log_tails, start_gateway
 
 pytestmark = pytest.mark.e2e
 MODEL = "accounts/fireworks/models/pair"
@@ -71,9 +71,15 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
         time.sleep(1.0)  # a few health-check rounds read it
         hosts = []
         for _ in range(6):
-            response = httpx.post(f"{pair_gateway}/inference/v1/completions", timeout=120,
-                                  headers={"Authorization": f"Bearer {API_KEY}"},
-                                  json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+            try:  # a minute is ample for one token; if not, the logs say where it stuck
+                response = httpx.post(f"{pair_gateway}/inference/v1/completions", timeout=60,
+                                      headers={"Authorization": f"Bearer {API_KEY}"},
+                                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+            except httpx.TimeoutException:
+                pytest.fail("no answer in 60 s; busy worker: "
+                            f"{running(smollm2_worker)} running, idle worker: "
+                            f"{running(stock_worker)}\n"
+                            + log_tails(pair_gateway, stock_worker, smollm2_worker))
             assert response.status_code == 200, response.text
             hosts.append(response.headers["fireworks-backend-host"])
         idle = stock_worker.removeprefix("http://")
