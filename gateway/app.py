@@ -8,7 +8,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,6 +31,7 @@ from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
 from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.controlplane.registry import Deployment, load_yaml
+from gateway.controlplane.responses import LocalResponses, RedisResponses, ResponseStore
 from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
 from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
 from gateway.dataplane.adapters import Adapters
@@ -46,6 +47,8 @@ from gateway.dataplane.workers import WorkerClient
 from gateway.edge import Edge
 from gateway.errors import GatewayError
 from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
+from gateway.fireworks.rerank import RerankApi
+from gateway.fireworks.responses import ResponsesApi
 from gateway.metrics import GatewayMetrics
 from gateway.validation import validation_message
 
@@ -54,9 +57,13 @@ logger = logging.getLogger("gateway")
 # Every inference route is served under each of these (the doubled forms are what
 # the SDKs produce from common base URLs).
 PREFIXES = ("/inference/v1", "/v1", "/inference/v1/v1", "/v1/v1")
-# The route table: every inference API the gateway serves, one object each (gateway/api.py).
-APIS: tuple[InferenceApi[Any], ...] = (ChatApi(), CompletionsApi(), EmbeddingsApi(),
-                                       MessagesApi(), CountTokensApi())
+
+
+def inference_apis(responses: ResponseStore) -> tuple[InferenceApi[Any], ...]:
+    """The route table: every inference API the gateway serves, one object each
+    (gateway/api.py)."""
+    return (ChatApi(), CompletionsApi(), EmbeddingsApi(), MessagesApi(), CountTokensApi(),
+            ResponsesApi(responses), RerankApi())
 
 
 class RequestIdMiddleware:
@@ -118,6 +125,7 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     store: RegistryStore
     limiter: Limiter
     ledger: Ledger
+    responses: ResponseStore
     if settings.redis_url:
         # Short timeouts: a Redis outage must cost requests milliseconds, not seconds.
         client = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5,
@@ -132,10 +140,12 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
             degraded=lambda reason, outcome: metrics.limiter_degraded.labels(
                 reason, outcome).inc())
         ledger = RedisLedger(client, settings.redis_prefix, limiter=limiter)
+        responses = RedisResponses(client, settings.redis_prefix, settings.responses_ttl)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
         ledger = LocalLedger(limiter)
+        responses = LocalResponses(settings.responses_ttl)
     workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                            str(settings.upstream_ca_file) if settings.upstream_ca_file else None)
     discovery = Discovery(
@@ -157,7 +167,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
                       queries=WorkerQueries(workers), discovery=discovery,
-                      adapters=adapters, queues=queues, started_at=time.time())
+                      adapters=adapters, queues=queues, responses=responses,
+                      started_at=time.time())
     return gateway, client
 
 
@@ -174,9 +185,10 @@ def configure_logging(level: str) -> None:
 
 
 def create_app(settings: Settings | None = None,
-               apis: Iterable[InferenceApi[Any]] = APIS) -> ASGIApp:
-    """The gateway: the inference endpoints (one per API in `apis`) in front of the FastAPI
-    app for the rest."""
+               apis: Callable[[ResponseStore], Iterable[InferenceApi[Any]]] = inference_apis
+               ) -> ASGIApp:
+    """The gateway: the inference endpoints (one per API that `apis` gives) in front of the
+    FastAPI app for the rest."""
     settings = settings or Settings()
     gateway, redis_client = _build(settings)
 
@@ -274,7 +286,7 @@ def create_app(settings: Settings | None = None,
         logger.exception("unhandled error")
         return _error_response(request, GatewayError(500, "Internal error"))
 
-    routes = InferenceRoutes(Edge(app, settings), gateway, apis, PREFIXES)
+    routes = InferenceRoutes(Edge(app, settings), gateway, apis(gateway.responses), PREFIXES)
     return GatewayApp(RequestIdMiddleware(routes), app, settings)
 
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     queue_reserve: int = Field(default=0, ge=0)
     queue_timeout: float = Field(default=30.0, gt=0)
     queue_max_length: int = Field(default=1000, ge=0)
+    # How long stored responses (the Responses API's `store: true`) are kept, in seconds
+    # (30 days): in Redis with redis_url, else in process (at most 10,000).
+    responses_ttl: float = Field(default=30 * 86400, gt=0)
     # Read each replica's load from its worker's /metrics in the health checks (every
     # gateway then sees the requests of all of them).
     load_from_workers: bool = True

@@ -1,6 +1,6 @@
 """The parts one gateway process serves inference with (app.state.gateway), built once in
 app.py and handed down: settings, the registry store, replicas, limits, usage, metrics,
-the worker client and what is kept about workers."""
+the worker client, what is kept about workers, and stored responses."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from gateway.config import Settings
 from gateway.controlplane.limits import Limiter
+from gateway.controlplane.responses import ResponseStore
 from gateway.controlplane.store import RegistryStore
 from gateway.controlplane.usage import Ledger
 from gateway.dataplane.adapters import Adapters
@@ -32,4 +33,5 @@ class Gateway:
     discovery: Discovery
     adapters: Adapters
     queues: Queues
+    responses: ResponseStore  # stored Responses API responses
     started_at: float

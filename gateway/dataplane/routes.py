@@ -208,3 +208,23 @@ async def account_deployments(request: Request, account_id: str,
     registry = request.app.state.gateway.store.current
     return listing.page(listing.deployments_of(registry, authenticate(request), account_id),
                         "deployments", page_size, page_token)
+
+
+# Stored responses (the Responses API's `store`): the account's own only; others 404.
+@router.get("/responses/{response_id}")
+async def get_response(request: Request, response_id: str) -> dict[str, Any]:
+    account = authenticate(request)
+    gateway: Gateway = request.app.state.gateway
+    stored = await gateway.responses.load(account.id, response_id)
+    if stored is None:
+        raise GatewayError(404, f"Response {response_id} not found")
+    return stored.response
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
+    account = authenticate(request)
+    gateway: Gateway = request.app.state.gateway
+    if not await gateway.responses.delete(account.id, response_id):
+        raise GatewayError(404, f"Response {response_id} not found")
+    return {"id": response_id, "object": "response", "deleted": True}

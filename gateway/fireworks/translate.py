@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment
@@ -160,7 +160,14 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
     return body
 
 
-def cache_salt(request: SamplingFields | EmbeddingRequest, account: str, nonce: str) -> str:
+class CacheScoped(Protocol):
+    """What cache_salt reads of a request (prompt_cache_max_len where the API has it)."""
+
+    @property
+    def prompt_cache_isolation_key(self) -> str | None: ...
+
+
+def cache_salt(request: CacheScoped, account: str, nonce: str) -> str:
     """vLLM's prefix-cache salt. Every account has its own (no account can learn another's
     prompts from cache timing); prompt_cache_isolation_key splits an account's further;
     prompt_cache_max_len 0 gives the request a salt of its own, so that nothing is reused."""

@@ -141,3 +141,32 @@ def test_fireworks_extras(embed_stack: tuple[str, Path]) -> None:
                          headers={"Authorization": f"Bearer {API_KEY}"},
                          json={"model": MODEL, "input": "x", "return_logits": [0]})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_logits"
+
+
+def test_rerank_scores_are_the_models_own(embed_stack: tuple[str, Path]) -> None:
+    """Rerank on the embedding deployment: the cosine similarity of the model's own
+    (transformers) vectors, best first, top_n of them, the documents when asked."""
+    url, model_dir = embed_stack
+    query = "Which city is the capital of France?"
+    documents = ["A cat sat on the mat.", "Paris is the capital of France.",
+                 "Berlin is in Germany.", "The French capital has many museums."]
+    answer = httpx.post(f"{url}/inference/v1/rerank", timeout=60,
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"model": MODEL, "query": query, "documents": documents,
+                              "top_n": 3, "return_documents": True})
+    assert answer.status_code == 200, answer.text
+    reply = answer.json()
+    vectors = reference(model_dir, [query, *documents])
+    expected = vectors[1:] @ vectors[0]
+    order = [int(i) for i in np.argsort(-expected)[:3]]
+    assert [row["index"] for row in reply["data"]] == order
+    for row in reply["data"]:
+        assert abs(row["relevance_score"] - float(expected[row["index"]])) < 1e-3
+        assert row["document"] == documents[row["index"]]
+    assert reply["model"] == MODEL and reply["usage"]["prompt_tokens"] > 0
+    bare = httpx.post(f"{url}/inference/v1/rerank", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": MODEL, "query": query, "documents": documents})
+    assert [row["index"] for row in bare.json()["data"]] == \
+        [int(i) for i in np.argsort(-expected)]
+    assert all("document" not in row for row in bare.json()["data"])

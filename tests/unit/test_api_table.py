@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from gateway.api import Reply, Served, Worker, worker_json
-from gateway.app import APIS, create_app
+from gateway.app import create_app, inference_apis
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
@@ -132,7 +132,7 @@ def app(tmp_path: Path) -> Any:
     settings = Settings(registry_path=registry(tmp_path, [workers.urls["bad"],
                                                           workers.urls["good"]]),
                         health_check_interval=0, eject_after_failures=100)
-    gateway_app = create_app(settings, [*APIS, ReverseApi()])
+    gateway_app = create_app(settings, lambda stored: [*inference_apis(stored), ReverseApi()])
     in_listed_order(gateway_app)
     gateway_app.workers = workers
     return gateway_app

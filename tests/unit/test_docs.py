@@ -12,6 +12,8 @@ from gateway.fireworks.protocol import (
     CompletionRequest,
     EmbeddingRequest,
 )
+from gateway.fireworks.rerank import RerankRequest
+from gateway.fireworks.responses import ResponsesRequest
 from gateway.validation import known_fields
 from tests.conftest import ROOT
 
@@ -19,7 +21,8 @@ from tests.conftest import ROOT
 def test_every_request_field_is_documented() -> None:
     text = (ROOT / "docs" / "fireworks-api.md").read_text()
     named = set(re.findall(r"`([a-z_]+)`", text))
-    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                  ResponsesRequest, RerankRequest):
         assert known_fields(model) <= named, known_fields(model) - named
 
 

@@ -1,0 +1,281 @@
+"""The Responses API: the pure translation by table, the stores (in process and in a real
+redis-server), and the whole path through the gateway over a scripted worker that answers
+as vLLM's /v1/responses does: conversations rebuilt from the store, ids, accounts, streams
+and their faults."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.controlplane.registry import Deployment, Route, hash_key
+from gateway.controlplane.responses import LocalResponses, RedisResponses, StoredResponse
+from gateway.errors import GatewayError
+from gateway.fireworks.responses import (
+    ResponsesRequest,
+    conversation_root,
+    response_id,
+    responses_body,
+)
+from tests.redis_server import RedisServer
+from tests.unit.fake_worker import KEY, MODEL, RESET, FakeWorkers, Stream
+
+OTHER_KEY = "k-other"
+NONCE = "0123456789abcdef0123456789abcdef"
+
+
+def route(**deployment: Any) -> Route:
+    return Route(Deployment(id="d", account="fireworks", model=MODEL, **deployment), MODEL)
+
+
+def body(**request: Any) -> dict[str, Any]:
+    parsed = ResponsesRequest.model_validate({"model": MODEL, "input": "hi"} | request)
+    return responses_body(parsed, route(), account="a", nonce=NONCE)
+
+
+@pytest.mark.parametrize(("request_fields", "expected"), [
+    ({}, {"input": [{"role": "user", "content": "hi"}], "store": False, "stream": False,
+          "max_output_tokens": 2048}),
+    ({"input": [{"role": "user", "content": "x"}], "max_output_tokens": 5},
+     {"input": [{"role": "user", "content": "x"}], "max_output_tokens": 5}),
+    ({"instructions": "be brief", "temperature": 0.5, "top_p": 0.9, "user": "u",
+      "metadata": {"k": "v"}, "truncation": "auto", "parallel_tool_calls": False},
+     {"instructions": "be brief", "temperature": 0.5, "top_p": 0.9, "user": "u",
+      "metadata": {"k": "v"}, "truncation": "auto", "parallel_tool_calls": False}),
+    ({"text": {"format": {"type": "json_object"}}, "reasoning": {"effort": "low"}},
+     {"text": {"format": {"type": "json_object"}}, "reasoning": {"effort": "low"}}),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}], "tool_choice": "auto"},
+     {"tools": [{"type": "function", "name": "f", "parameters": {}}], "tool_choice": "auto"}),
+    ({"store": True, "stream": True}, {"store": False, "stream": True}),  # the gateway stores
+    ({"previous_response_id": "resp_x"}, {"input": [{"role": "user", "content": "hi"}]}),
+])
+def test_the_worker_request(request_fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    translated = body(**request_fields)
+    assert translated | expected == translated
+    assert "previous_response_id" not in translated and "max_tool_calls" not in translated
+    assert translated["request_id"] == f"resp_{NONCE[:16]}{NONCE}"
+    assert len(translated["cache_salt"]) == 32
+
+
+@pytest.mark.parametrize(("request_fields", "param"), [
+    ({"max_tool_calls": 3}, "max_tool_calls"),
+    ({"tools": [{"type": "web_search_preview"}]}, "tools"),
+    ({"background": True}, "background"),
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"store": "yes"}, "store"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"truncation": "sometimes"}, "truncation"),
+])
+def test_refused_fields_are_named(request_fields: dict[str, Any], param: str) -> None:
+    with pytest.raises((GatewayError, ValueError)) as caught:
+        body(**request_fields)
+    if isinstance(caught.value, GatewayError):
+        assert caught.value.status == 400 and caught.value.param == param
+    else:
+        assert param in str(caught.value)
+
+
+def test_an_embedding_deployment_is_refused() -> None:
+    request = ResponsesRequest.model_validate({"model": MODEL, "input": "hi"})
+    with pytest.raises(GatewayError) as caught:
+        responses_body(request, route(task="embed"), account="a", nonce=NONCE)
+    assert caught.value.param == "model"
+
+
+def test_ids_carry_the_conversation_root() -> None:
+    first = response_id(NONCE, None)
+    second = response_id("f" * 32, first)
+    assert conversation_root(first) == conversation_root(second) == NONCE[:16]
+    assert first != second and second.endswith("f" * 32)
+    assert conversation_root("resp_not-ours") is None
+    assert conversation_root(None) is None
+
+
+def test_priority_reaches_workers_that_schedule_by_it() -> None:
+    request = ResponsesRequest.model_validate({"model": MODEL, "input": "hi",
+                                               "service_tier": "priority"})
+    plain = responses_body(request, route(), account="a", nonce=NONCE)
+    scheduled = responses_body(request, route(priority_scheduling=True), account="a",
+                               nonce=NONCE)
+    assert "priority" not in plain and scheduled["priority"] == -1
+
+
+# The stores: the same behaviour in process and in Redis.
+
+@pytest.fixture(params=["local", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    if request.param == "local":
+        yield LocalResponses(ttl=60)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    import redis.asyncio as aioredis
+    yield RedisResponses(aioredis.from_url(server.url), f"t{uuid.uuid4().hex[:6]}:", ttl=60)
+
+
+async def test_a_store_keeps_per_account(store: Any) -> None:
+    kept = StoredResponse({"id": "r1", "output": [{"type": "message"}]}, [{"role": "user"}])
+    await store.save("alpha", "r1", kept)
+    assert (await store.load("alpha", "r1")) == kept
+    assert await store.load("beta", "r1") is None  # another account's id finds nothing
+    assert not await store.delete("beta", "r1")
+    assert kept.next_input() == [{"role": "user"}, {"type": "message"}]
+    assert await store.delete("alpha", "r1")
+    assert await store.load("alpha", "r1") is None and not await store.delete("alpha", "r1")
+
+
+async def test_local_store_is_bounded_and_expires() -> None:
+    store = LocalResponses(ttl=60, max_entries=2)
+    for name in ("a", "b", "c"):
+        await store.save("x", name, StoredResponse({"id": name}, []))
+    assert await store.load("x", "a") is None and await store.load("x", "c") is not None
+    expired = LocalResponses(ttl=-1)
+    await expired.save("x", "a", StoredResponse({"id": "a"}, []))
+    assert await expired.load("x", "a") is None and not expired.entries
+
+
+# Through the gateway, over a scripted worker.
+
+def answer(request: dict[str, Any], text: str) -> dict[str, Any]:
+    tokens = sum(len(str(item)) for item in request["input"]) // 10
+    return {"id": request["request_id"], "object": "response", "model": "served",
+            "status": "completed",
+            "output": [{"id": "msg_1", "type": "message", "role": "assistant",
+                        "status": "completed",
+                        "content": [{"type": "output_text", "text": text,
+                                     "annotations": []}]}],
+            "usage": {"input_tokens": tokens, "output_tokens": 2, "total_tokens": tokens + 2,
+                      "input_tokens_details": {"cached_tokens": 0}}}
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def handler(http: httpx.Request) -> httpx.Response:
+    if http.url.path == "/v1/models":
+        return httpx.Response(200, json={"data": [{"id": "served"}]})
+    request = orjson.loads(http.content)
+    last = request["input"][-1].get("content")
+    if last == "bad answer":
+        return httpx.Response(200, json={"object": "response"})
+    if not request["stream"]:
+        return httpx.Response(200, json=answer(request, f"re: {last}"))
+    done = answer(request, "Hello!")
+    created = done | {"status": "in_progress", "output": [], "usage": None}
+    parts: list[Any] = [sse({"type": "response.created", "sequence_number": 0,
+                             "response": created}),
+                        sse({"type": "response.output_text.delta", "sequence_number": 1,
+                             "delta": "Hello", "item_id": "msg_1", "output_index": 0,
+                             "content_index": 0})]
+    if last == "cut":
+        parts.append(RESET)
+    else:
+        parts.append(sse({"type": "response.completed", "sequence_number": 2,
+                          "response": done}))
+    return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                          stream=Stream(parts))
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Any:
+    workers = FakeWorkers(handler)
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]},
+                     {"id": "other", "api_keys": [hash_key(OTHER_KEY)]}],
+        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
+                         "replicas": [{"url": workers.urls["worker"]}]}]}))
+    gateway_app = create_app(Settings(registry_path=path, health_check_interval=0))
+    gateway_app.workers = workers
+    return gateway_app
+
+
+async def call(app: Any, method: str, path: str, body: dict[str, Any] | None = None,
+               key: str = KEY) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        return await client.request(method, f"/inference/v1{path}", json=body,
+                                    headers={"authorization": f"Bearer {key}"})
+
+
+async def test_a_conversation_across_turns(app: Any) -> None:
+    async with app.router.lifespan_context(app.fastapi):
+        first = await call(app, "POST", "/responses", {"model": MODEL, "input": "one"})
+        assert first.status_code == 200, first.text
+        one = first.json()
+        assert one["model"] == MODEL and one["id"].startswith("resp_") and one["store"]
+        second = (await call(app, "POST", "/responses", {
+            "model": MODEL, "input": "two", "previous_response_id": one["id"]})).json()
+        assert second["previous_response_id"] == one["id"]
+        assert conversation_root(second["id"]) == conversation_root(one["id"])
+        sent = [orjson.loads(r.content) for r in app.workers.served.requests
+                if r.url.path == "/v1/responses"]
+        assert sent[1]["input"] == [{"role": "user", "content": "one"}, *one["output"],
+                                    {"role": "user", "content": "two"}]
+        assert all("previous_response_id" not in s and s["store"] is False for s in sent)
+        assert sent[1]["model"] == "served"
+        assert second["usage"]["input_tokens"] > one["usage"]["input_tokens"]
+        assert (await call(app, "GET", f"/responses/{one['id']}")).json() == one
+        assert (await call(app, "GET", f"/responses/{one['id']}", key=OTHER_KEY)
+                ).status_code == 404
+        assert (await call(app, "POST", "/responses", {
+            "model": MODEL, "input": "x", "previous_response_id": one["id"]},
+            key=OTHER_KEY)).status_code == 404  # another account cannot continue it
+        assert (await call(app, "DELETE", f"/responses/{one['id']}", key=OTHER_KEY)
+                ).status_code == 404
+        assert (await call(app, "DELETE", f"/responses/{one['id']}")).status_code == 200
+        gone = await call(app, "GET", f"/responses/{one['id']}")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "NOT_FOUND"
+        records = app.state.gateway.ledger.kept
+        assert [(r.endpoint, r.status) for r in records][:2] == \
+            [("/v1/responses", "ok")] * 2
+        assert records[1].prompt_tokens == second["usage"]["input_tokens"]
+
+
+async def test_not_stored_unknown_previous_and_bad_answers(app: Any) -> None:
+    async with app.router.lifespan_context(app.fastapi):
+        unstored = (await call(app, "POST", "/responses",
+                               {"model": MODEL, "input": "x", "store": False})).json()
+        assert (await call(app, "GET", f"/responses/{unstored['id']}")).status_code == 404
+        unknown = await call(app, "POST", "/responses", {
+            "model": MODEL, "input": "x", "previous_response_id": "resp_nope"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["param"] == "previous_response_id"
+        bad = await call(app, "POST", "/responses", {"model": MODEL, "input": "bad answer"})
+        assert bad.status_code == 502
+
+
+async def test_a_stream_is_relayed_stored_and_fails_as_an_event(app: Any) -> None:
+    async with app.router.lifespan_context(app.fastapi):
+        streamed = await call(app, "POST", "/responses",
+                              {"model": MODEL, "input": "hi", "stream": True})
+        assert streamed.status_code == 200
+        events = [orjson.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: ")]
+        assert [e["type"] for e in events] == ["response.created",
+                                               "response.output_text.delta",
+                                               "response.completed"]
+        done = events[-1]["response"]
+        assert done["model"] == MODEL and events[0]["response"]["model"] == MODEL
+        stored = await call(app, "GET", f"/responses/{done['id']}")
+        assert stored.json()["output"] == done["output"]
+        cut = await call(app, "POST", "/responses",
+                         {"model": MODEL, "input": "cut", "stream": True})
+        last = [orjson.loads(line[6:]) for line in cut.text.splitlines()
+                if line.startswith("data: ")][-1]
+        assert last["type"] == "response.failed" and last["sequence_number"] == 2
+        assert last["response"]["status"] == "failed"
+        assert (await call(app, "GET", f"/responses/{last['response']['id']}")
+                ).status_code == 404
+        statuses = [(r.status, r.http_status) for r in app.state.gateway.ledger.kept]
+        assert statuses == [("ok", 200), ("error", 502)]
