@@ -48,10 +48,15 @@ def _seconds(milliseconds: Any) -> float | None:
     return None
 
 
+def fireworks_headers(metrics: dict[str, Any]) -> dict[str, str]:
+    """The metrics as `fireworks-*` headers."""
+    return {f"fireworks-{key}": (f"{value:.6f}" if isinstance(value, float) else str(value))
+            for key, value in metrics.items()}
+
+
 def metric_headers(metrics: dict[str, Any], sampling_options: dict[str, Any],
                    context_length: int | None) -> dict[str, str]:
-    headers = {f"fireworks-{key}": (f"{value:.6f}" if isinstance(value, float) else str(value))
-               for key, value in metrics.items()}
+    headers = fireworks_headers(metrics)
     options = dict(sampling_options)
     if context_length and "prompt-tokens" in metrics:  # what truncate mode really allowed
         options["max_tokens"] = min(options["max_tokens"],

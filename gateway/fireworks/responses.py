@@ -26,11 +26,12 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import MAX_TOKENS, Reply, Served, Worker, worker_json
+from gateway.api import MAX_TOKENS, Reply, Served, Worker, coerce_usage, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.controlplane.responses import ResponseStore, StoredResponse
 from gateway.errors import GatewayError, WorkerFault
+from gateway.fireworks.perf import fireworks_headers, perf_metrics
 from gateway.fireworks.protocol import Strict
 from gateway.fireworks.translate import PRIORITY, cache_salt
 
@@ -135,6 +136,15 @@ def usage_of(payload: Any) -> dict[str, Any] | None:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def perf_headers(served: Served, response: dict[str, Any],
+                 complete: bool) -> list[tuple[bytes, bytes]]:
+    """The `fireworks-*` headers, from the engine's own `metrics` in the response where it
+    sent them."""
+    metrics = perf_metrics(served, coerce_usage(usage_of(response)), response.get("metrics"),
+                           complete)
+    return [(k.encode(), v.encode()) for k, v in fireworks_headers(metrics).items()]
+
+
 @dataclass
 class ResponsesCall:
     body: dict[str, Any]
@@ -198,7 +208,7 @@ class ResponsesCall:
         served.first_token()
         served.usage = usage_of(data)
         await self.keep(self.client_view(data))
-        return Reply(orjson.dumps(data), [])
+        return Reply(orjson.dumps(data), perf_headers(served, data, complete=True))
 
     def framing(self, worker: Worker, served: Served) -> ResponseFraming:
         return ResponseFraming(self, served)
@@ -254,7 +264,7 @@ class ResponseFraming:
         return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return []
+        return perf_headers(self.served, self.created, complete=False)
 
     def drain(self) -> list[bytes]:
         return []  # nothing is held back

@@ -26,6 +26,7 @@ from gateway.fireworks.responses import (
     response_id,
     responses_body,
 )
+from gateway.validation import known_fields
 from tests.redis_server import RedisServer
 from tests.unit.fake_worker import KEY, MODEL, RESET, FakeWorkers, Stream
 
@@ -64,6 +65,52 @@ def test_the_worker_request(request_fields: dict[str, Any], expected: dict[str, 
     assert "previous_response_id" not in translated and "max_tool_calls" not in translated
     assert translated["request_id"] == f"resp_{NONCE[:16]}{NONCE}"
     assert len(translated["cache_salt"]) == 32
+
+
+# Every field: a sample value and where it goes ("body": to the worker as sent; "refused": a
+# 400 naming it; otherwise what takes it). Checked against the request model.
+FIELDS: dict[str, tuple[Any, str]] = {
+    "model": (MODEL, "routing (resolve)"),
+    "input": ("hi", "the worker's input, after the stored conversation"),
+    "previous_response_id": ("resp_x", "ResponsesCall.prepare reads the store"),
+    "store": (False, "ResponsesCall.keep"),
+    "stream": (True, "body"),
+    "instructions": ("be brief", "body"),
+    "max_output_tokens": (7, "body"),
+    "metadata": ({"k": "v"}, "body"),
+    "parallel_tool_calls": (False, "body"),
+    "reasoning": ({"effort": "low"}, "body"),
+    "temperature": (0.3, "body"),
+    "top_p": (0.5, "body"),
+    "text": ({"format": {"type": "json_object"}}, "body"),
+    "tool_choice": ("required", "body"),
+    "tools": ([{"type": "function", "name": "f", "parameters": {}}], "body"),
+    "truncation": ("auto", "body"),
+    "user": ("u", "body"),
+    "prompt_cache_key": ("k", "body"),
+    "prompt_cache_isolation_key": ("iso", "cache_salt"),
+    "service_tier": ("priority", "Call.priority (the gateway's queue)"),
+    "max_tool_calls": (2, "refused"),
+}
+
+
+def test_every_field_has_a_row() -> None:
+    assert set(FIELDS) == known_fields(ResponsesRequest)
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_each_field_takes_effect(name: str) -> None:
+    value, where = FIELDS[name]
+    if where == "refused":
+        with pytest.raises(GatewayError) as caught:
+            body(**{name: value})
+        assert caught.value.param == name
+    elif where == "body":
+        assert body(**{name: value})[name] == value
+    elif where == "cache_salt":
+        assert body(**{name: value})["cache_salt"] != body()["cache_salt"]
+    else:
+        body(**{name: value})  # accepted; its effect is tested below
 
 
 @pytest.mark.parametrize(("request_fields", "param"), [
@@ -214,6 +261,8 @@ async def test_a_conversation_across_turns(app: Any) -> None:
         assert first.status_code == 200, first.text
         one = first.json()
         assert one["model"] == MODEL and one["id"].startswith("resp_") and one["store"]
+        assert first.headers["fireworks-prompt-tokens"] == str(one["usage"]["input_tokens"])
+        assert first.headers["fireworks-deployment"] == "accounts/fireworks/deployments/d"
         second = (await call(app, "POST", "/responses", {
             "model": MODEL, "input": "two", "previous_response_id": one["id"]})).json()
         assert second["previous_response_id"] == one["id"]
@@ -259,7 +308,7 @@ async def test_a_stream_is_relayed_stored_and_fails_as_an_event(app: Any) -> Non
     async with app.router.lifespan_context(app.fastapi):
         streamed = await call(app, "POST", "/responses",
                               {"model": MODEL, "input": "hi", "stream": True})
-        assert streamed.status_code == 200
+        assert streamed.status_code == 200 and "fireworks-backend-host" in streamed.headers
         events = [orjson.loads(line[6:]) for line in streamed.text.splitlines()
                   if line.startswith("data: ")]
         assert [e["type"] for e in events] == ["response.created",
