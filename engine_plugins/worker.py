@@ -15,6 +15,7 @@ anyway). Set it yourself to override.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -36,12 +37,22 @@ def _has_flag(argv: Sequence[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
 
+def kv_events_config(port: int) -> str:
+    """vLLM's --kv-events-config: KV-cache events published on `port` (ZMQ PUB), replayed
+    on request on `port` + 1 (the gateway's subscriptions: gateway/dataplane/kv_events.py)."""
+    return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                       "endpoint": f"tcp://*:{port}", "replay_endpoint": f"tcp://*:{port + 1}"})
+
+
 def build_command(
-    model: str, port: int, host: str, plugins: bool, passthrough: Sequence[str]
+    model: str, port: int, host: str, plugins: bool, passthrough: Sequence[str],
+    kv_events_port: int | None = None,
 ) -> list[str]:
     """The vLLM server command line (without the interpreter)."""
     command = ["-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--host", host, "--port", str(port)]
+    if kv_events_port is not None:
+        command += ["--kv-events-config", kv_events_config(kv_events_port)]
     if plugins and not _has_flag(passthrough, "--logits-processors"):
         command += ["--logits-processors", *PROCESSORS]
     command += [flag for flag in METRICS_FLAGS if not _has_flag(passthrough, flag)]
@@ -72,13 +83,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--no-plugins", action="store_true",
                         help="start stock vLLM without the project's processors")
+    parser.add_argument("--kv-events-port", type=int,
+                        help="publish KV-cache events on this port (replay on the next one) "
+                             "for the gateway's cache-aware routing")
     return parser.parse_known_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     plugins = not args.no_plugins
-    command = build_command(args.model, args.port, args.host, plugins, passthrough)
+    command = build_command(args.model, args.port, args.host, plugins, passthrough,
+                            args.kv_events_port)
     env = build_environment(plugins, dict(os.environ), passthrough)
     # exec keeps one process: signals from the supervisor reach vLLM directly.
     os.execve(sys.executable, [sys.executable, *command], env)

@@ -40,6 +40,8 @@ class Served:
     concurrent: int  # requests in flight on that replica from this gateway, this one included
     started: float  # monotonic, when the request was admitted
     first_token_at: float | None = None
+    # Why the replica was chosen, when the workers' KV caches decided it (kv_index.py).
+    routing: str | None = None
     # The latest usage the worker reported, in the usage-record shape (see coerce_usage),
     # as sent: coerced when read.
     usage: Any = None
@@ -110,6 +112,16 @@ class StreamFraming(Protocol):
         ...
 
 
+@dataclass
+class CacheQuery:
+    """What routing on the workers' KV caches needs of a request (dataplane/kv_index.py):
+    its prompt as the worker's /tokenize takes it, or its token ids, and its cache salt."""
+
+    tokenize: dict[str, Any] | None = None
+    token_ids: list[int] | None = None
+    salt: str | None = None
+
+
 class Call(Protocol):
     """One request, translated for the workers: what the data plane needs to admit and
     send it, and the API's handling of each attempt's answer."""
@@ -140,6 +152,11 @@ class Call(Protocol):
     @property
     def priority(self) -> bool:
         """Asked for priority service (`service_tier`): ahead in the gateway's queue."""
+        ...
+
+    def cache_query(self) -> CacheQuery | None:
+        """The prompt whose cached prefix routing looks for on the workers; None when the
+        API reuses no cached prefix (or cannot say which tokens its prompt is)."""
         ...
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:

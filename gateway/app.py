@@ -37,6 +37,8 @@ from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
+from gateway.dataplane.kv_events import KvEvents, endpoints
+from gateway.dataplane.kv_index import BlockIndex
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import WorkerQueries
 from gateway.dataplane.queue import Queues
@@ -168,7 +170,7 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                       ledger=ledger, metrics=metrics, workers=workers,
                       queries=WorkerQueries(workers), discovery=discovery,
                       adapters=adapters, queues=queues, responses=responses,
-                      started_at=time.time())
+                      kv_index=BlockIndex(), started_at=time.time())
     return gateway, client
 
 
@@ -220,6 +222,18 @@ def create_app(settings: Settings | None = None,
             after=gateway.queues.dispatch_all)  # new load readings may free room
         if settings.health_check_interval > 0:
             checker.start()
+
+        def publishing() -> dict[str, tuple[str, str]]:  # pods that publish KV events
+            found = {}
+            for deployment in gateway.store.current.data.deployments:
+                for replica in gateway.replicas.replicas(deployment):
+                    where = endpoints(deployment, replica)
+                    if where is not None:
+                        found[replica.url] = where
+            return found
+
+        kv_events = KvEvents(gateway.kv_index, publishing, settings.discovery_interval)
+        kv_events.start()
         # What was loaded at start-up lives as long as the process: keep it out of the
         # collector's way, so that full collections under load stay short.
         gc.freeze()
@@ -227,6 +241,7 @@ def create_app(settings: Settings | None = None,
             yield
         finally:
             await checker.stop()
+            await kv_events.stop()
             await cancel(pruning)
             await gateway.discovery.stop()
             await gateway.adapters.stop()

@@ -24,7 +24,7 @@ from gateway.anthropic.protocol import (
     error_envelope,
     usage_of,
 )
-from gateway.api import Reply, Served, Worker, worker_json
+from gateway.api import CacheQuery, Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
@@ -56,6 +56,9 @@ class MessagesCall:
     n: int = 1
     metadata: dict[str, str] | None = None
     priority: bool = False
+
+    def cache_query(self) -> CacheQuery | None:
+        return None  # Anthropic messages are not what /tokenize renders
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         if self.adapter:

@@ -48,6 +48,9 @@ def check_replica_url(url: str) -> str:
 
 class Replica(Record):
     url: str
+    # The worker's KV-cache event endpoint ("tcp://host:port"; its replay endpoint is
+    # port + 1), when it differs from the deployment's kv_events_port on the URL's host.
+    kv_events: str | None = Field(default=None, pattern=r"^tcp://[^\s/]+:[0-9]{1,5}$")
 
     @field_validator("url")
     @classmethod
@@ -97,6 +100,10 @@ class DeploymentSettings(Record):
     # replica is, requests wait in the gateway's queue (dataplane/queue.py). None: the
     # gateway's queue_replica_load.
     queue_replica_load: int | None = Field(default=None, ge=0)
+    # The port on which every worker of the deployment publishes its KV-cache events (the
+    # launcher's --kv-events-port; replay on the next port): the gateway then routes on what
+    # each pod really has cached (dataplane/kv_events.py). None: no events.
+    kv_events_port: int | None = Field(default=None, ge=1, le=65534)
     replicas: list[Replica] = Field(default_factory=list)
     # "ready" serves; "disabled" answers 503 (kept, e.g. while its workers are replaced).
     state: Literal["ready", "disabled"] = "ready"

@@ -75,7 +75,8 @@ class Exchange:
         self.drop()
         served = Served(deployment=self.deployment,
                         backend_host=urlsplit(lease.replica.url).netloc,
-                        concurrent=lease.concurrent, started=self.started)
+                        concurrent=lease.concurrent, started=self.started,
+                        routing=lease.routing)
         worker = ReplicaWorker(lease.replica.url.rstrip("/"), self.gateway.queries)
         self.attempt = Attempt(lease, served, worker)
         return self.attempt

@@ -13,6 +13,7 @@ from gateway.controlplane.store import RegistryStore
 from gateway.controlplane.usage import Ledger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery
+from gateway.dataplane.kv_index import BlockIndex
 from gateway.dataplane.queries import WorkerQueries
 from gateway.dataplane.queue import Queues
 from gateway.dataplane.replicas import ReplicaSet
@@ -34,4 +35,5 @@ class Gateway:
     adapters: Adapters
     queues: Queues
     responses: ResponseStore  # stored Responses API responses
+    kv_index: BlockIndex  # what each pod holds in its KV cache, from its events
     started_at: float

@@ -29,13 +29,17 @@ from typing import Protocol
 
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.health import ReplicaHealth
+from gateway.dataplane.kv_index import CacheHint
 from gateway.dataplane.load import ReplicaLoad
 from gateway.errors import GatewayError
 
 
 class ReplicaPolicy(Protocol):
     def choose(self, candidates: list[Replica], load: dict[str, int],
-               affinity_key: str | None) -> Replica: ...
+               affinity_key: str | None, cached: dict[str, int] | None = None) -> Replica:
+        """`cached`: per replica, the request's prompt blocks its KV cache holds (from the
+        workers' events), when known."""
+        ...
 
 
 Pick = Callable[[list[Replica]], Replica]
@@ -48,7 +52,7 @@ class LeastOutstanding:
         self.pick = pick
 
     def choose(self, candidates: list[Replica], load: dict[str, int],
-               affinity_key: str | None) -> Replica:
+               affinity_key: str | None, cached: dict[str, int] | None = None) -> Replica:
         if len(candidates) == 1:
             return candidates[0]
         low = min(load[r.url] for r in candidates)
@@ -65,6 +69,10 @@ def rendezvous_rank(key: str, candidates: list[Replica]) -> list[Replica]:
 
 
 class AffinityOrLeastOutstanding:
+    """The replica holding most of the prompt's blocks in its KV cache, when the workers'
+    events say (kv_index.py); else the one the affinity key ranks first; else the least
+    loaded. Cache and key give way to load past `max_imbalance`."""
+
     def __init__(self, max_imbalance: int = 4, pick: Pick = random.choice) -> None:
         # How many more in-flight requests than the least loaded replica the preferred one may
         # have before affinity gives way to load.
@@ -72,8 +80,13 @@ class AffinityOrLeastOutstanding:
         self.fallback = LeastOutstanding(pick)
 
     def choose(self, candidates: list[Replica], load: dict[str, int],
-               affinity_key: str | None) -> Replica:
+               affinity_key: str | None, cached: dict[str, int] | None = None) -> Replica:
         least = self.fallback.choose(candidates, load, None)
+        if cached:  # what the pods hold, from their events: the longest cached prefix wins
+            best = max(candidates, key=lambda r: (cached.get(r.url, 0), -load[r.url]))
+            if cached.get(best.url, 0) and \
+                    load[best.url] - load[least.url] <= self.max_imbalance:
+                return best
         if affinity_key is None:
             return least
         preferred = rendezvous_rank(affinity_key, candidates)[0]
@@ -89,6 +102,7 @@ class Lease:
         self._replicas = replicas
         self.replica = replica
         self._held = True
+        self.routing: str | None = None  # why this replica, when KV caches decided it
         # Requests this gateway had in flight on the replica when this one was admitted,
         # this one included (the fireworks-num-concurrent-requests header).
         self.concurrent = replicas.outstanding[replica.url]
@@ -159,7 +173,8 @@ class ReplicaSet:
 
     def acquire(self, deployment: Deployment, affinity_key: str | None = None,
                 exclude: set[str] | None = None,
-                prefer: Callable[[str], bool] | None = None) -> Lease:
+                prefer: Callable[[str], bool] | None = None,
+                hint: CacheHint | None = None) -> Lease:
         """A lease on a replica; among those `prefer` accepts when there are any (e.g. the
         replicas that hold a request's LoRA adapter)."""
         exclude = exclude or set()
@@ -179,7 +194,14 @@ class ReplicaSet:
                     or candidates
             if prefer is not None:
                 candidates = [r for r in candidates if prefer(r.url)] or candidates
-            replica = self.policy.choose(
-                candidates, {r.url: self.load.of(r.url) for r in candidates}, affinity_key)
+            load = {r.url: self.load.of(r.url) for r in candidates}
+            replica = self.policy.choose(candidates, load, affinity_key,
+                                         None if hint is None else hint.cached)
+            if hint is not None:
+                why = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
+                       f"load={load[replica.url]}")
         self.outstanding[replica.url] += 1
-        return Lease(self, replica)
+        lease = Lease(self, replica)
+        if hint is not None:
+            lease.routing = why if trial is None else "trial"
+        return lease

@@ -19,7 +19,9 @@ from gateway.api import InferenceApi
 from gateway.controlplane.limits import Admission, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
+from gateway.dataplane.kv_index import cache_hint
 from gateway.dataplane.parts import Gateway
+from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
 from gateway.errors import GatewayError, WorkerFault, bytes_headers
 
@@ -78,12 +80,17 @@ async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
     deployment, lora = exchange.route.deployment, exchange.route.lora
     prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
     await gateway.queues.turn(deployment, exchange.account, exchange.call.priority)
+    pods = [r.url for r in gateway.replicas.in_rotation(deployment)]
+    hint = await cache_hint(gateway.kv_index, pods, exchange.call.cache_query(),
+                            None if lora is None else lora.worker_name,
+                            ReplicaWorker(pods[0].rstrip("/"), gateway.queries)) \
+        if pods and gateway.kv_index.known else None
     tried: set[str] = set()
     answered_badly: str | None = None
     try:
         for attempt_number in range(ATTEMPTS):
             attempt = exchange.begin(gateway.replicas.acquire(deployment, affinity, tried,
-                                                              prefer))
+                                                              prefer, hint))
             url = attempt.lease.replica.url
             tried.add(url)
             try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gateway.api import Reply, Served, Worker, coerce_usage, worker_json
+from gateway.api import CacheQuery, Reply, Served, Worker, coerce_usage, worker_json
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault, bytes_headers, stream_error_event
 from gateway.fireworks.choices import token_ids_in
@@ -106,6 +106,19 @@ class GenerationCall:
     @property
     def priority(self) -> bool:
         return self.plan.priority
+
+    def cache_query(self) -> CacheQuery | None:
+        body, salt = self.body, self.body.get("cache_salt")
+        if "messages" in body:  # rendered by the worker's chat template, as the request
+            query = {key: body[key] for key in ("messages", "tools", "chat_template_kwargs")
+                     if key in body}
+            return CacheQuery(tokenize=query | {"add_generation_prompt": True}, salt=salt)
+        prompts = prompts_of(body["prompt"])
+        if len(prompts) != 1:
+            return None  # several prompts: each may be cached elsewhere
+        if isinstance(prompts[0], list):
+            return CacheQuery(token_ids=prompts[0], salt=salt)
+        return CacheQuery(tokenize={"prompt": prompts[0]}, salt=salt)
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         plan = self.plan
@@ -210,6 +223,9 @@ class EmbeddingCall:
     n: int = 1
     metadata: dict[str, str] | None = None
     priority: bool = False
+
+    def cache_query(self) -> CacheQuery | None:
+        return None  # an embedding reuses no cached prefix worth routing on
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded

@@ -39,6 +39,8 @@ def perf_metrics(served: Served, usage: dict[str, Any] | None,
     metrics["deployment"] = served.deployment
     metrics["backend-host"] = served.backend_host
     metrics["num-concurrent-requests"] = served.concurrent
+    if served.routing is not None:
+        metrics["routing"] = served.routing
     return metrics
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import Reply, Served, Worker, worker_json
+from gateway.api import CacheQuery, Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
@@ -90,6 +90,9 @@ class RerankCall:
     n: int = 1
     metadata: dict[str, str] | None = None
     priority: bool = False
+
+    def cache_query(self) -> CacheQuery | None:
+        return None  # scoring reuses no cached prefix worth routing on
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded

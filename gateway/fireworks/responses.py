@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import MAX_TOKENS, Reply, Served, Worker, coerce_usage, worker_json
+from gateway.api import MAX_TOKENS, CacheQuery, Reply, Served, Worker, coerce_usage, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.controlplane.responses import ResponseStore, StoredResponse
@@ -165,6 +165,10 @@ class ResponsesCall:
     def conversation(self) -> list[Any]:
         """This turn's whole input: the history, then the new items."""
         return [*(self.history or []), *self.body["input"]]
+
+    def cache_query(self) -> CacheQuery | None:
+        return None  # input items are not what /tokenize renders; the conversation root
+        # keys the affinity instead
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         if self.previous_id is not None and self.history is None:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from gateway.api import Reply, Served, Worker, worker_json
+from gateway.api import CacheQuery, Reply, Served, Worker, worker_json
 from gateway.app import create_app, inference_apis
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
@@ -45,6 +45,9 @@ class ReverseCall:
     n: int = 1
     metadata: dict[str, str] | None = None
     priority: bool = False
+
+    def cache_query(self) -> CacheQuery | None:
+        return None
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded
