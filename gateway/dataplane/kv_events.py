@@ -10,8 +10,9 @@ then holds the same picture of the cluster's caches without a shared store betwe
 Events come numbered. On subscribing, and after a gap in the numbers, the pod's replay
 endpoint (the events port + 1) sends what its buffer still holds from the missing number on;
 if the buffer no longer reaches back that far, or no replay answers, the pod's view is
-cleared and rebuilt from the events that follow. A pod whose numbers start again from 0 has
-restarted with an empty cache: its view is cleared.
+cleared and rebuilt from the events that follow. A pod whose numbers start again (a number
+already seen, with a newer time) has restarted with an empty cache: its view is cleared and
+replayed from its first batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import zmq.asyncio
 
 from gateway.background import cancel
 from gateway.controlplane.registry import Deployment, Replica
-from gateway.dataplane.kv_index import DECODER, BlockIndex
+from gateway.dataplane.kv_index import DECODER, BlockIndex, EventBatch
 
 logger = logging.getLogger("gateway.kv_events")
 END_SEQ = -1  # the replay endpoint's last message
@@ -54,6 +55,7 @@ class PodEvents:
         self.pod, self.endpoint, self.replay_endpoint = pod, endpoint, replay
         self.index, self.context = index, context
         self.last: int | None = None  # the number of the last batch applied
+        self.last_ts = 0.0  # and its time
 
     async def run(self) -> None:
         sub = self.context.socket(zmq.SUB)
@@ -72,27 +74,33 @@ class PodEvents:
             self.index.known.discard(self.pod)
 
     async def take(self, seq: int, payload: bytes) -> None:
+        try:
+            batch = DECODER.decode(payload)
+        except msgspec.DecodeError as exc:
+            logger.warning("pod %s: an event batch that cannot be read: %s", self.pod, exc)
+            self.index.clear(self.pod)  # what follows may build on what was in it
+            self.last = seq
+            return
         if self.last is not None and seq <= self.last:
-            if seq != 0:
+            if batch.ts <= self.last_ts:
                 return  # already applied (a replay overlapping live events)
+            # Numbers that start again, with newer times: the pod restarted, empty.
             logger.info("pod %s restarted: its cached blocks are forgotten", self.pod)
             self.index.clear(self.pod)
             self.last = None
-        elif self.last is not None and seq > self.last + 1:
+            await self.catch_up(0)
+            return
+        if self.last is not None and seq > self.last + 1:
             logger.warning("pod %s: events %d-%d lost, replaying", self.pod, self.last + 1,
                            seq - 1)
             await self.catch_up(self.last + 1)
             if self.last is not None and seq <= self.last:
                 return
-        self.apply(seq, payload)
+        self.apply(seq, batch)
 
-    def apply(self, seq: int, payload: bytes) -> None:
-        try:
-            self.index.apply(self.pod, DECODER.decode(payload))
-        except msgspec.DecodeError as exc:
-            logger.warning("pod %s: an event batch that cannot be read: %s", self.pod, exc)
-            self.index.clear(self.pod)  # what follows may build on what was in it
-        self.last = seq
+    def apply(self, seq: int, batch: EventBatch) -> None:
+        self.index.apply(self.pod, batch)
+        self.last, self.last_ts = seq, batch.ts
         self.index.known.add(self.pod)
 
     async def catch_up(self, start: int) -> None:
@@ -118,7 +126,10 @@ class PodEvents:
                         expected = None  # the buffer no longer reaches back to `start`
                     elif expected is not None:
                         expected = seq + 1
-                    self.apply(seq, frames[3])
+                    try:
+                        self.apply(seq, DECODER.decode(frames[3]))
+                    except msgspec.DecodeError:
+                        expected = None  # a batch lost: what builds on it has no key
         except TimeoutError:
             logger.warning("pod %s: no replay from %s", self.pod, self.replay_endpoint)
         finally:

@@ -12,7 +12,7 @@ import yaml
 
 from gateway.controlplane.registry import hash_key
 from gateway.local_stack import Child
-from tests.conftest import free_port
+from tests.conftest import free_port, free_port_pair
 from tests.e2e.processes import start_gateway, start_worker
 
 API_KEY = "fw_test_key"
@@ -42,6 +42,8 @@ def smollm2_dir(data_dir: Path) -> Path:
 # Developer convenience: E2E_REUSE_WORKER=http://127.0.0.1:8001 runs the tests against a
 # worker already running (with the plugins, -O0, --max-model-len 2048) instead of starting one.
 REUSE_WORKER = os.environ.get("E2E_REUSE_WORKER")
+# Where each worker started here publishes its KV-cache events (worker URL -> endpoint).
+KV_EVENTS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +51,12 @@ def smollm2_worker(smollm2_dir: Path) -> Iterator[str]:
     if REUSE_WORKER:
         yield REUSE_WORKER
         return
-    port = free_port()
+    port, events = free_port(), free_port_pair()
     # The hermes tool parser: requests with tools go to the smollm2-tools deployment.
     worker = start_worker(smollm2_dir, port, "--max-model-len", "2048",
                           "--served-model-name", "smollm2", "--enable-auto-tool-choice",
-                          "--tool-call-parser", "hermes")
+                          "--tool-call-parser", "hermes", "--kv-events-port", str(events))
+    KV_EVENTS[f"http://127.0.0.1:{port}"] = f"tcp://127.0.0.1:{events}"
     yield f"http://127.0.0.1:{port}"
     worker.stop()
 

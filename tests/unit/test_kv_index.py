@@ -192,6 +192,7 @@ async def test_a_subscription_replays_gaps_and_sees_restarts() -> None:
     publisher = Publisher(context)
     index = BlockIndex()
     keys = prompt_keys(TOKENS, BS, None, None)
+    task: asyncio.Task[None] | None = None
     try:
         # Before the gateway subscribed: only the replay buffer has it.
         await publisher.send(0, batch(stored([b"h1"], None, TOKENS[:4])), live=False)
@@ -207,6 +208,7 @@ async def test_a_subscription_replays_gaps_and_sees_restarts() -> None:
         await until(lambda: index.cached(keys, ["a"]) == {"a": 2})
         assert events.last == 2
         # The pod restarts: its numbers begin again at 0, its old blocks are gone.
+        publisher.buffer.clear()
         await publisher.send(0, batch(stored([b"n1"], None, [7, 7, 7, 7])))
         await until(lambda: index.cached(keys, ["a"]) == {"a": 0})
         assert index.cached(prompt_keys([7, 7, 7, 7], BS, None, None), ["a"]) == {"a": 1}
@@ -214,5 +216,8 @@ async def test_a_subscription_replays_gaps_and_sees_restarts() -> None:
         await asyncio.gather(task, return_exceptions=True)
         assert "a" not in index.known and "a" not in index.pods
     finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         publisher.close()
         context.term()
