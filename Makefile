@@ -81,8 +81,9 @@ bench-lora: $(STAMP) model
 bench-tenancy: $(STAMP)
 	@$(PY) -m bench.tenancy $(if $(WORKER),--worker $(WORKER),) $(if $(SLOTS),--worker-slots $(SLOTS),)
 
-# Prefix-derived affinity over two or more running workers: WORKERS=http://a,http://b
+# Cache-aware routing over two or more running workers: WORKERS=http://a,http://b and
+# KV_EVENTS=tcp://a:port,tcp://b:port (workers started with --kv-events-port); bench/affinity.py
 bench-affinity: $(STAMP)
-	@$(PY) -m bench.affinity --workers "$(WORKERS)"
+	@$(PY) -m bench.affinity --workers "$(WORKERS)" --kv-events "$(KV_EVENTS)"
 
 bench: bench-gateway bench-plugins

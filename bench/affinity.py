@@ -1,13 +1,24 @@
-"""Prefix-derived affinity on real workers: `WORKERS=http://a,http://b make bench-affinity`
-(not a test).
+"""Cache-aware routing on real workers (not a test):
 
-A workload of shared-prefix conversations: each conversation has a long head of its own (a
-document, about `--head-tokens` tokens) and asks `--turns` questions about it, one after the
-other, several conversations at once. The same workload runs through a gateway in front of
-the workers twice, with affinity keys derived from the prompt's head
-(GATEWAY_PREFIX_AFFINITY_BYTES=4096) and without (0: least loaded), each time on a fresh head
-(so that neither run finds the other's cache). The table gives the share of prompt tokens
-served from vLLM's prefix cache, and the time to the first token, per turn and overall.
+    WORKERS=http://a,http://b KV_EVENTS=tcp://a:5557,tcp://b:5557 make bench-affinity
+
+Three policies, each through a fresh gateway in front of the same workers, each run on text
+of its own (so that no run finds another's cache): routing on the workers' KV-cache events
+(the workers started with the launcher's --kv-events-port; KV_EVENTS lists their endpoints
+in WORKERS' order), the prefix hash (an affinity key from the prompt's first 4096 bytes),
+and the least loaded replica. Three workloads:
+
+- conversations: `--conversations` at once, each with a long head of its own (a document,
+  ~`--head-tokens` words) and `--turns` questions about it, one turn after the other;
+- documents: `--requests` requests, `--concurrency` at once, each asking about two of
+  `--documents` shorter documents in a random order (shorter than the hash's 4096 bytes, so
+  that requests that share their first document hash differently);
+- cache lost: the conversations again, with the first worker's prefix cache reset after
+  half the turns (vLLM's /reset_prefix_cache: the workers need VLLM_SERVER_DEV_MODE=1), as a
+  pod restart loses it.
+
+The table gives the share of prompt tokens served from vLLM's prefix cache, the time to the
+first token (p50, p99) and the decode time per token.
 """
 
 from __future__ import annotations
@@ -15,15 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 import yaml
 
 from gateway.controlplane.registry import hash_key
@@ -33,106 +47,173 @@ KEY = "fw_bench_key"
 MODEL = "accounts/fireworks/models/pair"
 WORDS = ["river", "stone", "lantern", "orchard", "violet", "harbor", "meadow", "copper",
          "thunder", "willow", "candle", "glacier", "ember", "prairie", "falcon", "quartz"]
+TOKENS = 8  # generated per request (ignore_eos), for the decode time
 
 
-def registry_file(workers: list[str]) -> Path:
+@dataclass
+class Row:
+    ttft: float
+    prompt: int
+    cached: int
+    decode: float | None  # seconds per token after the first
+
+
+def registry_file(workers: list[str], events: list[str] | None) -> Path:
     registry = Path(tempfile.mkdtemp()) / "registry.yaml"
+    replicas = [{"url": url} | ({"kv_events": events[i]} if events else {})
+                for i, url in enumerate(workers)]
     registry.write_text(yaml.safe_dump({
         "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
         "deployments": [{"id": "pair", "account": "fireworks", "model": MODEL,
-                         "default": True, "replicas": [{"url": u} for u in workers]}]}))
+                         "default": True, "replicas": replicas}]}))
     return registry
 
 
-def head(conversation: int, tokens: int, salt: str) -> str:
-    words = [WORDS[(conversation * 7 + i * 3) % len(WORDS)] for i in range(tokens)]
-    return f"Document {salt}-{conversation}: " + " ".join(words)
+def text(seed: str, number: int, words: int) -> str:
+    picked = [WORDS[(number * 7 + i * 3 + len(seed)) % len(WORDS)] for i in range(words)]
+    return f"Document {seed}-{number}: " + " ".join(picked)
 
 
-async def conversation(client: httpx.AsyncClient, number: int, args: argparse.Namespace,
-                       salt: str) -> list[tuple[int, float, int, int]]:
-    """(turn, ttft seconds, prompt tokens, cached tokens) of each turn."""
-    messages = [{"role": "system", "content": "Answer in one word."},
-                {"role": "user", "content": head(number, args.head_tokens, salt)}]
-    out = []
+async def ask(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> Row:
+    start = time.perf_counter()
+    first = last = 0.0
+    chunks, usage = 0, {}
+    async with client.stream("POST", "/inference/v1/chat/completions", json={
+            "model": MODEL, "messages": messages, "max_tokens": TOKENS, "ignore_eos": True,
+            "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = orjson.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+                chunks += 1
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    decode = (last - first) / (chunks - 1) if chunks > 1 else None
+    return Row(first - start, usage.get("prompt_tokens", 0), cached, decode)
+
+
+async def conversations(client: httpx.AsyncClient, args: argparse.Namespace, seed: str,
+                        reset: str | None) -> list[Row]:
+    """Each conversation's turns one after the other, all conversations at once; with
+    `reset`, that worker's cache is reset after half the turns."""
+    chats = [[{"role": "system", "content": "Answer in one word."},
+              {"role": "user", "content": text(seed, n, args.head_tokens)}]
+             for n in range(args.conversations)]
+    rows: list[Row] = []
     for turn in range(args.turns):
-        messages.append({"role": "user", "content": f"Question {turn}: one word?"})
-        start = time.perf_counter()
-        ttft, usage = 0.0, {}
-        async with client.stream("POST", "/inference/v1/chat/completions", json={
-                "model": MODEL, "messages": messages, "max_tokens": 2, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}) as response:
-            assert response.status_code == 200, await response.aread()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                if not ttft:
-                    ttft = time.perf_counter() - start
-                chunk = httpx.Response(200, content=line[6:]).json()
-                usage = chunk.get("usage") or usage
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        out.append((turn, ttft, usage.get("prompt_tokens", 0), cached))
-        messages.append({"role": "assistant", "content": "ok"})
-    return out
+        if reset is not None and turn == args.turns // 2:
+            httpx.post(f"{reset}/reset_prefix_cache", timeout=30).raise_for_status()
+            await asyncio.sleep(0.5)
+        for chat in chats:
+            chat.append({"role": "user", "content": f"Question {turn}: one word?"})
+        rows += await asyncio.gather(*(ask(client, chat) for chat in chats))
+        for chat in chats:
+            chat.append({"role": "assistant", "content": "ok"})
+    return rows
 
 
-async def workload(url: str, args: argparse.Namespace,
-                   salt: str) -> list[tuple[int, float, int, int]]:
-    async with httpx.AsyncClient(base_url=url, timeout=600,
-                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
-        results = await asyncio.gather(*(conversation(client, n, args, salt)
-                                         for n in range(args.conversations)))
-    return [row for rows in results for row in rows]
+async def documents(client: httpx.AsyncClient, args: argparse.Namespace,
+                    seed: str) -> list[Row]:
+    docs = [text(seed, n, args.document_tokens) for n in range(args.documents)]
+    order = random.Random(7)
+    asks = [order.sample(range(args.documents), 2) for _ in range(args.requests)]
+    limit = asyncio.Semaphore(args.concurrency)
+
+    async def one(number: int, pair: list[int]) -> Row:
+        async with limit:
+            content = f"{docs[pair[0]]}\n\n{docs[pair[1]]}\n\nQuestion {number}: one word?"
+            return await ask(client, [{"role": "user", "content": content}])
+    return list(await asyncio.gather(*(one(n, p) for n, p in enumerate(asks))))
 
 
-def run(workers: list[str], prefix_bytes: int,
-        args: argparse.Namespace) -> list[tuple[int, float, int, int]]:
+def gateway(workers: list[str], events: list[str] | None, prefix_bytes: int
+            ) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
-    env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry_file(workers)),
+    env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry_file(workers, events)),
                GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="warning",
                GATEWAY_PREFIX_AFFINITY_BYTES=str(prefix_bytes),
-               GATEWAY_HEALTH_CHECK_INTERVAL="0.5")
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
+               GATEWAY_HEALTH_CHECK_INTERVAL="0.5", GATEWAY_DISCOVERY_INTERVAL="0.5")
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    time.sleep(1.5)  # subscribed to the workers' events
+    return url, process
+
+
+def run(workload: str, workers: list[str], events: list[str] | None, prefix_bytes: int,
+        args: argparse.Namespace) -> list[Row]:
+    url, process = gateway(workers, events, prefix_bytes)
+    seed = uuid.uuid4().hex[:8]
+
+    async def go() -> list[Row]:
+        async with httpx.AsyncClient(base_url=url, timeout=600,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as client:
+            if workload == "documents":
+                return await documents(client, args, seed)
+            return await conversations(client, args, seed,
+                                       workers[0] if workload == "cache lost" else None)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        return asyncio.run(workload(url, args, uuid.uuid4().hex[:8]))
+        return asyncio.run(go())
     finally:
-        gateway.terminate()
-        gateway.wait()
+        process.terminate()
+        process.wait()
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default=os.environ.get("WORKERS", ""),
                         help="comma-separated vLLM worker URLs (two or more)")
+    parser.add_argument("--kv-events", default=os.environ.get("KV_EVENTS", ""),
+                        help="their KV-event endpoints, in the same order")
+    parser.add_argument("--workloads", default="conversations,documents,cache lost")
     parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--head-tokens", type=int, default=600)
+    parser.add_argument("--documents", type=int, default=6)
+    parser.add_argument("--document-tokens", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
     workers = [w.strip().rstrip("/") for w in args.workers.split(",") if w.strip()]
+    events = [e.strip() for e in args.kv_events.split(",") if e.strip()] or None
     if len(workers) < 2:
         parser.error("give two or more workers: --workers http://a,http://b")
-    print(f"{len(workers)} workers, {args.conversations} conversations x {args.turns} turns, "
-          f"heads of ~{args.head_tokens} words\n")
-    print(f"{'affinity':<22} {'turn':>4} {'cached %':>9} {'ttft p50 ms':>12} "
-          f"{'ttft mean ms':>13}")
-    for label, prefix_bytes in (("prefix-derived (4096)", 4096), ("none (least loaded)", 0)):
-        rows = run(workers, prefix_bytes, args)
-        for turn in [*range(args.turns), None]:
-            picked = [r for r in rows if turn is None or r[0] == turn]
-            prompt = sum(r[2] for r in picked)
-            cached = sum(r[3] for r in picked)
-            ttfts = [r[1] * 1000 for r in picked]
-            print(f"{label:<22} {'all' if turn is None else turn:>4} "
-                  f"{100 * cached / max(prompt, 1):>8.1f}% {statistics.median(ttfts):>12.0f} "
-                  f"{statistics.mean(ttfts):>13.0f}")
+    if events is not None and len(events) != len(workers):
+        parser.error("give one KV-event endpoint per worker")
+    policies = [("prefix hash (4096 B)", None, 4096), ("least loaded", None, 0)]
+    if events is not None:
+        policies.insert(0, ("kv events", events, 4096))
+    print(f"{len(workers)} workers; conversations: {args.conversations} x {args.turns} turns, "
+          f"heads of ~{args.head_tokens} words; documents: {args.requests} requests over "
+          f"{args.documents} documents of ~{args.document_tokens} words\n")
+    print(f"{'workload':<14} {'policy':<21} {'cached %':>9} {'ttft p50':>9} {'ttft p99':>9} "
+          f"{'decode ms/tok':>14}")
+    for workload in [w.strip() for w in args.workloads.split(",")]:
+        for label, endpoints, prefix_bytes in policies:
+            rows = run(workload, workers, endpoints, prefix_bytes, args)
+            prompt, cached = sum(r.prompt for r in rows), sum(r.cached for r in rows)
+            ttfts = [r.ttft * 1000 for r in rows]
+            decodes = [r.decode * 1000 for r in rows if r.decode is not None]
+            print(f"{workload:<14} {label:<21} {100 * cached / max(prompt, 1):>8.1f}% "
+                  f"{p(ttfts, 0.5):>7.0f}ms {p(ttfts, 0.99):>7.0f}ms "
+                  f"{statistics.mean(decodes) if decodes else 0:>12.1f}ms", flush=True)
         print()
 
 

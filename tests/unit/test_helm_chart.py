@@ -135,6 +135,14 @@ def test_registry_routes_every_deployment_to_a_service_selecting_its_workers() -
     args = next(container(w)["args"] for w in workers
                 if w["metadata"]["labels"].get("fireworks-gateway/deployment") == "bge-small")
     assert args[args.index("--runner") + 1] == "pooling" and "--no-plugins" in args
+    # Generating workers publish KV-cache events on a port the gateway is told of.
+    assert embed.kv_events_port is None and "--kv-events-port" not in args
+    assert qwen.kv_events_port == 5557
+    worker = next(container(w) for w in workers
+                  if w["metadata"]["labels"].get("fireworks-gateway/deployment") == "qwen-7b")
+    assert worker["args"][worker["args"].index("--kv-events-port") + 1] == "5557"
+    assert {p["name"]: p["containerPort"] for p in worker["ports"]} == \
+        {"http": 8000, "kv-events": 5557, "kv-replay": 5558}
 
 
 def test_gateway_has_redis_url_registry_and_key_secret() -> None:
