@@ -169,6 +169,8 @@ class KvEvents:
             if wanted.get(pod) != where or task.done():
                 del self.pods[pod]
                 await cancel(task)
+                self.index.clear(pod)  # (a task cancelled before it ran cleared nothing)
+                self.index.known.discard(pod)
         if wanted and self.context is None:
             self.context = zmq.asyncio.Context()
         for pod, where in wanted.items():

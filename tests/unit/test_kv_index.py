@@ -22,7 +22,7 @@ from vllm.distributed.kv_events import (
 
 from gateway.api import CacheQuery
 from gateway.controlplane.registry import Deployment, Replica
-from gateway.dataplane.kv_events import PodEvents, endpoints
+from gateway.dataplane.kv_events import KvEvents, PodEvents, endpoints
 from gateway.dataplane.kv_index import DECODER, BlockIndex, cache_hint, prompt_keys
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding
 from tests.conftest import free_port
@@ -221,3 +221,24 @@ async def test_a_subscription_replays_gaps_and_sees_restarts() -> None:
             await asyncio.gather(task, return_exceptions=True)
         publisher.close()
         context.term()
+
+
+async def test_subscriptions_follow_the_listed_pods() -> None:
+    """Pods that appear (DNS discovery) are subscribed to, pods that leave are dropped with
+    what the index knew of them."""
+    listed: dict[str, tuple[str, str]] = {
+        "http://a": ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")}
+    index = BlockIndex()
+    events = KvEvents(index, lambda: dict(listed), interval=0.5)
+    try:
+        await events.reconcile()
+        assert set(events.pods) == {"http://a"}
+        apply(index, "http://a", stored([b"h1"], None, TOKENS[:4]))
+        index.known.add("http://a")
+        listed["http://b"] = ("tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+        del listed["http://a"]
+        await events.reconcile()
+        assert set(events.pods) == {"http://b"}
+        assert "http://a" not in index.pods and "http://a" not in index.known
+    finally:
+        await events.stop()
