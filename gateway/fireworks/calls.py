@@ -212,12 +212,12 @@ class ChunkFraming:
 
 
 @dataclass
-class EmbeddingCall:
-    """An /embeddings request: vectors back (float lists, or base64 strings)."""
+class PoolingCall:
+    """What the calls of the pooling runner's APIs share (embeddings, rerank): one answer,
+    never streamed, nothing generated, no cached prefix worth routing on."""
 
     body: dict[str, Any]
     model: str  # the Fireworks id the client asked for, which answers carry
-    perf_metrics_in_response: bool = False
     stream: bool = False
     max_tokens: int = 0
     n: int = 1
@@ -225,10 +225,20 @@ class EmbeddingCall:
     priority: bool = False
 
     def cache_query(self) -> CacheQuery | None:
-        return None  # an embedding reuses no cached prefix worth routing on
+        return None
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         return encoded
+
+    def framing(self, worker: Worker, served: Served) -> ChunkFraming:
+        raise AssertionError("never streamed")  # the request models have no `stream`
+
+
+@dataclass
+class EmbeddingCall(PoolingCall):
+    """An /embeddings request: vectors back (float lists, or base64 strings)."""
+
+    perf_metrics_in_response: bool = False
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = worker_json(raw)
@@ -244,6 +254,3 @@ class EmbeddingCall:
             data["perf_metrics"] = perf_metrics(served, coerce_usage(served.usage), None,
                                                 complete=True)
         return Reply(orjson.dumps(data), [])
-
-    def framing(self, worker: Worker, served: Served) -> ChunkFraming:
-        raise AssertionError("embeddings are never streamed")  # the model has no `stream`

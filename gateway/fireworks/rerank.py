@@ -17,11 +17,11 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import CacheQuery, Reply, Served, Worker, worker_json
+from gateway.api import Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
-from gateway.fireworks.calls import ChunkFraming
+from gateway.fireworks.calls import PoolingCall
 from gateway.fireworks.protocol import Strict
 
 MAX_DOCUMENTS = 1000
@@ -81,21 +81,8 @@ def reshape(data: Any, documents: list[str], top_n: int, return_documents: bool,
 
 
 @dataclass
-class RerankCall:
-    body: dict[str, Any]
-    model: str  # the Fireworks id the client asked for, which answers carry
-    return_documents: bool
-    stream: bool = False
-    max_tokens: int = 0
-    n: int = 1
-    metadata: dict[str, str] | None = None
-    priority: bool = False
-
-    def cache_query(self) -> CacheQuery | None:
-        return None  # scoring reuses no cached prefix worth routing on
-
-    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
-        return encoded
+class RerankCall(PoolingCall):
+    return_documents: bool = False
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = reshape(worker_json(raw), self.body["documents"], self.body["top_n"],
@@ -103,9 +90,6 @@ class RerankCall:
         served.first_token()
         served.usage = data["usage"]
         return Reply(orjson.dumps(data), [])
-
-    def framing(self, worker: Worker, served: Served) -> ChunkFraming:
-        raise AssertionError("rerank is never streamed")  # the model has no `stream`
 
 
 class RerankApi:
@@ -116,7 +100,7 @@ class RerankApi:
     def translate(self, request: RerankRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> RerankCall:
         return RerankCall(rerank_body(request, route), route.requested_model,
-                          request.return_documents)
+                          return_documents=request.return_documents)
 
     def prompt_estimate(self, request: RerankRequest) -> int:
         """The query once per document, and the documents: four characters per token."""
