@@ -9,6 +9,7 @@ replica. The Exchange ends the request (exchange.py); routes.py decides how and 
 from __future__ import annotations
 
 import logging
+import random
 import re
 from typing import Any
 
@@ -19,7 +20,7 @@ from gateway.api import InferenceApi
 from gateway.controlplane.limits import Admission, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.exchange import Attempt, Exchange, new_record_id
-from gateway.dataplane.kv_index import cache_hint
+from gateway.dataplane.kv_index import CacheHint, cache_hint
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
@@ -80,11 +81,7 @@ async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
     deployment, lora = exchange.route.deployment, exchange.route.lora
     prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
     await gateway.queues.turn(deployment, exchange.account, exchange.call.priority)
-    pods = [r.url for r in gateway.replicas.in_rotation(deployment)]
-    hint = await cache_hint(gateway.kv_index, pods, exchange.call.cache_query(),
-                            None if lora is None else lora.worker_name,
-                            ReplicaWorker(pods[0].rstrip("/"), gateway.queries)) \
-        if pods and gateway.kv_index.known else None
+    hint = await _cache_hint(exchange) if gateway.kv_index.known else None
     tried: set[str] = set()
     answered_badly: str | None = None
     try:
@@ -121,6 +118,18 @@ async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
         if answered_badly is not None:
             health.failure(answered_badly)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+async def _cache_hint(exchange: Exchange) -> CacheHint | None:
+    """What each pod in rotation holds of the request's prompt, from the pods' KV-cache
+    events (kv_index.py); a random one of them tokenizes the prompt when it is text."""
+    gateway, lora = exchange.gateway, exchange.route.lora
+    pods = [r.url for r in gateway.replicas.in_rotation(exchange.route.deployment)]
+    if not pods:
+        return None
+    tokenizer = ReplicaWorker(random.choice(pods).rstrip("/"), gateway.queries)
+    return await cache_hint(gateway.kv_index, pods, exchange.call.cache_query(),
+                            None if lora is None else lora.worker_name, tokenizer)
 
 
 async def _open(exchange: Exchange, attempt: Attempt, body: bytes) -> None:
