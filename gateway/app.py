@@ -251,6 +251,7 @@ def create_app(settings: Settings | None = None,
             await gateway.workers.aclose()
             if redis_client is not None:
                 await redis_client.aclose()
+            gateway.metrics.close()
 
     app = FastAPI(title="Fireworks-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None)

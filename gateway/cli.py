@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import typer
 
+from gateway.config import Settings
 from gateway.controlplane.admin_cli import app as admin_app
 from gateway.controlplane.admin_cli import usage_table
 from gateway.controlplane.registry import hash_key
 from gateway.edge import raise_open_files_limit
+from gateway.metrics import MULTIPROCESS_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fireworks-compatible inference gateway over vLLM.")
@@ -25,10 +29,6 @@ def serve(
     workers: int | None = typer.Option(None, help="server processes (GATEWAY_WORKERS)"),
 ) -> None:
     """Run the gateway (settings from GATEWAY_* environment variables)."""
-    import uvicorn
-
-    from gateway.config import Settings
-
     # Through the environment, so that every server process reads the same settings.
     for name, value in {"host": host, "port": port, "registry_path": registry,
                         "workers": workers}.items():
@@ -40,6 +40,21 @@ def serve(
                                  "Redis: set GATEWAY_REDIS_URL, or run one process",
                                  param_hint="--workers")
     raise_open_files_limit()
+    shared_metrics = None
+    if settings.workers > 1 and not os.environ.get(MULTIPROCESS_DIR):
+        # Every server process writes its metrics here; a scrape of any sums them all.
+        shared_metrics = tempfile.mkdtemp(prefix="fwgw-metrics-")
+        os.environ[MULTIPROCESS_DIR] = shared_metrics
+    try:
+        _run(settings)
+    finally:
+        if shared_metrics is not None:
+            shutil.rmtree(shared_metrics, ignore_errors=True)
+
+
+def _run(settings: Settings) -> None:
+    import uvicorn
+
     uvicorn.run("gateway.app:serve_app", factory=True, host=settings.host,
                 port=settings.port, workers=settings.workers, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=30,

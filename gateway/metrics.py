@@ -3,16 +3,26 @@
 Labels are bounded: deployments are the registry's (requests that resolve to none use
 `deployment=""`), codes are HTTP statuses, replicas are the registry's URLs, and rate-limit
 rejections are counted by the kind of limit, not by account.
+
+With several server processes (`GATEWAY_WORKERS` > 1) every process writes its values to
+files in PROMETHEUS_MULTIPROC_DIR (the `serve` command makes one), and a scrape of any
+process sums them all (prometheus_client's multiprocess mode): counters and histograms add
+up, gauges of things in flight or waiting add up over the live processes, and the replica
+health gauge shows the lowest of the live processes' views (0 when one has it ejected).
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import os
+from typing import Generic, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 PREFIX = "fwgw"
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set: values are shared by the processes
+GaugeMode = Literal["livesum", "livemin", "livemax"]
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -41,12 +51,15 @@ class Labelled(Generic[M]):
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self.shared_dir = os.environ.get(MULTIPROCESS_DIR) or None
 
         def counter(name: str, doc: str, *labels: str) -> Labelled[Counter]:
             return Labelled(Counter(f"{PREFIX}_{name}", doc, labels, registry=r))
 
-        def gauge(name: str, doc: str, *labels: str) -> Labelled[Gauge]:
-            return Labelled(Gauge(f"{PREFIX}_{name}", doc, labels, registry=r))
+        def gauge(name: str, doc: str, *labels: str,
+                  mode: GaugeMode = "livesum") -> Labelled[Gauge]:
+            return Labelled(Gauge(f"{PREFIX}_{name}", doc, labels, registry=r,
+                                  multiprocess_mode=mode))
 
         def histogram(name: str, doc: str, *labels: str) -> Labelled[Histogram]:
             return Labelled(Histogram(f"{PREFIX}_{name}", doc, labels, registry=r,
@@ -76,7 +89,7 @@ class GatewayMetrics:
                               "ejected and requests went to all of them", "deployment")
         self.replica_healthy = gauge("replica_healthy",
                                      "1 when the replica takes traffic, 0 when ejected",
-                                     "replica")
+                                     "replica", mode="livemin")
         self.rate_limited = counter("rate_limit_rejections", "Requests refused by a rate limit",
                                     "deployment", "limit")
         self.limiter_degraded = counter(
@@ -84,8 +97,18 @@ class GatewayMetrics:
             "by reason and what was done (admitted or refused)", "reason", "outcome")
         self.registry_invalid = Gauge(
             f"{PREFIX}_registry_invalid", "1 while the registry stored in Redis does not "
-            "validate and the last good copy is served", registry=r)
+            "validate and the last good copy is served", registry=r,
+            multiprocess_mode="livemax")
         self.in_flight = gauge("requests_in_flight", "Requests being served", "deployment")
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(every_process)
+
+    def close(self) -> None:
+        """At the process's end: its live gauges leave the sums."""
+        if self.shared_dir is not None:
+            mark_process_dead(os.getpid(), self.shared_dir)  # type: ignore[no-untyped-call]
