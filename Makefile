@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-plugins bench-lora bench-tenancy bench-affinity clean help
+.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-affinity clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -87,3 +87,9 @@ bench-affinity: $(STAMP)
 	@$(PY) -m bench.affinity --workers "$(WORKERS)" --kv-events "$(KV_EVENTS)"
 
 bench: bench-gateway bench-plugins
+
+# Throughput with a compiled load generator (wrk) against the fast fake upstream: the gateway
+# with one and two server processes beside vllm-router (bench/throughput.py)
+bench-throughput: $(STAMP) $(ROUTER) redis
+	@scripts/ensure-command.sh wrk wrk
+	@$(PY) -m bench.throughput
