@@ -135,6 +135,13 @@ def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.P
                             stderr=subprocess.DEVNULL)
 
 
+def start_router(executable: str, port: int, upstream: str) -> subprocess.Popen[bytes]:
+    """vllm-router in front of one upstream, as lean as it runs: no retries, no checks."""
+    return start([executable, "--host", "127.0.0.1", "--port", str(port),
+                  "--worker-urls", upstream, "--policy", "round_robin", "--log-level",
+                  "warning", "--disable-retries", "--health-check-interval-secs", "3600"])
+
+
 def wait(url: str, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -198,10 +205,7 @@ def main() -> None:
         processes.append(before)
         proxies["before"] = (f"http://127.0.0.1:{before_port}", before.pid)
     if args.router:
-        router = start([args.router, "--host", "127.0.0.1", "--port", str(router_port),
-                        "--worker-urls", fake, "--policy", "round_robin",
-                        "--log-level", "warning", "--disable-retries",
-                        "--health-check-interval-secs", "3600"])
+        router = start_router(args.router, router_port, fake)
         processes.append(router)
         proxies["router"] = (f"http://127.0.0.1:{router_port}", router.pid)
     try:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gateway import KEY, MODEL, registry_file, start, tree_cpu, wait
+from bench.gateway import KEY, MODEL, registry_file, start, start_router, tree_cpu, wait
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
 
@@ -73,9 +73,7 @@ def main() -> None:
         processes.append(process)
         proxies[label] = (f"http://127.0.0.1:{port}", process.pid)
     router_port = free_port()
-    router = start([args.router, "--host", "127.0.0.1", "--port", str(router_port),
-                    "--worker-urls", fake, "--policy", "round_robin", "--log-level", "warning",
-                    "--disable-retries", "--health-check-interval-secs", "3600"])
+    router = start_router(args.router, router_port, fake)
     processes.append(router)
     proxies["router"] = (f"http://127.0.0.1:{router_port}", router.pid)
     try:
