@@ -39,8 +39,8 @@ def wrk(url: str, stream: bool, connections: int, seconds: float) -> float:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(SCRIPT % (KEY, MODEL, "true" if stream else "false"))
     result = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "-s", str(script),
-         f"{url}/v1/completions"], capture_output=True, text=True, check=True)
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+         "-s", str(script), f"{url}/v1/completions"], capture_output=True, text=True, check=True)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
     if errors:
         raise SystemExit(f"{url}: {errors.group(1)} failed requests\n{result.stdout}")
