@@ -3,6 +3,9 @@ checked against the Kubernetes schemas (kubernetes-validate)."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -12,6 +15,7 @@ import pytest
 import yaml
 
 from gateway.controlplane.registry import RegistryData
+from gateway.metrics import GatewayMetrics
 from tests.conftest import ROOT
 
 CHART = ROOT / "helm"
@@ -310,3 +314,31 @@ def test_helm_test_sends_a_chat_completion_to_the_default_deployment() -> None:
     assert "/inference/v1/chat/completions" in test["args"][0]
     (plain,) = find(render(), "Pod")  # no key configured: no API_KEY
     assert "API_KEY" not in {e["name"] for e in plain["spec"]["containers"][0]["env"]}
+
+
+def test_the_dashboard_queries_only_metrics_that_exist() -> None:
+    """The chart's Grafana dashboard: a ConfigMap with the sidecar's label holding valid
+    JSON, whose every query names a metric the gateway exports or vLLM's workers do."""
+    import vllm
+
+    (config_map,) = [o for o in find(render(), "ConfigMap")
+                     if o["metadata"]["name"].endswith("-dashboard")]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["fireworks-gateway.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append(dashboard["templating"]["list"][1]["query"])
+    named = {m for e in exprs for m in re.findall(r"\b(fwgw_[a-z_]+|vllm:[a-z_:]+)", e)}
+    ours = {family.name for family in GatewayMetrics().registry.collect()}
+    vllm_sources = "".join(path.read_text() for path in
+                           (Path(vllm.__file__).parent / "v1" / "metrics").glob("*.py"))
+    for name in named:
+        if name.startswith("vllm:"):
+            assert f'"{name}"' in vllm_sources, name
+        else:
+            assert re.sub(r"_(bucket|sum|count|total)$", "", name) in ours, name
+    assert any(n.startswith("vllm:") for n in named) and len(named) >= 12
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert {"Requests by status", "Time to first token", "Replicas",
+            "Workers: KV-cache usage"} <= titles
+    assert not find(render({"grafanaDashboard": {"enabled": False}}), "ConfigMap",
+                    "rel-fireworks-gateway-dashboard")
