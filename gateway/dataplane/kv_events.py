@@ -26,7 +26,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from gateway.background import cancel
+from gateway.background import cancel, every
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.kv_index import DECODER, BlockIndex, EventBatch
 
@@ -70,8 +70,7 @@ class PodEvents:
                     await self.take(int.from_bytes(frames[1], "big", signed=True), frames[2])
         finally:
             sub.close()
-            self.index.clear(self.pod)
-            self.index.known.discard(self.pod)
+            self.index.forget(self.pod)
 
     async def take(self, seq: int, payload: bytes) -> None:
         try:
@@ -153,15 +152,7 @@ class KvEvents:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._keep_in_step())
-
-    async def _keep_in_step(self) -> None:
-        while True:
-            try:
-                await self.reconcile()
-            except Exception:
-                logger.exception("KV-event subscriptions")
-            await asyncio.sleep(self.interval)
+        self._task = every(self.interval, self.reconcile, "KV-event subscriptions", logger)
 
     async def reconcile(self) -> None:
         wanted = self.listed()
@@ -169,8 +160,7 @@ class KvEvents:
             if wanted.get(pod) != where or task.done():
                 del self.pods[pod]
                 await cancel(task)
-                self.index.clear(pod)  # (a task cancelled before it ran cleared nothing)
-                self.index.known.discard(pod)
+                self.index.forget(pod)  # (a task cancelled before it ran forgot nothing)
         if wanted and self.context is None:
             self.context = zmq.asyncio.Context()
         for pod, where in wanted.items():

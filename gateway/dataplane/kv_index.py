@@ -157,6 +157,11 @@ class BlockIndex:
                 if not pods:
                     del self.holders[key]
 
+    def forget(self, pod: str) -> None:
+        """The pod is no longer followed (it left, or its subscription ended)."""
+        self.clear(pod)
+        self.known.discard(pod)
+
     def block_size(self, pods: Iterable[str]) -> int | None:
         for pod in pods:
             view = self.pods.get(pod)

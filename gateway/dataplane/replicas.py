@@ -98,11 +98,12 @@ class AffinityOrLeastOutstanding:
 class Lease:
     """One request's hold on a replica; released exactly once (streams outlive handlers)."""
 
-    def __init__(self, replicas: ReplicaSet, replica: Replica) -> None:
+    def __init__(self, replicas: ReplicaSet, replica: Replica,
+                 routing: str | None = None) -> None:
         self._replicas = replicas
         self.replica = replica
         self._held = True
-        self.routing: str | None = None  # why this replica, when KV caches decided it
+        self.routing = routing  # why this replica, when KV caches had a say
         # Requests this gateway had in flight on the replica when this one was admitted,
         # this one included (the fireworks-num-concurrent-requests header).
         self.concurrent = replicas.outstanding[replica.url]
@@ -178,11 +179,13 @@ class ReplicaSet:
         """A lease on a replica; among those `prefer` accepts when there are any (e.g. the
         replicas that hold a request's LoRA adapter)."""
         exclude = exclude or set()
+        routing = None  # why, when the pods' KV caches had a say (the fireworks-routing header)
         trial = next((r for r in self.replicas(deployment)
                       if r.url not in exclude and self.health.trial_due(r.url)), None)
         if trial is not None:
             self.health.start_trial(trial.url)
             replica = trial
+            routing = None if hint is None else "trial"
         else:
             candidates = self.candidates(deployment, exclude)
             if not candidates:
@@ -198,10 +201,7 @@ class ReplicaSet:
             replica = self.policy.choose(candidates, load, affinity_key,
                                          None if hint is None else hint.cached)
             if hint is not None:
-                why = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
-                       f"load={load[replica.url]}")
+                routing = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
+                           f"load={load[replica.url]}")
         self.outstanding[replica.url] += 1
-        lease = Lease(self, replica)
-        if hint is not None:
-            lease.routing = why if trial is None else "trial"
-        return lease
+        return Lease(self, replica, routing)
