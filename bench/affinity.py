@@ -13,9 +13,10 @@ and the least loaded replica. Three workloads:
 - documents: `--requests` requests, `--concurrency` at once, each asking about two of
   `--documents` shorter documents in a random order (shorter than the hash's 4096 bytes, so
   that requests that share their first document hash differently);
-- cache lost: the conversations again, with the first worker's prefix cache reset after
-  half the turns (vLLM's /reset_prefix_cache: the workers need VLLM_SERVER_DEV_MODE=1), as a
-  pod restart loses it.
+- pod restart: the conversations again; after half the turns the first worker leaves the
+  deployment (admin API) for one turn, whose requests the other workers take, and comes back
+  with its prefix cache emptied (vLLM's /reset_prefix_cache: the workers need
+  VLLM_SERVER_DEV_MODE=1), as a restarted pod would.
 
 The table gives the share of prompt tokens served from vLLM's prefix cache, the time to the
 first token (p50, p99) and the decode time per token.
@@ -44,6 +45,7 @@ from gateway.controlplane.registry import hash_key
 from tests.conftest import free_port
 
 KEY = "fw_bench_key"
+ADMIN = "fw_bench_admin"
 MODEL = "accounts/fireworks/models/pair"
 WORDS = ["river", "stone", "lantern", "orchard", "violet", "harbor", "meadow", "copper",
          "thunder", "willow", "candle", "glacier", "ember", "prairie", "falcon", "quartz"]
@@ -97,18 +99,36 @@ async def ask(client: httpx.AsyncClient, messages: list[dict[str, str]]) -> Row:
     return Row(first - start, usage.get("prompt_tokens", 0), cached, decode)
 
 
+async def restart(client: httpx.AsyncClient, replica: dict[str, str], leave: bool) -> None:
+    """The replica leaves the deployment, or comes back with an empty prefix cache."""
+    path = "/admin/v1/accounts/fireworks/deployments/pair/replicas"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    if leave:
+        answer = await client.delete(path, params={"url": replica["url"]}, headers=admin)
+    else:
+        worker = replica["url"]
+        httpx.post(f"{worker}/reset_prefix_cache", timeout=30).raise_for_status()
+        # vLLM publishes the reset (AllBlocksCleared) at its next step; a restarted pod's new
+        # process has no old events to replay at all. One step, so that the two look alike.
+        model = httpx.get(f"{worker}/v1/models", timeout=30).json()["data"][0]["id"]
+        httpx.post(f"{worker}/v1/completions", timeout=60, json={
+            "model": model, "prompt": "x", "max_tokens": 1}).raise_for_status()
+        answer = await client.post(path, json=replica, headers=admin)
+    answer.raise_for_status()
+    await asyncio.sleep(1.5)  # the gateway has its new replica set (and subscription)
+
+
 async def conversations(client: httpx.AsyncClient, args: argparse.Namespace, seed: str,
-                        reset: str | None) -> list[Row]:
+                        restarted: dict[str, str] | None) -> list[Row]:
     """Each conversation's turns one after the other, all conversations at once; with
-    `reset`, that worker's cache is reset after half the turns."""
+    `restarted`, that replica is away for the turn after half of them."""
     chats = [[{"role": "system", "content": "Answer in one word."},
               {"role": "user", "content": text(seed, n, args.head_tokens)}]
              for n in range(args.conversations)]
     rows: list[Row] = []
     for turn in range(args.turns):
-        if reset is not None and turn == args.turns // 2:
-            httpx.post(f"{reset}/reset_prefix_cache", timeout=30).raise_for_status()
-            await asyncio.sleep(0.5)
+        if restarted is not None and turn in (args.turns // 2, args.turns // 2 + 1):
+            await restart(client, restarted, leave=turn == args.turns // 2)
         for chat in chats:
             chat.append({"role": "user", "content": f"Question {turn}: one word?"})
         rows += await asyncio.gather(*(ask(client, chat) for chat in chats))
@@ -136,7 +156,7 @@ def gateway(workers: list[str], events: list[str] | None, prefix_bytes: int
     port = free_port()
     env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry_file(workers, events)),
                GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="warning",
-               GATEWAY_PREFIX_AFFINITY_BYTES=str(prefix_bytes),
+               GATEWAY_PREFIX_AFFINITY_BYTES=str(prefix_bytes), GATEWAY_ADMIN_KEY=ADMIN,
                GATEWAY_HEALTH_CHECK_INTERVAL="0.5", GATEWAY_DISCOVERY_INTERVAL="0.5")
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,8 +181,9 @@ def run(workload: str, workers: list[str], events: list[str] | None, prefix_byte
                                      headers={"Authorization": f"Bearer {KEY}"}) as client:
             if workload == "documents":
                 return await documents(client, args, seed)
+            first = {"url": workers[0]} | ({"kv_events": events[0]} if events else {})
             return await conversations(client, args, seed,
-                                       workers[0] if workload == "cache lost" else None)
+                                       first if workload == "pod restart" else None)
     try:
         return asyncio.run(go())
     finally:
@@ -182,7 +203,7 @@ def main() -> None:
                         help="comma-separated vLLM worker URLs (two or more)")
     parser.add_argument("--kv-events", default=os.environ.get("KV_EVENTS", ""),
                         help="their KV-event endpoints, in the same order")
-    parser.add_argument("--workloads", default="conversations,documents,cache lost")
+    parser.add_argument("--workloads", default="conversations,documents,pod restart")
     parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--head-tokens", type=int, default=600)

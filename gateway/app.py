@@ -33,7 +33,7 @@ from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
 from gateway.controlplane.registry import Deployment, load_yaml
 from gateway.controlplane.responses import LocalResponses, RedisResponses, ResponseStore
 from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
-from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger
+from gateway.controlplane.usage import Backlog, Ledger, LocalLedger, RedisLedger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
@@ -141,7 +141,12 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
             client, settings.redis_prefix,
             degraded=lambda reason, outcome: metrics.limiter_degraded.labels(
                 reason, outcome).inc())
-        ledger = RedisLedger(client, settings.redis_prefix, limiter=limiter)
+        def on_backlog(backlog: Backlog) -> None:
+            metrics.usage_pending.set(backlog.records)
+            metrics.usage_oldest.set(backlog.oldest_seconds)
+
+        ledger = RedisLedger(client, settings.redis_prefix, limiter=limiter,
+                             on_backlog=on_backlog)
         responses = RedisResponses(client, settings.redis_prefix, settings.responses_ttl)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)

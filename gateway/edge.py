@@ -6,7 +6,8 @@ Two layers, both configured by the Settings the app was built with (docs/operati
   headers must arrive within `header_timeout` and fit in `max_header_bytes`, its body within
   `body_timeout` after them (else 408 or 431, and the connection closes); a connection idle
   between requests closes after `keep_alive_timeout` (uvicorn's own timer); connections
-  beyond `max_connections` are closed as they come. (Timers live here, not in the ASGI
+  beyond `max_connections` (or what the open-files limit leaves) close the connection idle
+  longest, or are closed as they come when all are busy. (Timers live here, not in the ASGI
   layer, so that the common request, whose body came with its headers, arms none.)
 - `Edge`, an ASGI layer: the admin key is checked (for `/admin/` and `/metrics`) before any
   byte of the body is read; a declared body over `max_body_bytes` is a 413 before reading; a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import resource
@@ -145,15 +147,28 @@ class EdgeProtocol(HttpToolsProtocol):
         self.reading_headers = False
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
+        self.active_at = 0.0  # when the connection opened or its last request began
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.edge.max_connections:
-            logger.warning("connection refused: %d open, the limit is %d",
-                           len(self.connections), self.edge.max_connections)
-            transport.abort()
-            return
+        cap = connection_cap(self.edge.max_connections)
+        if len(self.connections) > cap:
+            # Make room by closing the connection idle longest (no request in progress), so
+            # that idle clients cannot lock out a health probe or a real request.
+            idle = [c for c in self.connections
+                    if isinstance(c, EdgeProtocol) and c is not self and c.idle()]
+            if not idle:
+                logger.warning("connection refused: %d open, all busy; the limit is %d",
+                               len(self.connections), cap)
+                transport.abort()
+                return
+            min(idle, key=lambda c: c.active_at).transport.abort()
+        self.active_at = self.loop.time()
         self._await_headers()
+
+    def idle(self) -> bool:
+        """No request in progress: waiting for one (a new or kept-alive connection)."""
+        return self.cycle is None or self.cycle.response_complete
 
     def _await_headers(self) -> None:
         self.reading_headers = True
@@ -219,12 +234,30 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done()
+        self.active_at = self.loop.time()
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
         self._body_done()
         super().connection_lost(exc)
+
+
+# Files a server process keeps besides its client connections and their worker connections:
+# the listening socket, event loop, logs, Redis connections, health and load polls, KV-event
+# subscriptions (a few per pod), DNS.
+FILE_RESERVE = 128
+
+
+@functools.cache
+def connection_cap(configured: int) -> int:
+    """Client connections one process may hold: `max_connections`, or fewer when the open
+    files limit is lower, since each connection may need a worker connection of its own
+    (half of what is left after the reserve each)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, (soft - FILE_RESERVE) // 2))
 
 
 def raise_open_files_limit() -> None:

@@ -100,6 +100,13 @@ class GatewayMetrics:
             "validate and the last good copy is served", registry=r,
             multiprocess_mode="livemax")
         self.in_flight = gauge("requests_in_flight", "Requests being served", "deployment")
+        self.usage_pending = Gauge(
+            f"{PREFIX}_usage_records_pending", "Usage records not yet written to Redis",
+            registry=r, multiprocess_mode="livesum")
+        self.usage_oldest = Gauge(
+            f"{PREFIX}_usage_oldest_pending_seconds", "Age of the oldest usage record not "
+            "yet written to Redis (0 when none waits)", registry=r,
+            multiprocess_mode="livemax")
 
     def render(self) -> bytes:
         if self.shared_dir is None:

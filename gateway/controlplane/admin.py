@@ -9,11 +9,12 @@ within `registry_poll_interval`.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisError
 
 from gateway.controlplane.registry import (
     Account,
@@ -23,11 +24,10 @@ from gateway.controlplane.registry import (
     Lora,
     RegistryData,
     Replica,
-    check_replica_url,
     hash_key,
 )
 from gateway.controlplane.store import RegistryStore
-from gateway.controlplane.usage import Ledger, UsageTotals
+from gateway.controlplane.usage import Ledger
 from gateway.errors import GatewayError
 
 
@@ -60,11 +60,6 @@ router = APIRouter()
 
 # A deployment as the admin API takes it: its settings (the path names its account and id).
 DeploymentSpec = DeploymentSettings
-
-
-class ReplicaSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: Annotated[str, AfterValidator(check_replica_url)]
 
 
 def _account(data: RegistryData, account_id: str) -> Account:
@@ -178,11 +173,11 @@ async def delete_deployment(request: Request, account_id: str,
 
 @router.post("/accounts/{account_id}/deployments/{deployment_id}/replicas")
 async def add_replica(request: Request, account_id: str, deployment_id: str,
-                      replica: ReplicaSpec) -> dict[str, Any]:
+                      replica: Replica) -> dict[str, Any]:
     def change(data: RegistryData) -> RegistryData:
         deployment = _find(data, account_id, deployment_id)
         if all(r.url != replica.url for r in deployment.replicas):
-            deployment.replicas.append(Replica(url=replica.url))
+            deployment.replicas.append(replica)
         return data
 
     registry = await _parts(request).store.change(change)
@@ -302,5 +297,13 @@ async def delete_lora(request: Request, account_id: str, lora_id: str) -> dict[s
 
 
 @router.get("/usage")
-async def usage(request: Request) -> dict[str, dict[str, UsageTotals]]:
-    return {"accounts": await _parts(request).ledger.totals()}
+async def usage(request: Request) -> dict[str, Any]:
+    """Every account's totals, and this gateway process's records not yet in them (also
+    while Redis is unreachable, when the totals cannot be read: that is when they wait)."""
+    ledger = _parts(request).ledger
+    pending = asdict(ledger.backlog())
+    try:
+        return {"accounts": await ledger.totals(), "pending": pending}
+    except RedisError:
+        return {"accounts": None, "pending": pending,
+                "problem": "The shared state store (Redis) is unreachable"}

@@ -147,9 +147,12 @@ def delete_deployment(account: str, deployment: str, url: str = URL,
 
 @replicas.command("add")
 def add_replica(account: str, deployment: str, replica_url: str, url: str = URL,
-                admin_key: str = KEY) -> None:
+                admin_key: str = KEY,
+                kv_events: str | None = typer.Option(
+                    None, help="its KV-cache event endpoint, tcp://host:port")) -> None:
+    body = {"url": replica_url} | ({"kv_events": kv_events} if kv_events else {})
     call("POST", url, admin_key, f"/accounts/{account}/deployments/{deployment}/replicas",
-         {"url": replica_url})
+         body)
 
 
 @replicas.command("remove")

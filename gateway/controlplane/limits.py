@@ -9,7 +9,9 @@ settled with the real usage when the request ends (usage.py's finish script, ato
 the usage record). Concurrency is a sorted set of admitted requests scored by a deadline,
 which the gateway holding the slot pushes forward while the request runs (`slot_lifetime`,
 refreshed every third of it), so a long stream keeps its slot and a gateway that dies holding
-slots frees them within one lifetime.
+slots frees them within one lifetime. The slot is freed as the request ends, by the limiter
+itself, not with the usage record: after an outage the records wait in a backlog, and an
+account must not be refused for requests that have ended.
 
 Without Redis the same rules run in process (`LocalLimiter`). When Redis cannot be reached
 (connection refused or lost) the gateway admits without limits (availability first); when
@@ -21,6 +23,7 @@ is odd. Both are logged and counted (`fwgw_limiter_degraded{reason, outcome}`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -182,17 +185,46 @@ class RedisLimiter:
         self.prefix = prefix
         self.slot_lifetime = slot_lifetime
         self.degraded = degraded  # (reason, outcome) for the metric
+        self.client = client
         self._script = client.register_script(ADMIT_LUA)
         self._refresh = client.register_script(REFRESH_LUA)
         self.held: dict[str, str] = {}  # concurrency slots held here: record id -> account
-        self._task: asyncio.Task[None] | None = None
+        self.ended: list[tuple[str, str]] = []  # slots to free: (account, record id)
+        self._ended_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._task = every(self.slot_lifetime / 3, self.refresh_slots,
-                           "concurrency slot refresh", logger)
+        self._tasks = [every(self.slot_lifetime / 3, self.refresh_slots,
+                             "concurrency slot refresh", logger),
+                       asyncio.create_task(self._free_ended(), name="concurrency slot free")]
 
     async def stop(self) -> None:
-        await cancel(self._task)
+        if self.ended:
+            with contextlib.suppress(RedisError, OSError):
+                await self._free(list(self.ended))
+        for task in self._tasks:
+            await cancel(task)
+
+    async def _free_ended(self) -> None:
+        """Frees ended requests' slots, all those ended meanwhile in one round trip; while
+        Redis is away they wait (and expire within a lifetime if it never comes back)."""
+        while True:
+            await self._ended_wake.wait()
+            self._ended_wake.clear()
+            while self.ended:
+                slots = list(self.ended)
+                try:
+                    await self._free(slots)
+                except (RedisError, OSError):
+                    await asyncio.sleep(0.1)
+                    continue
+                del self.ended[:len(slots)]
+
+    async def _free(self, slots: list[tuple[str, str]]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for account, record_id in slots:
+                pipe.zrem(limit_keys(self.prefix, account)[3], record_id)
+            await pipe.execute()
 
     async def refresh_slots(self) -> None:
         held = list(self.held.items())
@@ -247,7 +279,10 @@ class RedisLimiter:
         return admission
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
-        self.held.pop(admission.record_id, None)
+        account = self.held.pop(admission.record_id, None)
+        if account is not None:
+            self.ended.append((account, admission.record_id))
+            self._ended_wake.set()
 
 
 class LocalLimiter:

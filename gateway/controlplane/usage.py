@@ -2,23 +2,29 @@
 
 With Redis a request's end is one Lua script that (a) claims the record id with SET NX, so a
 retried append after a lost reply or a Redis restart never counts twice, (b) settles the
-request's rate-limit reservation with the real token counts and frees its concurrency slot,
+request's token reservations with the real counts (its concurrency slot the limiter frees),
 (c) XADDs the record to the `<prefix>usage` stream and (d) adds it to the account's totals
 (`<prefix>usage:totals:<account>`, so that reading usage never reads the stream). Ends are
-queued in process and sent in order by one task that retries while Redis is unreachable.
-Nothing is dropped: past `max_pending` queued records the gateway refuses new requests with
-503 (`backlogged`) until Redis takes them, and records still queued at shutdown are written
-to the log in full. Without Redis the record goes to the `gateway.usage` log and the
-in-process totals.
+queued in process and sent in pipelined batches by one task that retries while Redis is
+unreachable. Records whose request holds token reservations in Redis go first: after an
+outage, the records of requests admitted while Redis was away must not hold back the
+settling of those admitted since (their account would be refused for tokens it did not
+use). Nothing is dropped: past `max_pending` queued records the gateway refuses new requests
+with 503 (`backlogged`) until Redis takes them, and records still queued at shutdown are
+written to the log in full. How many wait, and for how long, is `backlog()`
+(the metrics and GET /admin/v1/usage). Without Redis the record goes to the `gateway.usage`
+log and the in-process totals, which keep the latest `keep` records.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -73,8 +79,18 @@ def totals_of(records: Iterable[UsageRecord]) -> dict[str, UsageTotals]:
     return totals
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Usage records this gateway process has not yet written to Redis."""
+
+    records: int = 0
+    oldest_seconds: float = 0.0  # since the oldest waiting request ended
+
+
 class Ledger(Protocol):
     def finish(self, record: UsageRecord, admission: Admission) -> None: ...
+
+    def backlog(self) -> Backlog: ...
 
     @property
     def backlogged(self) -> bool:
@@ -104,6 +120,9 @@ class LocalLedger:
     def backlogged(self) -> bool:
         return False
 
+    def backlog(self) -> Backlog:
+        return Backlog()
+
     async def start(self) -> None:
         return None
 
@@ -114,8 +133,8 @@ class LocalLedger:
         return {account: total.model_copy(deep=True) for account, total in self._totals.items()}
 
 
-# KEYS: done marker, prompt, generated, concurrent (limits.py), usage stream, the account's
-#       totals (hash), the set of accounts with totals
+# KEYS: done marker, prompt, generated (limits.py), usage stream, the account's totals
+#       (hash), the set of accounts with totals
 # ARGV: record id, bucket (-1: nothing reserved), prompt and generated: reserved, used;
 #       limited (1/0), stream max length, account, status, cached tokens, then the record's
 #       field/value pairs
@@ -129,7 +148,6 @@ if bucket >= 0 then
   if redis.call('HEXISTS', KEYS[3], bucket) == 1 then
     redis.call('HINCRBY', KEYS[3], bucket, tonumber(ARGV[6]) - tonumber(ARGV[5]))
   end
-  redis.call('ZREM', KEYS[4], ARGV[1])
 elseif ARGV[7] == '1' then
   -- admitted while Redis was unreachable: count what it used, now
   local now = redis.call('TIME')[1]
@@ -138,13 +156,13 @@ elseif ARGV[7] == '1' then
   redis.call('EXPIRE', KEYS[2], 3600)
   redis.call('EXPIRE', KEYS[3], 3600)
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 12))
-redis.call('HINCRBY', KEYS[6], 'requests', 1)
-redis.call('HINCRBY', KEYS[6], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[6], 'cached_tokens', ARGV[11])
-redis.call('HINCRBY', KEYS[6], 'completion_tokens', ARGV[6])
-redis.call('HINCRBY', KEYS[6], 'status:' .. ARGV[10], 1)
-redis.call('SADD', KEYS[7], ARGV[9])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 12))
+redis.call('HINCRBY', KEYS[5], 'requests', 1)
+redis.call('HINCRBY', KEYS[5], 'prompt_tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[5], 'cached_tokens', ARGV[11])
+redis.call('HINCRBY', KEYS[5], 'completion_tokens', ARGV[6])
+redis.call('HINCRBY', KEYS[5], 'status:' .. ARGV[10], 1)
+redis.call('SADD', KEYS[6], ARGV[9])
 return 1
 """
 
@@ -157,31 +175,47 @@ def _fields(record: UsageRecord) -> list[str]:
     return fields
 
 
+Pending = deque[tuple[UsageRecord, Admission]]
+
+
 class RedisLedger:
     def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
                  max_length: int = 10_000_000, max_pending: int = 100_000,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: Limiter | None = None, batch: int = 256,
+                 on_backlog: Callable[[Backlog], None] = lambda backlog: None) -> None:
         self.redis = client
         self.prefix = prefix
         self.stream = f"{prefix}usage"
         self.max_length = max_length
         self.max_pending = max_pending
         self.limiter = limiter
+        self.batch = batch
+        self.on_backlog = on_backlog  # told after every batch sent or failed
         self._script = client.register_script(FINISH_LUA)
-        # Never bounded by dropping: admission stops while it is too long (`backlogged`).
-        self.pending: deque[tuple[UsageRecord, Admission]] = deque()
+        # Never bounded by dropping: admission stops while they are too long (`backlogged`).
+        self.holding: Pending = deque()  # their requests hold reservations in Redis: first
+        self.others: Pending = deque()  # no reservation (no limits, or admitted without Redis)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def finish(self, record: UsageRecord, admission: Admission) -> None:
         if self.limiter is not None:  # in-process bookkeeping; Redis settles in the script
             self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
-        self.pending.append((record, admission))
+        lane = self.holding if admission.bucket is not None else self.others
+        lane.append((record, admission))
         self._wake.set()
 
     @property
+    def pending(self) -> int:
+        return len(self.holding) + len(self.others)
+
+    @property
     def backlogged(self) -> bool:
-        return len(self.pending) >= self.max_pending
+        return self.pending >= self.max_pending
+
+    def backlog(self) -> Backlog:
+        ends = [lane[0][0].time for lane in (self.holding, self.others) if lane]
+        return Backlog(self.pending, max(time.time() - min(ends), 0.0) if ends else 0.0)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._send(), name="usage-ledger")
@@ -193,8 +227,8 @@ class RedisLedger:
             await asyncio.sleep(0.05)
         if self.pending:
             logger.error("%d usage records not written to Redis (unreachable at shutdown); "
-                         "here they are:", len(self.pending))
-            for record, _ in self.pending:
+                         "here they are:", self.pending)
+            for record, _ in itertools.chain(self.holding, self.others):
                 logger.error("usage %s", record.model_dump_json())
         await cancel(self._task)
 
@@ -204,29 +238,41 @@ class RedisLedger:
             await self._wake.wait()
             self._wake.clear()
             while self.pending:
-                record, admission = self.pending[0]
+                # Up to `batch` records, holding ones first, left queued until Redis has them.
+                first = list(itertools.islice(self.holding, self.batch))
+                then = list(itertools.islice(self.others, self.batch - len(first)))
                 try:
-                    await self._append(record, admission)
-                except Exception as exc:  # Redis down, or anything else: keep the record
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for record, admission in first + then:
+                            await self._append(record, admission, pipe)
+                        await pipe.execute()
+                except Exception as exc:  # Redis down, or anything else: keep the records
                     if not failing:
                         logger.warning("usage records queued until Redis takes them: %r", exc)
                     failing = True
-                    await asyncio.sleep(0.5)
+                    self.on_backlog(self.backlog())
+                    await asyncio.sleep(0.2)
                     continue
                 failing = False
-                self.pending.popleft()
+                for lane, sent in ((self.holding, len(first)), (self.others, len(then))):
+                    for _ in range(sent):
+                        lane.popleft()
+                self.on_backlog(self.backlog())
 
-    async def _append(self, record: UsageRecord, admission: Admission) -> None:
+    async def _append(self, record: UsageRecord, admission: Admission,
+                      pipe: aioredis.client.Pipeline) -> None:
+        """Queues the record's script in `pipe`: a batch half applied before a lost
+        connection is sent again whole, and each record's SET NX counts it once."""
         bucket = admission.bucket if admission.bucket is not None else -1
         await self._script(
             keys=[f"{self.prefix}usage:done:{record.record_id}",
-                  *limit_keys(self.prefix, record.account)[1:], self.stream,
+                  *limit_keys(self.prefix, record.account)[1:3], self.stream,
                   f"{self.prefix}usage:totals:{record.account}", f"{self.prefix}usage:accounts"],
             args=[record.record_id, bucket,
                   admission.prompt_reserved, record.prompt_tokens,
                   admission.generated_reserved, record.completion_tokens,
                   1 if admission.limited else 0, self.max_length, record.account,
-                  record.status, record.cached_tokens, *_fields(record)])
+                  record.status, record.cached_tokens, *_fields(record)], client=pipe)
 
     async def totals(self) -> dict[str, UsageTotals]:
         return await read_totals(self.redis, self.prefix)

@@ -4,8 +4,10 @@ hold. Raw sockets, so that the client can misbehave as it likes."""
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import yaml
 from gateway.controlplane.registry import hash_key
 from gateway.local_stack import Child
 from tests.conftest import free_port
-from tests.e2e.processes import start_gateway
+from tests.e2e.processes import _child, start_gateway, wait_healthy
 
 KEY, ADMIN = "fw_edge_key", "fw_edge_admin"
 BIG = 100 << 20
@@ -231,6 +233,64 @@ def test_requests_succeed_while_2000_idle_connections_are_open(gateway: Gateway)
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_with_1024_open_files_1100_idle_clients_leave_health_and_workers_served(
+        tmp_path: Path) -> None:
+    """`ulimit -n 1024`: the connection cap follows the open-files limit, and idle
+    connections past it make room for new ones, so that a health probe and requests (each
+    with its worker connection) still get through."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    fake, port = free_port(), free_port()
+    upstream = _child(f"worker-{fake}", [sys.executable, "-m", "bench.fake_upstream",
+                                         str(fake)])
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({
+        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
+        "deployments": [{"id": "d", "account": "fireworks", "default": True,
+                         "model": "accounts/fireworks/models/m",
+                         "replicas": [{"url": f"http://127.0.0.1:{fake}"}]}]}))
+    env = dict(os.environ, GATEWAY_REGISTRY_PATH=str(registry), GATEWAY_PORT=str(port),
+               GATEWAY_LOG_LEVEL="warning", GATEWAY_HEALTH_CHECK_INTERVAL="0.5")
+    child = _child(f"gateway-{port}", ["sh", "-c", "ulimit -n 1024 && exec "
+                                       f"{sys.executable} -m gateway serve"], env)
+    idle: list[socket.socket] = []
+    try:
+        wait_healthy(upstream, f"http://127.0.0.1:{fake}/health", "the fake worker", 30)
+        wait_healthy(child, f"http://127.0.0.1:{port}/health", "the gateway", 60)
+        with open(f"/proc/{child.process.pid}/limits") as limits:
+            assert any(line.startswith("Max open files") and line.split()[3] == "1024"
+                       for line in limits)
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.5)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for n in range(20):
+                assert client.get("/health").status_code == 200
+                answer = client.post("/inference/v1/completions", json={
+                    "model": "accounts/fireworks/models/m", "prompt": "hi",
+                    "stream": n % 2 == 1}, headers={"authorization": f"Bearer {KEY}"})
+                assert answer.status_code == 200, answer.text
+        closed = 0
+        for sock in idle:  # the ones that made room were closed by the gateway
+            sock.setblocking(False)
+            try:
+                closed += sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionError:
+                closed += 1
+        open_files = len(os.listdir(f"/proc/{child.process.pid}/fd"))
+        print(f"1100 idle clients: {closed} closed by the gateway; it holds {open_files} "
+              "files of its 1024")
+        assert closed >= 1100 - (1024 - 128) // 2 and open_files < 1024
+        assert "out of system resource" not in child.log_tail(200)
+    finally:
+        for sock in idle:
+            sock.close()
+        child.stop()
+        upstream.stop()
 
 
 def test_without_redis_usage_records_go_to_the_log(

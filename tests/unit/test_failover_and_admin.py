@@ -149,8 +149,12 @@ async def test_admin_api_manages_deployments_and_keys(tmp_path: Path) -> None:
                                      json={"max_tokens_completion": 3})
         assert patched.json()["max_tokens_completion"] == 3
         added = await client.post("/admin/v1/accounts/acme/deployments/mine/replicas",
-                                  headers=admin, json={"url": w1})
-        assert [r["url"] for r in added.json()["replicas"]] == [w2, w1]
+                                  headers=admin, json={"url": w1, "kv_events": "tcp://w1:5557"})
+        assert [(r["url"], r["kv_events"]) for r in added.json()["replicas"]] == [
+            (w2, None), (w1, "tcp://w1:5557")]
+        no_events = await client.post("/admin/v1/accounts/acme/deployments/mine/replicas",
+                                      headers=admin, json={"url": w1, "kv_events": "w1:5557"})
+        assert no_events.status_code == 400 and "kv_events" in no_events.text
         listed = (await client.get("/admin/v1/accounts/acme/deployments", headers=admin)).json()
         assert [d["name"] for d in listed["deployments"]] == ["accounts/acme/deployments/mine"]
         bad = await client.put("/admin/v1/accounts/acme/deployments/x", headers=admin,
@@ -270,8 +274,10 @@ async def test_redis_down_at_start_serves_the_file_and_refuses_admin_changes(
         change = await client.put("/admin/v1/accounts/fireworks/limits", headers=auth(ADMIN),
                                   json={"requests_per_minute": 5})
         ledger = gateway_app.state.gateway.ledger
-        assert len(ledger.pending) == 1  # the usage record waits for Redis
-        ledger.pending.clear()  # (so that shutdown does not wait for it)
+        assert ledger.pending == 1  # the usage record waits for Redis
+        backlog = ledger.backlog()
+        assert backlog.records == 1 and 0 <= backlog.oldest_seconds < 5
+        ledger.others.clear()  # (so that shutdown does not wait for it)
     assert served.status_code == 200
     assert change.status_code == 503 and change.headers["retry-after"] == "1"
 

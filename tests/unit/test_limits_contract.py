@@ -32,9 +32,10 @@ class Pair:
             deployment="d", model="m", endpoint="/v1/completions", status="ok",
             http_status=200, prompt_tokens=prompt, completion_tokens=completion,
             time=time.time()), admission)
-        if isinstance(self.ledger, RedisLedger):  # its records reach Redis in the background
+        if isinstance(self.ledger, RedisLedger):  # records and ends reach Redis in the
+            assert isinstance(self.limiter, RedisLimiter)  # background
             for _ in range(200):
-                if not self.ledger.pending:
+                if not self.ledger.pending and not self.limiter.ended:
                     return
                 await asyncio.sleep(0.01)
             raise AssertionError("the ledger did not drain")
@@ -51,9 +52,11 @@ async def pair(request: pytest.FixtureRequest,
     prefix = f"c{uuid.uuid4().hex[:8]}:"
     limiter = RedisLimiter(client, prefix)
     ledger = RedisLedger(client, prefix, limiter=limiter)
+    await limiter.start()
     await ledger.start()
     yield Pair(limiter, ledger)
     await ledger.stop()
+    await limiter.stop()
     await client.aclose()
 
 
