@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-affinity clean help
+.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-affinity bench-soak clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -85,6 +85,10 @@ bench-tenancy: $(STAMP)
 # KV_EVENTS=tcp://a:port,tcp://b:port (workers started with --kv-events-port); bench/affinity.py
 bench-affinity: $(STAMP)
 	@$(PY) -m bench.affinity --workers "$(WORKERS)" --kv-events "$(KV_EVENTS)"
+
+# The gateway's memory over 200,000 requests, without Redis and with it (bench/soak.py)
+bench-soak: $(STAMP) redis
+	@$(PY) -m bench.soak $(if $(REQUESTS),--requests $(REQUESTS),)
 
 bench: bench-gateway bench-plugins
 

@@ -52,6 +52,7 @@ from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
 from gateway.fireworks.rerank import RerankApi
 from gateway.fireworks.responses import ResponsesApi
 from gateway.metrics import GatewayMetrics
+from gateway.tracing import tracing_from_env
 from gateway.validation import validation_message
 
 logger = logging.getLogger("gateway")
@@ -175,7 +176,8 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                       ledger=ledger, metrics=metrics, workers=workers,
                       queries=WorkerQueries(workers), discovery=discovery,
                       adapters=adapters, queues=queues, responses=responses,
-                      kv_index=BlockIndex(), started_at=time.time())
+                      kv_index=BlockIndex(), started_at=time.time(),
+                      tracing=tracing_from_env())
     return gateway, client
 
 
@@ -254,6 +256,7 @@ def create_app(settings: Settings | None = None,
             await gateway.limiter.stop()
             await gateway.store.stop()
             await gateway.workers.aclose()
+            gateway.tracing.shutdown()  # the spans still batched are sent
             if redis_client is not None:
                 await redis_client.aclose()
             gateway.metrics.close()

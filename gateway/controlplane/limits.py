@@ -295,8 +295,11 @@ class LocalLimiter:
         return None
 
     def __init__(self) -> None:
-        # account -> deque of [time, prompt, generated] per admitted request
+        # account -> deque of [time, prompt, generated] per admitted request, and the
+        # window's sums of prompt and generated (kept, not summed per request: a window can
+        # hold a minute of requests)
         self.windows: dict[str, deque[list[float]]] = {}
+        self.sums: dict[str, list[float]] = {}
         self.concurrent: dict[str, set[str]] = {}
         self._entries: dict[str, list[float]] = {}
 
@@ -306,12 +309,15 @@ class LocalLimiter:
         admission = Admission(record_id, account.id, limited=True)
         now = time.monotonic()
         window = self.windows.setdefault(account.id, deque())
+        sums = self.sums.setdefault(account.id, [0.0, 0.0])
         while window and window[0][0] <= now - WINDOW:
-            window.popleft()
+            gone = window.popleft()
+            sums[0] -= gone[1]
+            sums[1] -= gone[2]
+            gone[0] = -1.0  # out of the window (a request still running settles nothing)
         running = self.concurrent.setdefault(account.id, set())
-        used = {"requests": len(window), "prompt_tokens": int(sum(e[1] for e in window)),
-                "generated_tokens": int(sum(e[2] for e in window)),
-                "concurrent_requests": len(running)}
+        used = {"requests": len(window), "prompt_tokens": int(sums[0]),
+                "generated_tokens": int(sums[1]), "concurrent_requests": len(running)}
         wait = int(window[0][0] + WINDOW - now) + 1 if window else 1
         for kind, limit, reserve in (
                 ("concurrent_requests", limits.concurrent_requests, 0),
@@ -323,6 +329,8 @@ class LocalLimiter:
                                 limit_headers(limits, used))
         entry = [now, float(prompt_tokens), float(generated_tokens)]
         window.append(entry)
+        sums[0] += entry[1]
+        sums[1] += entry[2]
         running.add(record_id)
         self._entries[record_id] = entry
         used["requests"] += 1
@@ -336,4 +344,8 @@ class LocalLimiter:
         self.concurrent.get(admission.account, set()).discard(admission.record_id)
         entry = self._entries.pop(admission.record_id, None)
         if entry is not None:
+            if entry[0] >= 0:  # still in the window: its sums take the real counts
+                sums = self.sums[admission.account]
+                sums[0] += prompt_tokens - entry[1]
+                sums[1] += generated_tokens - entry[2]
             entry[1], entry[2] = float(prompt_tokens), float(generated_tokens)

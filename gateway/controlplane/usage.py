@@ -104,9 +104,9 @@ class Ledger(Protocol):
 
 
 class LocalLedger:
-    def __init__(self, limiter: Limiter, keep: int = 100_000) -> None:
+    def __init__(self, limiter: Limiter, keep: int = 1000) -> None:
         self.limiter = limiter
-        self.kept: deque[UsageRecord] = deque(maxlen=keep)  # the latest, for inspection
+        self.kept: deque[UsageRecord] = deque(maxlen=keep)  # the latest (tests look at them)
         self._totals: dict[str, UsageTotals] = {}
 
     def finish(self, record: UsageRecord, admission: Admission) -> None:

@@ -27,6 +27,7 @@ from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.replicas import Lease
 from gateway.dataplane.workers import WorkerAnswer
+from gateway.tracing import NO_TRACE, RequestTrace
 
 logger = logging.getLogger("gateway.exchange")
 
@@ -51,7 +52,8 @@ class Attempt:
 
 class Exchange:
     def __init__(self, gateway: Gateway, account: Account, route: Route, admission: Admission,
-                 request_id: str, endpoint: str, call: Call, encoded: bytes) -> None:
+                 request_id: str, endpoint: str, call: Call, encoded: bytes,
+                 trace: RequestTrace = NO_TRACE) -> None:
         self.gateway = gateway
         self.account = account
         self.route = route
@@ -60,6 +62,8 @@ class Exchange:
         self.endpoint = endpoint
         self.call = call
         self.encoded = encoded  # the worker request, encoded once for every attempt
+        self.trace = trace  # its spans (routes.py ends them after end())
+        self.first_token_at: float | None = None
         self.started = time.monotonic()
         self.attempt: Attempt | None = None
         # The latest usage any attempt reported (a retry may report none).
@@ -109,6 +113,7 @@ class Exchange:
         cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         ended = time.monotonic()
         first_token = attempt.served.first_token_at if attempt is not None else None
+        self.first_token_at = first_token
         replica = attempt.lease.replica.url if attempt is not None else ""
         try:
             record = UsageRecord(

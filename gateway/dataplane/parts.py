@@ -1,6 +1,6 @@
 """The parts one gateway process serves inference with (app.state.gateway), built once in
 app.py and handed down: settings, the registry store, replicas, limits, usage, metrics,
-the worker client, what is kept about workers, and stored responses."""
+the worker client, what is kept about workers, stored responses and tracing."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from gateway.dataplane.queue import Queues
 from gateway.dataplane.replicas import ReplicaSet
 from gateway.dataplane.workers import WorkerClient
 from gateway.metrics import GatewayMetrics
+from gateway.tracing import Tracing
 
 
 @dataclass
@@ -37,3 +38,4 @@ class Gateway:
     responses: ResponseStore  # stored Responses API responses
     kv_index: BlockIndex  # what each pod holds in its KV cache, from its events
     started_at: float
+    tracing: Tracing  # requests' spans (OpenTelemetry), off unless OTEL_* variables say

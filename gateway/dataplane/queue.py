@@ -162,15 +162,16 @@ class Queues:
         self.queues: dict[str, DeploymentQueue] = {}
         self.deployments: dict[str, Deployment] = {}
 
-    async def turn(self, deployment: Deployment, account: Account, priority: bool) -> None:
-        """Returns when the request may take a replica; raises 503 when it is shed."""
+    async def turn(self, deployment: Deployment, account: Account, priority: bool) -> bool:
+        """Returns when the request may take a replica (True when it waited for that);
+        raises 503 when it is shed."""
         queue = self.queues.get(deployment.name)
         promised = 0 if queue is None else queue.dispatched
         if (queue is None or queue.length == 0) and self.free(deployment, 0) > promised:
-            return  # nothing waits and there is room: go on
+            return False  # nothing waits and there is room: go on
         if self.reserve and (queue is None or not queue.has(account.id)) \
                 and self.free(deployment, self.reserve) > promised:
-            return  # an account with nothing waiting takes the reserve: no wait at all
+            return False  # an account with nothing waiting takes the reserve: no wait
         queue = self.queues.setdefault(deployment.name, DeploymentQueue())
         self.deployments[deployment.name] = deployment
         tier = (1 if priority else 0, account.priority)
@@ -204,6 +205,7 @@ class Queues:
                     time.monotonic() - waiter.since)
             if not waiter.turn.done():
                 waiter.turn.cancel()
+        return True
 
     def dispatch(self, name: str) -> None:
         """Let waiting requests go while the deployment's replicas have room."""

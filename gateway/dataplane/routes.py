@@ -97,13 +97,16 @@ class InferenceRoutes:
         # The key and the declared size are checked before the body is read: a client
         # without a key costs a bounded amount, whatever it sends.
         headers = header_map(scope["headers"])
+        trace = gateway.tracing.start(f"POST {scope['path']}", headers, request_id)
         try:
             account: Account = gateway.store.current.authenticate(api_key(headers))
             check_declared_length(headers, gateway.settings)
             raw = await read_body(receive, gateway.settings)
         except asyncio.CancelledError:
+            trace.end("aborted", 499, None)
             return  # the client left while sending its request
         except GatewayError as exc:
+            trace.end("error", exc.status, None)
             count_refusal(gateway, "", endpoint, exc.status)
             exc.headers.setdefault("connection", "close")  # the body was not read
             await send_error(send, exc, request_id, api.error_body(exc, request_id))
@@ -117,7 +120,11 @@ class InferenceRoutes:
             request: Any = parse_body(raw, api.request_model, gateway.settings)
             route = gateway.store.current.resolve(request.model, account,
                                                   headers.get(DEPLOYMENT_HEADER))
-            exchange = await admit(gateway, api, account, route, request, request_id)
+            trace.describe(account=account.id, deployment=route.deployment.name,
+                           model=route.model)
+            with trace.phase("admission"):
+                exchange = await admit(gateway, api, account, route, request, request_id,
+                                       trace)
             reply = await attempt_all(exchange, affinity_key(
                 headers, api, request, gateway.settings.prefix_affinity_bytes))
             outcome = await reply.send(send_tracked)
@@ -141,6 +148,7 @@ class InferenceRoutes:
             elif error is not None:
                 count_refusal(gateway, route.deployment.name if route else "", endpoint,
                               error.status)
+            trace.end(*outcome, exchange.first_token_at if exchange is not None else None)
         if error is not None:
             if error.status >= 500:
                 logger.warning("request %s failed: %s %s", request_id, error.status,

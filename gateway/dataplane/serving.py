@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
 from gateway.errors import GatewayError, WorkerFault, bytes_headers
+from gateway.tracing import NO_TRACE, RequestTrace
 
 logger = logging.getLogger("gateway.serving")
 ATTEMPTS = 2  # the first try and one retry on another replica
@@ -39,7 +41,8 @@ def count_refusal(gateway: Gateway, deployment: str, endpoint: str, status: int)
 
 
 async def admit(gateway: Gateway, api: InferenceApi[Any], account: Account, route: Route,
-                request: BaseModel, request_id: str) -> Exchange:
+                request: BaseModel, request_id: str, trace: RequestTrace = NO_TRACE
+                ) -> Exchange:
     """Translate and admit: the Exchange that owns the request from here on."""
     deployment = route.deployment
     record_id = new_record_id()
@@ -65,7 +68,7 @@ async def admit(gateway: Gateway, api: InferenceApi[Any], account: Account, rout
             gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
             raise
     return Exchange(gateway, account, route, admission, request_id, api.worker_path, call,
-                    encoded)
+                    encoded, trace)
 
 
 async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
@@ -80,7 +83,9 @@ async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
     health = gateway.replicas.health
     deployment, lora = exchange.route.deployment, exchange.route.lora
     prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
-    await gateway.queues.turn(deployment, exchange.account, exchange.call.priority)
+    queued_at = time.monotonic()
+    if await gateway.queues.turn(deployment, exchange.account, exchange.call.priority):
+        exchange.trace.waited("queue", queued_at)
     hint = await _cache_hint(exchange) if gateway.kv_index.known else None
     tried: set[str] = set()
     answered_badly: str | None = None
@@ -90,9 +95,11 @@ async def attempt_all(exchange: Exchange, affinity: str | None) -> ClientReply:
                                                               prefer, hint))
             url = attempt.lease.replica.url
             tried.add(url)
+            exchange.trace.routed(url, attempt_number + 1, attempt.lease.routing)
             try:
                 return await _attempt(exchange, attempt)
             except GatewayError as exc:
+                exchange.trace.attempt_ended(f"{exc.status}: {exc.message}")
                 exchange.drop()
                 if not exc.replica_fault:
                     answered_badly = None  # another replica judged the request itself
@@ -138,6 +145,7 @@ async def _open(exchange: Exchange, attempt: Attempt, body: bytes) -> None:
     is loaded again and the request sent once more."""
     gateway, lora, url = exchange.gateway, exchange.route.lora, attempt.worker.url
     target, headers = url + exchange.endpoint, {"x-request-id": exchange.request_id}
+    exchange.trace.propagate(headers)
     if lora is not None:
         await gateway.adapters.ensure(url, lora)
     try:

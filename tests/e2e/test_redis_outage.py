@@ -19,12 +19,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import httptools
 import httpx
-import orjson
 import pytest
 import yaml
 
+from bench.raw_client import Connection, completion
 from gateway.controlplane.registry import hash_key
 from gateway.controlplane.usage import UsageRecord
 from gateway.local_stack import Child
@@ -81,21 +80,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     redis.stop()
 
 
-class Answer:
-    """httptools' callbacks for one response."""
-
-    def __init__(self) -> None:
-        self.done = False
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 @dataclass
 class Load:
-    """Closed-loop clients on kept-alive connections (a plain asyncio client: httpx would
-    be the slowest process here). Half the clients are `alpha`'s, half `limited`'s; every
-    other request streams."""
+    """Closed-loop clients on kept-alive connections (bench/raw_client.py: httpx would be
+    the slowest process here). Half the clients are `alpha`'s, half `limited`'s; every other
+    request streams."""
 
     gateways: list[int]
     phase: str = "before"
@@ -106,35 +95,16 @@ class Load:
 
     async def client(self, number: int) -> None:
         account = "alpha" if number % 2 == 0 else "limited"
-        port = self.gateways[number // 2 % len(self.gateways)]
+        connection = Connection(self.gateways[number // 2 % len(self.gateways)])
         sent = 0
-        reader: asyncio.StreamReader | None = None
-        writer: asyncio.StreamWriter | None = None
         while self.running:
-            if writer is None:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            assert reader is not None
             request_id = f"c{number}-{sent}"
-            body = orjson.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 64,
-                                 "stream": sent % 2 == 1})
-            writer.write(b"POST /inference/v1/completions HTTP/1.1\r\nhost: gw\r\n"
-                         b"authorization: Bearer %s\r\nx-request-id: %s\r\n"
-                         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                         % (KEYS[account].encode(), request_id.encode(), len(body), body))
+            status = await connection.send(completion(KEYS[account], MODEL, sent % 2 == 1,
+                                                      request_id))
             sent += 1
-            answer = Answer()
-            parser = httptools.HttpResponseParser(answer)
-            while not answer.done:
-                data = await reader.read(1 << 16)
-                if not data:
-                    raise ConnectionError(f"gateway {port} closed the connection")
-                parser.feed_data(data)
-            status = parser.get_status_code()
             self.statuses[request_id] = status
             self.counts[(self.phase, account, status)] += 1
-            if not parser.should_keep_alive():
-                writer.close()
-                writer = None
+        connection.close()
 
     def answered(self, phase: str) -> int:
         return sum(n for (p, _, _), n in self.counts.items() if p == phase)

@@ -210,6 +210,26 @@ def test_gpus_and_vllm_args_land_on_the_right_containers() -> None:
     assert "nvidia.com/gpu" not in str(gateway["resources"])
 
 
+def test_tracing_reaches_the_gateways_and_the_workers_only_when_asked() -> None:
+    def parts(values: dict[str, Any] | None) -> tuple[dict[str, str], list[list[str]]]:
+        objects = render(values)
+        gateway = container(find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0])
+        workers = [container(w)["args"] for w in find(objects, "Deployment")
+                   if "fireworks-gateway/deployment" in w["metadata"]["labels"]]
+        return {e["name"]: e.get("value", "") for e in gateway["env"]}, workers
+
+    env, workers = parts(None)
+    assert not [name for name in env if name.startswith("OTEL_")]
+    assert all("--otlp-traces-endpoint" not in args for args in workers)
+    endpoint = "http://otel-collector.observability:4317"
+    env, workers = parts({"tracing": {"otlpEndpoint": endpoint}})
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == endpoint
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "grpc"
+    assert env["OTEL_SERVICE_NAME"] == "fireworks-gateway"
+    assert workers and all(args[args.index("--otlp-traces-endpoint") + 1] == endpoint
+                           for args in workers)
+
+
 @pytest.mark.parametrize("change", [
     lambda v: v["deployments"][0].pop("source"),
     lambda v: v["deployments"][0].update(id="Bad Id!"),
@@ -220,6 +240,7 @@ def test_gpus_and_vllm_args_land_on_the_right_containers() -> None:
     lambda v: v["redis"].pop("url"),
     lambda v: v["apiKeys"]["accounts"].update(acme=["plaintext-key"]),
     lambda v: v.update(deployments=[]),
+    lambda v: v.update(tracing={"otlpEndpoint": "otel-collector:4317"}),
 ])
 def test_schema_rejects_malformed_values(change: Any) -> None:
     values = yaml.safe_load(yaml.safe_dump(THREE))
@@ -339,6 +360,6 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
     assert any(n.startswith("vllm:") for n in named) and len(named) >= 12
     titles = {p["title"] for p in dashboard["panels"]}
     assert {"Requests by status", "Time to first token", "Replicas",
-            "Workers: KV-cache usage"} <= titles
+            "Workers: KV-cache usage", "Usage records waiting for Redis"} <= titles
     assert not find(render({"grafanaDashboard": {"enabled": False}}), "ConfigMap",
                     "rel-fireworks-gateway-dashboard")
