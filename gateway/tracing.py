@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -27,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 W3C = TraceContextTextMapPropagator()
+NOTHING = contextlib.nullcontext()
 
 
 class RequestTrace:
@@ -44,10 +45,8 @@ class RequestTrace:
         """What the request turned out to be (account, deployment, model)."""
         self.root.set_attributes({f"fireworks.{k}": v for k, v in attributes.items()})
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        with self.tracer.start_as_current_span(name, context=self.context):
-            yield
+    def phase(self, name: str) -> contextlib.AbstractContextManager[object]:
+        return self.tracer.start_as_current_span(name, context=self.context)
 
     def waited(self, name: str, since: float) -> None:
         """A span from `since` (time.monotonic) to now, added only once it is known that
@@ -98,9 +97,8 @@ class NoTrace(RequestTrace):
     def describe(self, **attributes: str) -> None:
         return None
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        yield
+    def phase(self, name: str) -> contextlib.AbstractContextManager[object]:
+        return NOTHING  # (a shared object: no generator per request)
 
     def waited(self, name: str, since: float) -> None:
         return None
