@@ -46,6 +46,9 @@ KINDS = ("requests", "prompt_tokens", "generated_tokens", "concurrent_requests")
 # No reservation is larger (Redis counts in 64-bit integers; Lua numbers lose integers
 # past 2^53 and print large ones in exponent form, which HINCRBY refuses).
 MAX_RESERVATION = 1 << 40
+# Ended requests' slots waiting to be freed while Redis is away; past this many, the newest
+# are left to expire (within a slot lifetime).
+MAX_ENDED = 10_000
 
 
 @dataclass
@@ -191,6 +194,7 @@ class RedisLimiter:
         self.held: dict[str, str] = {}  # concurrency slots held here: record id -> account
         self.ended: list[tuple[str, str]] = []  # slots to free: (account, record id)
         self._ended_wake = asyncio.Event()
+        self._reachable = asyncio.Event()  # set by every check Redis answered
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -212,13 +216,16 @@ class RedisLimiter:
             await self._ended_wake.wait()
             self._ended_wake.clear()
             while self.ended:
-                slots = list(self.ended)
+                slots, self.ended = self.ended, []
                 try:
                     await self._free(slots)
                 except (RedisError, OSError):
-                    await asyncio.sleep(0.1)
-                    continue
-                del self.ended[:len(slots)]
+                    self.ended = (slots + self.ended)[:MAX_ENDED]
+                    # Again as soon as an admission reaches Redis: slots that wait while
+                    # requests are admitted again would refuse them.
+                    self._reachable.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._reachable.wait(), 0.5)
 
     async def _free(self, slots: list[tuple[str, str]]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -260,11 +267,16 @@ class RedisLimiter:
                 logger.warning("rate limits not enforced, request admitted: Redis "
                                "unreachable: %r", exc)
                 self.degraded("unreachable", "admitted")
+                if limits.concurrent_requests:
+                    # The script may have taken the slot before the connection broke: it is
+                    # freed at the end like any other (freeing one never taken is harmless).
+                    self.held[record_id] = account.id
                 return admission
             except RedisError as exc:
                 logger.error("rate limits unchecked, request refused: %r", exc)
                 self.degraded("error", "refused")
                 raise limits_unchecked("an error in the check") from exc
+        self._reachable.set()
         admitted, reject, wait, bucket = (int(v) for v in result[:4])
         used = dict(zip(KINDS, (int(v) for v in result[4:]), strict=True))
         headers = limit_headers(limits, used)
@@ -280,7 +292,7 @@ class RedisLimiter:
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
         account = self.held.pop(admission.record_id, None)
-        if account is not None:
+        if account is not None and len(self.ended) < MAX_ENDED:  # (past it: they expire)
             self.ended.append((account, admission.record_id))
             self._ended_wake.set()
 

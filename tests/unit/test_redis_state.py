@@ -269,6 +269,31 @@ async def test_an_ended_request_frees_its_slot_without_its_usage_record(
     await limiter.stop()
 
 
+async def test_a_slot_admitted_without_an_answer_is_freed_when_redis_is_back(
+        client: aioredis.Redis, prefix: str) -> None:
+    """An admission whose answer was lost (the connection broke after the script ran) may
+    hold a slot: it is freed at the request's end like any other, once Redis answers."""
+    account = Account(id="acme", limits=Limits(concurrent_requests=1))
+    taken = await RedisLimiter(client, prefix).admit(account, 1, 1, "lost")  # landed...
+    limiter = RedisLimiter(dead_client(), prefix)  # ...but this gateway never heard back
+    admission = await limiter.admit(account, 1, 1, "lost")
+    assert admission.bucket is None and limiter.held == {"lost": "acme"}
+    await limiter.start()
+    limiter.settle(admission, 1, 1)
+    await asyncio.sleep(0.3)
+    assert limiter.ended == [("acme", "lost")]  # Redis away: kept for later
+    with pytest.raises(GatewayError):
+        await RedisLimiter(client, prefix).admit(account, 1, 1, "next")
+    limiter.client = client  # Redis back
+    for _ in range(100):
+        if not limiter.ended:
+            break
+        await asyncio.sleep(0.02)
+    await RedisLimiter(client, prefix).admit(account, 1, 1, "next")
+    await limiter.stop()
+    assert taken.bucket is not None
+
+
 async def test_huge_reservations_do_not_open_the_limits(client: aioredis.Redis,
                                                         prefix: str) -> None:
     limiter = RedisLimiter(client, prefix)
