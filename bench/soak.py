@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
+from bench.gateway import wait
 from bench.raw_client import Connection, completion
 from gateway.controlplane.registry import hash_key
 from tests.conftest import free_port
@@ -37,17 +37,6 @@ def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
-
-
-def wait_up(url: str) -> None:
-    for _ in range(300):
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def start_gateway(fake: int, redis_url: str | None) -> tuple[int, subprocess.Popen[bytes]]:
@@ -67,7 +56,7 @@ def start_gateway(fake: int, redis_url: str | None) -> tuple[int, subprocess.Pop
         env["GATEWAY_REDIS_URL"] = redis_url
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_up(f"http://127.0.0.1:{port}/health")
+    wait(f"http://127.0.0.1:{port}/health")
     return port, process
 
 
@@ -103,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     fake = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.fake_upstream", str(fake)])
-    wait_up(f"http://127.0.0.1:{fake}/health")
+    wait(f"http://127.0.0.1:{fake}/health")
     redis = RedisServer()
     try:
         print(f"{args.requests} requests ({args.concurrency} clients; plain, then streamed)\n")

@@ -5,7 +5,6 @@ in-process exporter; and which exporter the standard OTEL_* variables pick."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
@@ -23,26 +22,11 @@ from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
 from gateway.tracing import NO_TRACE, Tracing, exporter_from_env, tracing_from_env
 from tests.unit.fake_worker import KEY, MODEL, FakeWorkers, Stream, chunk, in_listed_order
+from tests.unit.test_failover_and_admin import Client
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_PARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
-
-
-class Client:
-    def __init__(self, application: Any) -> None:
-        self.app = application
-
-    async def __aenter__(self) -> httpx.AsyncClient:
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
-        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
-                                         base_url="http://gw")
-        return self._client
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._client.aclose()
-        await self._lifespan.__aexit__(None, None, None)
 
 
 async def test_a_streamed_request_that_fails_over_gives_one_span_tree(tmp_path: Path) -> None:
