@@ -36,8 +36,8 @@ from gateway.errors import GatewayError
 
 class ReplicaPolicy(Protocol):
     def choose(self, candidates: list[Replica], load: dict[str, int],
-               affinity_key: str | None, cached: dict[str, int] | None = None) -> Replica:
-        """`cached`: per replica, the request's prompt blocks its KV cache holds (from the
+               affinity_key: str | None, hint: CacheHint | None = None) -> Replica:
+        """`hint`: per replica, the request's prompt blocks its KV cache holds (from the
         workers' events), when known."""
         ...
 
@@ -52,7 +52,7 @@ class LeastOutstanding:
         self.pick = pick
 
     def choose(self, candidates: list[Replica], load: dict[str, int],
-               affinity_key: str | None, cached: dict[str, int] | None = None) -> Replica:
+               affinity_key: str | None, hint: CacheHint | None = None) -> Replica:
         if len(candidates) == 1:
             return candidates[0]
         low = min(load[r.url] for r in candidates)
@@ -71,7 +71,9 @@ def rendezvous_rank(key: str, candidates: list[Replica]) -> list[Replica]:
 class AffinityOrLeastOutstanding:
     """The replica holding most of the prompt's blocks in its KV cache, when the workers'
     events say (kv_index.py); else the one the affinity key ranks first; else the least
-    loaded. Cache and key give way to load past `max_imbalance`."""
+    loaded. The key gives way to load past `max_imbalance`; the cache past that share of
+    it which the cache saves: a pod holding the whole prompt (where the least loaded one
+    holds none) may carry `max_imbalance` more requests, one holding half of it half that."""
 
     def __init__(self, max_imbalance: int = 4, pick: Pick = random.choice) -> None:
         # How many more in-flight requests than the least loaded replica the preferred one may
@@ -80,12 +82,17 @@ class AffinityOrLeastOutstanding:
         self.fallback = LeastOutstanding(pick)
 
     def choose(self, candidates: list[Replica], load: dict[str, int],
-               affinity_key: str | None, cached: dict[str, int] | None = None) -> Replica:
+               affinity_key: str | None, hint: CacheHint | None = None) -> Replica:
         least = self.fallback.choose(candidates, load, None)
-        if cached:  # what the pods hold, from their events: the longest cached prefix wins
+        if hint is not None and hint.cached:
+            # What the pods hold, from their events: the longest cached prefix wins.
+            cached = hint.cached
             best = max(candidates, key=lambda r: (cached.get(r.url, 0), -load[r.url]))
+            # A request's prefill is roughly what one more request in flight costs: the
+            # blocks the best pod saves over the least loaded one buy that share of a bound.
+            saved = (cached.get(best.url, 0) - cached.get(least.url, 0)) / max(hint.blocks, 1)
             if cached.get(best.url, 0) and \
-                    load[best.url] - load[least.url] <= self.max_imbalance:
+                    load[best.url] - load[least.url] <= self.max_imbalance * saved:
                 return best
         if affinity_key is None:
             return least
@@ -198,8 +205,7 @@ class ReplicaSet:
             if prefer is not None:
                 candidates = [r for r in candidates if prefer(r.url)] or candidates
             load = {r.url: self.load.of(r.url) for r in candidates}
-            replica = self.policy.choose(candidates, load, affinity_key,
-                                         None if hint is None else hint.cached)
+            replica = self.policy.choose(candidates, load, affinity_key, hint)
             if hint is not None:
                 routing = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
                            f"load={load[replica.url]}")

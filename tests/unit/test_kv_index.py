@@ -23,7 +23,7 @@ from vllm.distributed.kv_events import (
 from gateway.api import CacheQuery
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.kv_events import KvEvents, PodEvents, endpoints
-from gateway.dataplane.kv_index import DECODER, BlockIndex, cache_hint, prompt_keys
+from gateway.dataplane.kv_index import DECODER, BlockIndex, CacheHint, cache_hint, prompt_keys
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding
 from tests.conftest import free_port
 
@@ -126,13 +126,23 @@ def test_the_scorer_weighs_cache_against_load() -> None:
     policy = AffinityOrLeastOutstanding(max_imbalance=4, pick=lambda tied: tied[0])
     a, b, c = Replica(url="http://a"), Replica(url="http://b"), Replica(url="http://c")
     idle = {"http://a": 0, "http://b": 0, "http://c": 0}
-    assert policy.choose([a, b, c], idle, None, {"http://b": 3, "http://c": 1}) is b
+    whole = CacheHint({"http://b": 4}, blocks=4)  # b holds the whole prompt
+    assert policy.choose([a, b, c], idle, None,
+                         CacheHint({"http://b": 3, "http://c": 1}, blocks=4)) is b
     busy = idle | {"http://b": 4}
-    assert policy.choose([a, b, c], busy, None, {"http://b": 3}) is b  # within the bound
+    assert policy.choose([a, b, c], busy, None, whole) is b  # within the bound
     busier = idle | {"http://b": 5}
-    assert policy.choose([a, b, c], busier, None, {"http://b": 3}) is a  # past it
+    assert policy.choose([a, b, c], busier, None, whole) is a  # past it
+    # Half the prompt cached buys half the bound: 2 more requests, not 3.
+    half = CacheHint({"http://b": 2}, blocks=4)
+    assert policy.choose([a, b, c], idle | {"http://b": 2}, None, half) is b
+    assert policy.choose([a, b, c], idle | {"http://b": 3}, None, half) is a
+    # What the least loaded pod holds too is no gain: b saves 1 block of 4 over a.
+    both = CacheHint({"http://a": 3, "http://b": 4}, blocks=4)
+    assert policy.choose([a, b, c], idle | {"http://b": 1, "http://c": 1}, None, both) is b
+    assert policy.choose([a, b, c], idle | {"http://b": 2, "http://c": 2}, None, both) is a
     # Nothing cached anywhere: today's affinity decides, as without events.
-    keyed = policy.choose([a, b, c], idle, "k", {"http://a": 0})
+    keyed = policy.choose([a, b, c], idle, "k", CacheHint({"http://a": 0}, blocks=4))
     assert keyed is policy.choose([a, b, c], idle, "k")
 
 
