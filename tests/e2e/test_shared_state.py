@@ -253,7 +253,9 @@ def test_redis_restart_under_load(pair: Pair) -> None:
     pair.redis.stop()
     outage = httpx.get(f"{pair.urls[0]}/admin/v1/usage", timeout=10,
                        headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    assert outage.status_code == 503
+    # The totals cannot be read; what waits for Redis can (that is when it waits).
+    assert outage.status_code == 200 and outage.json()["accounts"] is None
+    assert set(outage.json()["pending"]) == {"records", "oldest_seconds"}
     assert str(pair.redis.port) not in outage.text  # where Redis is stays in the log
     time.sleep(3.0)
     during = len(results)
