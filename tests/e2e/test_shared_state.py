@@ -248,22 +248,25 @@ def test_redis_restart_under_load(pair: Pair) -> None:
     threads = [threading.Thread(target=load, args=(w,)) for w in (0, 1)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
-    before = len(results)
-    pair.redis.stop()
-    outage = httpx.get(f"{pair.urls[0]}/admin/v1/usage", timeout=10,
-                       headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    # The totals cannot be read; what waits for Redis can (that is when it waits).
-    assert outage.status_code == 200 and outage.json()["accounts"] is None
-    assert set(outage.json()["pending"]) == {"records", "oldest_seconds"}
-    assert str(pair.redis.port) not in outage.text  # where Redis is stays in the log
-    time.sleep(3.0)
-    during = len(results)
-    pair.redis.start()
-    time.sleep(3.0)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    try:  # (a failed check must not leave the load running and Redis down for the next)
+        time.sleep(2.0)
+        before = len(results)
+        pair.redis.stop()
+        outage = httpx.get(f"{pair.urls[0]}/admin/v1/usage", timeout=10,
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        # The totals cannot be read; what waits for Redis can (that is when it waits).
+        assert outage.status_code == 200 and outage.json()["accounts"] is None
+        assert set(outage.json()["pending"]) == {"records", "oldest_seconds"}
+        assert str(pair.redis.port) not in outage.text  # where Redis is stays in the log
+        time.sleep(3.0)
+        during = len(results)
+    finally:
+        if pair.redis.child is None:
+            pair.redis.start()
+        time.sleep(3.0)
+        stop.set()
+        for thread in threads:
+            thread.join()
     print(f"redis restart: {before} requests before the stop, {during - before} while down, "
           f"{len(results) - during} after the restart")
     assert during > before, "no request was served while Redis was down"
