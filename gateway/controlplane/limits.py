@@ -156,7 +156,7 @@ end
 redis.call('HINCRBY', KEYS[1], now, 1)
 redis.call('HINCRBY', KEYS[2], now, preserve)
 redis.call('HINCRBY', KEYS[3], now, greserve)
-redis.call('ZADD', KEYS[4], nowf + tonumber(ARGV[8]), ARGV[7])
+if conc > 0 then redis.call('ZADD', KEYS[4], nowf + tonumber(ARGV[8]), ARGV[7]) end
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], 3600) end
 return {1, 0, 0, now, requests + 1, prompt + preserve, generated + greserve, concurrent + 1}
 """

@@ -266,6 +266,10 @@ async def test_an_ended_request_frees_its_slot_without_its_usage_record(
             break
         await asyncio.sleep(0.01)
     await limiter.admit(account, 1, 1, "three")
+    # An account limited otherwise than in concurrency takes no slot (nothing would free it).
+    rated = Account(id="rated", limits=Limits(requests_per_minute=100))
+    limiter.settle(await limiter.admit(rated, 1, 1, "four"), 1, 1)
+    assert await client.zcard(limit_keys(prefix, "rated")[3]) == 0
     await limiter.stop()
 
 
