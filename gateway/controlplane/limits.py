@@ -195,6 +195,8 @@ class RedisLimiter:
         self.ended: list[tuple[str, str]] = []  # slots to free: (account, record id)
         self._ended_wake = asyncio.Event()
         self._reachable = asyncio.Event()  # set by every check Redis answered
+        self._admitted_unchecked = 0  # while Redis is unreachable (logged every 10 s)
+        self._next_warning = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -264,8 +266,13 @@ class RedisLimiter:
                     self.degraded("timeout", "refused")
                     raise limits_unchecked("no answer in time") from exc
             except (RedisConnectionError, OSError) as exc:
-                logger.warning("rate limits not enforced, request admitted: Redis "
-                               "unreachable: %r", exc)
+                self._admitted_unchecked += 1
+                if time.monotonic() >= self._next_warning:  # once per 10 s, not per request
+                    self._next_warning = time.monotonic() + 10
+                    logger.warning("rate limits not enforced, %d requests admitted since the "
+                                   "last warning: Redis unreachable: %r",
+                                   self._admitted_unchecked, exc)
+                    self._admitted_unchecked = 0
                 self.degraded("unreachable", "admitted")
                 if limits.concurrent_requests:
                     # The script may have taken the slot before the connection broke: it is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -296,6 +297,21 @@ async def test_a_slot_admitted_without_an_answer_is_freed_when_redis_is_back(
     await RedisLimiter(client, prefix).admit(account, 1, 1, "next")
     await limiter.stop()
     assert taken.bucket is not None
+
+
+async def test_an_outage_is_logged_every_ten_seconds_not_per_request(
+        prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    limiter = RedisLimiter(dead_client(), prefix)
+    account = Account(id="acme", limits=Limits(requests_per_minute=10))
+    with caplog.at_level(logging.WARNING, logger="gateway.limits"):
+        for n in range(50):  # thousands a second under load: one line, not thousands
+            await limiter.admit(account, 1, 1, f"r{n}")
+    warnings = [r for r in caplog.records if "not enforced" in r.getMessage()]
+    assert len(warnings) == 1 and "1 requests admitted" in warnings[0].getMessage()
+    limiter._next_warning = 0.0  # ten seconds later
+    with caplog.at_level(logging.WARNING, logger="gateway.limits"):
+        await limiter.admit(account, 1, 1, "late")
+    assert "50 requests admitted" in caplog.records[-1].getMessage()
 
 
 async def test_huge_reservations_do_not_open_the_limits(client: aioredis.Redis,
