@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,13 @@ def wait(url: str, seconds: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def wait_all(upstream: str, proxies: Mapping[str, tuple[str, int | None]]) -> None:
+    """Until the upstream and every proxy answer /health."""
+    wait(f"{upstream}/health")
+    for url, _ in proxies.values():
+        wait(f"{url}/health")
+
+
 def registry_file(upstreams: dict[str, str]) -> Path:
     registry = Path(tempfile.mkdtemp()) / "registry.yaml"
     registry.write_text(yaml.safe_dump({
@@ -209,9 +217,7 @@ def main() -> None:
         processes.append(router)
         proxies["router"] = (f"http://127.0.0.1:{router_port}", router.pid)
     try:
-        wait(f"{fake}/health")
-        for url, _ in proxies.values():
-            wait(f"{url}/health")
+        wait_all(fake, proxies)
         cases = [Case("plain", False, 1, args.requests), Case("plain", False, 32, args.requests),
                  Case("stream", True, 1, args.streams), Case("stream", True, 32, args.streams),
                  Case("200KB prompt", False, 1, args.requests // 4, prompt="x" * 200_000)]

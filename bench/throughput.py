@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gateway import KEY, MODEL, registry_file, start, start_router, tree_cpu, wait
+from bench.gateway import KEY, MODEL, registry_file, start, start_router, tree_cpu, wait_all
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
 
@@ -77,9 +77,7 @@ def main() -> None:
     processes.append(router)
     proxies["router"] = (f"http://127.0.0.1:{router_port}", router.pid)
     try:
-        wait(f"{fake}/health")
-        for url, _ in proxies.values():
-            wait(f"{url}/health")
+        wait_all(fake, proxies)
         time.sleep(1)
         print(f"{'case':<14} {'path':<11} {'req/s':>9} {'cpu ms/req':>11} {'vs router':>10} "
               f"{'upstream x':>11} {'x2 / x1':>8}")

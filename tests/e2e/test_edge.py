@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from gateway.controlplane.registry import hash_key
-from gateway.local_stack import Child
+from gateway.local_stack import Child, wait_healthy
 from tests.conftest import free_port
-from tests.e2e.processes import _child, start_gateway, wait_healthy
+from tests.e2e.processes import _child, start_gateway
 
 KEY, ADMIN = "fw_edge_key", "fw_edge_admin"
 BIG = 100 << 20

@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from bench.raw_client import Connection, completion
 from gateway.controlplane.registry import hash_key
-from gateway.controlplane.usage import UsageRecord
-from gateway.local_stack import Child
+from gateway.controlplane.usage import UsageRecord, read_records
+from gateway.local_stack import Child, wait_healthy
 from tests.conftest import free_port
-from tests.e2e.processes import _child, log_tails, start_gateway, wait_healthy
+from tests.e2e.processes import _child, log_tails, start_gateway
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -111,13 +112,14 @@ class Load:
 
 
 def usage_records(redis: RedisServer) -> list[UsageRecord]:
-    client = redis.client()
-    try:
-        entries = client.xrange("fwgw:usage")
-    finally:
-        client.close()
-    return [UsageRecord.model_validate({k.decode(): v.decode() for k, v in f.items()
-                                        if v != b""}) for _, f in entries]
+    """The usage stream, read as the gateway's own reader reads it."""
+    async def read() -> list[UsageRecord]:
+        client = aioredis.from_url(redis.url)
+        try:
+            return await read_records(client, "fwgw:usage")
+        finally:
+            await client.aclose()
+    return asyncio.run(read())
 
 
 def backlog_metric(port: int) -> float:
