@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -113,7 +114,7 @@ class Deployment(DeploymentSettings):
     id: str
     account: str
 
-    @property
+    @cached_property  # read several times per request; a snapshot's deployment never changes
     def name(self) -> str:
         return f"accounts/{self.account}/deployments/{self.id}"
 
@@ -179,6 +180,10 @@ class Registry:
         self.data = data
         self.public_accounts = public_accounts
         self._keys = {key: account for account in data.accounts for key in account.api_keys}
+        # What was found for recent keys and models (this snapshot never changes; a change
+        # makes a new Registry): a request skips the hashing and the search.
+        self._known_keys: dict[str, Account] = {}
+        self._routes: dict[tuple[str, str, str | None], Route] = {}
 
     @classmethod
     def from_yaml(cls, path: Path, keys_path: Path | None = None) -> Registry:
@@ -187,11 +192,15 @@ class Registry:
     def authenticate(self, api_key: str | None) -> Account:
         if not api_key:
             raise GatewayError(401, "Missing API key: send 'Authorization: Bearer <key>'")
+        account = self._known_keys.get(api_key)
+        if account is not None:
+            return account
         # A lookup by the key's SHA-256: what its timing could reveal is about the hash,
         # which does not help to find a key.
         account = self._keys.get(hash_key(api_key))
         if account is None:
-            raise GatewayError(401, "Invalid API key")
+            raise GatewayError(401, "Invalid API key")  # (never kept: bounded by real keys)
+        _keep(self._known_keys, api_key, account)
         return account
 
     def visible_deployments(self, account: Account) -> list[Deployment]:
@@ -214,6 +223,14 @@ class Registry:
         `<model>#<deployment>`; `pin` (the `fireworks-deployment` header) names the
         deployment as `#` does, and must agree with the model. Anything the account may not
         use is reported exactly like something that does not exist."""
+        key = (model_ref, account.id, pin)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._resolve(model_ref, account, pin)
+            _keep(self._routes, key, route)  # only what resolved: bounded by the registry
+        return route
+
+    def _resolve(self, model_ref: str, account: Account, pin: str | None) -> Route:
         base, _, pinned = model_ref.partition("#")
         base = self._expand(base)
         visible = self.visible_deployments(account)
@@ -258,6 +275,15 @@ class Registry:
         if ref.startswith("fireworks/"):
             ref = ref.removeprefix("fireworks/")
         return f"accounts/{PUBLIC_ACCOUNT}/{kind}/{ref}" if "/" not in ref else ref
+
+
+KEPT = 4096  # lookups kept per snapshot; past that the memo starts again
+
+
+def _keep(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(memo) >= KEPT:
+        memo.clear()
+    memo[key] = value
 
 
 def load_yaml(path: Path, keys_path: Path | None = None) -> RegistryData:
