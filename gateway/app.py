@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,9 +21,11 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import client
 from gateway.anthropic.api import CountTokensApi, MessagesApi
 from gateway.api import InferenceApi
 from gateway.background import cancel, every
+from gateway.client import Serve
 from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
@@ -82,13 +82,12 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ""
+        given = ""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                request_id = value.decode("latin-1")
+                given = value.decode("latin-1")
                 break
-        if not _printable_id(request_id):
-            request_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
+        request_id = client.request_id(given)
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
@@ -98,12 +97,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def _printable_id(value: str) -> bool:
-    """A client's x-request-id is kept only when short visible ASCII (it goes into logs,
-    headers and error messages)."""
-    return 0 < len(value) <= 128 and all("!" <= c <= "~" for c in value)
 
 
 def _error_response(request: Request, error: GatewayError) -> Response:
@@ -311,7 +304,7 @@ def create_app(settings: Settings | None = None,
         return _error_response(request, GatewayError(500, "Internal error"))
 
     routes = InferenceRoutes(Edge(app, settings), gateway, apis(gateway.responses), PREFIXES)
-    return GatewayApp(RequestIdMiddleware(routes), app, settings)
+    return GatewayApp(RequestIdMiddleware(routes), app, settings, routes.direct)
 
 
 def serve_app() -> ASGIApp:
@@ -324,12 +317,15 @@ def serve_app() -> ASGIApp:
 class GatewayApp:
     """The ASGI app uvicorn serves; `.fastapi` is the app behind the inference routes (its
     state holds the Gateway, its router the lifespan); `.settings` what it was built with,
-    which the server protocol (edge.EdgeProtocol) reads too."""
+    which the server protocol (edge.EdgeProtocol) reads too, and `.direct` the inference
+    paths it serves without ASGI."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, settings: Settings,
+                 direct: Mapping[str, Serve]) -> None:
         self.app = app
         self.fastapi = fastapi
         self.settings = settings
+        self.direct = direct
         self.state = fastapi.state
         self.router = fastapi.router
 

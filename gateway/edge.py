@@ -13,7 +13,9 @@ Two layers, both configured by the Settings the app was built with (docs/operati
   byte of the body is read; a declared body over `max_body_bytes` is a 413 before reading; a
   body is read at most to that limit. A refusal before the body was read closes the
   connection, so the rest of the body is never read.
-The inference routes read their body with `read_body` after checking the account's key.
+- The inference routes: a POST to one of their paths is not given to the ASGI app but to
+  the routes directly, as a `ConnectionClient` (client.py): they check the account's key,
+  then read the body within the same bounds.
 """
 
 from __future__ import annotations
@@ -24,24 +26,21 @@ import functools
 import hmac
 import logging
 import resource
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import httptools
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.client import ConnectionClient, Serve, header_map, too_large
 from gateway.config import Settings
 from gateway.errors import GatewayError, error_envelope, send_error
 
 logger = logging.getLogger("gateway.edge")
 ADMIN_PATHS = ("/admin/", "/metrics")
 CLOSE = {"connection": "close"}
-
-
-def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    # ASGI servers give header names in lower case.
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
@@ -61,37 +60,15 @@ def check_admin_key(settings: Settings, given: str | None) -> None:
         raise GatewayError(401, "Invalid admin key", headers=CLOSE)
 
 
-def too_large(settings: Settings) -> GatewayError:
-    return GatewayError(413, f"The request body is larger than {settings.max_body_bytes} "
-                             "bytes", headers=CLOSE)
-
-
 def check_declared_length(headers: Mapping[str, str], settings: Settings) -> None:
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise too_large(settings)
 
 
-async def read_body(receive: Receive, settings: Settings) -> bytes:
-    """The request body, bounded in size (in time by EdgeProtocol). A client that leaves
-    while sending it cancels the request (CancelledError: nothing was admitted)."""
-    parts, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
-        body = message.get("body", b"")
-        size += len(body)
-        if size > settings.max_body_bytes:
-            raise too_large(settings)
-        parts.append(body)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
 class Edge:
     """The admin gate and the body bounds for every route but the inference ones (which
-    check the account's key first, then read the body with `read_body`)."""
+    check the account's key first, then read the body within the same bounds)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -124,15 +101,27 @@ class Edge:
         return bounded_receive
 
 
-def served_settings(app: Any) -> Settings:
-    """The Settings the served app was built with (GatewayApp.settings), found through any
-    middleware the server wrapped around it: one source of truth for both layers."""
+def _served(app: Any) -> Any:
+    """The gateway's app (GatewayApp), found through any middleware the server wrapped
+    around it."""
     while app is not None:
-        settings = getattr(app, "settings", None)
-        if isinstance(settings, Settings):
-            return settings
+        if isinstance(getattr(app, "settings", None), Settings):
+            return app
         app = getattr(app, "app", None)
     raise RuntimeError("EdgeProtocol serves the gateway's app (gateway.app:serve_app) only")
+
+
+def served_settings(app: Any) -> Settings:
+    """The Settings the served app was built with (GatewayApp.settings): one source of
+    truth for both layers."""
+    settings: Settings = _served(app).settings
+    return settings
+
+
+def served_directly(app: Any) -> Mapping[str, Serve]:
+    """The paths whose POSTs the app serves without ASGI (GatewayApp.direct), and how."""
+    direct: Mapping[str, Serve] = getattr(_served(app), "direct", {})
+    return direct
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -143,6 +132,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.edge = served_settings(self.app)
+        self.direct = served_directly(self.app)
         self.header_bytes = 0
         self.reading_headers = False
         self.header_timer: asyncio.TimerHandle | None = None
@@ -235,12 +225,37 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_done()
         self.active_at = self.loop.time()
-        super().on_headers_complete()
+        if not self._serve_directly():
+            super().on_headers_complete()
+
+    def _serve_directly(self) -> bool:
+        """A POST to an inference path goes to the routes as a ConnectionClient, unless it
+        needs what only uvicorn's cycle does (a pipelined request waits for the one before
+        it; `expect: 100-continue`; an upgrade; uvicorn's own concurrency limit)."""
+        if self.parser.get_method() != b"POST" or self.expect_100_continue \
+                or self.limit_concurrency is not None or self.parser.should_upgrade() \
+                or (self.cycle is not None and not self.cycle.response_complete):
+            return False
+        path = httptools.parse_url(self.url).path.decode("latin-1")
+        serve = self.direct.get(path)
+        if serve is None:
+            return False
+        client = ConnectionClient(
+            self.transport, self.flow, self.on_response_complete, path,
+            header_map(self.headers),
+            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive())
+        self.cycle = client  # type: ignore[assignment]  # (it has what the protocol uses)
+        client.task = task = self.loop.create_task(client.run(serve))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
         self._body_done()
         super().connection_lost(exc)
+        if isinstance(self.cycle, ConnectionClient):
+            self.cycle.lost()
 
 
 # Files a server process keeps besides its client connections and their worker connections:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from starlette.types import Send
-
 from gateway.api import Call, Served, StreamFraming, Worker
+from gateway.client import Client
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault
 
@@ -41,13 +40,10 @@ class PlainReply:
     def __init__(self, status: int, body: bytes, headers: Headers) -> None:
         self.status, self.body, self.headers = status, body, headers
 
-    async def send(self, send: Send) -> tuple[str, int]:
+    async def send(self, client: Client) -> tuple[str, int]:
         """Send it; how the request ended."""
-        await send({"type": "http.response.start", "status": self.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(self.body)).encode()),
-                                *self.headers]})
-        await send({"type": "http.response.body", "body": self.body})
+        await client.whole(self.status, [(b"content-type", b"application/json"),
+                                         *self.headers], self.body)
         return "ok", self.status
 
 
@@ -68,28 +64,26 @@ class HeldStream:
         self.answer, self.framing, self.events = answer, framing, events
         self.held, self.headers, self.request_id = held, headers, request_id
 
-    async def send(self, send: Send) -> tuple[str, int]:
+    async def send(self, client: Client) -> tuple[str, int]:
         """Send the stream; how the request ended."""
         framing = self.framing
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": STREAM_HEADERS + self.headers})
+        await client.begin(200, STREAM_HEADERS + self.headers)
         try:
             parts = self.held
             while not framing.done:
                 if parts:
-                    await send({"type": "http.response.body", "body": b"".join(parts),
-                                "more_body": True})
+                    await client.part(b"".join(parts))
                 parts = await framing.take(await anext(self.events))
             # Read the end of the body before the last send (no await may follow it:
-            # routes.ClientWatch), so that the connection goes back to the pool.
+            # Client.unwatch), so that the connection goes back to the pool.
             await self.answer.finish()
-            await send({"type": "http.response.body", "body": b"".join(parts)})
+            await client.last(b"".join(parts))
         except GatewayError as exc:
             if isinstance(exc, WorkerFault):
                 logger.warning("request %s: worker %s failed mid-stream: %s",
                                self.request_id, self.answer.url, exc.detail)
-            await send({"type": "http.response.body", "body": b"".join(
-                [*framing.drain(), framing.error_event(exc, self.request_id)])})
+            await client.last(b"".join([*framing.drain(),
+                                        framing.error_event(exc, self.request_id)]))
             return "error", exc.status
         return "ok", 200
 

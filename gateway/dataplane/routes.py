@@ -1,64 +1,43 @@
 """The inference routes: every API in the route table, served by one path.
 
 `POST <prefix><api.path>` for every API object (app.py builds the table) is served by
-`InferenceRoutes`, a plain ASGI app in front of FastAPI: the hot path skips FastAPI's
-routing and dependency machinery, and one place sees the whole request, so that a client
-leaving at any moment (while the worker is asked, while headers are held for the first
-token, mid-stream, during a plain request) cancels it, which closes the worker request.
-The rest (`/models`) is a FastAPI router.
+`InferenceRoutes.serve`, for a `Client` (client.py): the gateway's server protocol hands
+those requests over directly (`direct`), and as an ASGI app in front of FastAPI it serves
+them for any other server. The hot path skips FastAPI's routing and dependency machinery,
+and one place sees the whole request, so that a client leaving at any moment (while the
+worker is asked, while headers are held for the first token, mid-stream, during a plain
+request) cancels it, which closes the worker request. The rest (`/models`) is a FastAPI
+router.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api import InferenceApi
+from gateway.client import AsgiClient, Client, Serve
 from gateway.controlplane import listing
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.serving import admit, attempt_all, count_refusal
-from gateway.edge import api_key, check_declared_length, header_map, read_body
-from gateway.errors import GatewayError, send_error
+from gateway.edge import api_key, check_declared_length
+from gateway.errors import GatewayError, bytes_headers, send_error
 from gateway.validation import parse_body
 
 logger = logging.getLogger("gateway.routes")
 # Pins the deployment while the body keeps the model id (as `<model>#<deployment>` does).
 DEPLOYMENT_HEADER = "fireworks-deployment"
 router = APIRouter()
-
-
-class ClientWatch:
-    """Cancels the request's task when its client goes away (uvicorn only says so on
-    `receive`; its `send` to a closed connection returns quietly)."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.receive = receive
-        self.gone = False
-        self._owner = asyncio.current_task()
-        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
-            self._watch())
-
-    async def _watch(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        if self._task is not None and self._owner is not None:
-            self.gone = True
-            self._owner.cancel()
-
-    def stop(self) -> None:
-        """Call with no await since the last send: a disconnect seen after the response
-        completed must not cancel anything."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
 
 
 class InferenceRoutes:
@@ -71,6 +50,9 @@ class InferenceRoutes:
         self.gateway = gateway
         apis = list(apis)
         self.paths = {prefix + api.path: api for prefix in prefixes for api in apis}
+        # What EdgeProtocol serves without ASGI: a POST to any of these paths.
+        self.direct: dict[str, Serve] = {
+            path: functools.partial(self.serve, api=api) for path, api in self.paths.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         api = self.paths.get(scope["path"]) if scope["type"] == "http" else None
@@ -81,27 +63,18 @@ class InferenceRoutes:
                                                 headers={"allow": "POST"}),
                              scope["state"]["request_id"])
         else:
-            await self.serve(scope, receive, send, api)
+            await self.serve(AsgiClient(scope, receive, send), api)
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send,
-                    api: InferenceApi[Any]) -> None:
-        gateway, endpoint = self.gateway, api.worker_path
-        request_id: str = scope["state"]["request_id"]
-        started = False
-
-        async def send_tracked(message: Any) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+    async def serve(self, client: Client, api: InferenceApi[Any]) -> None:
+        gateway, endpoint, request_id = self.gateway, api.worker_path, client.request_id
         # The key and the declared size are checked before the body is read: a client
         # without a key costs a bounded amount, whatever it sends.
-        headers = header_map(scope["headers"])
-        trace = gateway.tracing.start(f"POST {scope['path']}", headers, request_id)
+        headers = client.headers
+        trace = gateway.tracing.start(f"POST {client.path}", headers, request_id)
         try:
             account: Account = gateway.store.current.authenticate(api_key(headers))
             check_declared_length(headers, gateway.settings)
-            raw = await read_body(receive, gateway.settings)
+            raw = await client.read_body(gateway.settings)
         except asyncio.CancelledError:
             trace.end("aborted", 499, None)
             return  # the client left while sending its request
@@ -109,13 +82,13 @@ class InferenceRoutes:
             trace.end("error", exc.status, None)
             count_refusal(gateway, "", endpoint, exc.status)
             exc.headers.setdefault("connection", "close")  # the body was not read
-            await send_error(send, exc, request_id, api.error_body(exc, request_id))
+            await _send_error(client, exc, api)
             return
         exchange: Exchange | None = None
         route: Route | None = None
         error: GatewayError | None = None
         outcome = ("error", 500)  # unless a path below says otherwise
-        watch = ClientWatch(receive)
+        client.watch()  # from here, a client that leaves cancels the request
         try:
             request: Any = parse_body(raw, api.request_model, gateway.settings)
             route = gateway.store.current.resolve(request.model, account,
@@ -127,9 +100,9 @@ class InferenceRoutes:
                                        trace)
             reply = await attempt_all(exchange, affinity_key(
                 headers, api, request, gateway.settings.prefix_affinity_bytes))
-            outcome = await reply.send(send_tracked)
+            outcome = await reply.send(client)
         except asyncio.CancelledError:
-            if not watch.gone:
+            if not client.gone:
                 raise
             current = asyncio.current_task()
             if current is not None:
@@ -141,8 +114,8 @@ class InferenceRoutes:
             logger.exception("request %s: unexpected error", request_id)
             error = GatewayError(500, "Internal error")
         finally:
-            # The one place a request ends: no await since the last send (see ClientWatch).
-            watch.stop()
+            # The one place a request ends: no await since the last send (Client.unwatch).
+            client.unwatch()
             if exchange is not None:
                 exchange.end(*outcome)
             elif error is not None:
@@ -153,8 +126,14 @@ class InferenceRoutes:
             if error.status >= 500:
                 logger.warning("request %s failed: %s %s", request_id, error.status,
                                error.message)
-            if not started:
-                await send_error(send, error, request_id, api.error_body(error, request_id))
+            if not client.responded:
+                await _send_error(client, error, api)
+
+
+async def _send_error(client: Client, error: GatewayError, api: InferenceApi[Any]) -> None:
+    body = orjson.dumps(api.error_body(error, client.request_id))
+    await client.whole(error.status, [(b"content-type", b"application/json"),
+                                      *bytes_headers(error.headers)], body)
 
 
 def authenticate(request: Request) -> Account:
