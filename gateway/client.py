@@ -106,9 +106,10 @@ class ConnectionClient:
     graceful shutdown stay uvicorn's."""
 
     def __init__(self, transport: asyncio.Transport, flow: FlowControl,
-                 on_response: Callable[[], None], path: str, headers: dict[str, str],
-                 keep_alive: bool) -> None:
+                 on_response: Callable[[], None], default_headers: Headers, path: str,
+                 headers: dict[str, str], keep_alive: bool) -> None:
         self.transport, self.flow, self.on_response = transport, flow, on_response
+        self.default_headers = default_headers  # the server's (date)
         self.path, self.headers = path, headers
         self.request_id = request_id(headers.get("x-request-id", ""))
         self.body = bytearray()
@@ -193,6 +194,7 @@ class ConnectionClient:
         if self.response_started:
             raise RuntimeError("the reply has already begun")
         lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        headers = self.default_headers + headers
         for name, value in headers:
             if name == b"connection":  # (the gateway sends only `close`)
                 self.keep_alive = False

@@ -241,8 +241,8 @@ class EdgeProtocol(HttpToolsProtocol):
         if serve is None:
             return False
         client = ConnectionClient(
-            self.transport, self.flow, self.on_response_complete, path,
-            header_map(self.headers),
+            self.transport, self.flow, self.on_response_complete,
+            self.server_state.default_headers, path, header_map(self.headers),
             self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive())
         self.cycle = client  # type: ignore[assignment]  # (it has what the protocol uses)
         client.task = task = self.loop.create_task(client.run(serve))

@@ -1,6 +1,8 @@
 """A client that leaves at any moment closes the worker request (which is how vLLM learns to
 abort it): the gateway served by uvicorn on a real port, a scripted worker that notices when
-the gateway hangs up, a raw-socket client that hangs up."""
+the gateway hangs up, a raw-socket client that hangs up. Both ways a request reaches the
+routes: the gateway's own protocol (edge.EdgeProtocol: a ConnectionClient, no ASGI) and
+uvicorn's plain one (an AsgiClient)."""
 
 from __future__ import annotations
 
@@ -14,16 +16,23 @@ import orjson
 import pytest
 import uvicorn
 
+from gateway.edge import EdgeProtocol
 from tests.conftest import free_port
 from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk, gateway
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 
 
-async def serving(gateway_app: Any) -> AsyncIterator[str]:
+@pytest.fixture(params=["edge", "asgi"])
+def protocol(request: pytest.FixtureRequest) -> Any:
+    return EdgeProtocol if request.param == "edge" else "httptools"
+
+
+async def serving(gateway_app: Any, protocol: Any) -> AsyncIterator[str]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(gateway_app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+                                           log_level="warning", lifespan="on",
+                                           http=protocol))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
@@ -60,12 +69,12 @@ async def leave_after(address: str, body: dict[str, Any], wait_for: bytes | None
     ("mid-stream", True, [chunk("a"), Pause(10), chunk("b")], b'"text":"a"'),
 ])
 async def test_a_client_leaving_aborts_the_worker_request(
-        tmp_path: Path, moment: str, stream: bool, parts: list[Any],
+        tmp_path: Path, protocol: Any, moment: str, stream: bool, parts: list[Any],
         wait_for: bytes | None) -> None:
     content_type = "text/event-stream" if stream else "application/json"
     gateway_app = gateway(tmp_path, lambda r: httpx.Response(
         200, headers={"content-type": content_type}, stream=Stream(list(parts))))
-    async for address in serving(gateway_app):
+    async for address in serving(gateway_app, protocol):
         await leave_after(address, {"prompt": "x", "stream": stream}, wait_for)
         for _ in range(100):  # the worker sees the hang-up within a second
             if gateway_app.workers.served.abandoned:
@@ -83,10 +92,11 @@ async def test_a_client_leaving_aborts_the_worker_request(
         assert all(count == 0 for count in outstanding.values())
 
 
-async def test_a_request_that_completes_is_not_counted_as_aborted(tmp_path: Path) -> None:
+async def test_a_request_that_completes_is_not_counted_as_aborted(
+        tmp_path: Path, protocol: Any) -> None:
     gateway_app = gateway(tmp_path, lambda r: httpx.Response(200, stream=Stream([
         chunk("a"), chunk("", "stop"), chunk(usage=USAGE), b"data: [DONE]\n\n"])))
-    async for address in serving(gateway_app):
+    async for address in serving(gateway_app, protocol):
         seen = await leave_after(address, {"prompt": "x", "stream": True}, b"[DONE]")
         assert b"data: [DONE]" in seen
         await asyncio.sleep(0.1)
