@@ -16,7 +16,6 @@ import asyncio
 import http
 import logging
 import random
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -80,7 +79,14 @@ def request_id(given: str) -> str:
     and error messages), else a new one."""
     if 0 < len(given) <= 128 and all("!" <= c <= "~" for c in given):
         return given
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+    # A version 4 UUID, formatted here (uuid.UUID costs several times more): random, not
+    # uuid4's os.urandom, so no system call per request (seeded from the OS per process).
+    h = "%032x" % (random.getrandbits(128) & UUID_RANDOM | UUID_V4)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+UUID_V4 = (4 << 76) | (0b10 << 62)  # the version and variant bits
+UUID_RANDOM = ~((0xF << 76) | (0b11 << 62)) & ((1 << 128) - 1)
 
 
 def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -65,10 +65,13 @@ class UsageTotals(BaseModel):
 
 
     def add(self, record: UsageRecord) -> None:
-        self.requests += 1
-        self.prompt_tokens += record.prompt_tokens
-        self.cached_tokens += record.cached_tokens
-        self.completion_tokens += record.completion_tokens
+        # Straight into the fields' storage: pydantic's __setattr__, a few times per request,
+        # is a visible share of a request's CPU (and these ints need no validation).
+        fields = self.__dict__
+        fields["requests"] += 1
+        fields["prompt_tokens"] += record.prompt_tokens
+        fields["cached_tokens"] += record.cached_tokens
+        fields["completion_tokens"] += record.completion_tokens
         self.by_status[record.status] = self.by_status.get(record.status, 0) + 1
 
 
@@ -112,7 +115,10 @@ class LocalLedger:
     def finish(self, record: UsageRecord, admission: Admission) -> None:
         self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
         self.kept.append(record)
-        self._totals.setdefault(record.account, UsageTotals()).add(record)
+        totals = self._totals.get(record.account)
+        if totals is None:
+            totals = self._totals[record.account] = UsageTotals()
+        totals.add(record)
         if logger.isEnabledFor(logging.INFO):
             logger.info("usage %s", record.model_dump_json())
 

@@ -18,7 +18,7 @@ import orjson
 
 from gateway.api import CacheQuery, Reply, Served, Worker, coerce_usage, worker_json
 from gateway.controlplane.registry import Route
-from gateway.errors import GatewayError, WorkerFault, bytes_headers, stream_error_event
+from gateway.errors import GatewayError, WorkerFault, stream_error_event
 from gateway.fireworks.choices import token_ids_in
 from gateway.fireworks.perf import metric_headers, perf_metrics
 from gateway.fireworks.plain import shape_completion
@@ -140,8 +140,8 @@ class GenerationCall:
         return await worker.token_texts(self.route.deployment.model, ids)
 
     def headers(self, metrics: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-        return bytes_headers(metric_headers(metrics, self.plan.sampling_options,
-                                            self.route.deployment.context_length))
+        return metric_headers(metrics, self.plan.sampling_options,
+                              self.route.deployment.context_length)
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         plan = self.plan

@@ -50,18 +50,21 @@ def _seconds(milliseconds: Any) -> float | None:
     return None
 
 
-def fireworks_headers(metrics: dict[str, Any]) -> dict[str, str]:
-    """The metrics as `fireworks-*` headers."""
-    return {f"fireworks-{key}": (f"{value:.6f}" if isinstance(value, float) else str(value))
-            for key, value in metrics.items()}
+def fireworks_headers(metrics: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The metrics as `fireworks-*` headers, as they are sent (values outside latin-1
+    replaced)."""
+    return [(b"fireworks-" + key.encode(),
+             (f"{value:.6f}" if isinstance(value, float) else str(value)).encode(
+                 "latin-1", "replace"))
+            for key, value in metrics.items()]
 
 
 def metric_headers(metrics: dict[str, Any], sampling_options: dict[str, Any],
-                   context_length: int | None) -> dict[str, str]:
+                   context_length: int | None) -> list[tuple[bytes, bytes]]:
     headers = fireworks_headers(metrics)
     options = dict(sampling_options)
     if context_length and "prompt-tokens" in metrics:  # what truncate mode really allowed
         options["max_tokens"] = min(options["max_tokens"],
                                     max(context_length - metrics["prompt-tokens"], 0))
-    headers["fireworks-sampling-options"] = orjson.dumps(options).decode()
+    headers.append((b"fireworks-sampling-options", orjson.dumps(options)))
     return headers

@@ -142,7 +142,7 @@ def perf_headers(served: Served, response: dict[str, Any],
     sent them."""
     metrics = perf_metrics(served, coerce_usage(usage_of(response)), response.get("metrics"),
                            complete)
-    return [(k.encode(), v.encode()) for k, v in fireworks_headers(metrics).items()]
+    return fireworks_headers(metrics)
 
 
 @dataclass
