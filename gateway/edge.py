@@ -163,6 +163,9 @@ class EdgeProtocol(HttpToolsProtocol):
     def _await_headers(self) -> None:
         self.reading_headers = True
         self.header_bytes = 0
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
         if self.header_timer is None:
             self.header_timer = self.loop.call_later(self.edge.header_timeout,
                                                      self._headers_late)
@@ -205,11 +208,15 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.reading_headers and (self.cycle is None or self.cycle.response_complete):
-            self._await_headers()  # the first bytes of the next request on this connection
+            # The first bytes of the next request on this connection. The deadline is armed
+            # only if its headers did not all come with them (the common request arms none).
+            self.reading_headers = True
+            self.header_bytes = 0
         super().data_received(data)
         if self.transport.is_closing():
             return
         if self.reading_headers:
+            self._arm_header_timer()
             self.header_bytes += len(data)
             if self.header_bytes > self.edge.max_header_bytes:
                 self._refuse(431, "The request headers are too large")

@@ -65,6 +65,9 @@ class ReplicaHealth:
         state.ejected_at = time.monotonic()
 
     def success(self, url: str) -> None:
+        state = self.states.get(url)
+        if state is not None and state.healthy and not state.failures:
+            return  # the common case, once per request: nothing changes
         state = self.states.setdefault(url, ReplicaState())
         state.failures = 0
         self._set(url, state, True)
