@@ -217,6 +217,8 @@ _COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 def _count(value: Any) -> int:
     """A token count as a non-negative int; anything else counts as 0."""
+    if type(value) is int:  # the usual case first (bool is not int's type itself)
+        return value if value > 0 else 0
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
