@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from gateway.controlplane.registry import Replica
-from gateway.controlplane.usage import UsageRecord
+from gateway.controlplane.usage import UsageRecord, usage_record
 from gateway.dataplane.replicas import rendezvous_rank
 from gateway.local_stack import Child
 from tests.conftest import free_port
@@ -58,7 +58,7 @@ class Pair:
             entries = client.xrange(f"{PREFIX}usage")
         finally:
             client.close()
-        records = [UsageRecord.model_validate(
+        records = [usage_record(
             {k.decode(): v.decode() for k, v in fields.items() if v != b""})
             for _, fields in entries]
         return [r for r in records if r.account == account]
