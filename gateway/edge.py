@@ -1,7 +1,7 @@
 """The gateway's edge: what a client can make the gateway hold before it is known.
 
 Two layers, both configured by the Settings the app was built with (docs/operations.md,
-"Limits at the edge"):
+"Limits at the edge"), and the way in for inference requests:
 - `EdgeProtocol`, the HTTP server protocol (uvicorn's httptools one plus bounds): a request's
   headers must arrive within `header_timeout` and fit in `max_header_bytes`, its body within
   `body_timeout` after them (else 408 or 431, and the connection closes); a connection idle
@@ -13,9 +13,9 @@ Two layers, both configured by the Settings the app was built with (docs/operati
   byte of the body is read; a declared body over `max_body_bytes` is a 413 before reading; a
   body is read at most to that limit. A refusal before the body was read closes the
   connection, so the rest of the body is never read.
-- The inference routes: a POST to one of their paths is not given to the ASGI app but to
-  the routes directly, as a `ConnectionClient` (client.py): they check the account's key,
-  then read the body within the same bounds.
+- A POST to an inference path is not given to the ASGI app: `EdgeProtocol` hands it to the
+  routes directly, as a `ConnectionClient` (client.py), with the same deadlines; the routes
+  check the account's key, then read the body within `max_body_bytes`.
 """
 
 from __future__ import annotations

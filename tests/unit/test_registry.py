@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.controlplane import registry as registry_module
 from gateway.controlplane.registry import (
     Account,
     Deployment,
@@ -135,3 +136,28 @@ def test_a_pin_to_another_accounts_deployment_is_not_found() -> None:
         registry().resolve("accounts/alice/models/tuned", bob,
                            "accounts/alice/deployments/mine")
     assert info.value.status == 404
+
+
+def test_what_a_snapshot_keeps_answers_as_a_fresh_lookup_would() -> None:
+    """A Registry keeps the accounts of recent keys and the routes of recent model ids
+    (gateway/controlplane/registry.py): the same answers, only what was found, bounded;
+    and a change (a new snapshot) forgets them."""
+    reg = registry()
+    alice = reg.authenticate("k-alice")
+    assert reg.authenticate("k-alice") is alice
+    first = reg.resolve(MODEL, alice)
+    assert reg.resolve(MODEL, alice) is first and first.deployment.id == "llama-b"
+    with pytest.raises(GatewayError):
+        reg.resolve("accounts/bob/models/x", alice)
+    with pytest.raises(GatewayError):  # the failure is not kept: still refused
+        reg.resolve("accounts/bob/models/x", alice)
+    for n in range(registry_module.KEPT + 10):  # bounded, however many ids resolved
+        registry_module._keep(reg._routes, (f"id-{n}", "alice", None), first)
+    assert len(reg._routes) <= registry_module.KEPT
+    assert reg.resolve(MODEL, alice) == first
+    # The key revoked: a new snapshot without it refuses it.
+    data = reg.data.model_copy(deep=True)
+    data.accounts = [a for a in data.accounts if a.id != "alice"]
+    with pytest.raises(GatewayError) as info:
+        Registry(data).authenticate("k-alice")
+    assert info.value.status == 401
