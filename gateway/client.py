@@ -132,7 +132,7 @@ class ConnectionClient:
 
     @property
     def responded(self) -> bool:
-        return self.response_started
+        return self.response_started  # (set by the first write: a held head is not)
 
     async def run(self, serve: Serve) -> None:
         """The request's task. The routes answer every request, errors included; what
@@ -144,10 +144,16 @@ class ConnectionClient:
             raise
         except Exception:
             logger.exception("request %s: unexpected error", self.request_id)
-            if not self.response_started:
-                await self.whole(500, [(b"content-type", b"application/json")],
+            if not self.response_started:  # (the body may be unread: the connection ends)
+                await self.whole(500, [(b"content-type", b"application/json"),
+                                       (b"connection", b"close")],
                                  orjson.dumps(error_envelope(500, "Internal error",
                                                              request_id=self.request_id)))
+        finally:
+            # The protocol keeps its last cycle until the next request: let it not keep
+            # this task and itself alive through us (uvicorn's cycle does the same).
+            self.on_response = _nothing
+            self.task = None
         if not self.response_complete and not self.disconnected:
             logger.error("request %s: the reply was not completed", self.request_id)
             self.transport.close()
@@ -173,6 +179,9 @@ class ConnectionClient:
 
     def watch(self) -> None:
         self._watching = True
+        # A connection's loss is seen only while it is read: the protocol stops reading past
+        # 64 KiB of buffered body, and nothing else would start it again.
+        self.flow.resume_reading()
         if self.disconnected:
             self.lost()
 
@@ -180,6 +189,7 @@ class ConnectionClient:
         self._watching = False
 
     async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self._head = b""  # (a stream's held head, if it failed before its first part)
         head = self._start(status, headers, b"content-length: %d\r\n" % len(body))
         await self._write(head + body, complete=True)
 
@@ -206,15 +216,15 @@ class ConnectionClient:
                 self.keep_alive = False
             lines += (name, b": ", value, b"\r\n")
         lines += (b"x-request-id: ", self.request_id.encode(), b"\r\n", framing)
-        if not self.keep_alive:
+        count = len(headers) + 4  # lines: status, headers, x-request-id, framing, blank
+        if not self.keep_alive and not any(name == b"connection" for name, _ in headers):
             lines.append(b"connection: close\r\n")
+            count += 1
         lines.append(b"\r\n")
         head = b"".join(lines)
         # One line per header: a line break inside a name or value would split the reply.
-        count = len(headers) + (4 if self.keep_alive else 5)
         if head.count(b"\n") != count or head.count(b"\r") != count:
             raise ValueError("a reply header holds a line break")
-        self.response_started = True
         return head
 
     async def _write(self, data: bytes, complete: bool) -> None:
@@ -222,6 +232,7 @@ class ConnectionClient:
             await self.flow.drain()
         if self.disconnected:
             return
+        self.response_started = True
         self.transport.write(data)
         if complete:
             self.response_complete = True
@@ -229,6 +240,10 @@ class ConnectionClient:
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
+
+
+def _nothing() -> None:
+    return None
 
 
 class AsgiClient:

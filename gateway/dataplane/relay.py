@@ -18,14 +18,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from gateway.api import Call, Served, StreamFraming, Worker
-from gateway.client import Client
+from gateway.client import Client, Headers
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault
 
 logger = logging.getLogger("gateway.relay")
 STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-Headers = list[tuple[bytes, bytes]]
 Events = AsyncIterator[list[tuple[str, bytes]]]
 
 

@@ -78,5 +78,7 @@ def metric_headers(metrics: dict[str, Any], sampling_options: dict[str, Any],
     if context_length and "prompt-tokens" in metrics:  # what truncate mode really allowed
         options["max_tokens"] = min(options["max_tokens"],
                                     max(context_length - metrics["prompt-tokens"], 0))
-    headers.append((b"fireworks-sampling-options", orjson.dumps(options)))
+    # (orjson writes UTF-8; a header value goes out in latin-1, the rest replaced)
+    headers.append((b"fireworks-sampling-options",
+                    orjson.dumps(options).decode().encode("latin-1", "replace")))
     return headers

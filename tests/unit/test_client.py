@@ -202,8 +202,7 @@ def connection_client(transport: Transport, keep_alive: bool = True) -> Connecti
     ([(b"a", b"1")], b"HTTP/1.1 200 OK\r\ndate: today\r\na: 1\r\nx-request-id: r\r\n"
                      b"content-length: 2\r\n\r\nok"),
     ([(b"connection", b"close")], b"HTTP/1.1 200 OK\r\ndate: today\r\nconnection: close\r\n"
-                                  b"x-request-id: r\r\ncontent-length: 2\r\n"
-                                  b"connection: close\r\n\r\nok"),
+                                  b"x-request-id: r\r\ncontent-length: 2\r\n\r\nok"),
     ([(b"a", b"1\r\nset-cookie: x")], None),
     ([(b"a", b"1\nb: 2")], None),
     ([(b"a\rb", b"1")], None),
@@ -227,11 +226,36 @@ async def test_a_stream_s_headers_go_out_with_its_first_part() -> None:
     transport = Transport()
     client = connection_client(transport, keep_alive=False)
     await client.begin(200, [(b"content-type", b"text/event-stream")])
-    assert transport.written == [] and client.responded
+    assert transport.written == [] and not client.responded  # an error could still go
     await client.part(b"data: a\n\n")
+    assert client.responded
     await client.last(b"data: [DONE]\n\n")
     head, end = transport.written
     assert head.endswith(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
                          b"9\r\ndata: a\n\n\r\n")
     assert end == b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
     assert client.response_complete and transport.closed
+
+
+async def test_a_stream_that_fails_before_its_first_part_can_still_answer_an_error() -> None:
+    transport = Transport()
+    client = connection_client(transport)
+    await client.begin(200, [(b"content-type", b"text/event-stream")])
+    await client.whole(500, [(b"content-type", b"application/json")], b"{}")
+    (written,) = transport.written
+    assert written.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"chunked" not in written and written.endswith(b"content-length: 2\r\n\r\n{}")
+
+
+async def test_what_escapes_the_routes_is_a_500_that_ends_the_connection() -> None:
+    transport = Transport()
+    client = connection_client(transport)
+
+    async def broken(_: Any) -> None:
+        raise KeyError("a bug")
+
+    await client.run(broken)
+    (written,) = transport.written
+    assert written.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"connection: close\r\n" in written and b'"request_id":"r"' in written
+    assert transport.closed and client.task is None

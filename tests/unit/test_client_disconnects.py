@@ -63,19 +63,22 @@ async def leave_after(address: str, body: dict[str, Any], wait_for: bytes | None
     return seen
 
 
-@pytest.mark.parametrize("moment,stream,parts,wait_for", [
-    ("plain request", False, [Pause(10), b"{}"], None),
-    ("headers held for the first token", True, [Pause(10), chunk("a")], None),
-    ("mid-stream", True, [chunk("a"), Pause(10), chunk("b")], b'"text":"a"'),
+# (A body over 64 KiB: the server stops reading the socket past that while it buffers a
+# body; the hang-up is seen only if reading starts again.)
+@pytest.mark.parametrize("moment,stream,parts,wait_for,prompt", [
+    ("plain request", False, [Pause(10), b"{}"], None, "x"),
+    ("plain request, 200 KB body", False, [Pause(10), b"{}"], None, "x" * 200_000),
+    ("headers held for the first token", True, [Pause(10), chunk("a")], None, "x"),
+    ("mid-stream", True, [chunk("a"), Pause(10), chunk("b")], b'"text":"a"', "x"),
 ])
 async def test_a_client_leaving_aborts_the_worker_request(
         tmp_path: Path, protocol: Any, moment: str, stream: bool, parts: list[Any],
-        wait_for: bytes | None) -> None:
+        wait_for: bytes | None, prompt: str) -> None:
     content_type = "text/event-stream" if stream else "application/json"
     gateway_app = gateway(tmp_path, lambda r: httpx.Response(
         200, headers={"content-type": content_type}, stream=Stream(list(parts))))
     async for address in serving(gateway_app, protocol):
-        await leave_after(address, {"prompt": "x", "stream": stream}, wait_for)
+        await leave_after(address, {"prompt": prompt, "stream": stream}, wait_for)
         for _ in range(100):  # the worker sees the hang-up within a second
             if gateway_app.workers.served.abandoned:
                 break
