@@ -211,13 +211,14 @@ class ConnectionClient:
             raise RuntimeError("the reply has already begun")
         lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         headers = self.default_headers + headers
+        said_close = False
         for name, value in headers:
             if name == b"connection":  # (the gateway sends only `close`)
-                self.keep_alive = False
+                self.keep_alive, said_close = False, True
             lines += (name, b": ", value, b"\r\n")
         lines += (b"x-request-id: ", self.request_id.encode(), b"\r\n", framing)
         count = len(headers) + 4  # lines: status, headers, x-request-id, framing, blank
-        if not self.keep_alive and not any(name == b"connection" for name, _ in headers):
+        if not self.keep_alive and not said_close:
             lines.append(b"connection: close\r\n")
             count += 1
         lines.append(b"\r\n")

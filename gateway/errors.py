@@ -99,13 +99,17 @@ def bytes_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
 
 
+def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
+    """An error reply's headers (its JSON envelope's type and the error's own), less the
+    length."""
+    return [(b"content-type", b"application/json"), *bytes_headers(exc.headers)]
+
+
 async def send_error(send: Send, exc: GatewayError, request_id: str,
                      envelope: dict[str, Any] | None = None) -> None:
     """An error response through ASGI (for the layers in front of FastAPI); the Fireworks
     envelope unless another is given."""
     body = orjson.dumps(exc.envelope(request_id) if envelope is None else envelope)
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    headers += bytes_headers(exc.headers)
+    headers = [*error_headers(exc), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -63,7 +63,7 @@ class Discovery:
     def expand(self, replicas: list[Replica]) -> list[Replica]:
         """A deployment's replicas with each dns+ one replaced by what it resolved to."""
         for replica in replicas:  # (a loop, not any(): this runs a few times per request)
-            if replica.url.startswith(PREFIX):
+            if is_discovered(replica.url):
                 break
         else:
             return replicas

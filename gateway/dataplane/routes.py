@@ -31,7 +31,7 @@ from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.serving import admit, attempt_all, count_refusal
 from gateway.edge import api_key, check_declared_length
-from gateway.errors import GatewayError, bytes_headers, send_error
+from gateway.errors import GatewayError, error_headers, send_error
 from gateway.validation import parse_body
 
 logger = logging.getLogger("gateway.routes")
@@ -131,9 +131,8 @@ class InferenceRoutes:
 
 
 async def _send_error(client: Client, error: GatewayError, api: InferenceApi[Any]) -> None:
-    body = orjson.dumps(api.error_body(error, client.request_id))
-    await client.whole(error.status, [(b"content-type", b"application/json"),
-                                      *bytes_headers(error.headers)], body)
+    await client.whole(error.status, error_headers(error),
+                       orjson.dumps(api.error_body(error, client.request_id)))
 
 
 def authenticate(request: Request) -> Account:

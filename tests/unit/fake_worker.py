@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import uvicorn
 import yaml
 
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.controlplane.registry import hash_key
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding
+from tests.conftest import free_port
 
 KEY = "k-test"
 MODEL = "accounts/fireworks/models/m"
@@ -211,6 +214,24 @@ def gateway(tmp_path: Path, handler: Handler, **settings: Any) -> Any:
                               **settings))
     app.workers = workers  # type: ignore[attr-defined]
     return app
+
+
+@asynccontextmanager
+async def serving(gateway_app: Any, protocol: Any) -> AsyncIterator[tuple[str, int]]:
+    """The app served by uvicorn on a free port with the given HTTP protocol (the gateway's
+    edge.EdgeProtocol, or uvicorn's own "httptools"): (host, port)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(gateway_app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on",
+                                           http=protocol))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        server.should_exit = True
+        await task
 
 
 def in_listed_order(gateway_app: Any) -> None:

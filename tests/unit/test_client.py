@@ -8,21 +8,17 @@ on the gateway's protocol."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
 from gateway import client as client_module
 from gateway.client import ConnectionClient
 from gateway.edge import EdgeProtocol
-from tests.conftest import free_port
-from tests.unit.fake_worker import KEY, MODEL, Stream, chunk, gateway
+from tests.unit.fake_worker import KEY, MODEL, Stream, chunk, gateway, serving
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 COMPLETION = {"id": "c", "object": "text_completion", "created": 1, "model": "served",
@@ -38,22 +34,6 @@ def worker(request: httpx.Request) -> httpx.Response:
                               stream=Stream([chunk("hi"), chunk("", "stop"),
                                              chunk(usage=USAGE), b"data: [DONE]\n\n"]))
     return httpx.Response(200, json=COMPLETION)
-
-
-@asynccontextmanager
-async def serving(tmp_path: Path, protocol: Any) -> AsyncIterator[tuple[str, int]]:
-    port = free_port()
-    app = gateway(tmp_path, worker)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol,
-                                           log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        await task
 
 
 def request(body: Any, *, key: str | None = KEY, path: str = "/v1/completions",
@@ -126,7 +106,7 @@ CASES = {
 async def test_both_paths_answer_alike(tmp_path: Path, case: str) -> None:
     replies = []
     for protocol in (EdgeProtocol, "httptools"):
-        async with serving(tmp_path, protocol) as address:
+        async with serving(gateway(tmp_path, worker), protocol) as address:
             (reply,) = await exchange(address, CASES[case])
             replies.append(reply)
     direct, asgi = replies
@@ -145,7 +125,7 @@ async def test_the_gateway_protocol_serves_inference_without_asgi(
         await run(self, serve)
 
     monkeypatch.setattr(ConnectionClient, "run", counted)
-    async with serving(tmp_path, EdgeProtocol) as address:
+    async with serving(gateway(tmp_path, worker), EdgeProtocol) as address:
         (reply,) = await exchange(address, CASES["plain"])
         # A path with an escape is not a table key: uvicorn decodes it, ASGI serves it.
         (escaped,) = await exchange(address, request({"model": MODEL, "prompt": "x"},
@@ -158,14 +138,14 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
     first = request({"model": MODEL, "prompt": "x", "max_tokens": 1})
     second = request({"model": MODEL, "prompt": "x", "stream": True})
     third = request({"model": MODEL, "prompt": "x"}, key=None)
-    async with serving(tmp_path, EdgeProtocol) as address:
+    async with serving(gateway(tmp_path, worker), EdgeProtocol) as address:
         replies = await exchange(address, first + second + third, replies=3)
     assert [status for status, _, _ in replies] == [200, 200, 401]
     assert b"[DONE]" in replies[1][2]
 
 
 async def test_expect_100_continue_and_http_1_0(tmp_path: Path) -> None:
-    async with serving(tmp_path, EdgeProtocol) as address:
+    async with serving(gateway(tmp_path, worker), EdgeProtocol) as address:
         (continued,) = await exchange(address, request(
             {"model": MODEL, "prompt": "x"}, extra=b"expect: 100-continue\r\n"))
         reader, writer = await asyncio.open_connection(*address)

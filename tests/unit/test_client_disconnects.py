@@ -7,18 +7,15 @@ uvicorn's plain one (an AsgiClient)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
 from gateway.edge import EdgeProtocol
-from tests.conftest import free_port
-from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk, gateway
+from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk, gateway, serving
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 
@@ -28,25 +25,10 @@ def protocol(request: pytest.FixtureRequest) -> Any:
     return EdgeProtocol if request.param == "edge" else "httptools"
 
 
-async def serving(gateway_app: Any, protocol: Any) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(gateway_app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on",
-                                           http=protocol))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def leave_after(address: str, body: dict[str, Any], wait_for: bytes | None) -> bytes:
+async def leave_after(address: tuple[str, int], body: dict[str, Any],
+                      wait_for: bytes | None) -> bytes:
     """Send a request, read until `wait_for` appears (or 0.3 s), then hang up."""
-    host, port = address.split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await asyncio.open_connection(*address)
     payload = orjson.dumps({"model": MODEL} | body)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n"
                  b"authorization: Bearer " + KEY.encode() + b"\r\n"
@@ -77,7 +59,7 @@ async def test_a_client_leaving_aborts_the_worker_request(
     content_type = "text/event-stream" if stream else "application/json"
     gateway_app = gateway(tmp_path, lambda r: httpx.Response(
         200, headers={"content-type": content_type}, stream=Stream(list(parts))))
-    async for address in serving(gateway_app, protocol):
+    async with serving(gateway_app, protocol) as address:
         await leave_after(address, {"prompt": prompt, "stream": stream}, wait_for)
         for _ in range(100):  # the worker sees the hang-up within a second
             if gateway_app.workers.served.abandoned:
@@ -99,7 +81,7 @@ async def test_a_request_that_completes_is_not_counted_as_aborted(
         tmp_path: Path, protocol: Any) -> None:
     gateway_app = gateway(tmp_path, lambda r: httpx.Response(200, stream=Stream([
         chunk("a"), chunk("", "stop"), chunk(usage=USAGE), b"data: [DONE]\n\n"])))
-    async for address in serving(gateway_app, protocol):
+    async with serving(gateway_app, protocol) as address:
         seen = await leave_after(address, {"prompt": "x", "stream": True}, b"[DONE]")
         assert b"data: [DONE]" in seen
         await asyncio.sleep(0.1)
