@@ -12,14 +12,16 @@ and the least loaded replica. Three workloads:
   ~`--head-tokens` words) and `--turns` questions about it, one turn after the other;
 - documents: `--requests` requests, `--concurrency` at once, each asking about two of
   `--documents` shorter documents in a random order (shorter than the hash's 4096 bytes, so
-  that requests that share their first document hash differently);
+  that requests that share their first document hash differently); more documents than one
+  pod's cache holds with the requests' tails, about as many as two pods hold between them;
 - pod restart: the conversations again; after half the turns the first worker leaves the
   deployment (admin API) for one turn, whose requests the other workers take, and comes back
   with its prefix cache emptied (vLLM's /reset_prefix_cache: the workers need
   VLLM_SERVER_DEV_MODE=1), as a restarted pod would.
 
 The table gives the share of prompt tokens served from vLLM's prefix cache, the time to the
-first token (p50, p99) and the decode time per token.
+first token (p50, p99) and the decode time per token; with `--rounds` N > 1, each round
+(documents drawn anew) and the mean of each policy over the rounds.
 """
 
 from __future__ import annotations
@@ -138,9 +140,9 @@ async def conversations(client: httpx.AsyncClient, args: argparse.Namespace, see
 
 
 async def documents(client: httpx.AsyncClient, args: argparse.Namespace,
-                    seed: str) -> list[Row]:
+                    seed: str, draw: int) -> list[Row]:
     docs = [text(seed, n, args.document_tokens) for n in range(args.documents)]
-    order = random.Random(7)
+    order = random.Random(draw)  # every policy gets the same requests in a round
     asks = [order.sample(range(args.documents), 2) for _ in range(args.requests)]
     limit = asyncio.Semaphore(args.concurrency)
 
@@ -172,7 +174,7 @@ def gateway(workers: list[str], events: list[str] | None, prefix_bytes: int
 
 
 def run(workload: str, workers: list[str], events: list[str] | None, prefix_bytes: int,
-        args: argparse.Namespace) -> list[Row]:
+        args: argparse.Namespace, draw: int = 7) -> list[Row]:
     url, process = gateway(workers, events, prefix_bytes)
     seed = uuid.uuid4().hex[:8]
 
@@ -180,7 +182,7 @@ def run(workload: str, workers: list[str], events: list[str] | None, prefix_byte
         async with httpx.AsyncClient(base_url=url, timeout=600,
                                      headers={"Authorization": f"Bearer {KEY}"}) as client:
             if workload == "documents":
-                return await documents(client, args, seed)
+                return await documents(client, args, seed, draw)
             first = {"url": workers[0]} | ({"kv_events": events[0]} if events else {})
             return await conversations(client, args, seed,
                                        first if workload == "pod restart" else None)
@@ -207,10 +209,11 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--head-tokens", type=int, default=600)
-    parser.add_argument("--documents", type=int, default=6)
+    parser.add_argument("--documents", type=int, default=16)
     parser.add_argument("--document-tokens", type=int, default=300)
-    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     workers = [w.strip().rstrip("/") for w in args.workers.split(",") if w.strip()]
     events = [e.strip() for e in args.kv_events.split(",") if e.strip()] or None
@@ -226,16 +229,35 @@ def main() -> None:
           f"{args.documents} documents of ~{args.document_tokens} words\n")
     print(f"{'workload':<14} {'policy':<21} {'cached %':>9} {'ttft p50':>9} {'ttft p99':>9} "
           f"{'decode ms/tok':>14}")
-    for workload in [w.strip() for w in args.workloads.split(",")]:
-        for label, endpoints, prefix_bytes in policies:
-            rows = run(workload, workers, endpoints, prefix_bytes, args)
-            prompt, cached = sum(r.prompt for r in rows), sum(r.cached for r in rows)
-            ttfts = [r.ttft * 1000 for r in rows]
-            decodes = [r.decode * 1000 for r in rows if r.decode is not None]
-            print(f"{workload:<14} {label:<21} {100 * cached / max(prompt, 1):>8.1f}% "
-                  f"{p(ttfts, 0.5):>7.0f}ms {p(ttfts, 0.99):>7.0f}ms "
-                  f"{statistics.mean(decodes) if decodes else 0:>12.1f}ms", flush=True)
-        print()
+    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    for round_number in range(args.rounds):
+        for workload in [w.strip() for w in args.workloads.split(",")]:
+            for label, endpoints, prefix_bytes in policies:
+                rows = run(workload, workers, endpoints, prefix_bytes, args, 7 + round_number)
+                figures = summary(rows)
+                results.setdefault((workload, label), []).append(figures)
+                print(line(workload, label, figures), flush=True)
+            print()
+    if args.rounds > 1:
+        print(f"mean of {args.rounds} rounds")
+        for (workload, label), rounds in results.items():
+            means = tuple(statistics.mean(f) for f in zip(*rounds, strict=True))
+            print(line(workload, label, means))
+
+
+def summary(rows: list[Row]) -> tuple[float, float, float, float]:
+    """Cached share of prompt tokens (%), TTFT p50 and p99 (ms), decode ms per token."""
+    prompt, cached = sum(r.prompt for r in rows), sum(r.cached for r in rows)
+    ttfts = [r.ttft * 1000 for r in rows]
+    decodes = [r.decode * 1000 for r in rows if r.decode is not None]
+    return (100 * cached / max(prompt, 1), p(ttfts, 0.5), p(ttfts, 0.99),
+            statistics.mean(decodes) if decodes else 0.0)
+
+
+def line(workload: str, label: str, figures: tuple[float, ...]) -> str:
+    cached, p50, p99, decode = figures
+    return (f"{workload:<14} {label:<21} {cached:>8.1f}% {p50:>7.0f}ms {p99:>7.0f}ms "
+            f"{decode:>12.1f}ms")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,18 @@ way from its prompt's token ids, the deployment's block size, its adapter and it
 its longest cached prefix on each pod is a run of dictionary lookups. A block whose parent
 the index never saw (events lost) gets no key; kv_events.py rebuilds a pod's view from the
 worker's replay buffer after a gap, or clears it when the gap cannot be replayed.
+
+A pod publishes a prompt's blocks only once its prefill is done, seconds later on a busy
+pod: until then the index counts the blocks of each request in flight as coming to the pod
+it was sent to (`expect`), so that requests sent together with the same long head (one
+document, many questions) go where the first went instead of each computing it somewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +103,8 @@ class BlockIndex:
         self.pods: dict[str, PodView] = {}
         self.holders: dict[bytes, set[str]] = {}
         self.known: set[str] = set()  # pods whose events are being followed
+        # Blocks that requests in flight will store: chain key -> pod -> how many requests.
+        self.coming: dict[bytes, dict[str, int]] = {}
 
     def apply(self, pod: str, batch: EventBatch) -> None:
         view = self.pods.setdefault(pod, PodView())
@@ -162,6 +169,22 @@ class BlockIndex:
         self.clear(pod)
         self.known.discard(pod)
 
+    def expect(self, pod: str, keys: Sequence[bytes]) -> Callable[[], None]:
+        """A request with these blocks was sent to the pod; what to call when it ends."""
+        for key in keys:
+            pods = self.coming.setdefault(key, {})
+            pods[pod] = pods.get(pod, 0) + 1
+
+        def ended() -> None:
+            for key in keys:
+                pods = self.coming[key]
+                pods[pod] -= 1
+                if not pods[pod]:
+                    del pods[pod]
+                    if not pods:
+                        del self.coming[key]
+        return ended
+
     def block_size(self, pods: Iterable[str]) -> int | None:
         for pod in pods:
             view = self.pods.get(pod)
@@ -170,11 +193,15 @@ class BlockIndex:
         return None
 
     def cached(self, keys: Sequence[bytes], pods: Iterable[str]) -> dict[str, int]:
-        """Per pod, how many of the prompt's leading blocks it holds."""
+        """Per pod, how many of the prompt's leading blocks it holds, or will once the
+        requests in flight there have stored theirs."""
         matched = {pod: 0 for pod in pods}
         alive = set(matched)
         for depth, key in enumerate(keys):
             holders = self.holders.get(key)
+            coming = self.coming.get(key)
+            if coming:
+                holders = coming.keys() | (holders or ())
             still = alive & holders if holders else set()
             for pod in alive - still:
                 matched[pod] = depth
@@ -192,6 +219,22 @@ class CacheHint:
 
     cached: dict[str, int]
     blocks: int
+    keys: list[bytes] = field(default_factory=list)  # the blocks' chain keys
+    index: BlockIndex | None = None
+
+    def now(self) -> CacheHint:
+        """The same, as the index stands now: requests sent while this one's prompt was
+        tokenized, or while it waited, may have changed what is coming where."""
+        if self.index is None:
+            return self
+        return CacheHint(self.index.cached(self.keys, self.cached), self.blocks, self.keys,
+                         self.index)
+
+    def expect(self, pod: str) -> Callable[[], None]:
+        """The request goes to `pod`: its blocks count as coming there until `ended()`."""
+        if self.index is None:
+            return lambda: None
+        return self.index.expect(pod, self.keys)
 
 
 async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | None,
@@ -212,4 +255,4 @@ async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | Non
     if not tokens:
         return None
     keys = prompt_keys(tokens, block_size, lora, query.salt)
-    return CacheHint(index.cached(keys, followed), len(keys))
+    return CacheHint(index.cached(keys, followed), len(keys), keys, index)

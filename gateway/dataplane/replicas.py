@@ -106,11 +106,12 @@ class Lease:
     """One request's hold on a replica; released exactly once (streams outlive handlers)."""
 
     def __init__(self, replicas: ReplicaSet, replica: Replica,
-                 routing: str | None = None) -> None:
+                 routing: str | None = None, ended: Callable[[], None] | None = None) -> None:
         self._replicas = replicas
         self.replica = replica
         self._held = True
         self.routing = routing  # why this replica, when KV caches had a say
+        self._ended = ended  # the request's blocks no longer count as coming to the replica
         # Requests this gateway had in flight on the replica when this one was admitted,
         # this one included (the fireworks-num-concurrent-requests header).
         self.concurrent = replicas.outstanding[replica.url]
@@ -119,6 +120,8 @@ class Lease:
         if self._held:
             self._held = False
             self._replicas.outstanding[self.replica.url] -= 1
+            if self._ended is not None:
+                self._ended()
             self._replicas.on_release()
 
 
@@ -186,6 +189,7 @@ class ReplicaSet:
         """A lease on a replica; among those `prefer` accepts when there are any (e.g. the
         replicas that hold a request's LoRA adapter)."""
         exclude = exclude or set()
+        hint = None if hint is None else hint.now()
         routing = None  # why, when the pods' KV caches had a say (the fireworks-routing header)
         trial = next((r for r in self.replicas(deployment)
                       if r.url not in exclude and self.health.trial_due(r.url)), None)
@@ -210,4 +214,4 @@ class ReplicaSet:
                 routing = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
                            f"load={load[replica.url]}")
         self.outstanding[replica.url] += 1
-        return Lease(self, replica, routing)
+        return Lease(self, replica, routing, None if hint is None else hint.expect(replica.url))

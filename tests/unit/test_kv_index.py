@@ -24,7 +24,7 @@ from gateway.api import CacheQuery
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.kv_events import KvEvents, PodEvents, endpoints
 from gateway.dataplane.kv_index import DECODER, BlockIndex, CacheHint, cache_hint, prompt_keys
-from gateway.dataplane.replicas import AffinityOrLeastOutstanding
+from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
 from tests.conftest import free_port
 
 BS = 4
@@ -144,6 +144,38 @@ def test_the_scorer_weighs_cache_against_load() -> None:
     # Nothing cached anywhere: today's affinity decides, as without events.
     keyed = policy.choose([a, b, c], idle, "k", CacheHint({"http://a": 0}, blocks=4))
     assert keyed is policy.choose([a, b, c], idle, "k")
+
+
+def test_requests_in_flight_count_as_coming_to_their_pod() -> None:
+    """Before a pod publishes a prompt's blocks (after its prefill), a request that shares
+    them goes where the first one went; the first one's end leaves only what the events say."""
+    index = BlockIndex()
+    pods = ["http://r1", "http://r2"]
+    deployment = Deployment(id="d", account="a", model="m",
+                            replicas=[Replica(url=u) for u in pods])
+    replicas = ReplicaSet(AffinityOrLeastOutstanding(max_imbalance=4))
+    keys = prompt_keys(TOKENS, BS, None, None)
+    # The hint was taken before the first request was sent (while the prompt was tokenized).
+    hints = [CacheHint(index.cached(keys, pods), len(keys), keys, index) for _ in range(3)]
+    assert hints[0].cached == {"http://r1": 0, "http://r2": 0}
+    first = replicas.acquire(deployment, hint=hints[0])
+    second = replicas.acquire(deployment, hint=hints[1])
+    assert second.replica.url == first.replica.url  # a hash or the load would split them
+    assert second.routing == "cached-blocks=2/2; load=1"
+    # A prompt that shares only the first block: one of its two blocks is coming there.
+    head = prompt_keys([*TOKENS[:4], 90, 91, 92, 93], BS, None, None)
+    assert index.cached(head, pods)[first.replica.url] == 1
+    second.release()
+    second.release()  # released once
+    pod = first.replica.url
+    apply(index, pod, stored([b"h1", b"h2"], None, TOKENS[:8]))  # the pod's events come
+    first.release()
+    assert index.coming == {}
+    assert index.cached(keys, pods) == {u: 2 if u == pod else 0 for u in pods}
+    # Events are what counts now: their eviction is seen.
+    apply(index, pod, BlockRemoved(block_hashes=[b"h2"], medium="GPU"))
+    third = replicas.acquire(deployment, hint=hints[2])
+    assert third.replica.url == pod and third.routing == "cached-blocks=1/2; load=0"
 
 
 def test_endpoints_of_a_pod() -> None:
