@@ -172,8 +172,11 @@ class BlockIndex:
     def expect(self, pod: str, keys: Sequence[bytes]) -> Callable[[], None]:
         """A request with these blocks was sent to the pod; what to call when it ends."""
         for key in keys:
-            pods = self.coming.setdefault(key, {})
-            pods[pod] = pods.get(pod, 0) + 1
+            pods = self.coming.get(key)
+            if pods is None:
+                self.coming[key] = {pod: 1}
+            else:
+                pods[pod] = pods.get(pod, 0) + 1
 
         def ended() -> None:
             for key in keys:
@@ -219,12 +222,12 @@ class CacheHint:
 
     cached: dict[str, int]
     blocks: int
-    keys: list[bytes] = field(default_factory=list)  # the blocks' chain keys
+    keys: tuple[bytes, ...] = ()  # the blocks' chain keys
     index: BlockIndex | None = None
 
     def now(self) -> CacheHint:
         """The same, as the index stands now: requests sent while this one's prompt was
-        tokenized, or while it waited, may have changed what is coming where."""
+        tokenized, and this one's own earlier attempts, change what is coming where."""
         if self.index is None:
             return self
         return CacheHint(self.index.cached(self.keys, self.cached), self.blocks, self.keys,
@@ -255,4 +258,4 @@ async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | Non
     if not tokens:
         return None
     keys = prompt_keys(tokens, block_size, lora, query.salt)
-    return CacheHint(index.cached(keys, followed), len(keys), keys, index)
+    return CacheHint(index.cached(keys, followed), len(keys), tuple(keys), index)

@@ -120,9 +120,11 @@ class Lease:
         if self._held:
             self._held = False
             self._replicas.outstanding[self.replica.url] -= 1
-            if self._ended is not None:
-                self._ended()
-            self._replicas.on_release()
+            try:
+                if self._ended is not None:
+                    self._ended()
+            finally:
+                self._replicas.on_release()
 
 
 class ReplicaSet:
@@ -214,4 +216,6 @@ class ReplicaSet:
                 routing = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
                            f"load={load[replica.url]}")
         self.outstanding[replica.url] += 1
-        return Lease(self, replica, routing, None if hint is None else hint.expect(replica.url))
+        # A trial's blocks do not draw other requests to a pod that is still on trial.
+        ended = None if hint is None or trial is not None else hint.expect(replica.url)
+        return Lease(self, replica, routing, ended)

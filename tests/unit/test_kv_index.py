@@ -22,6 +22,7 @@ from vllm.distributed.kv_events import (
 
 from gateway.api import CacheQuery
 from gateway.controlplane.registry import Deployment, Replica
+from gateway.dataplane.health import ReplicaHealth
 from gateway.dataplane.kv_events import KvEvents, PodEvents, endpoints
 from gateway.dataplane.kv_index import DECODER, BlockIndex, CacheHint, cache_hint, prompt_keys
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
@@ -156,7 +157,8 @@ def test_requests_in_flight_count_as_coming_to_their_pod() -> None:
     replicas = ReplicaSet(AffinityOrLeastOutstanding(max_imbalance=4))
     keys = prompt_keys(TOKENS, BS, None, None)
     # The hint was taken before the first request was sent (while the prompt was tokenized).
-    hints = [CacheHint(index.cached(keys, pods), len(keys), keys, index) for _ in range(3)]
+    hints = [CacheHint(index.cached(keys, pods), len(keys), tuple(keys), index)
+             for _ in range(3)]
     assert hints[0].cached == {"http://r1": 0, "http://r2": 0}
     first = replicas.acquire(deployment, hint=hints[0])
     second = replicas.acquire(deployment, hint=hints[1])
@@ -176,6 +178,30 @@ def test_requests_in_flight_count_as_coming_to_their_pod() -> None:
     apply(index, pod, BlockRemoved(block_hashes=[b"h2"], medium="GPU"))
     third = replicas.acquire(deployment, hint=hints[2])
     assert third.replica.url == pod and third.routing == "cached-blocks=1/2; load=0"
+
+
+def test_a_retry_or_a_trial_leaves_nothing_coming_where_it_did_not_run() -> None:
+    index = BlockIndex()
+    pods = ["http://r1", "http://r2"]
+    deployment = Deployment(id="d", account="a", model="m",
+                            replicas=[Replica(url=u) for u in pods])
+    keys = prompt_keys(TOKENS, BS, None, None)
+    hint = CacheHint(index.cached(keys, pods), len(keys), tuple(keys), index)
+    replicas = ReplicaSet(AffinityOrLeastOutstanding())
+    first = replicas.acquire(deployment, hint=hint)
+    first.release()  # its pod failed: the retry goes elsewhere, drawn by nothing
+    retry = replicas.acquire(deployment, exclude={first.replica.url}, hint=hint)
+    assert retry.replica.url != first.replica.url
+    assert index.cached(keys, pods)[first.replica.url] == 0
+    assert index.cached(keys, pods)[retry.replica.url] == 2
+    retry.release()
+    # An ejected pod's trial request is no reason to send it more of the same prompt.
+    health = ReplicaHealth(eject_after=1, ejection_seconds=0)
+    health.failure("http://r1")
+    on_trial = ReplicaSet(AffinityOrLeastOutstanding(), health)
+    trial = on_trial.acquire(deployment, hint=hint)
+    assert trial.replica.url == "http://r1" and trial.routing == "trial"
+    assert index.coming == {}
 
 
 def test_endpoints_of_a_pod() -> None:
