@@ -105,8 +105,10 @@ class BlockIndex:
         self.known: set[str] = set()  # pods whose events are being followed
         # Blocks that requests in flight will store: chain key -> pod -> how many requests.
         self.coming: dict[bytes, dict[str, int]] = {}
+        self.version = 0  # changes with anything that changes `cached`
 
     def apply(self, pod: str, batch: EventBatch) -> None:
+        self.version += 1
         view = self.pods.setdefault(pod, PodView())
         for event in batch.events:
             if isinstance(event, BlockStored):
@@ -154,6 +156,7 @@ class BlockIndex:
 
     def clear(self, pod: str) -> None:
         """Forget what the pod holds (restarted, gone, or events lost)."""
+        self.version += 1
         view = self.pods.pop(pod, None)
         if view is None:
             return
@@ -171,6 +174,7 @@ class BlockIndex:
 
     def expect(self, pod: str, keys: Sequence[bytes]) -> Callable[[], None]:
         """A request with these blocks was sent to the pod; what to call when it ends."""
+        self.version += 1
         for key in keys:
             pods = self.coming.get(key)
             if pods is None:
@@ -179,6 +183,7 @@ class BlockIndex:
                 pods[pod] = pods.get(pod, 0) + 1
 
         def ended() -> None:
+            self.version += 1
             for key in keys:
                 pods = self.coming[key]
                 pods[pod] -= 1
@@ -224,14 +229,15 @@ class CacheHint:
     blocks: int
     keys: tuple[bytes, ...] = ()  # the blocks' chain keys
     index: BlockIndex | None = None
+    version: int = 0  # the index's, when `cached` was counted
 
     def now(self) -> CacheHint:
-        """The same, as the index stands now: requests sent while this one's prompt was
-        tokenized, and this one's own earlier attempts, change what is coming where."""
-        if self.index is None:
+        """The same, as the index stands now; counted again only when it changed (for a
+        retry: events, other requests and this one's first attempt came and went since)."""
+        if self.index is None or self.index.version == self.version:
             return self
         return CacheHint(self.index.cached(self.keys, self.cached), self.blocks, self.keys,
-                         self.index)
+                         self.index, self.index.version)
 
     def expect(self, pod: str) -> Callable[[], None]:
         """The request goes to `pod`: its blocks count as coming there until `ended()`."""
@@ -258,4 +264,4 @@ async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | Non
     if not tokens:
         return None
     keys = prompt_keys(tokens, block_size, lora, query.salt)
-    return CacheHint(index.cached(keys, followed), len(keys), tuple(keys), index)
+    return CacheHint(index.cached(keys, followed), len(keys), tuple(keys), index, index.version)

@@ -160,6 +160,7 @@ def test_requests_in_flight_count_as_coming_to_their_pod() -> None:
     hints = [CacheHint(index.cached(keys, pods), len(keys), tuple(keys), index)
              for _ in range(3)]
     assert hints[0].cached == {"http://r1": 0, "http://r2": 0}
+    assert hints[0].now() is hints[0]  # nothing changed: not counted again
     first = replicas.acquire(deployment, hint=hints[0])
     second = replicas.acquire(deployment, hint=hints[1])
     assert second.replica.url == first.replica.url  # a hash or the load would split them
