@@ -42,22 +42,32 @@ class Server:
         self.script = script
         self.connections = 0
         self.requests: list[bytes] = []
+        self.handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def __aenter__(self) -> str:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self.handlers[task] = writer
             try:
                 await self.script(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
                 writer.close()
+                del self.handlers[task]
         self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}/v1/x"
 
     async def __aexit__(self, *_: object) -> None:
+        # Connections still open end here, not cancelled with the loop (which asyncio's
+        # stream server of Python 3.11 logs as an error).
         self.server.close()
+        for writer in self.handlers.values():
+            writer.transport.abort()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
 
 
 def answering(*answers: bytes, close: bool = False) -> Script:
