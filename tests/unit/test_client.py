@@ -87,8 +87,20 @@ def comparable(reply: tuple[int, dict[str, str], bytes]) -> tuple[Any, ...]:
     return status, stable, body
 
 
+def chunked(body: Any) -> bytes:
+    """The request with its body in chunked transfer coding, in two chunks."""
+    payload = orjson.dumps(body)
+    half = len(payload) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                      for part in (payload[:half], payload[half:]))
+    return (b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\nx-request-id: rid-1\r\n"
+            b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n%s0\r\n\r\n" % (KEY.encode(), chunks))
+
+
 CASES = {
     "plain": request({"model": MODEL, "prompt": "x"}),
+    "chunked body": chunked({"model": MODEL, "prompt": "x"}),
     "stream": request({"model": MODEL, "prompt": "x", "stream": True}),
     "no key": request({"model": MODEL, "prompt": "x"}, key=None),
     "bad key": request({"model": MODEL, "prompt": "x"}, key="nope"),
@@ -110,6 +122,7 @@ async def test_both_paths_answer_alike(tmp_path: Path, case: str) -> None:
             (reply,) = await exchange(address, CASES[case])
             replies.append(reply)
     direct, asgi = replies
+    assert (direct[0] == 200) == (case in ("plain", "chunked body", "stream", "messages api"))
     assert direct[1]["x-request-id"] == "rid-1"
     assert "date" in direct[1]  # the server's own headers too
     assert comparable(direct) == comparable(asgi), case
