@@ -12,8 +12,9 @@ and the least loaded replica. Three workloads:
   ~`--head-tokens` words) and `--turns` questions about it, one turn after the other;
 - documents: `--requests` requests, `--concurrency` at once, each asking about two of
   `--documents` shorter documents in a random order (shorter than the hash's 4096 bytes, so
-  that requests that share their first document hash differently); more documents than one
-  pod's cache holds with the requests' tails, about as many as two pods hold between them;
+  that requests that share their first document hash differently); with the workers of
+  docs/benchmarks.md, more documents than one pod's cache holds beside the requests' tails,
+  about as many as two pods hold between them;
 - pod restart: the conversations again; after half the turns the first worker leaves the
   deployment (admin API) for one turn, whose requests the other workers take, and comes back
   with its prefix cache emptied (vLLM's /reset_prefix_cache: the workers need
@@ -21,7 +22,7 @@ and the least loaded replica. Three workloads:
 
 The table gives the share of prompt tokens served from vLLM's prefix cache, the time to the
 first token (p50, p99) and the decode time per token; with `--rounds` N > 1, each round
-(documents drawn anew) and the mean of each policy over the rounds.
+(the documents' pairs and order drawn anew) and the mean of each policy over the rounds.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def main() -> None:
                 print(line(workload, label, figures), flush=True)
             print()
     if args.rounds > 1:
-        print(f"mean of {args.rounds} rounds")
+        print("mean of the rounds")
         for (workload, label), rounds in results.items():
             means = tuple(statistics.mean(f) for f in zip(*rounds, strict=True))
             print(line(workload, label, means))

@@ -156,7 +156,7 @@ def test_requests_in_flight_count_as_coming_to_their_pod() -> None:
                             replicas=[Replica(url=u) for u in pods])
     replicas = ReplicaSet(AffinityOrLeastOutstanding(max_imbalance=4))
     keys = prompt_keys(TOKENS, BS, None, None)
-    # The hint was taken before the first request was sent (while the prompt was tokenized).
+    # Hints counted before any request was sent, so that `acquire` counts them again.
     hints = [CacheHint(index.cached(keys, pods), len(keys), tuple(keys), index)
              for _ in range(3)]
     assert hints[0].cached == {"http://r1": 0, "http://r2": 0}
