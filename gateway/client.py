@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 
 from gateway.config import Settings
-from gateway.errors import GatewayError, error_envelope
+from gateway.errors import GatewayError, error_headers
 
 logger = logging.getLogger("gateway.client")
 Headers = list[tuple[bytes, bytes]]
@@ -145,10 +145,9 @@ class ConnectionClient:
         except Exception:
             logger.exception("request %s: unexpected error", self.request_id)
             if not self.response_started:  # (the body may be unread: the connection ends)
-                await self.whole(500, [(b"content-type", b"application/json"),
-                                       (b"connection", b"close")],
-                                 orjson.dumps(error_envelope(500, "Internal error",
-                                                             request_id=self.request_id)))
+                error = GatewayError(500, "Internal error", headers={"connection": "close"})
+                await self.whole(500, error_headers(error),
+                                 orjson.dumps(error.envelope(self.request_id)))
         finally:
             # The protocol keeps its last cycle until the next request: let it not keep
             # this task and itself alive through us (uvicorn's cycle does the same).

@@ -155,6 +155,7 @@ class EdgeProtocol(HttpToolsProtocol):
             min(idle, key=lambda c: c.active_at).transport.abort()
         self.active_at = self.loop.time()
         self._await_headers()
+        self._arm_header_timer()  # a connection that sends nothing is held that long
 
     def idle(self) -> bool:
         """No request in progress: waiting for one (a new or kept-alive connection)."""
@@ -163,7 +164,6 @@ class EdgeProtocol(HttpToolsProtocol):
     def _await_headers(self) -> None:
         self.reading_headers = True
         self.header_bytes = 0
-        self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
         if self.header_timer is None:
@@ -207,11 +207,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if not self.reading_headers and (self.cycle is None or self.cycle.response_complete):
+        if not self.reading_headers and self.idle():
             # The first bytes of the next request on this connection. The deadline is armed
             # only if its headers did not all come with them (the common request arms none).
-            self.reading_headers = True
-            self.header_bytes = 0
+            self._await_headers()
         super().data_received(data)
         if self.transport.is_closing():
             return
