@@ -5,7 +5,7 @@ admit, attempt on replicas, relay, end. What differs between APIs (chat, complet
 embeddings, Anthropic Messages, ...) lives in one `InferenceApi` object per API, in the
 package of its protocol (fireworks/apis.py, anthropic/api.py), and in the `Call` it makes of
 each request. The data plane calls only what is declared here; adding an API is one new
-object plus its tests, and one row in the route table (app.py).
+object and its Call, plus their tests, and one row in the route table (app.py).
 
 Imports run one way: app -> dataplane and the API packages -> this module -> control
 plane, errors, config.
@@ -32,7 +32,7 @@ RequestModel_contra = TypeVar("RequestModel_contra", bound=BaseModel, contravari
 @dataclass
 class Served:
     """Where and when one attempt was served, and what its worker reported so far: the
-    report an API's reply or stream framing writes (first token, usage) and the Exchange reads at
+    report an API's reply or stream framing writes (first token, usage) and request.py reads at
     the request's end. Nothing else of the request is reachable from the API's side."""
 
     deployment: str
@@ -122,59 +122,50 @@ class CacheQuery:
     salt: str | None = None
 
 
-class Call(Protocol):
-    """One request, translated for the workers: what the data plane needs to admit and
-    send it, and the API's handling of each attempt's answer."""
+@dataclass(kw_only=True)
+class Call:
+    """One request, translated for the workers: what the data plane needs to admit, route
+    and send it, and the API's handling of each attempt's answer. The defaults here are a
+    request that generates nothing, is never streamed and reuses no cached prefix; an API's
+    Call sets what differs and implements `reply` (and `framing` when it streams)."""
 
-    @property
-    def body(self) -> dict[str, Any]:
-        """The worker request (the data plane encodes it once)."""
-        ...
+    body: dict[str, Any]  # the worker request (the data plane encodes it once)
+    stream: bool = False
+    max_tokens: int = 0  # per choice, for the token limits
+    n: int = 1  # choices
+    metadata: dict[str, str] | None = None  # the client's, kept with the usage record
+    priority: bool = False  # asked for priority service: ahead in the gateway's queue
+    prompt_estimate: int = 0  # prompt tokens to reserve before the worker has counted them
+    affinity: str | None = None  # the client's own cache key in the body, if any
 
-    @property
-    def stream(self) -> bool: ...
-
-    @property
-    def max_tokens(self) -> int:
-        """Per choice, for the token limits."""
-        ...
-
-    @property
-    def n(self) -> int:
-        """Choices."""
-        ...
-
-    @property
-    def metadata(self) -> dict[str, str] | None:
-        """The client's, kept with the usage record."""
-        ...
-
-    @property
-    def priority(self) -> bool:
-        """Asked for priority service (`service_tier`): ahead in the gateway's queue."""
-        ...
+    def prefix_material(self, limit: int) -> bytes | None:
+        """At most `limit` bytes of the prompt's stable head (what every turn of a
+        conversation starts with), for the affinity key when the client names none; None
+        when the API reuses no cached prefix."""
+        return None
 
     def cache_query(self) -> CacheQuery | None:
         """The prompt whose cached prefix routing looks for on the workers; None when the
         API reuses no cached prefix (or cannot say which tokens its prompt is)."""
-        ...
+        return None
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         """Before each attempt: checks or lookups on that worker; the body to send."""
-        ...
+        return encoded
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         """A worker's complete JSON answer (status 2xx, content type checked) -> the
         client's reply; WorkerFault when it is not a valid answer."""
-        ...
+        raise NotImplementedError
 
     def framing(self, worker: Worker, served: Served) -> StreamFraming:
-        """A fresh framing for one attempt's stream."""
-        ...
+        """A fresh framing for one attempt's stream (only Calls that stream have one)."""
+        raise AssertionError(f"{type(self).__name__} is never streamed")
 
 
 class InferenceApi(Protocol[RequestModel_contra]):
-    """One inference API: served at `<prefix><path>`, sent to `<worker><worker_path>`."""
+    """One inference API: served at `<prefix><path>`, sent to `<worker><worker_path>`.
+    What is static about it lives here; what each request asks lives in its Call."""
 
     path: str
     worker_path: str  # also the endpoint label of metrics and usage records
@@ -185,22 +176,17 @@ class InferenceApi(Protocol[RequestModel_contra]):
         """Pure: the request for this route -> the Call (or a 400 naming a field)."""
         ...
 
-    def prompt_estimate(self, request: RequestModel_contra) -> int:
-        """Prompt tokens to reserve before the worker has counted them."""
-        ...
-
-    def affinity(self, request: RequestModel_contra) -> str | None:
-        """The client's own cache key in the body (prompt_cache_key, user), if any."""
-        ...
-
-    def prefix_material(self, request: RequestModel_contra, limit: int) -> bytes | None:
-        """At most `limit` bytes of the prompt's stable head (what every turn of a
-        conversation starts with); None when the API reuses no cached prefix."""
-        ...
-
     def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
         """The API's error envelope."""
         ...
+
+
+class Api:
+    """What an API object inherits: the Fireworks error envelope (an API that speaks
+    another protocol overrides it)."""
+
+    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
+        return exc.envelope(request_id)
 
 
 def worker_json(raw: bytes) -> Any:

@@ -3,10 +3,11 @@ workers and routes."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,13 +20,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from gateway import client
 from gateway.anthropic.api import CountTokensApi, MessagesApi
 from gateway.api import InferenceApi
 from gateway.background import cancel, every
-from gateway.client import Serve
 from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
@@ -42,16 +41,19 @@ from gateway.dataplane.kv_index import BlockIndex
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import WorkerQueries
 from gateway.dataplane.queue import Queues
+from gateway.dataplane.read_routes import router as read_router
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
-from gateway.dataplane.routes import InferenceRoutes
-from gateway.dataplane.routes import router as models_router
+from gateway.dataplane.request import serve
 from gateway.dataplane.workers import WorkerClient
-from gateway.edge import Edge
 from gateway.errors import GatewayError
-from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
+from gateway.fireworks.chat import ChatApi
+from gateway.fireworks.completions import CompletionsApi
+from gateway.fireworks.embeddings import EmbeddingsApi
 from gateway.fireworks.rerank import RerankApi
 from gateway.fireworks.responses import ResponsesApi
 from gateway.metrics import GatewayMetrics
+from gateway.server.asgi import Edge, GatewayApp, InferenceRoutes, RequestIdMiddleware
+from gateway.server.client import Serve
 from gateway.tracing import tracing_from_env
 from gateway.validation import validation_message
 
@@ -67,36 +69,6 @@ def inference_apis(responses: ResponseStore) -> tuple[InferenceApi[Any], ...]:
     (gateway/api.py)."""
     return (ChatApi(), CompletionsApi(), EmbeddingsApi(), MessagesApi(), CountTokensApi(),
             ResponsesApi(responses), RerankApi())
-
-
-class RequestIdMiddleware:
-    """Echo the client's x-request-id or make one; put it on every response.
-
-    A plain ASGI middleware (not BaseHTTPMiddleware) so that streaming responses and client
-    disconnects pass through untouched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                given = value.decode("latin-1")
-                break
-        request_id = client.request_id(given)
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode("latin-1"))]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def _error_response(request: Request, error: GatewayError) -> Response:
@@ -259,7 +231,7 @@ def create_app(settings: Settings | None = None,
     app.state.gateway = gateway
     app.state.admin = AdminParts(gateway.store, gateway.ledger, gateway.adapters)
     for prefix in PREFIXES:
-        app.include_router(models_router, prefix=prefix)
+        app.include_router(read_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
 
     @app.get("/metrics")
@@ -303,8 +275,11 @@ def create_app(settings: Settings | None = None,
         logger.exception("unhandled error")
         return _error_response(request, GatewayError(500, "Internal error"))
 
-    routes = InferenceRoutes(Edge(app, settings), gateway, apis(gateway.responses), PREFIXES)
-    return GatewayApp(RequestIdMiddleware(routes), app, settings, routes.direct)
+    # The route table: each API under every prefix, served by the data plane.
+    direct: dict[str, Serve] = {prefix + api.path: functools.partial(serve, gateway, api)
+                                for api in apis(gateway.responses) for prefix in PREFIXES}
+    routes = InferenceRoutes(Edge(app, settings), direct)
+    return GatewayApp(RequestIdMiddleware(routes), app, settings, direct)
 
 
 def serve_app() -> ASGIApp:
@@ -314,20 +289,3 @@ def serve_app() -> ASGIApp:
     return create_app(settings)
 
 
-class GatewayApp:
-    """The ASGI app uvicorn serves; `.fastapi` is the app behind the inference routes (its
-    state holds the Gateway, its router the lifespan); `.settings` what it was built with,
-    which the server protocol (edge.EdgeProtocol) reads too, and `.direct` the inference
-    paths it serves without ASGI."""
-
-    def __init__(self, app: ASGIApp, fastapi: FastAPI, settings: Settings,
-                 direct: Mapping[str, Serve]) -> None:
-        self.app = app
-        self.fastapi = fastapi
-        self.settings = settings
-        self.direct = direct
-        self.state = fastapi.state
-        self.router = fastapi.router
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)

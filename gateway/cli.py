@@ -13,8 +13,8 @@ from gateway.config import Settings
 from gateway.controlplane.admin_cli import app as admin_app
 from gateway.controlplane.admin_cli import usage_table
 from gateway.controlplane.registry import hash_key
-from gateway.edge import raise_open_files_limit
 from gateway.metrics import MULTIPROCESS_DIR
+from gateway.server.protocol import raise_open_files_limit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fireworks-compatible inference gateway over vLLM.")
@@ -58,8 +58,9 @@ def _run(settings: Settings) -> None:
     uvicorn.run("gateway.app:serve_app", factory=True, host=settings.host,
                 port=settings.port, workers=settings.workers, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=30,
-                # bounds on what a client can hold open (gateway/edge.py)
-                http="gateway.edge:EdgeProtocol", timeout_keep_alive=settings.keep_alive_timeout,
+                # bounds on what a client can hold open (gateway/server/protocol.py)
+                http="gateway.server.protocol:EdgeProtocol",
+                timeout_keep_alive=settings.keep_alive_timeout,
                 # The gateway never uses the client's address, so it does not parse
                 # X-Forwarded-* (a measurable share of a plain request's CPU).
                 proxy_headers=False, server_header=False)

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 from starlette.types import Send
 
+from gateway.sse import sse
+
 # status -> (type, code): the gRPC-style codes Fireworks returns, with OpenAI-aligned types,
 # except where Fireworks' own body differs: its 404 says `"type": "error"` (and clients such
 # as LiteLLM read `invalid_request_error` as a 400 whatever the status).
@@ -91,7 +93,7 @@ def stream_error_event(status: int, message: str, response_id: str) -> bytes:
     payload = error_envelope(status, message)
     payload["error"]["status_code"] = status
     payload["id"] = response_id
-    return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\ndata: [DONE]\n\n"
+    return sse(orjson.dumps(payload), "error") + sse(b"[DONE]")
 
 
 def bytes_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from gateway.config import DEFAULT_REGISTRY
-from gateway.fireworks.translate import NEUTRAL
+from gateway.fireworks.sampling import NEUTRAL
 
 LOCAL_API_KEY = "fw_local_key"  # the key the embedded default registry holds (hashed)
 LOCAL_ADMIN_KEY = "fw_local_admin_key"  # the admin API's key, unless GATEWAY_ADMIN_KEY is set

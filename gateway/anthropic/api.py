@@ -24,10 +24,11 @@ from gateway.anthropic.protocol import (
     error_envelope,
     usage_of,
 )
-from gateway.api import CacheQuery, Reply, Served, Worker, worker_json
+from gateway.api import Api, Call, Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
+from gateway.sse import sse
 
 
 def messages_body(request: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
@@ -42,29 +43,28 @@ def _object(raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-def sse_event(name: str, payload: bytes) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+@dataclass(kw_only=True)
+class AnthropicCall(Call):
+    """What Anthropic's calls share: the body as the client sent it, the model named per
+    replica. (No cache_query: Anthropic messages are not what /tokenize renders.)"""
 
-
-@dataclass
-class MessagesCall:
-    body: dict[str, Any]
     model: str  # the Fireworks id the client asked for, which answers carry
     adapter: bool  # a LoRA adapter: the body already names it
-    stream: bool
-    max_tokens: int
-    n: int = 1
-    metadata: dict[str, str] | None = None
-    priority: bool = False
 
-    def cache_query(self) -> CacheQuery | None:
-        return None  # Anthropic messages are not what /tokenize renders
+    def prefix_material(self, limit: int) -> bytes | None:
+        """The system prompt, the tools and the first turn."""
+        body = self.body
+        return orjson.dumps([body.get("system"), body.get("tools"),
+                             body["messages"][0]])[:limit]
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         if self.adapter:
             return encoded
         return orjson.dumps(self.body | {"model": await worker.served_model()})
 
+
+@dataclass(kw_only=True)
+class MessagesCall(AnthropicCall):
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = _object(raw, "answer")
         if data.get("type") != "message" or not isinstance(data.get("content"), list):
@@ -111,7 +111,7 @@ class MessageFraming:
             self.served.first_token()
         self.ready = self.ready or name == "message_start"
         self.done = name == "message_stop"
-        return sse_event(name, data)
+        return sse(data, name)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return []
@@ -121,25 +121,20 @@ class MessageFraming:
 
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         error = error_envelope(exc.status, f"{exc.message} (request {request_id})")
-        return sse_event("error", orjson.dumps(error))
+        return sse(orjson.dumps(error), "error")
 
 
-class AnthropicApi:
-    """What Anthropic's APIs share: the client's cache key, the prompt's head, the errors."""
+def affinity(request: MessagesRequest | CountTokensRequest) -> str | None:
+    """The client's cache key, where it sent one (prompt_cache_key, user)."""
+    extra = request.model_extra or {}
+    for name in ("prompt_cache_key", "user"):
+        if isinstance(extra.get(name), str) and extra[name]:
+            return str(extra[name])
+    return None
 
-    def affinity(self, request: MessagesRequest | CountTokensRequest) -> str | None:
-        extra = request.model_extra or {}
-        for name in ("prompt_cache_key", "user"):
-            if isinstance(extra.get(name), str) and extra[name]:
-                return str(extra[name])
-        return None
 
-    def prefix_material(self, request: MessagesRequest | CountTokensRequest,
-                        limit: int) -> bytes | None:
-        """The system prompt, the tools and the first turn."""
-        extra = request.model_extra or {}
-        return orjson.dumps([extra.get("system"), extra.get("tools"),
-                             request.messages[0]])[:limit]
+class AnthropicApi(Api):
+    """What Anthropic's APIs share: the error envelope."""
 
     def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
         return error_envelope(exc.status, exc.message)
@@ -152,20 +147,19 @@ class MessagesApi(AnthropicApi):
 
     def translate(self, request: MessagesRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> MessagesCall:
-        return MessagesCall(messages_body(request), route.requested_model,
-                            adapter=route.lora is not None, stream=bool(request.stream),
-                            max_tokens=request.max_tokens)
+        return MessagesCall(
+            body=messages_body(request), model=route.requested_model,
+            adapter=route.lora is not None, stream=bool(request.stream),
+            max_tokens=request.max_tokens, affinity=affinity(request),
+            # four characters per token of the messages' JSON, four per message
+            prompt_estimate=len(orjson.dumps(request.messages)) // 4 + 4 * len(request.messages))
 
-    def prompt_estimate(self, request: MessagesRequest) -> int:
-        """About four characters per token of the messages' JSON, four per message."""
-        return len(orjson.dumps(request.messages)) // 4 + 4 * len(request.messages)
 
-
-@dataclass
-class CountTokensCall(MessagesCall):
+@dataclass(kw_only=True)
+class CountTokensCall(AnthropicCall):
     """The worker's own count (vLLM serves `/v1/messages/count_tokens`, rendering the
     messages, system prompt and tools with the model's chat template). Counting generates
-    nothing and is recorded with no tokens."""
+    nothing and is recorded with no tokens; it is free (no prompt estimate)."""
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = _object(raw, "count")
@@ -174,9 +168,6 @@ class CountTokensCall(MessagesCall):
             raise WorkerFault(f"not a token count: {str(data)[:200]}")
         served.first_token()
         return Reply(orjson.dumps({"input_tokens": count}), [])
-
-    def framing(self, worker: Worker, served: Served) -> MessageFraming:
-        raise AssertionError("a count is never streamed")  # the model has no `stream`
 
 
 class CountTokensApi(AnthropicApi):
@@ -188,8 +179,5 @@ class CountTokensApi(AnthropicApi):
 
     def translate(self, request: CountTokensRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> CountTokensCall:
-        return CountTokensCall(messages_body(request), route.requested_model,
-                               adapter=route.lora is not None, stream=False, max_tokens=0)
-
-    def prompt_estimate(self, request: CountTokensRequest) -> int:
-        return 0  # nothing is generated or billed: the count is free
+        return CountTokensCall(body=messages_body(request), model=route.requested_model,
+                               adapter=route.lora is not None, affinity=affinity(request))

@@ -8,8 +8,8 @@ another replica). After that the events are relayed as they arrive, several in o
 when they arrived together; a failure after the first byte becomes what the framing held
 back, then the API's error event.
 
-Nothing here reaches into the request's Exchange: the API's Call reports the first token and
-the usage into the attempt's `Served`, which the Exchange reads at the end.
+Nothing here reaches into the request's life: the API's Call reports the first token and
+the usage into the attempt's `Served`, which request.py reads at the end.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import logging
 from collections.abc import AsyncIterator
 
 from gateway.api import Call, Served, StreamFraming, Worker
-from gateway.client import Client, Headers
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault
+from gateway.server.client import Client, Headers
 
 logger = logging.getLogger("gateway.relay")
 STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),

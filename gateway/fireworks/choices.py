@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import GatewayError, WorkerFault
-from gateway.fireworks.translate import Plan
+from gateway.fireworks.sampling import Plan
 
 CHAT_MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls")
 TOKEN_ID_PREFIX = "token_id:"

@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway.api import coerce_usage
 from gateway.fireworks.choices import ChoiceState, reject_chat_abort, shape_choice
-from gateway.fireworks.translate import Plan
+from gateway.fireworks.sampling import Plan
 
 
 def echo_text(plan: Plan, echo_texts: list[str], index: int) -> str:

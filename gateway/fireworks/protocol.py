@@ -193,3 +193,13 @@ def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[An
     """A completions `prompt` as its list of prompts (a token-id list is one prompt)."""
     several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
     return list(prompt) if several else [prompt]
+
+
+def prompt_list_estimate(prompt: Any) -> int:
+    """Prompt tokens before the worker counts them, for a prompt or input that is a string,
+    a list of strings, token ids, or lists of them: about four characters per token of
+    text; token ids count exactly."""
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return len(prompts)
+    return sum(len(p) if isinstance(p, list) else len(str(p)) // 4 + 1 for p in prompts)

@@ -17,11 +17,10 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import Reply, Served, Worker, worker_json
+from gateway.api import Api, Call, Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
-from gateway.fireworks.calls import PoolingCall
 from gateway.fireworks.protocol import Strict
 
 MAX_DOCUMENTS = 1000
@@ -80,8 +79,11 @@ def reshape(data: Any, documents: list[str], top_n: int, return_documents: bool,
                       "total_tokens": prompt}}
 
 
-@dataclass
-class RerankCall(PoolingCall):
+@dataclass(kw_only=True)
+class RerankCall(Call):
+    """One answer, never streamed, nothing generated, no cached prefix worth routing on."""
+
+    model: str  # the Fireworks id the client asked for, which answers carry
     return_documents: bool = False
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
@@ -92,26 +94,19 @@ class RerankCall(PoolingCall):
         return Reply(orjson.dumps(data), [])
 
 
-class RerankApi:
+class RerankApi(Api):
     path = "/rerank"
     worker_path = "/rerank"
     request_model: type[BaseModel] = RerankRequest
 
     def translate(self, request: RerankRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> RerankCall:
-        return RerankCall(rerank_body(request, route), route.requested_model,
-                          return_documents=request.return_documents)
+        return RerankCall(body=rerank_body(request, route), model=route.requested_model,
+                          return_documents=request.return_documents,
+                          prompt_estimate=prompt_estimate(request))
 
-    def prompt_estimate(self, request: RerankRequest) -> int:
-        """The query once per document, and the documents: four characters per token."""
-        return (len(request.query) * len(request.documents)
-                + sum(len(d) for d in request.documents)) // 4 + 1
 
-    def affinity(self, request: RerankRequest) -> str | None:
-        return None
-
-    def prefix_material(self, request: RerankRequest, limit: int) -> bytes | None:
-        return None  # no cached prefix worth a key
-
-    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
-        return exc.envelope(request_id)
+def prompt_estimate(request: RerankRequest) -> int:
+    """The query once per document, and the documents: four characters per token."""
+    return (len(request.query) * len(request.documents)
+            + sum(len(d) for d in request.documents)) // 4 + 1

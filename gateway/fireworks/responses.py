@@ -26,14 +26,15 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import MAX_TOKENS, CacheQuery, Reply, Served, Worker, coerce_usage, worker_json
+from gateway.api import MAX_TOKENS, Api, Call, Reply, Served, Worker, coerce_usage, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.controlplane.responses import ResponseStore, StoredResponse
 from gateway.errors import GatewayError, WorkerFault
 from gateway.fireworks.perf import fireworks_headers, perf_metrics
 from gateway.fireworks.protocol import Strict
-from gateway.fireworks.translate import PRIORITY, cache_salt
+from gateway.fireworks.sampling import PRIORITY, cache_salt
+from gateway.sse import sse
 
 logger = logging.getLogger("gateway.responses")
 # Events that carry the whole response object (its model and previous id are renamed).
@@ -145,20 +146,14 @@ def perf_headers(served: Served, response: dict[str, Any],
     return fireworks_headers(metrics)
 
 
-@dataclass
-class ResponsesCall:
-    body: dict[str, Any]
+@dataclass(kw_only=True)
+class ResponsesCall(Call):
     model: str  # the Fireworks id the client asked for, which answers carry
     adapter: bool  # a LoRA adapter: the body already names it
     account: str
     previous_id: str | None
     store: bool
     responses: ResponseStore = field(repr=False)
-    stream: bool = False
-    max_tokens: int = 0
-    n: int = 1
-    metadata: dict[str, str] | None = None
-    priority: bool = False
     history: list[Any] | None = None  # the stored conversation, read once per request
 
     @property
@@ -166,9 +161,14 @@ class ResponsesCall:
         """This turn's whole input: the history, then the new items."""
         return [*(self.history or []), *self.body["input"]]
 
-    def cache_query(self) -> CacheQuery | None:
-        return None  # input items are not what /tokenize renders; the conversation root
-        # keys the affinity instead
+    # No cache_query: input items are not what /tokenize renders; the conversation root
+    # keys the affinity instead.
+
+    def prefix_material(self, limit: int) -> bytes | None:
+        """The instructions, the tools and the first input item."""
+        body = self.body
+        return orjson.dumps([body.get("instructions"), body.get("tools"),
+                             body["input"][0]])[:limit]
 
     async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
         if self.previous_id is not None and self.history is None:
@@ -265,7 +265,7 @@ class ResponseFraming:
             self.served.first_token()
         self.ready = self.ready or kind == "response.created"
         self.done = kind in _LAST_EVENTS
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        return sse(data, kind)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return perf_headers(self.served, self.created, complete=False)
@@ -281,10 +281,10 @@ class ResponseFraming:
             "message": f"{exc.message} (request {request_id})"}}
         event = {"type": "response.failed", "sequence_number": self.sequence + 1,
                  "response": response}
-        return b"event: response.failed\ndata: " + orjson.dumps(event) + b"\n\n"
+        return sse(orjson.dumps(event), "response.failed")
 
 
-class ResponsesApi:
+class ResponsesApi(Api):
     path = "/responses"
     worker_path = "/v1/responses"
     request_model: type[BaseModel] = ResponsesRequest
@@ -295,29 +295,17 @@ class ResponsesApi:
     def translate(self, request: ResponsesRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> ResponsesCall:
         body = responses_body(request, route, account=account, nonce=nonce)
-        return ResponsesCall(body, route.requested_model, route.lora is not None, account,
-                             request.previous_response_id, request.store, self.responses,
-                             stream=request.stream,
-                             max_tokens=body["max_output_tokens"],
-                             metadata=request.metadata,
-                             priority=request.service_tier == "priority")
-
-    def prompt_estimate(self, request: ResponsesRequest) -> int:
-        """About four characters per token of the new input's JSON (the stored history is
-        counted by the worker, and settled then)."""
-        return len(orjson.dumps(request.input)) // 4 + 4
-
-    def affinity(self, request: ResponsesRequest) -> str | None:
-        """The client's key; else a later turn's conversation root (its turns share a
-        cached prefix)."""
+        # A later turn's conversation root keys the affinity when the client names no key
+        # (its turns share a cached prefix).
         root = conversation_root(request.previous_response_id)
-        return request.prompt_cache_key or request.user or \
-            (None if root is None else f"conversation:{root}")
-
-    def prefix_material(self, request: ResponsesRequest, limit: int) -> bytes | None:
-        """The instructions, the tools and the first input item."""
-        first = input_items(request.input)[0]
-        return orjson.dumps([request.instructions, request.tools, first])[:limit]
-
-    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
-        return exc.envelope(request_id)
+        return ResponsesCall(
+            body=body, model=route.requested_model, adapter=route.lora is not None,
+            account=account, previous_id=request.previous_response_id, store=request.store,
+            responses=self.responses, stream=request.stream,
+            max_tokens=body["max_output_tokens"], metadata=request.metadata,
+            priority=request.service_tier == "priority",
+            # the new input's JSON, four characters per token (the stored history is counted
+            # by the worker, and settled then)
+            prompt_estimate=len(orjson.dumps(request.input)) // 4 + 4,
+            affinity=request.prompt_cache_key or request.user
+            or (None if root is None else f"conversation:{root}"))

@@ -17,15 +17,16 @@ from gateway.api import coerce_usage
 from gateway.errors import WorkerFault
 from gateway.fireworks.choices import ChoiceState, reject_chat_abort, shape_choice
 from gateway.fireworks.plain import echo_text
-from gateway.fireworks.translate import Plan
+from gateway.fireworks.sampling import Plan
+from gateway.sse import sse
 
-DONE = b"data: [DONE]\n\n"
+DONE = sse(b"[DONE]")
 # perf(usage, engine metrics, complete) -> the perf_metrics object
 PerfMetrics = Callable[[dict[str, Any] | None, Any, bool], dict[str, Any]]
 
 
 def encode(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    return sse(orjson.dumps(chunk))
 
 
 def carries_token(chunk: dict[str, Any]) -> bool:

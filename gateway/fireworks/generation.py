@@ -1,6 +1,6 @@
-"""One Fireworks request on its way through the workers: the checks and lookups before each
-attempt, and the worker's answer reshaped into the reply (around the pure plain.py and
-stream.py).
+"""The Call of the generation APIs (/chat/completions and /completions, the Plan says which):
+the checks and lookups before each attempt, and the worker's answer reshaped into the reply
+(around the pure plain.py and stream.py).
 
 Non-streaming: the worker's body is checked, reshaped, and sent with fireworks-* headers.
 Streaming: `ChunkFraming` turns the worker's events into Fireworks chunks one by one; the
@@ -11,20 +11,21 @@ up to there is a real status. A failure after that becomes the held chunks, then
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway.api import CacheQuery, Reply, Served, Worker, coerce_usage, worker_json
+from gateway.api import CacheQuery, Call, Reply, Served, Worker, worker_json
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault, stream_error_event
 from gateway.fireworks.choices import token_ids_in
 from gateway.fireworks.perf import metric_headers, perf_metrics
 from gateway.fireworks.plain import shape_completion
 from gateway.fireworks.protocol import prompts_of
+from gateway.fireworks.sampling import Plan
 from gateway.fireworks.stream import DONE, StreamReframer, carries_token
-from gateway.fireworks.translate import Plan
 from gateway.fireworks.worker_answer import check_chunk, check_completion
 
 # A worker answer that breaks the shaping code is a malformed answer, not a gateway bug.
@@ -77,35 +78,24 @@ async def rendered_chat_prompt(worker: Worker, messages: list[dict[str, Any]]) -
     return await worker.detokenize(list(tokens["tokens"]))
 
 
-@dataclass
-class GenerationCall:
+@dataclass(kw_only=True)
+class GenerationCall(Call):
     """A /chat/completions or /completions request (the Plan says which)."""
 
-    body: dict[str, Any]
     plan: Plan
     route: Route
+    # The prompt's stable head, as the API defines it: (body, limit) -> bytes.
+    head: Callable[[dict[str, Any], int], bytes]
     # What each prompt echoes, as the worker renders it (asked for when plan.echo).
     echo_texts: list[str] = field(default_factory=list)
 
-    @property
-    def stream(self) -> bool:
-        return self.plan.stream
+    def __post_init__(self) -> None:
+        plan = self.plan
+        self.stream, self.max_tokens, self.n = plan.stream, plan.max_tokens, plan.n
+        self.metadata, self.priority = plan.metadata, plan.priority
 
-    @property
-    def max_tokens(self) -> int:
-        return self.plan.max_tokens
-
-    @property
-    def n(self) -> int:
-        return self.plan.n
-
-    @property
-    def metadata(self) -> dict[str, str] | None:
-        return self.plan.metadata
-
-    @property
-    def priority(self) -> bool:
-        return self.plan.priority
+    def prefix_material(self, limit: int) -> bytes | None:
+        return self.head(self.body, limit)
 
     def cache_query(self) -> CacheQuery | None:
         body, salt = self.body, self.body.get("cache_salt")
@@ -209,48 +199,3 @@ class ChunkFraming:
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         return stream_error_event(exc.status, f"{exc.message} (request {request_id})",
                                   self.reframer.response_id or request_id)
-
-
-@dataclass
-class PoolingCall:
-    """What the calls of the pooling runner's APIs share (embeddings, rerank): one answer,
-    never streamed, nothing generated, no cached prefix worth routing on."""
-
-    body: dict[str, Any]
-    model: str  # the Fireworks id the client asked for, which answers carry
-    stream: bool = False
-    max_tokens: int = 0
-    n: int = 1
-    metadata: dict[str, str] | None = None
-    priority: bool = False
-
-    def cache_query(self) -> CacheQuery | None:
-        return None
-
-    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
-        return encoded
-
-    def framing(self, worker: Worker, served: Served) -> ChunkFraming:
-        raise AssertionError("never streamed")  # the request models have no `stream`
-
-
-@dataclass
-class EmbeddingCall(PoolingCall):
-    """An /embeddings request: vectors back (float lists, or base64 strings)."""
-
-    perf_metrics_in_response: bool = False
-
-    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
-        data = worker_json(raw)
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list) or not all(
-                isinstance(i, dict) and isinstance(i.get("embedding"), (list, str))
-                for i in items):
-            raise WorkerFault(f"not an embedding list: {str(data)[:200]}")
-        served.first_token()
-        served.usage = data.get("usage")
-        data["model"] = self.model
-        if self.perf_metrics_in_response:  # the keys chat's have, as far as they apply
-            data["perf_metrics"] = perf_metrics(served, coerce_usage(served.usage), None,
-                                                complete=True)
-        return Reply(orjson.dumps(data), [])

@@ -1,21 +1,19 @@
-"""The gateway's edge: what a client can make the gateway hold before it is known.
+"""The gateway's own HTTP/1.1 server protocol: the only module that touches uvicorn's
+internals (its httptools protocol, its private request cycle, its flow control). What it
+relies on is named in tests/unit/server/test_uvicorn_contract.py, which fails by name when
+a uvicorn release changes it; pyproject.toml pins uvicorn to the range that test has passed.
 
-Two layers, both configured by the Settings the app was built with (docs/operations.md,
-"Limits at the edge"), and the way in for inference requests:
-- `EdgeProtocol`, the HTTP server protocol (uvicorn's httptools one plus bounds): a request's
-  headers must arrive within `header_timeout` and fit in `max_header_bytes`, its body within
-  `body_timeout` after them (else 408 or 431, and the connection closes); a connection idle
-  between requests closes after `keep_alive_timeout` (uvicorn's own timer); connections
-  beyond `max_connections` (or what the open-files limit leaves) close the connection idle
-  longest, or are closed as they come when all are busy. (Timers live here, not in the ASGI
-  layer, so that the common request, whose body came with its headers, arms none.)
-- `Edge`, an ASGI layer: the admin key is checked (for `/admin/` and `/metrics`) before any
-  byte of the body is read; a declared body over `max_body_bytes` is a 413 before reading; a
-  body is read at most to that limit. A refusal before the body was read closes the
-  connection, so the rest of the body is never read.
+- `EdgeProtocol`, uvicorn's httptools protocol plus bounds: a request's headers must arrive
+  within `header_timeout` and fit in `max_header_bytes`, its body within `body_timeout` after
+  them (else 408 or 431, and the connection closes); a connection idle between requests
+  closes after `keep_alive_timeout` (uvicorn's own timer); connections beyond
+  `max_connections` (or what the open-files limit leaves) close the connection idle longest,
+  or are closed as they come when all are busy. (Timers live here, not in the ASGI layer, so
+  that the common request, whose body came with its headers, arms none.)
 - A POST to an inference path is not given to the ASGI app: `EdgeProtocol` hands it to the
-  routes directly, as a `ConnectionClient` (client.py), with the same deadlines; the routes
-  check the account's key, then read the body within `max_body_bytes`.
+  data plane directly, as a `ConnectionClient`, with the same deadlines. A whole reply is one
+  write (status line, headers and body), a stream's headers go out with its first part, and
+  the connection's loss cancels the request's task directly.
 """
 
 from __future__ import annotations
@@ -23,82 +21,172 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
+import http
 import logging
 import resource
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.client import ConnectionClient, Serve, header_map, too_large
 from gateway.config import Settings
-from gateway.errors import GatewayError, error_envelope, send_error
+from gateway.errors import GatewayError, error_envelope, error_headers
+from gateway.server.client import Headers, Serve, header_map, request_id, too_large
 
-logger = logging.getLogger("gateway.edge")
-ADMIN_PATHS = ("/admin/", "/metrics")
-CLOSE = {"connection": "close"}
-
-
-def api_key(headers: Mapping[str, str]) -> str | None:
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("x-api-key")
+logger = logging.getLogger("gateway.server")
 
 
-def check_admin_key(settings: Settings, given: str | None) -> None:
-    expected = settings.admin_key
-    if not expected:
-        raise GatewayError(401, "The admin API is disabled: set GATEWAY_ADMIN_KEY",
-                           headers=CLOSE)
-    if not hmac.compare_digest((given or "").encode(), expected.encode()):
-        raise GatewayError(401, "Invalid admin key", headers=CLOSE)
+STATUS_LINES = {status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+                for status in http.HTTPStatus}
 
 
-def check_declared_length(headers: Mapping[str, str], settings: Settings) -> None:
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise too_large(settings)
 
+class ConnectionClient:
+    """One request on one of EdgeProtocol's connections, served without ASGI.
 
-class Edge:
-    """The admin gate and the body bounds for every route but the inference ones (which
-    check the account's key first, then read the body within the same bounds)."""
+    It stands in uvicorn's RequestResponseCycle for the protocol, which fills and reads the
+    same attributes (`body`, `more_body`, `message_event`, `disconnected`, `keep_alive`,
+    `response_started`, `response_complete`): pipelining, flow control, keep-alive and
+    graceful shutdown stay uvicorn's."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
+    def __init__(self, transport: asyncio.Transport, flow: FlowControl,
+                 on_response: Callable[[], None], default_headers: Headers, path: str,
+                 headers: dict[str, str], keep_alive: bool) -> None:
+        self.transport, self.flow, self.on_response = transport, flow, on_response
+        self.default_headers = default_headers  # the server's (date)
+        self.path, self.headers = path, headers
+        self.request_id = request_id(headers.get("x-request-id", ""))
+        self.body = bytearray()
+        self.more_body = True
+        self.message_event = asyncio.Event()
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.response_started = False
+        self.response_complete = False
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+        self._watching = False
+        self._head = b""  # a stream's headers until its first part
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = header_map(scope["headers"])
+    @property
+    def responded(self) -> bool:
+        return self.response_started  # (set by the first write: a held head is not)
+
+    async def run(self, serve: Serve) -> None:
+        """The request's task. The routes answer every request, errors included; what
+        escapes them closes the connection rather than leave it half answered."""
         try:
-            if scope["path"].startswith(ADMIN_PATHS):
-                check_admin_key(self.settings, api_key(headers))
-            check_declared_length(headers, self.settings)
-        except GatewayError as exc:
-            await send_error(send, exc, scope["state"]["request_id"])
+            await serve(self)
+        except asyncio.CancelledError:  # not the client's leaving: the server stops
+            self.transport.close()
+            raise
+        except Exception:
+            logger.exception("request %s: unexpected error", self.request_id)
+            if not self.response_started:  # (the body may be unread: the connection ends)
+                error = GatewayError(500, "Internal error", headers={"connection": "close"})
+                await self.whole(500, error_headers(error),
+                                 orjson.dumps(error.envelope(self.request_id)))
+        finally:
+            # The protocol keeps its last cycle until the next request: let it not keep
+            # this task and itself alive through us (uvicorn's cycle does the same).
+            self.on_response = _nothing
+            self.task = None
+        if not self.response_complete and not self.disconnected:
+            logger.error("request %s: the reply was not completed", self.request_id)
+            self.transport.close()
+
+    def lost(self) -> None:
+        """The connection closed (EdgeProtocol.connection_lost)."""
+        if self._watching and not self.response_complete and self.task is not None:
+            self.gone = True
+            self.task.cancel()
+
+    async def read_body(self, settings: Settings) -> bytes:
+        limit = settings.max_body_bytes
+        while self.more_body and not self.disconnected and len(self.body) <= limit:
+            self.flow.resume_reading()  # the protocol pauses reading past 64 KiB
+            await self.message_event.wait()
+            self.message_event.clear()
+        if self.disconnected:
+            raise asyncio.CancelledError
+        if len(self.body) > limit:
+            raise too_large(settings)
+        body, self.body = bytes(self.body), bytearray()
+        return body
+
+    def watch(self) -> None:
+        self._watching = True
+        # A connection's loss is seen only while it is read: the protocol stops reading past
+        # 64 KiB of buffered body, and nothing else would start it again.
+        self.flow.resume_reading()
+        if self.disconnected:
+            self.lost()
+
+    def unwatch(self) -> None:
+        self._watching = False
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self._head = b""  # (a stream's held head, if it failed before its first part)
+        head = self._start(status, headers, b"content-length: %d\r\n" % len(body))
+        await self._write(head + body, complete=True)
+
+    async def begin(self, status: int, headers: Headers) -> None:
+        self._head = self._start(status, headers, b"transfer-encoding: chunked\r\n")
+
+    async def part(self, body: bytes) -> None:
+        head, self._head = self._head, b""
+        await self._write(head + b"%x\r\n%s\r\n" % (len(body), body) if body else head,
+                          complete=False)
+
+    async def last(self, body: bytes) -> None:
+        head, self._head = self._head, b""
+        chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+        await self._write(head + chunk + b"0\r\n\r\n", complete=True)
+
+    def _start(self, status: int, headers: Headers, framing: bytes) -> bytes:
+        if self.response_started:
+            raise RuntimeError("the reply has already begun")
+        lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        headers = self.default_headers + headers
+        said_close = False
+        for name, value in headers:
+            if name == b"connection":  # (the gateway sends only `close`)
+                self.keep_alive, said_close = False, True
+            lines += (name, b": ", value, b"\r\n")
+        lines += (b"x-request-id: ", self.request_id.encode(), b"\r\n", framing)
+        count = len(headers) + 4  # lines: status, headers, x-request-id, framing, blank
+        if not self.keep_alive and not said_close:
+            lines.append(b"connection: close\r\n")
+            count += 1
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+        # One line per header: a line break inside a name or value would split the reply.
+        if head.count(b"\n") != count or head.count(b"\r") != count:
+            raise ValueError("a reply header holds a line break")
+        return head
+
+    async def _write(self, data: bytes, complete: bool) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
             return
-        await self.app(scope, self._bounded(receive), send)
+        self.response_started = True
+        self.transport.write(data)
+        if complete:
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
 
-    def _bounded(self, receive: Receive) -> Receive:
-        limit, size = self.settings.max_body_bytes, 0
 
-        async def bounded_receive() -> Message:
-            nonlocal size
-            message = await receive()
-            size += len(message.get("body", b""))
-            if size > limit:
-                raise too_large(self.settings)
-            return message
-        return bounded_receive
+
+def _nothing() -> None:
+    return None
+
 
 
 def _served(app: Any) -> Any:
@@ -111,6 +199,7 @@ def _served(app: Any) -> Any:
     raise RuntimeError("EdgeProtocol serves the gateway's app (gateway.app:serve_app) only")
 
 
+
 def served_settings(app: Any) -> Settings:
     """The Settings the served app was built with (GatewayApp.settings): one source of
     truth for both layers."""
@@ -118,10 +207,12 @@ def served_settings(app: Any) -> Settings:
     return settings
 
 
+
 def served_directly(app: Any) -> Mapping[str, Serve]:
     """The paths whose POSTs the app serves without ASGI (GatewayApp.direct), and how."""
     direct: Mapping[str, Serve] = getattr(_served(app), "direct", {})
     return direct
+
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -264,10 +355,12 @@ class EdgeProtocol(HttpToolsProtocol):
             self.cycle.lost()
 
 
+
 # Files a server process keeps besides its client connections and their worker connections:
 # the listening socket, event loop, logs, Redis connections, health and load polls, KV-event
 # subscriptions (a few per pod), DNS.
 FILE_RESERVE = 128
+
 
 
 @functools.cache
@@ -281,6 +374,7 @@ def connection_cap(configured: int) -> int:
     return max(1, min(configured, (soft - FILE_RESERVE) // 2))
 
 
+
 def raise_open_files_limit() -> None:
     """Every connection is a file descriptor: let the process use what the system allows
     (a soft limit of 1,024 would let idle connections starve real ones)."""
@@ -289,3 +383,4 @@ def raise_open_files_limit() -> None:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+

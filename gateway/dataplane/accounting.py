@@ -1,0 +1,155 @@
+"""How a request ended, recorded once: the usage record (which settles the account's limits
+and frees its concurrency slot), the request metrics, the replica's health verdict and the
+trace's end. `record_end` is the one function that makes those records; request.py calls it
+exactly once per request, in one `finally`, on every path (refused, failed, answered, the
+client gone, the task cancelled). Each step runs even if an earlier one raised.
+
+How a request ends: "ok"; "aborted" only when the client went away (499); "error" with the
+real status otherwise. A request refused before admission (no key, a bad body, a limit) has
+no usage record: it is counted in the metrics only.
+
+Health is told here too during the attempts (`judged`): a replica that cannot be reached is
+counted at once, so that other requests need not wait for this one's end to learn it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from gateway.api import coerce_usage
+from gateway.controlplane.limits import Admission
+from gateway.controlplane.registry import Account, Route
+from gateway.controlplane.usage import UsageRecord
+from gateway.dataplane.blame import Verdict
+from gateway.dataplane.parts import Gateway
+from gateway.tracing import RequestTrace
+
+logger = logging.getLogger("gateway.accounting")
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a request's end is recorded from, filled in as the request goes."""
+
+    endpoint: str  # the API's worker path: the metrics' and usage records' label
+    request_id: str
+    trace: RequestTrace
+    account: Account | None = None
+    route: Route | None = None  # once resolved
+    admission: Admission | None = None  # once admitted: from here a usage record is owed
+    metadata: dict[str, str] | None = None  # the client's, kept with the usage record
+    started: float = field(default_factory=time.monotonic)  # reset at admission
+    replica: str = ""  # of the attempt the request ended on
+    first_token_at: float | None = None  # ... and its first token
+    usage: object = None  # the latest usage any attempt reported, as sent
+
+    @property
+    def deployment(self) -> str:
+        return self.route.deployment.name if self.route is not None else ""
+
+
+def admitted(gateway: Gateway, tally: Tally, admission: Admission,
+             metadata: dict[str, str] | None) -> None:
+    """The request holds its reservation from here; call with no await since it was made."""
+    tally.admission, tally.metadata = admission, metadata
+    tally.started = time.monotonic()
+    gateway.metrics.in_flight.labels(tally.deployment).inc()
+
+
+def judged(gateway: Gateway, tally: Tally, verdict: Verdict) -> None:
+    """One failed attempt's verdict (blame.py), told as it is made."""
+    if verdict.blame_now is not None:
+        gateway.replicas.health.failure(verdict.blame_now)
+    if verdict.request_caused:
+        gateway.metrics.request_caused.labels(tally.deployment).inc()
+
+
+def record_end(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:
+    """Exactly once per request, whatever happened."""
+    try:
+        if tally.admission is not None:
+            _admitted_end(gateway, tally, tally.admission, status, http_status)
+        elif status == "error":  # refused before admission
+            gateway.metrics.requests.labels(tally.deployment, tally.endpoint,
+                                            str(http_status)).inc()
+            gateway.metrics.errors.labels(tally.deployment, str(http_status)).inc()
+    finally:
+        tally.trace.end(status, http_status, tally.first_token_at)
+
+
+def _admitted_end(gateway: Gateway, tally: Tally, admission: Admission, status: str,
+                  http_status: int) -> None:
+    try:
+        gateway.metrics.in_flight.labels(tally.deployment).dec()
+    finally:
+        try:
+            _usage_record(gateway, tally, admission, status, http_status)
+        finally:
+            try:
+                _metrics(gateway, tally, status, http_status)
+            finally:
+                _health(gateway, tally, status, http_status)
+
+
+def _metrics(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:
+    deployment, metrics = tally.deployment, gateway.metrics
+    usage = coerce_usage(tally.usage) or {}
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    ended, first_token = time.monotonic(), tally.first_token_at
+    metrics.requests.labels(deployment, tally.endpoint, str(http_status)).inc()
+    if status == "error":
+        metrics.errors.labels(deployment, str(http_status)).inc()
+    if first_token is not None:
+        metrics.time_to_first_token.labels(deployment).observe(first_token - tally.started)
+    metrics.latency.labels(deployment).observe(ended - tally.started)
+    for kind, count in (("prompt", usage.get("prompt_tokens", 0)), ("cached", cached),
+                        ("completion", usage.get("completion_tokens", 0))):
+        if count:
+            metrics.tokens.labels(deployment, kind).inc(count)
+
+
+def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, status: str,
+                  http_status: int) -> None:
+    """The usage record, which also settles the limits; settled with what is known when
+    the record cannot be made (the slot must not leak)."""
+    try:
+        assert tally.account is not None and tally.route is not None  # admitted
+        usage = coerce_usage(tally.usage) or {}
+        first_token = tally.first_token_at
+        record = UsageRecord(
+            record_id=admission.record_id, request_id=tally.request_id,
+            account=tally.account.id, deployment=tally.deployment, model=tally.route.model,
+            replica=tally.replica, endpoint=tally.endpoint, status=status,
+            http_status=http_status, prompt_tokens=usage.get("prompt_tokens", 0),
+            cached_tokens=usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            ttft_ms=(first_token - tally.started) * 1000 if first_token else None,
+            duration_ms=(time.monotonic() - tally.started) * 1000, time=time.time(),
+            metadata=tally.metadata)
+        gateway.ledger.finish(record, admission)
+    except Exception:
+        logger.exception("request %s: usage record failed", tally.request_id)
+        gateway.limiter.settle(admission, 0, 0)
+
+
+def _health(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:
+    """The verdict on the replica the request ended on: it succeeded when the request did,
+    or failed when its stream broke after the first token (failures before that were judged
+    attempt by attempt: `judged`)."""
+    health = gateway.replicas.health
+    if not tally.replica:
+        return
+    if status == "ok":
+        health.success(tally.replica)
+    elif status == "error" and http_status in (502, 503, 504) \
+            and tally.first_token_at is not None:
+        health.failure(tally.replica)
+
+
+def new_record_id() -> str:
+    # random, not uuid4: no system call per request (the generator is seeded from the OS
+    # once per process); 128 bits keep ids unique across processes and gateways.
+    return f"{random.getrandbits(128):032x}"

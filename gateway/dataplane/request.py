@@ -1,0 +1,318 @@
+"""One inference request's life, whatever its API, from its headers to its end.
+
+`serve` is the whole of it, in order:
+1. the account's key and the declared size, before any byte of the body is read;
+2. the body read (bounded), parsed by the API's request model, the model resolved to a
+   Route (deployment, replica set, adapter);
+3. translated by the API into its Call, encoded once, and admitted against the account's
+   limits (the reservation is held from here: accounting.admitted);
+4. its turn in the deployment's queue, and what each pod holds of its prompt (KV events);
+5. up to two attempts: a replica leased, the worker asked, its answer checked up to the first
+   token (relay.py); on a replica's fault before any byte reached the client, once more on
+   another replica. Whom a failure blames is blame.py's rule;
+6. the reply sent (whole, or the stream relayed);
+7. the end, recorded once in `finally` (accounting.record_end), whatever happened: the client
+   leaving at any moment cancels the task, which closes the worker request.
+
+What differs between APIs is the API object's and its Call's (gateway/api.py); nothing here
+names an API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from gateway.api import Call, InferenceApi, Served
+from gateway.controlplane.limits import Admission, RateLimited
+from gateway.controlplane.registry import Account, Route
+from gateway.dataplane.accounting import Tally, admitted, judged, new_record_id, record_end
+from gateway.dataplane.affinity import affinity_key
+from gateway.dataplane.blame import Blame, Failure, Verdict
+from gateway.dataplane.kv_index import CacheHint, cache_hint
+from gateway.dataplane.parts import Gateway
+from gateway.dataplane.queries import ReplicaWorker
+from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
+from gateway.dataplane.replicas import Lease
+from gateway.dataplane.workers import WorkerAnswer
+from gateway.errors import GatewayError, WorkerFault, bytes_headers, error_headers
+from gateway.server.client import Client, api_key, check_declared_length
+from gateway.validation import parse_body
+
+logger = logging.getLogger("gateway.request")
+ATTEMPTS = 2  # the first try and one retry on another replica
+# Pins the deployment while the body keeps the model id (as `<model>#<deployment>` does).
+DEPLOYMENT_HEADER = "fireworks-deployment"
+ClientReply = PlainReply | HeldStream  # what goes back to the client
+
+
+async def serve(gateway: Gateway, api: InferenceApi[Any], client: Client) -> None:
+    """POST <prefix><api.path>: the request's whole life (see the module's docstring)."""
+    headers, request_id = client.headers, client.request_id
+    tally = Tally(api.worker_path, request_id,
+                  gateway.tracing.start(f"POST {client.path}", headers, request_id))
+    # The key and the declared size are checked before the body is read: a client without
+    # a key costs a bounded amount, whatever it sends.
+    try:
+        tally.account = gateway.store.current.authenticate(api_key(headers))
+        check_declared_length(headers, gateway.settings)
+        raw = await client.read_body(gateway.settings)
+    except asyncio.CancelledError:  # the client left while sending its request
+        record_end(gateway, tally, "aborted", 499)
+        return
+    except GatewayError as exc:
+        record_end(gateway, tally, "error", exc.status)
+        exc.headers.setdefault("connection", "close")  # the body was not read
+        await _send_error(client, exc, api)
+        return
+    life = RequestLife(gateway, api, client, tally, tally.account)
+    error: GatewayError | None = None
+    outcome = ("error", 500)  # unless a path below says otherwise
+    client.watch()  # from here, a client that leaves cancels the request
+    try:
+        outcome = await life.run(raw)
+    except asyncio.CancelledError:
+        if not client.gone:
+            raise
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        outcome = ("aborted", 499)
+    except GatewayError as exc:
+        error, outcome = exc, ("error", exc.status)
+    except Exception:
+        logger.exception("request %s: unexpected error", request_id)
+        error = GatewayError(500, "Internal error")
+    finally:
+        # The one place a request ends: no await since the last send (Client.unwatch).
+        client.unwatch()
+        try:
+            life.drop(ended=True)
+        finally:
+            record_end(gateway, tally, *outcome)
+    if error is not None:
+        if error.status >= 500:
+            logger.warning("request %s failed: %s %s", request_id, error.status,
+                           error.message)
+        if not client.responded:
+            await _send_error(client, error, api)
+
+
+async def _send_error(client: Client, error: GatewayError, api: InferenceApi[Any]) -> None:
+    await client.whole(error.status, error_headers(error),
+                       orjson.dumps(api.error_body(error, client.request_id)))
+
+
+@dataclass
+class Attempt:
+    """One try on one replica."""
+
+    lease: Lease
+    served: Served
+    worker: ReplicaWorker
+    answer: WorkerAnswer | None = None
+
+    def close(self) -> None:
+        """Abort the worker request if it is still open, and give the replica back."""
+        try:
+            if self.answer is not None:
+                self.answer.close()
+        finally:
+            self.lease.release()
+
+
+class RequestLife:
+    """An authenticated request with its body: steps 2-6 of the module's docstring. It
+    holds at most one Attempt at a time, and reports into the Tally what the end needs."""
+
+    def __init__(self, gateway: Gateway, api: InferenceApi[Any], client: Client,
+                 tally: Tally, account: Account) -> None:
+        self.gateway, self.api, self.client = gateway, api, client
+        self.tally, self.account = tally, account
+        self.request_id = client.request_id
+        self.attempt: Attempt | None = None
+
+    async def run(self, raw: bytes) -> tuple[str, int]:
+        """-> how the request ended, once the reply was sent."""
+        gateway, tally = self.gateway, self.tally
+        request: Any = parse_body(raw, self.api.request_model, gateway.settings)
+        route = tally.route = gateway.store.current.resolve(
+            request.model, self.account, self.client.headers.get(DEPLOYMENT_HEADER))
+        tally.trace.describe(account=self.account.id, deployment=route.deployment.name,
+                             model=route.model)
+        with tally.trace.phase("admission"):
+            call, encoded = await self.admit(request, route)
+        queued_at = time.monotonic()
+        if await gateway.queues.turn(route.deployment, self.account, call.priority):
+            tally.trace.waited("queue", queued_at)
+        hint = await self.cache_hint(route, call) if gateway.kv_index.known else None
+        affinity = affinity_key(self.client.headers, call,
+                                gateway.settings.prefix_affinity_bytes)
+        reply = await self.attempts(route, call, encoded, affinity, hint)
+        return await reply.send(self.client)
+
+    async def admit(self, request: Any, route: Route) -> tuple[Call, bytes]:
+        """Translate, encode once, reserve against the account's limits."""
+        gateway, account, deployment = self.gateway, self.account, route.deployment
+        record_id = new_record_id()
+        call = self.api.translate(request, route, gateway.settings, account=account.id,
+                                  nonce=record_id)
+        if route.lora is not None:  # the adapter, by the name its workers know it
+            call.body["model"] = route.lora.worker_name
+        try:
+            encoded = orjson.dumps(call.body)
+        except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
+            raise GatewayError(400, "The request cannot be encoded: it nests too "
+                                    "deeply") from exc
+        if gateway.ledger.backlogged:
+            raise GatewayError(503, "Usage records cannot be written at the moment; new "
+                                    "requests are refused until they can",
+                               headers={"retry-after": "5"})
+        admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
+        if account.limits.any():
+            try:
+                # No choice generates past the context length, whatever max_tokens says.
+                generated = min(call.max_tokens, deployment.context_length or call.max_tokens)
+                admission = await gateway.limiter.admit(account, call.prompt_estimate,
+                                                        generated * call.n, record_id)
+            except RateLimited as exc:
+                gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
+                raise
+        admitted(gateway, self.tally, admission, call.metadata)
+        return call, encoded
+
+    async def cache_hint(self, route: Route, call: Call) -> CacheHint | None:
+        """What each pod in rotation holds of the request's prompt, from the pods' KV-cache
+        events (kv_index.py); a random one of them tokenizes the prompt when it is text."""
+        gateway, lora = self.gateway, route.lora
+        pods = [r.url for r in gateway.replicas.in_rotation(route.deployment)]
+        if not pods:
+            return None
+        tokenizer = ReplicaWorker(random.choice(pods).rstrip("/"), gateway.queries)
+        return await cache_hint(gateway.kv_index, pods, call.cache_query(),
+                                None if lora is None else lora.worker_name, tokenizer)
+
+    async def attempts(self, route: Route, call: Call, encoded: bytes, affinity: str | None,
+                       hint: CacheHint | None) -> ClientReply:
+        """Attempts on replicas until one answers well up to its first token; whom each
+        failure blames is blame.py's rule."""
+        gateway, tally, deployment = self.gateway, self.tally, route.deployment
+        lora = route.lora
+        prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
+        tried: set[str] = set()
+        blame = Blame()
+        try:
+            for number in range(1, ATTEMPTS + 1):
+                lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint)
+                attempt = self.begin(lease, route)
+                url = lease.replica.url
+                tried.add(url)
+                tally.trace.routed(url, number, lease.routing)
+                try:
+                    return await self.attempt_on(attempt, route, call, encoded)
+                except GatewayError as exc:
+                    tally.trace.attempt_ended(f"{exc.status}: {exc.message}")
+                    self.drop()
+                    if not exc.replica_fault:
+                        failure = Failure.REFUSED
+                    elif isinstance(exc, WorkerFault):
+                        logger.warning("request %s: replica %s failed: %s", self.request_id,
+                                       url, exc.detail)
+                        failure = Failure.BAD_ANSWER
+                    else:
+                        failure = Failure.UNREACHABLE
+                    verdict = blame.failed(url, failure)
+                    judged(gateway, tally, verdict)
+                    if not verdict.retry or number == ATTEMPTS \
+                            or not gateway.replicas.candidates(deployment, tried):
+                        raise
+                    gateway.metrics.retries.labels(deployment.name).inc()
+        finally:  # the suspect still standing, however the attempts ended
+            suspect = blame.settle()
+            if suspect is not None:
+                judged(gateway, tally, Verdict(suspect, retry=False, request_caused=False))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def begin(self, lease: Lease, route: Route) -> Attempt:
+        served = Served(deployment=route.deployment.name,
+                        backend_host=urlsplit(lease.replica.url).netloc,
+                        concurrent=lease.concurrent, started=self.tally.started,
+                        routing=lease.routing)
+        worker = ReplicaWorker(lease.replica.url.rstrip("/"), self.gateway.queries)
+        self.attempt = Attempt(lease, served, worker)
+        return self.attempt
+
+    def drop(self, ended: bool = False) -> None:
+        """Give up the current attempt: before retrying elsewhere, or (`ended`) at the
+        request's end, when it is the one the request ended on. What it reported goes to the
+        Tally; its worker request is closed and its replica given back."""
+        attempt, self.attempt = self.attempt, None
+        if attempt is None:
+            return
+        tally = self.tally
+        if attempt.served.usage is not None:
+            tally.usage = attempt.served.usage
+        if ended:
+            tally.replica = attempt.lease.replica.url
+            tally.first_token_at = attempt.served.first_token_at
+        attempt.close()
+
+    async def attempt_on(self, attempt: Attempt, route: Route, call: Call,
+                         encoded: bytes) -> ClientReply:
+        worker, served = attempt.worker, attempt.served
+        await self.open(attempt, route, await call.prepare(worker, encoded))
+        assert attempt.answer is not None
+        # The limits' headers (remaining tokens and requests) go on every reply.
+        admission = self.tally.admission
+        headers = bytes_headers(admission.headers) if admission is not None else []
+        if call.stream:
+            return await open_stream(attempt.answer, call.framing(worker, served), headers,
+                                     self.request_id)
+        return await read_plain(attempt.answer, call, worker, served, headers)
+
+    async def open(self, attempt: Attempt, route: Route, body: bytes) -> None:
+        """Send the request to the attempt's replica. With a LoRA adapter: the replica gets
+        it first if it lacks it, and a 404 means it lost it since the last look (it
+        restarted): it is loaded again and the request sent once more."""
+        gateway, lora, url = self.gateway, route.lora, attempt.worker.url
+        target = url + self.api.worker_path
+        headers = {"x-request-id": self.request_id}
+        self.tally.trace.propagate(headers)
+        if lora is not None:
+            await gateway.adapters.ensure(url, lora)
+        try:
+            try:
+                attempt.answer = await gateway.workers.open(target, body, headers)
+            except WorkerFault as exc:
+                if lora is None or exc.worker_status != 404:
+                    raise
+                gateway.adapters.forget(url, lora)
+                await gateway.adapters.ensure(url, lora)
+                attempt.answer = await gateway.workers.open(target, body, headers)
+        except GatewayError as exc:
+            if not exc.replica_fault:  # the worker judged the request: its message goes out
+                await name_the_asked_model(exc, route, attempt.worker)
+            raise
+
+
+async def name_the_asked_model(exc: GatewayError, route: Route, worker: ReplicaWorker) -> None:
+    """A worker's message names the model as the worker serves it (`smollm2 is not a
+    multimodal model`): the client reads the model it asked for instead."""
+    lora = route.lora
+    try:
+        names = [lora.worker_name] if lora is not None else []
+        names.append(await worker.served_model())
+    except GatewayError:  # the name is unknown: the message stays as the worker said it
+        pass
+    for name in names:
+        if name:  # the whole name only, not a part of a longer one
+            exc.message = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w./-])",
+                                 route.requested_model, exc.message)

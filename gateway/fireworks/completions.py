@@ -1,0 +1,68 @@
+"""/completions: the completions API object and its translation (pure). The answer is
+handled by the generation Call that chat and completions share (generation.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from gateway.api import Api
+from gateway.config import Settings
+from gateway.controlplane.registry import Deployment, Route
+from gateway.errors import GatewayError
+from gateway.fireworks.generation import GenerationCall
+from gateway.fireworks.protocol import CompletionRequest, prompt_list_estimate
+from gateway.fireworks.sampling import Plan, logprobs_plan, sampling_body
+
+
+class CompletionsApi(Api):
+    path = "/completions"
+    worker_path = "/v1/completions"
+    request_model: type[BaseModel] = CompletionRequest
+
+    def translate(self, request: CompletionRequest, route: Route, settings: Settings, *,
+                  account: str, nonce: str) -> GenerationCall:
+        body, plan = completion_body(request, route.deployment, settings, account=account,
+                                     nonce=nonce)
+        return GenerationCall(body=body, plan=plan, route=route,
+                              prompt_estimate=prompt_list_estimate(request.prompt),
+                              affinity=request.prompt_cache_key or request.user,
+                              head=prompt_head)
+
+
+def prompt_head(body: dict[str, Any], limit: int) -> bytes:
+    """The prompt's stable head: the start of the (first) prompt."""
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        return prompt[:limit].encode()[:limit]  # not the whole prompt encoded
+    first = prompt if not prompt or isinstance(prompt[0], int) else prompt[0]
+    return orjson.dumps(first)[:limit]
+
+
+def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,
+                    *, account: str, nonce: str) -> tuple[dict[str, Any], Plan]:
+    if request.images is not None:
+        raise GatewayError(400, "images on /completions are not supported: send image_url "
+                                "content parts to /chat/completions", param="images")
+    if request.reasoning_history is not None:
+        raise GatewayError(400, "reasoning_history applies to chat messages",
+                           param="reasoning_history")
+    fmt, top = logprobs_plan(request)
+    echo = bool(request.echo) or request.echo_last is not None
+    return_token_ids, raw_output = bool(request.return_token_ids), bool(request.raw_output)
+    sampled = sampling_body(request, deployment, settings, chat=False, account=account,
+                            nonce=nonce, token_ids=bool(fmt) or return_token_ids
+                            or raw_output or echo)
+    body = sampled.body
+    body["prompt"] = request.prompt
+    if echo:
+        body["echo"] = True  # for the prompt logprobs; the text comes from echo_texts
+    if fmt:
+        body["logprobs"] = top
+        body["return_tokens_as_token_ids"] = True
+    fragments = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+    return body, sampled.plan(chat=False, logprobs=fmt, return_token_ids=return_token_ids,
+                              raw_output=raw_output, echo=echo, echo_last=request.echo_last,
+                              n=request.n or 1, prompt_fragments=fragments)

@@ -1,0 +1,110 @@
+"""/embeddings: the embeddings API object, its translation (pure) and its Call (vectors
+back: float lists, or base64 strings)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from gateway.api import Api, Call, Reply, Served, Worker, coerce_usage, worker_json
+from gateway.config import Settings
+from gateway.controlplane.registry import Deployment, Route
+from gateway.errors import GatewayError, WorkerFault
+from gateway.fireworks.perf import perf_metrics
+from gateway.fireworks.protocol import EmbeddingRequest, prompt_list_estimate
+from gateway.fireworks.sampling import cache_salt
+
+
+class EmbeddingsApi(Api):
+    path = "/embeddings"
+    worker_path = "/v1/embeddings"
+    request_model: type[BaseModel] = EmbeddingRequest
+
+    def translate(self, request: EmbeddingRequest, route: Route, settings: Settings, *,
+                  account: str, nonce: str) -> EmbeddingCall:
+        body = embedding_body(request, route.deployment, account=account, nonce=nonce)
+        return EmbeddingCall(body=body, model=route.requested_model,
+                             prompt_estimate=prompt_list_estimate(request.input),
+                             affinity=request.prompt_cache_key or request.user,
+                             perf_metrics_in_response=bool(request.perf_metrics_in_response))
+
+
+@dataclass(kw_only=True)
+class EmbeddingCall(Call):
+    """One answer, never streamed, nothing generated, no cached prefix worth routing on."""
+
+    model: str  # the Fireworks id the client asked for, which answers carry
+    perf_metrics_in_response: bool = False
+
+    async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
+        data = worker_json(raw)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("embedding"), (list, str))
+                for i in items):
+            raise WorkerFault(f"not an embedding list: {str(data)[:200]}")
+        served.first_token()
+        served.usage = data.get("usage")
+        data["model"] = self.model
+        if self.perf_metrics_in_response:  # the keys chat's have, as far as they apply
+            data["perf_metrics"] = perf_metrics(served, coerce_usage(served.usage), None,
+                                                complete=True)
+        return Reply(orjson.dumps(data), [])
+
+
+def embedding_body(request: EmbeddingRequest, deployment: Deployment, *, account: str,
+                   nonce: str) -> dict[str, Any]:
+    """/embeddings: vLLM's own shape; the deployment must embed. `normalize` is vLLM's
+    pooling activation (the embed pooler's is normalization); `prompt_template` is applied
+    here, so the workers see plain texts."""
+    if deployment.task != "embed":
+        raise GatewayError(400, f"Deployment {deployment.name} generates text; embeddings "
+                                "come from a deployment whose task is embed", param="model")
+    if request.return_logits is not None:
+        raise GatewayError(400, "return_logits is not supported: the workers' pooling "
+                                "runner returns embeddings only", param="return_logits")
+    body = request.model_dump(exclude_none=True, include={"dimensions", "encoding_format",
+                                                          "user"})
+    body["input"] = embedding_input(request.input, request.prompt_template)
+    if request.normalize is not None:
+        body["use_activation"] = request.normalize
+    body["cache_salt"] = cache_salt(request, account, nonce)
+    return body
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def embedding_input(given: Any, template: str | None) -> Any:
+    """The input as the workers take it. With a template each text (as `{text}`) or object
+    (its fields, as `{name}`) becomes one string; objects need a template."""
+    several = isinstance(given, list)
+    items = given if several else [given]
+    if template is None:
+        if any(isinstance(item, dict) for item in items):
+            raise GatewayError(400, "input objects need a prompt_template that places their "
+                                    "fields", param="input")
+        return given
+    if "{{" in template or "{%" in template:
+        raise GatewayError(400, "prompt_template: only {field} substitution is supported",
+                           param="prompt_template")
+    rendered = []
+    for item in items:
+        if isinstance(item, (int, list)):  # token ids
+            raise GatewayError(400, "prompt_template applies to texts and objects, not to "
+                                    "token ids", param="prompt_template")
+        fields = item if isinstance(item, dict) else {"text": item}
+        missing = sorted({name for name in _FIELD.findall(template) if name not in fields})
+        if missing:
+            raise GatewayError(400, f"prompt_template names {missing[0]!r}, which the input "
+                                    "does not have", param="prompt_template")
+        rendered.append(_render(template, fields))
+    return rendered if several else rendered[0]
+
+
+def _render(template: str, fields: dict[str, Any]) -> str:
+    return _FIELD.sub(lambda match: str(fields[match.group(1)]), template)
