@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from gateway.controlplane.registry import hash_key
-from gateway.fireworks.translate import cache_salt
+from gateway.fireworks.sampling import cache_salt
 from gateway.local_stack import Child
 from tests.conftest import free_port, free_port_pair
 from tests.e2e.conftest import API_KEY, KV_EVENTS

@@ -6,7 +6,7 @@ returns an `httpx.Response`. A streamed body is a `Stream` of parts: bytes are s
 come (chunked), `Pause(s)` waits, an exception or `RESET` drops the connection there. An
 exception raised by the handler drops the connection before any answer. The servers run in
 one background thread with its own event loop, so the gateway under test talks to them over
-real sockets, exactly as to a worker.
+real sockets, exactly as to a worker. The gateway in front of them: harness.py.
 """
 
 from __future__ import annotations
@@ -14,21 +14,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import uvicorn
-import yaml
-
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import hash_key
-from gateway.dataplane.replicas import AffinityOrLeastOutstanding
-from tests.conftest import free_port
 
 KEY = "k-test"
 MODEL = "accounts/fireworks/models/m"
@@ -195,48 +185,3 @@ class FakeWorkers:
         except ConnectionError:
             return True
         return data == b""
-
-
-def registry(tmp_path: Path, replicas: list[str], **deployment: Any) -> Path:
-    path = tmp_path / "registry.yaml"
-    path.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
-        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-                         "replicas": [{"url": url} for url in replicas]} | deployment]}))
-    return path
-
-
-def gateway(tmp_path: Path, handler: Handler, **settings: Any) -> Any:
-    """The gateway in front of one fake worker (`app.workers` holds it)."""
-    workers = FakeWorkers(handler)
-    settings.setdefault("health_check_interval", 0)  # only the scripted requests
-    app = create_app(Settings(registry_path=registry(tmp_path, [workers.urls["worker"]]),
-                              **settings))
-    app.workers = workers  # type: ignore[attr-defined]
-    return app
-
-
-@asynccontextmanager
-async def serving(gateway_app: Any, protocol: Any) -> AsyncIterator[tuple[str, int]]:
-    """The app served by uvicorn on a free port with the given HTTP protocol (the gateway's
-    edge.EdgeProtocol, or uvicorn's own "httptools"): (host, port)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(gateway_app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on",
-                                           http=protocol))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        await task
-
-
-def in_listed_order(gateway_app: Any) -> None:
-    """Idle replicas are tried in the registry's order (not at random, nor by a key derived
-    from the prompt), so that a test can say which replica meets a request first."""
-    gateway = gateway_app.state.gateway
-    gateway.replicas.policy = AffinityOrLeastOutstanding(pick=lambda tied: tied[0])
-    gateway.settings.prefix_affinity_bytes = 0

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.fireworks.calls import check_context
+from gateway.fireworks.generation import check_context
 
 MODEL = "accounts/fireworks/models/m"
 # status -> (openai, fireworks-ai, LiteLLM) exception classes

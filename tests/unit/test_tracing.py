@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import yaml
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,12 +16,9 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProces
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import hash_key
 from gateway.tracing import NO_TRACE, Tracing, exporter_from_env, tracing_from_env
-from tests.unit.fake_worker import KEY, MODEL, FakeWorkers, Stream, chunk, in_listed_order
-from tests.unit.test_failover_and_admin import Client
+from tests.unit.fake_worker import KEY, MODEL, Stream, chunk
+from tests.unit.harness import build
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -39,20 +35,13 @@ async def test_a_streamed_request_that_fails_over_gives_one_span_tree(tmp_path: 
         return httpx.Response(200, stream=Stream([chunk("good"), chunk("", "stop"),
                                                   chunk(usage=USAGE), b"data: [DONE]\n\n"]))
 
-    workers = FakeWorkers(handler, hosts=("bad", "good"))
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
-        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-                         "replicas": [{"url": workers.urls["bad"]},
-                                      {"url": workers.urls["good"]}]}]}))
-    gateway_app = create_app(Settings(registry_path=registry, health_check_interval=0))
-    in_listed_order(gateway_app)
+    h = build(tmp_path, handler, hosts=("bad", "good"), listed_order=True)
+    workers = h.workers
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    gateway_app.state.gateway.tracing = Tracing(provider)
-    async with Client(gateway_app) as client:
+    h.gateway.tracing = Tracing(provider)
+    async with h.running() as client:
         response = await client.post(
             "/inference/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True},
             headers={"authorization": f"Bearer {KEY}", "traceparent": CLIENT_PARENT})
@@ -97,15 +86,9 @@ async def test_without_otel_variables_nothing_is_traced(tmp_path: Path) -> None:
                                              {"index": 0, "text": "a",
                                               "finish_reason": "stop"}]})
 
-    workers = FakeWorkers(handler)
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
-        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-                         "replicas": [{"url": workers.urls["worker"]}]}]}))
-    gateway_app = create_app(Settings(registry_path=registry, health_check_interval=0))
-    assert gateway_app.state.gateway.tracing.start("x", {}, "r") is NO_TRACE
-    async with Client(gateway_app) as client:
+    h = build(tmp_path, handler)
+    assert h.gateway.tracing.start("x", {}, "r") is NO_TRACE
+    async with h.running() as client:
         response = await client.post("/inference/v1/completions",
                                      json={"model": MODEL, "prompt": "x"},
                                      headers={"authorization": f"Bearer {KEY}",

@@ -17,21 +17,16 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import yaml
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import hash_key
 from tests.unit.fake_worker import (
     KEY,
     MODEL,
     RESET,
-    FakeWorkers,
     Pause,
     Stream,
     chunk,
-    in_listed_order,
 )
+from tests.unit.harness import Harness, build, registry
 
 ADMIN = "admin-secret"
 
@@ -51,35 +46,29 @@ def good(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json=COMPLETION)
 
 
-def app(tmp_path: Path, bad: Any) -> Any:
-    """The gateway over `bad` then `good`; the account may hold 2 requests at once."""
-    workers = FakeWorkers(lambda r: bad(r) if r.url.host == "bad" else good(r),
-                          hosts=("bad", "good"))
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)],
-                      "limits": {"concurrent_requests": 2}}],
-        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-                         "replicas": [{"url": workers.urls["bad"]},
-                                      {"url": workers.urls["good"]}]}]}))
-    gateway_app = create_app(Settings(registry_path=registry, health_check_interval=0,
-                                      upstream_read_timeout=1.0, eject_after_failures=100,
-                                      admin_key=ADMIN))
-    gateway_app.workers = workers
-    in_listed_order(gateway_app)  # `bad` first: each fault is met before the failover
-    return gateway_app
+def limited(urls: dict[str, str]) -> dict[str, Any]:
+    content = registry([urls["bad"], urls["good"]])
+    content["accounts"][0]["limits"] = {"concurrent_requests": 2}
+    return content
 
 
-async def call(gateway_app: Any, body: dict[str, Any]) -> httpx.Response:
-    async with gateway_app.router.lifespan_context(gateway_app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway_app), base_url="http://gw") as client:
+def app(tmp_path: Path, bad: Any) -> Harness:
+    """The gateway over `bad` then `good` (`bad` first: each fault is met before the
+    failover); the account may hold 2 requests at once."""
+    return build(tmp_path, lambda r: bad(r) if r.url.host == "bad" else good(r),
+                 hosts=("bad", "good"), registry_of=limited, listed_order=True,
+                 upstream_read_timeout=1.0, eject_after_failures=100, admin_key=ADMIN)
+
+
+async def call(gateway_app: Harness, body: dict[str, Any]) -> httpx.Response:
+    async with gateway_app.running() as client:
         response = await client.post("/v1/completions", json={"model": MODEL} | body,
                                      headers={"Authorization": f"Bearer {KEY}",
                                               "x-request-id": "req-1"})
         metrics = (await client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
                    ).text
     assert not re.search(r"fwgw_requests_in_flight\{[^}]*\} (?!0\.0)", metrics), metrics
-    limiter = gateway_app.state.gateway.limiter
+    limiter = gateway_app.gateway.limiter
     assert not limiter.concurrent.get("fireworks"), "the concurrency slot leaked"
     return response
 
@@ -89,7 +78,7 @@ def events(response: httpx.Response) -> list[str]:
 
 
 def record(gateway_app: Any) -> Any:
-    (only,) = gateway_app.state.gateway.ledger.kept
+    (only,) = gateway_app.gateway.ledger.kept
     return only
 
 
@@ -167,7 +156,7 @@ async def test_faults_before_the_first_byte_fail_over(tmp_path: Path, fault: Fau
     done = record(gateway_app)
     assert (done.status, done.http_status, done.replica) == (
         "ok", 200, gateway_app.workers.urls["good"])
-    health = gateway_app.state.gateway.replicas.health.states
+    health = gateway_app.gateway.replicas.health.states
     assert health[gateway_app.workers.urls["bad"]].failures == 1
 
 
@@ -250,7 +239,7 @@ async def test_string_token_counts_are_coerced(tmp_path: Path) -> None:
     bad_usage = {"prompt_tokens": "2", "completion_tokens": "many", "total_tokens": None}
     gateway_app = app(tmp_path, answer(200, json=COMPLETION | {"usage": bad_usage}))
     for _ in range(3):  # more than the account's 2 concurrent slots: none may leak
-        gateway_app.state.gateway.ledger.kept.clear()
+        gateway_app.gateway.ledger.kept.clear()
         response = await call(gateway_app, {"prompt": "x"})
         assert response.status_code == 200
         assert response.json()["usage"]["completion_tokens"] == 0
@@ -286,8 +275,7 @@ async def test_a_body_nested_too_deeply_to_encode_is_a_400(tmp_path: Path) -> No
 async def test_only_short_visible_ascii_request_ids_are_kept(tmp_path: Path, request_id: str,
                                                              kept: bool) -> None:
     gateway_app = app(tmp_path, good)
-    async with gateway_app.router.lifespan_context(gateway_app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway_app), base_url="http://gw") as client:
+    async with gateway_app.running() as client:
         response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"},
                                      headers={"Authorization": f"Bearer {KEY}",
                                               "x-request-id": request_id.encode()})

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.unit.test_failover_and_admin import (
+from tests.unit.fake_worker import KEY, MODEL
+from tests.unit.harness import (
     ADMIN,
     COMPLETION,
-    KEY,
-    MODEL,
     OTHER_KEY,
-    Client,
-    app,
+    Harness,
     auth,
+    shared_deployment,
 )
 
 DEPLOYMENT = 'deployment="accounts/fireworks/deployments/d"'
@@ -37,8 +36,8 @@ async def test_one_accounts_bad_requests_eject_nothing(tmp_path: Path) -> None:
             return httpx.Response(500, json={"error": {"message": "engine bug"}})
         return httpx.Response(200, json=COMPLETION)
 
-    gateway_app = app(tmp_path, handler)
-    async with Client(gateway_app) as client:
+    h = shared_deployment(tmp_path, handler)
+    async with h.running() as client:
         for _ in range(4):  # the bad account
             bad = await client.post("/v1/completions", headers=auth(OTHER_KEY),
                                     json={"model": MODEL, "prompt": "TRIP"})
@@ -48,8 +47,8 @@ async def test_one_accounts_bad_requests_eject_nothing(tmp_path: Path) -> None:
                     for _ in range(50)]
         metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
     assert statuses == [200] * 50
-    health = gateway_app.state.gateway.replicas.health
-    assert all(health.is_healthy(url) for url in gateway_app.workers.urls.values())
+    health = h.gateway.replicas.health
+    assert all(health.is_healthy(url) for url in h.workers.urls.values())
     assert f"fwgw_request_caused_failures_total{{{DEPLOYMENT}}} 4.0" in metrics
 
 
@@ -62,23 +61,23 @@ async def test_a_replica_that_fails_every_request_is_still_ejected(tmp_path: Pat
             return httpx.Response(500, json={"error": {"message": "broken"}})
         return httpx.Response(200, json=COMPLETION)
 
-    gateway_app = app(tmp_path, handler)
-    async with Client(gateway_app) as client:
+    h = shared_deployment(tmp_path, handler)
+    async with h.running() as client:
         for _ in range(6):
             response = await client.post("/v1/completions", headers=auth(KEY),
                                          json={"model": MODEL, "prompt": "x"})
             assert response.status_code == 200  # retried on w2
     assert seen.count("w1") == 2  # two failed answers, each answered well by w2: ejected
-    urls = gateway_app.workers.urls
-    assert not gateway_app.state.gateway.replicas.health.is_healthy(urls["w1"])
+    urls = h.workers.urls
+    assert not h.gateway.replicas.health.is_healthy(urls["w1"])
 
 
-async def eject_both(gateway_app: object) -> None:
+async def eject_both(h: Harness) -> None:
     """Both replicas ejected, w1 first (as the active checks would)."""
-    health = gateway_app.state.gateway.replicas.health  # type: ignore[attr-defined]
+    health = h.gateway.replicas.health  # type: ignore[attr-defined]
     for host in ("w1", "w2"):
         for _ in range(health.eject_after):
-            health.failure(gateway_app.workers.urls[host])  # type: ignore[attr-defined]
+            health.failure(h.workers.urls[host])  # type: ignore[attr-defined]
         time.sleep(0.01)  # distinct ejection times
 
 
@@ -91,9 +90,9 @@ async def test_ejection_is_capped_per_deployment(tmp_path: Path) -> None:
         seen.append(request.url.host)
         return httpx.Response(200, json=COMPLETION)
 
-    gateway_app = app(tmp_path, handler)
-    async with Client(gateway_app) as client:
-        await eject_both(gateway_app)
+    h = shared_deployment(tmp_path, handler)
+    async with h.running() as client:
+        await eject_both(h)
         for _ in range(3):
             response = await client.post("/v1/completions", headers=auth(KEY),
                                          json={"model": MODEL, "prompt": "x"})
@@ -108,9 +107,9 @@ async def test_panic_mode_routes_to_all_rather_than_503(tmp_path: Path) -> None:
         seen.append(request.url.host)
         return httpx.Response(200, json=COMPLETION)
 
-    gateway_app = app(tmp_path, handler, max_ejection_percent=100)
-    async with Client(gateway_app) as client:
-        await eject_both(gateway_app)
+    h = shared_deployment(tmp_path, handler, max_ejection_percent=100)
+    async with h.running() as client:
+        await eject_both(h)
         for _ in range(4):
             response = await client.post("/v1/completions", headers=auth(KEY),
                                          json={"model": MODEL, "prompt": "x"})
@@ -128,11 +127,11 @@ async def test_a_request_the_second_replica_refuses_blames_no_replica(
             return httpx.Response(500, json={"error": {"message": "engine bug"}})
         return httpx.Response(400, json={"error": {"message": json.dumps("bad input")}})
 
-    gateway_app = app(tmp_path, handler)
-    async with Client(gateway_app) as client:
+    h = shared_deployment(tmp_path, handler)
+    async with h.running() as client:
         for _ in range(3):
             response = await client.post("/v1/completions", headers=auth(OTHER_KEY),
                                          json={"model": MODEL, "prompt": "x"})
             assert response.status_code == 400
-    states = gateway_app.state.gateway.replicas.health.states
+    states = h.gateway.replicas.health.states
     assert all(state.failures == 0 for state in states.values())

@@ -14,8 +14,9 @@ import httpx
 import orjson
 import pytest
 
-from gateway.edge import EdgeProtocol
-from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk, gateway, serving
+from gateway.server.protocol import EdgeProtocol
+from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk
+from tests.unit.harness import build, serving
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 
@@ -57,34 +58,34 @@ async def test_a_client_leaving_aborts_the_worker_request(
         tmp_path: Path, protocol: Any, moment: str, stream: bool, parts: list[Any],
         wait_for: bytes | None, prompt: str) -> None:
     content_type = "text/event-stream" if stream else "application/json"
-    gateway_app = gateway(tmp_path, lambda r: httpx.Response(
+    h = build(tmp_path, lambda r: httpx.Response(
         200, headers={"content-type": content_type}, stream=Stream(list(parts))))
-    async with serving(gateway_app, protocol) as address:
+    async with serving(h, protocol) as address:
         await leave_after(address, {"prompt": prompt, "stream": stream}, wait_for)
         for _ in range(100):  # the worker sees the hang-up within a second
-            if gateway_app.workers.served.abandoned:
+            if h.workers.served.abandoned:
                 break
             await asyncio.sleep(0.01)
-        assert gateway_app.workers.served.abandoned == 1, moment
-        ledger = gateway_app.state.gateway.ledger
+        assert h.workers.served.abandoned == 1, moment
+        ledger = h.gateway.ledger
         for _ in range(100):
             if ledger.kept:
                 break
             await asyncio.sleep(0.01)
         (record,) = ledger.kept
         assert (record.status, record.http_status) == ("aborted", 499)
-        outstanding = gateway_app.state.gateway.replicas.outstanding
+        outstanding = h.gateway.replicas.outstanding
         assert all(count == 0 for count in outstanding.values())
 
 
 async def test_a_request_that_completes_is_not_counted_as_aborted(
         tmp_path: Path, protocol: Any) -> None:
-    gateway_app = gateway(tmp_path, lambda r: httpx.Response(200, stream=Stream([
+    h = build(tmp_path, lambda r: httpx.Response(200, stream=Stream([
         chunk("a"), chunk("", "stop"), chunk(usage=USAGE), b"data: [DONE]\n\n"])))
-    async with serving(gateway_app, protocol) as address:
+    async with serving(h, protocol) as address:
         seen = await leave_after(address, {"prompt": "x", "stream": True}, b"[DONE]")
         assert b"data: [DONE]" in seen
         await asyncio.sleep(0.1)
-        (record,) = gateway_app.state.gateway.ledger.kept
+        (record,) = h.gateway.ledger.kept
         assert (record.status, record.http_status) == ("ok", 200)
-        assert gateway_app.workers.served.abandoned == 0
+        assert h.workers.served.abandoned == 0

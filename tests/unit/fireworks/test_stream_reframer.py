@@ -12,7 +12,7 @@ from gateway.api import Served
 from gateway.errors import WorkerFault
 from gateway.fireworks.perf import perf_metrics
 from gateway.fireworks.stream import StreamReframer
-from gateway.fireworks.translate import Plan
+from gateway.fireworks.sampling import Plan
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
          "prompt_tokens_details": {"cached_tokens": 0}}

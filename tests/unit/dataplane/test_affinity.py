@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.dataplane.affinity import affinity_key, prefix_key
 from gateway.fireworks.apis import ChatApi, CompletionsApi
+
+from gateway.dataplane.affinity import affinity_key, prefix_key
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
 
 SYSTEM = {"role": "system", "content": "You are a support agent for ACME. " * 20}

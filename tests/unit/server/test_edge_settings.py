@@ -12,7 +12,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.edge import EdgeProtocol, served_settings
+from gateway.server.protocol import EdgeProtocol, served_settings
 from tests.conftest import free_port
 from tests.unit.fake_worker import KEY, MODEL, registry
 

@@ -7,41 +7,33 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import hash_key
-from tests.unit.fake_worker import KEY, MODEL, FakeWorkers
+from tests.unit.fake_worker import MODEL
+from tests.unit.harness import Harness, build, registry
 
 COMPLETION = {"id": "c", "object": "text_completion", "created": 1,
               "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
               "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}
 
 
-def app(tmp_path: Path) -> Any:
-    workers = FakeWorkers(lambda r: httpx.Response(200, json=COMPLETION), hosts=("a", "b"))
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
-        "deployments": [
+def three(urls: dict[str, str]) -> dict[str, Any]:
+    return registry((), deployments=[
             {"id": "d-a", "account": "fireworks", "model": MODEL, "default": True,
-             "replicas": [{"url": workers.urls["a"]}]},
+             "replicas": [{"url": urls["a"]}]},
             {"id": "d-b", "account": "fireworks", "model": MODEL,
-             "replicas": [{"url": workers.urls["b"]}]},
+             "replicas": [{"url": urls["b"]}]},
             {"id": "other", "account": "fireworks", "model": "accounts/fireworks/models/o",
-             "replicas": [{"url": workers.urls["b"]}]}]}))
-    gateway_app = create_app(Settings(registry_path=registry, health_check_interval=0))
-    gateway_app.workers = workers
-    return gateway_app
+             "replicas": [{"url": urls["b"]}]}])
 
 
-async def post(app: Any, headers: dict[str, str]) -> httpx.Response:
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-        return await client.post("/inference/v1/completions",
-                                 json={"model": MODEL, "prompt": "x", "max_tokens": 1},
-                                 headers={"authorization": f"Bearer {KEY}"} | headers)
+def app(tmp_path: Path) -> Harness:
+    return build(tmp_path, lambda r: httpx.Response(200, json=COMPLETION), hosts=("a", "b"),
+                 registry_of=three)
+
+
+async def post(app: Harness, headers: dict[str, str]) -> httpx.Response:
+    return await app.once("POST", "/inference/v1/completions", headers=headers,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 1})
 
 
 async def test_the_deployment_header_pins_and_the_answer_names_the_model(
@@ -55,7 +47,7 @@ async def test_the_deployment_header_pins_and_the_answer_names_the_model(
     assert pinned.headers["fireworks-deployment"] == "accounts/fireworks/deployments/d-b"
     hosts = [r.url.host for r in gateway_app.workers.served.requests]
     assert hosts == ["a", "b"]
-    deployments = [r.deployment for r in gateway_app.state.gateway.ledger.kept]
+    deployments = [r.deployment for r in gateway_app.gateway.ledger.kept]
     assert deployments == ["accounts/fireworks/deployments/d-a",
                            "accounts/fireworks/deployments/d-b"]
 

@@ -15,10 +15,10 @@ import httpx
 import orjson
 import pytest
 
-from gateway import client as client_module
-from gateway.client import ConnectionClient
-from gateway.edge import EdgeProtocol
-from tests.unit.fake_worker import KEY, MODEL, Stream, chunk, gateway, serving
+from gateway.server import protocol as protocol_module
+from gateway.server.protocol import ConnectionClient, EdgeProtocol
+from tests.unit.fake_worker import KEY, MODEL, Stream, chunk
+from tests.unit.harness import build, serving
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 COMPLETION = {"id": "c", "object": "text_completion", "created": 1, "model": "served",
@@ -118,7 +118,7 @@ CASES = {
 async def test_both_paths_answer_alike(tmp_path: Path, case: str) -> None:
     replies = []
     for protocol in (EdgeProtocol, "httptools"):
-        async with serving(gateway(tmp_path, worker), protocol) as address:
+        async with serving(build(tmp_path, worker), protocol) as address:
             (reply,) = await exchange(address, CASES[case])
             replies.append(reply)
     direct, asgi = replies
@@ -139,7 +139,7 @@ async def test_the_gateway_protocol_serves_inference_without_asgi(
         await run(self, serve)
 
     monkeypatch.setattr(ConnectionClient, "run", counted)
-    async with serving(gateway(tmp_path, worker), EdgeProtocol) as address:
+    async with serving(build(tmp_path, worker), EdgeProtocol) as address:
         (reply,) = await exchange(address, CASES["plain"])
         # A path with an escape is not a table key: uvicorn decodes it, ASGI serves it.
         (escaped,) = await exchange(address, request({"model": MODEL, "prompt": "x"},
@@ -152,14 +152,14 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
     first = request({"model": MODEL, "prompt": "x", "max_tokens": 1})
     second = request({"model": MODEL, "prompt": "x", "stream": True})
     third = request({"model": MODEL, "prompt": "x"}, key=None)
-    async with serving(gateway(tmp_path, worker), EdgeProtocol) as address:
+    async with serving(build(tmp_path, worker), EdgeProtocol) as address:
         replies = await exchange(address, first + second + third, replies=3)
     assert [status for status, _, _ in replies] == [200, 200, 401]
     assert b"[DONE]" in replies[1][2]
 
 
 async def test_expect_100_continue_and_http_1_0(tmp_path: Path) -> None:
-    async with serving(gateway(tmp_path, worker), EdgeProtocol) as address:
+    async with serving(build(tmp_path, worker), EdgeProtocol) as address:
         (continued,) = await exchange(address, request(
             {"model": MODEL, "prompt": "x"}, extra=b"expect: 100-continue\r\n"))
         reader, writer = await asyncio.open_connection(*address)
@@ -187,7 +187,7 @@ class Transport(asyncio.Transport):
 
 
 def connection_client(transport: Transport, keep_alive: bool = True) -> ConnectionClient:
-    flow = client_module.FlowControl(transport)
+    flow = protocol_module.FlowControl(transport)
     return ConnectionClient(transport, flow, lambda: None, [(b"date", b"today")],
                             "/v1/completions", {"x-request-id": "r"}, keep_alive)
 

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.unit.fake_worker import KEY, MODEL, FakeWorkers, Stream, in_listed_order, registry
+from tests.unit.fake_worker import KEY, MODEL, Stream
+from tests.unit.harness import Harness, build
 
 MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "served",
            "content": [{"type": "text", "text": "Paris"}], "stop_reason": "end_turn",
@@ -43,25 +44,14 @@ def worker(stream_parts: list[Any], plain: Any = MESSAGE):
     return handle
 
 
-def app_over(tmp_path: Path, bad: Any, good: Any) -> Any:
-    from gateway.app import create_app
-    from gateway.config import Settings
-
-    workers = FakeWorkers(lambda r: bad(r) if r.url.host == "bad" else good(r),
-                          hosts=("bad", "good"))
-    app = create_app(Settings(registry_path=registry(tmp_path, [workers.urls["bad"],
-                                                                workers.urls["good"]]),
-                              health_check_interval=0, eject_after_failures=100))
-    in_listed_order(app)
-    app.workers = workers
-    return app
+def app_over(tmp_path: Path, bad: Any, good: Any) -> Harness:
+    return build(tmp_path, lambda r: bad(r) if r.url.host == "bad" else good(r),
+                 hosts=("bad", "good"), listed_order=True, eject_after_failures=100)
 
 
-async def post(app: Any, body: dict[str, Any], key: str = KEY) -> httpx.Response:
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-        return await client.post("/inference/v1/messages", json=body,
-                                 headers={"x-api-key": key})
+async def post(app: Harness, body: dict[str, Any], key: str = KEY) -> httpx.Response:
+    return await app.once("POST", "/inference/v1/messages", json=body, key=None,
+                          headers={"x-api-key": key})
 
 
 async def test_a_plain_message_and_its_usage_record(tmp_path: Path) -> None:
@@ -70,7 +60,7 @@ async def test_a_plain_message_and_its_usage_record(tmp_path: Path) -> None:
     assert response.status_code == 200
     assert response.json()["content"][0]["text"] == "Paris"
     assert response.json()["model"] == MODEL
-    (record,) = app.state.gateway.ledger.kept
+    (record,) = app.gateway.ledger.kept
     assert (record.prompt_tokens, record.completion_tokens, record.status) == (9, 2, "ok")
 
 
@@ -82,7 +72,7 @@ async def test_a_broken_stream_before_the_first_token_fails_over(tmp_path: Path)
     assert "event: message_stop" in response.text and '"text":"Paris"' in response.text
     assert [r.url.host for r in app.workers.served.requests if "messages" in r.url.path] \
         == ["bad", "good"]
-    (record,) = app.state.gateway.ledger.kept
+    (record,) = app.gateway.ledger.kept
     assert (record.prompt_tokens, record.completion_tokens) == (9, 2)
 
 
@@ -95,7 +85,7 @@ async def test_a_stream_cut_after_the_first_token_ends_with_an_error_event(
     last = response.text.strip().split("\n\n")[-1]
     assert last.startswith("event: error")
     assert orjson.loads(last.split("data: ", 1)[1])["type"] == "error"
-    (record,) = app.state.gateway.ledger.kept
+    (record,) = app.gateway.ledger.kept
     assert record.status == "error"
 
 

@@ -11,12 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError, WorkerFault
 from gateway.fireworks.rerank import RerankRequest, rerank_body, reshape
-from tests.unit.fake_worker import KEY, FakeWorkers, registry
+from tests.unit.fake_worker import KEY
+from tests.unit.harness import build, registry
 
 MODEL = "accounts/fireworks/models/m"  # fake_worker's
 DOCS = ["a", "b", "c"]
@@ -105,13 +104,9 @@ def worker(http: httpx.Request) -> httpx.Response:
 
 
 async def test_through_the_gateway_with_usage_records(tmp_path: Path) -> None:
-    workers = FakeWorkers(worker)
-    app = create_app(Settings(registry_path=registry(tmp_path, [workers.urls["worker"]],
-                                                     task="embed"),
-                              health_check_interval=0))
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app.fastapi), httpx.AsyncClient(
-            transport=transport, base_url="http://gw") as client:
+    app = build(tmp_path, worker,
+                registry_of=lambda urls: registry(urls.values(), task="embed"))
+    async with app.running() as client:
         async def rerank(query: str) -> httpx.Response:
             return await client.post("/inference/v1/rerank", json={
                 "model": MODEL, "query": query, "documents": DOCS, "top_n": 2},
@@ -121,7 +116,7 @@ async def test_through_the_gateway_with_usage_records(tmp_path: Path) -> None:
         assert ranked.status_code == 200
         assert [row["index"] for row in ranked.json()["data"]] == [2, 0]
         assert (await rerank("broken")).status_code == 502
-    records = app.state.gateway.ledger.kept
+    records = app.gateway.ledger.kept
     assert [(r.endpoint, r.status, r.prompt_tokens) for r in records] == \
         [("/rerank", "ok", 12), ("/rerank", "error", 0)]
-    assert orjson.loads(workers.served.requests[0].content)["top_n"] == 2
+    assert orjson.loads(app.workers.served.requests[0].content)["top_n"] == 2

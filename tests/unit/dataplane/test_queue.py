@@ -15,16 +15,13 @@ from gateway.controlplane.registry import Account, Deployment
 from gateway.dataplane.queue import Band, Queues, Waiter
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from tests.unit.fake_worker import Pause, Stream
-from tests.unit.test_failover_and_admin import (
+from tests.unit.fake_worker import KEY, MODEL, Pause, Stream
+from tests.unit.harness import (
     ADMIN,
     COMPLETION,
-    KEY,
-    MODEL,
     OTHER_KEY,
-    Client,
-    app,
     auth,
+    shared_deployment,
 )
 
 DEPLOYMENT = Deployment(id="d", account="a", model="accounts/a/models/m")
@@ -165,8 +162,8 @@ async def test_saturated_replicas_hold_requests_in_the_gateway(tmp_path: Path) -
         return httpx.Response(200, headers={"content-type": "application/json"},
                               stream=Stream([Pause(0.5), json.dumps(COMPLETION).encode()]))
 
-    gateway_app = app(tmp_path, handler, queue_replica_load=1, load_from_workers=False)
-    async with Client(gateway_app) as client:
+    h = shared_deployment(tmp_path, handler, queue_replica_load=1, load_from_workers=False)
+    async with h.running() as client:
         def ask(key: str, prompt: str, **extra: str) -> asyncio.Task[httpx.Response]:
             return asyncio.create_task(client.post(
                 "/v1/completions", headers=auth(key),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.unit.fake_worker import KEY, MODEL, gateway
+from tests.unit.fake_worker import KEY, MODEL
+from tests.unit.harness import build
 
 
 def handler(request: httpx.Request) -> httpx.Response:
@@ -18,14 +19,13 @@ def handler(request: httpx.Request) -> httpx.Response:
 
 
 async def test_the_worker_message_names_the_model_asked(tmp_path: Path) -> None:
-    app = gateway(tmp_path, handler)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    h = build(tmp_path, handler)
+    async with h.running() as client:
         response = await client.post(
             "/inference/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400
     assert response.json()["error"]["message"] == \
         f"{MODEL} is not a multimodal model (see served-x-docs)"
-    (record,) = app.state.gateway.ledger.kept
+    (record,) = h.gateway.ledger.kept
     assert (record.status, record.http_status) == ("error", 400)
