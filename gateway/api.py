@@ -112,6 +112,20 @@ class StreamFraming(Protocol):
         ...
 
 
+class Framing:
+    """What a StreamFraming inherits: not ready nor done yet, no headers of its own, nothing
+    held back (a framing that holds events back overrides `drain`)."""
+
+    ready: bool = False
+    done: bool = False
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def drain(self) -> list[bytes]:
+        return []
+
+
 @dataclass
 class CacheQuery:
     """What routing on the workers' KV caches needs of a request (dataplane/kv_index.py):

@@ -24,7 +24,7 @@ from gateway.anthropic.protocol import (
     error_envelope,
     usage_of,
 )
-from gateway.api import Api, Call, Reply, Served, Worker, worker_json
+from gateway.api import Api, Call, Framing, Reply, Served, Worker, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
@@ -79,7 +79,7 @@ class MessagesCall(AnthropicCall):
 
 
 @dataclass
-class MessageFraming:
+class MessageFraming(Framing):
     """Anthropic's named events, relayed as they come: the model renamed in
     `message_start`, usage noted, an `error` event from the worker a fault."""
 
@@ -112,12 +112,6 @@ class MessageFraming:
         self.ready = self.ready or name == "message_start"
         self.done = name == "message_stop"
         return sse(data, name)
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return []
-
-    def drain(self) -> list[bytes]:
-        return []  # nothing is held back
 
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         error = error_envelope(exc.status, f"{exc.message} (request {request_id})")

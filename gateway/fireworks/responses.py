@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import MAX_TOKENS, Api, Call, Reply, Served, Worker, coerce_usage, worker_json
+from gateway.api import MAX_TOKENS, Api, Call, Framing, Reply, Served, Worker, coerce_usage, worker_json
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.controlplane.responses import ResponseStore, StoredResponse
@@ -219,7 +219,7 @@ class ResponsesCall(Call):
 
 
 @dataclass
-class ResponseFraming:
+class ResponseFraming(Framing):
     """The Responses events, relayed as they come: ready at `response.created`, done at
     `response.completed` (or `.incomplete`), where the response is stored; an `error` or
     `response.failed` from the worker is a fault; after the first byte a failure becomes
@@ -269,9 +269,6 @@ class ResponseFraming:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return perf_headers(self.served, self.created, complete=False)
-
-    def drain(self) -> list[bytes]:
-        return []  # nothing is held back
 
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         response = dict(self.created) or {"id": self.call.body["request_id"],

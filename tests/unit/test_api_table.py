@@ -14,20 +14,13 @@ import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from gateway.api import CacheQuery, Reply, Served, Worker, worker_json
-from gateway.app import create_app, inference_apis
+from gateway.api import Api, Call, Framing, Reply, Served, Worker, worker_json
+from gateway.app import inference_apis
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault
-from tests.unit.fake_worker import (
-    KEY,
-    MODEL,
-    RESET,
-    FakeWorkers,
-    Stream,
-    in_listed_order,
-    registry,
-)
+from tests.unit.fake_worker import KEY, MODEL, RESET, Stream
+from tests.unit.harness import Harness, build
 
 
 class ReverseRequest(BaseModel):
@@ -37,20 +30,25 @@ class ReverseRequest(BaseModel):
     stream: bool = False
 
 
-@dataclass
-class ReverseCall:
-    body: dict[str, Any]
-    stream: bool
-    max_tokens: int = 1
-    n: int = 1
-    metadata: dict[str, str] | None = None
-    priority: bool = False
+class ReverseApi(Api):
+    path = "/reverse"
+    worker_path = "/v1/reverse"
+    request_model: type[BaseModel] = ReverseRequest
 
-    def cache_query(self) -> CacheQuery | None:
-        return None
+    def translate(self, request: ReverseRequest, route: Route, settings: Settings, *,
+                  account: str, nonce: str) -> ReverseCall:
+        return ReverseCall(body={"text": request.text, "stream": request.stream},
+                           stream=request.stream, max_tokens=1,
+                           prompt_estimate=len(request.text))
 
-    async def prepare(self, worker: Worker, encoded: bytes) -> bytes:
-        return encoded
+    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
+        return {"toy_error": exc.status}
+
+
+@dataclass(kw_only=True)
+class ReverseCall(Call):
+    def prefix_material(self, limit: int) -> bytes | None:
+        return str(self.body["text"]).encode()[:limit]
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = worker_json(raw)
@@ -66,10 +64,8 @@ class ReverseCall:
 
 
 @dataclass
-class ReverseFraming:
+class ReverseFraming(Framing):
     served: Served
-    ready: bool = False
-    done: bool = False
 
     async def take(self, events: list[tuple[str, bytes]]) -> list[bytes]:
         parts = []
@@ -86,34 +82,8 @@ class ReverseFraming:
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-toy", b"stream")]
 
-    def drain(self) -> list[bytes]:
-        return []
-
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         return b"event: oops\ndata: %d\n\n" % exc.status
-
-
-class ReverseApi:
-    path = "/reverse"
-    worker_path = "/v1/reverse"
-    request_model: type[BaseModel] = ReverseRequest
-
-    def translate(self, request: ReverseRequest, route: Route, settings: Settings, *,
-                  account: str, nonce: str) -> ReverseCall:
-        return ReverseCall({"text": request.text, "stream": request.stream},
-                           stream=request.stream)
-
-    def prompt_estimate(self, request: ReverseRequest) -> int:
-        return len(request.text)
-
-    def affinity(self, request: ReverseRequest) -> str | None:
-        return None
-
-    def prefix_material(self, request: ReverseRequest, limit: int) -> bytes | None:
-        return request.text.encode()[:limit]
-
-    def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
-        return {"toy_error": exc.status}
 
 
 def handler(request: httpx.Request) -> httpx.Response:
@@ -130,47 +100,38 @@ def handler(request: httpx.Request) -> httpx.Response:
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> Any:
-    workers = FakeWorkers(handler, hosts=("bad", "good"))
-    settings = Settings(registry_path=registry(tmp_path, [workers.urls["bad"],
-                                                          workers.urls["good"]]),
-                        health_check_interval=0, eject_after_failures=100)
-    gateway_app = create_app(settings, lambda stored: [*inference_apis(stored), ReverseApi()])
-    in_listed_order(gateway_app)
-    gateway_app.workers = workers
-    return gateway_app
+def app(tmp_path: Path) -> Harness:
+    return build(tmp_path, handler, hosts=("bad", "good"), listed_order=True,
+                 apis=lambda stored: [*inference_apis(stored), ReverseApi()],
+                 eject_after_failures=100)
 
 
-async def post(app: Any, body: dict[str, Any], key: str = KEY) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app.fastapi), httpx.AsyncClient(
-            transport=transport, base_url="http://gw") as client:
-        return await client.post("/inference/v1/reverse", json=body,
-                                 headers={"authorization": f"Bearer {key}"})
+async def post(app: Harness, body: dict[str, Any], key: str = KEY) -> httpx.Response:
+    return await app.once("POST", "/inference/v1/reverse", json=body, key=key)
 
 
-async def test_a_plain_request_fails_over_and_is_recorded(app: Any) -> None:
+async def test_a_plain_request_fails_over_and_is_recorded(app: Harness) -> None:
     response = await post(app, {"model": MODEL, "text": "hello"})
     assert response.status_code == 200 and response.json() == {"reversed": "olleh"}
     assert response.headers["x-toy"] == "1"
-    (record,) = app.state.gateway.ledger.kept
+    (record,) = app.gateway.ledger.kept
     assert (record.endpoint, record.status, record.prompt_tokens, record.completion_tokens) \
         == ("/v1/reverse", "ok", 5, 5)
     hosts = [r.url.host for r in app.workers.served.requests]
     assert hosts == ["bad", "good"]  # the bad replica's 500, then the other one
 
 
-async def test_a_stream_through_the_shared_relay(app: Any) -> None:
+async def test_a_stream_through_the_shared_relay(app: Harness) -> None:
     response = await post(app, {"model": MODEL, "text": "x", "stream": True})
     assert response.status_code == 200 and response.headers["x-toy"] == "stream"
     assert response.text == "data: ba\n\ndata: dc\n\nevent: end\n\n"
     cut = await post(app, {"model": MODEL, "text": "cut", "stream": True})
     assert cut.text == "data: ba\n\ndata: dc\n\nevent: oops\ndata: 502\n\n"
-    statuses = [(r.status, r.http_status) for r in app.state.gateway.ledger.kept]
+    statuses = [(r.status, r.http_status) for r in app.gateway.ledger.kept]
     assert statuses == [("ok", 200), ("error", 502)]
 
 
-async def test_its_own_error_envelope(app: Any) -> None:
+async def test_its_own_error_envelope(app: Harness) -> None:
     unknown = await post(app, {"model": "accounts/fireworks/models/nope", "text": "x"})
     assert unknown.status_code == 404 and unknown.json() == {"toy_error": 404}
     assert (await post(app, {"model": MODEL, "text": "x"}, key="wrong")).json() == \

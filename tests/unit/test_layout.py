@@ -3,7 +3,8 @@
 app and cli -> the API packages (fireworks/, anthropic/) and the data plane -> the API
 contract (gateway/api.py) -> the control plane -> errors, config. The data plane never names
 an API (no per-API branches: it serves whatever the route table holds), and the control
-plane never reaches up into the data plane.
+plane never reaches up into the data plane. The server package (server/) knows no plane;
+the data plane takes only the client protocol from it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_the_finder_sees_a_circle() -> None:
 def test_the_control_plane_never_imports_upward() -> None:
     graph = imports()
     for upper in ("gateway.dataplane", "gateway.fireworks", "gateway.anthropic",
-                  "gateway.api", "gateway.app", "gateway.edge"):
+                  "gateway.api", "gateway.app", "gateway.server"):
         assert arrows(graph, "gateway.controlplane", upper) == []
 
 
@@ -104,3 +105,20 @@ def test_the_apis_and_their_contract_know_no_data_plane() -> None:
     assert arrows(graph, "gateway.api", "gateway.fireworks") == []
     assert arrows(graph, "gateway.fireworks", "gateway.anthropic") == []
     assert arrows(graph, "gateway.anthropic", "gateway.fireworks") == []
+
+
+def test_the_data_plane_imports_only_the_client_protocol_from_the_server() -> None:
+    graph = imports()
+    assert {arrow.split(" -> ")[1] for arrow in arrows(graph, "gateway.dataplane",
+                                                        "gateway.server")} \
+        == {"gateway.server.client"}
+    for plane in ("gateway.dataplane", "gateway.controlplane", "gateway.fireworks",
+                  "gateway.anthropic", "gateway.api", "gateway.app"):
+        assert arrows(graph, "gateway.server", plane) == []
+
+
+def test_only_the_servers_protocol_touches_uvicorns_internals() -> None:
+    touching = sorted(
+        _module(path) for path in PACKAGE.rglob("*.py")
+        if "uvicorn.protocols" in path.read_text())
+    assert touching == ["gateway.server.protocol"]

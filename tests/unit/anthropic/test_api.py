@@ -127,19 +127,18 @@ async def test_each_attempt_names_the_model_its_worker_serves() -> None:
                        {"role": "assistant", "content": "b"}])) // 4 + 8),
 ])
 def test_prompt_estimates(messages: list[dict[str, Any]], expected: int) -> None:
-    request = MessagesRequest.model_validate(BASE | {"messages": messages})
-    assert API.prompt_estimate(request) == expected
+    assert translate({"messages": messages}).prompt_estimate == expected
 
 
 def test_prefix_material_is_the_system_the_tools_and_the_first_turn() -> None:
-    first = MessagesRequest.model_validate(BASE | {"system": "S"})
-    later = MessagesRequest.model_validate(BASE | {"system": "S", "messages": [
+    first = translate({"system": "S"})
+    later = translate({"system": "S", "messages": [
         *BASE["messages"], {"role": "assistant", "content": "Paris"},
         {"role": "user", "content": "And Spain?"}]})
-    other = MessagesRequest.model_validate(BASE | {"system": "T"})
-    assert API.prefix_material(first, 4096) == API.prefix_material(later, 4096)
-    assert API.prefix_material(first, 4096) != API.prefix_material(other, 4096)
-    assert len(API.prefix_material(first, 10) or b"") == 10
+    other = translate({"system": "T"})
+    assert first.prefix_material(4096) == later.prefix_material(4096)
+    assert first.prefix_material(4096) != other.prefix_material(4096)
+    assert len(first.prefix_material(10) or b"") == 10
 
 
 @pytest.mark.parametrize("extra,key", [
@@ -147,7 +146,7 @@ def test_prefix_material_is_the_system_the_tools_and_the_first_turn() -> None:
     ({"user": {"not": "a string"}}, None),
 ])
 def test_a_client_key_in_the_body(extra: dict[str, Any], key: str | None) -> None:
-    assert API.affinity(MessagesRequest.model_validate(BASE | extra)) == key
+    assert translate(extra).affinity == key
 
 
 @pytest.mark.parametrize("status,kind", [
@@ -261,7 +260,7 @@ def test_count_tokens_requests(fields: dict[str, Any], refused: str | None) -> N
     call = COUNT.translate(request, Route(DEPLOYMENT, "accounts/acct/models/asked"),
                            Settings(), account="acct", nonce="n")
     assert call.body == body and not call.stream and call.max_tokens == 0
-    assert COUNT.prompt_estimate(request) == 0  # a count reserves no tokens
+    assert call.prompt_estimate == 0  # a count reserves no tokens
 
 
 @pytest.mark.parametrize("answer,count", [

@@ -9,13 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import fireworks
-import httpx
 import pytest
-import yaml
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import hash_key
+from tests.unit.harness import build, registry
 
 ACME_KEY = "k-acme"
 
@@ -23,12 +19,8 @@ ACME_KEY = "k-acme"
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[fireworks.AsyncFireworks]:
     replica = [{"url": "http://127.0.0.1:9"}]
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key("k-fw")]},
-                     {"id": "acme", "api_keys": [hash_key(ACME_KEY)]},
-                     {"id": "other", "api_keys": [hash_key("k-other")]}],
-        "deployments": [
+    accounts = {"fireworks": "k-fw", "acme": ACME_KEY, "other": "k-other"}
+    content = registry((), accounts=accounts, deployments=[
             {"id": "d1", "account": "fireworks", "model": "accounts/fireworks/models/m1",
              "default": True, "tool_parser": "hermes", "replicas": replica},
             {"id": "d2", "account": "acme", "model": "accounts/acme/models/m2",
@@ -39,10 +31,9 @@ async def client(tmp_path: Path) -> AsyncIterator[fireworks.AsyncFireworks]:
              "task": "embed", "default": True, "replicas": replica},
             {"id": "hidden", "account": "other", "model": "accounts/other/models/secret",
              "replicas": replica}],
-        "loras": [{"id": "tuned", "account": "acme", "deployment": "d2", "source": "/a"}]}))
-    app = create_app(Settings(registry_path=registry, health_check_interval=0))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+    )
+    content["loras"] = [{"id": "tuned", "account": "acme", "deployment": "d2", "source": "/a"}]
+    async with build(tmp_path, registry_of=content).running() as http:
         yield fireworks.AsyncFireworks(api_key=ACME_KEY, base_url="http://gw",
                                        http_client=http, max_retries=0)
 

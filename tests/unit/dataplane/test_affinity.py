@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.fireworks.apis import ChatApi, CompletionsApi
-
+from gateway.api import Call
+from gateway.config import Settings
+from gateway.controlplane.registry import Deployment, Route
 from gateway.dataplane.affinity import affinity_key, prefix_key
+from gateway.fireworks.chat import ChatApi
+from gateway.fireworks.completions import CompletionsApi
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
 
 SYSTEM = {"role": "system", "content": "You are a support agent for ACME. " * 20}
@@ -17,12 +20,16 @@ def chat(*messages: dict[str, Any], **fields: Any) -> ChatCompletionRequest:
         {"model": "m", "messages": list(messages)} | fields)
 
 
+def call(request: ChatCompletionRequest | CompletionRequest) -> Call:
+    """The request translated by its API, as the data plane does."""
+    api = ChatApi() if isinstance(request, ChatCompletionRequest) else CompletionsApi()
+    route = Route(Deployment(id="d", account="a", model="m"), "m")
+    return api.translate(request, route, Settings(), account="a", nonce="n")  # type: ignore[arg-type]
+
+
 def key(request: ChatCompletionRequest | CompletionRequest, limit: int = 4096) -> str:
     """The key derived from the request's head, as its API defines the head."""
-    if isinstance(request, ChatCompletionRequest):
-        material = ChatApi().prefix_material(request, limit)
-    else:
-        material = CompletionsApi().prefix_material(request, limit)
+    material = call(request).prefix_material(limit)
     assert material is not None
     return prefix_key(material)
 
@@ -55,17 +62,16 @@ def test_only_the_first_bytes_count() -> None:
 
 def test_a_named_key_wins_and_zero_bytes_derives_none() -> None:
     request = chat(SYSTEM, {"role": "user", "content": "hi"}, user="u1")
-    api = ChatApi()
-    assert affinity_key({}, api, request, 4096) == "u1"
-    assert affinity_key({"x-session-affinity": "s"}, api, request, 4096) == "s"
+    assert affinity_key({}, call(request), 4096) == "u1"
+    assert affinity_key({"x-session-affinity": "s"}, call(request), 4096) == "s"
     unnamed = chat(SYSTEM, {"role": "user", "content": "hi"})
-    assert affinity_key({}, api, unnamed, 0) is None
-    assert affinity_key({}, api, unnamed, 4096) == key(unnamed)
+    assert affinity_key({}, call(unnamed), 0) is None
+    assert affinity_key({}, call(unnamed), 4096) == key(unnamed)
 
 
 def test_the_multi_turn_session_header_wins() -> None:
     request = chat(SYSTEM, {"role": "user", "content": "hi"}, user="u1")
     both = {"x-session-affinity": "s", "x-multi-turn-session-id": "turns-1"}
-    assert affinity_key(both, ChatApi(), request, 4096) == "turns-1"
-    assert affinity_key({"x-multi-turn-session-id": "t"}, ChatApi(), request, 0) == "t"
-    assert affinity_key({"x-multi-turn-session-id": ""}, ChatApi(), request, 0) == "u1"
+    assert affinity_key(both, call(request), 4096) == "turns-1"
+    assert affinity_key({"x-multi-turn-session-id": "t"}, call(request), 0) == "t"
+    assert affinity_key({"x-multi-turn-session-id": ""}, call(request), 0) == "u1"

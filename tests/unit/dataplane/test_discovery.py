@@ -15,13 +15,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import yaml
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import hash_key
 from tests.conftest import free_port
 from tests.dns_server import DnsServer
+from tests.unit.harness import Harness, build, registry
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 KEY, MODEL, NAME = "k-discovery", "accounts/fireworks/models/m", "workers.test"
@@ -81,16 +78,12 @@ def dns() -> Iterator[DnsServer]:
     server.stop()
 
 
-def gateway_app(tmp_path: Path, dns: DnsServer, port: int) -> Any:
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]}],
-        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-                         "replicas": [{"url": f"dns+http://{NAME}:{port}"}]}]}))
-    return create_app(Settings(registry_path=registry, dns_server=dns.address,
-                               discovery_interval=0.1, health_check_interval=0.2,
-                               eject_after_failures=1, ejection_seconds=60,
-                               prefix_affinity_bytes=0))  # unkeyed: least loaded
+def gateway_app(tmp_path: Path, dns: DnsServer, port: int) -> Harness:
+    return build(tmp_path, registry_of=registry([f"dns+http://{NAME}:{port}"],
+                                                accounts={"fireworks": KEY}),
+                 dns_server=dns.address, discovery_interval=0.1, health_check_interval=0.2,
+                 eject_after_failures=1, ejection_seconds=60,
+                 prefix_affinity_bytes=0)  # unkeyed: least loaded
 
 
 async def ask(client: httpx.AsyncClient, key: str | None) -> str:
@@ -111,8 +104,7 @@ async def test_pods_come_and_go_while_requests_run(tmp_path: Path, dns: DnsServe
     trace: list[tuple[str, str, str]] = []  # (phase, key, pod)
     failures: list[Exception] = []
     stop = asyncio.Event()
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with app.running() as client:
 
         async def keep_asking() -> None:  # unkeyed traffic all along: none may fail
             while not stop.is_set():
@@ -150,7 +142,7 @@ async def test_pods_come_and_go_while_requests_run(tmp_path: Path, dns: DnsServe
         await asyncio.sleep(0.5)
         sick = await phase("127.0.0.3 sick")
         assert set(sick.values()) == {"127.0.0.4"}
-        gateway = app.state.gateway
+        gateway = app.gateway
         assert not gateway.replicas.health.is_healthy(f"http://127.0.0.3:{port}")
         assert gateway.replicas.health.is_healthy(f"http://127.0.0.4:{port}")
         stop.set()
@@ -169,8 +161,7 @@ async def test_a_failed_lookup_keeps_the_last_answer(tmp_path: Path, dns: DnsSer
     pod = Pod("127.0.0.2", port)
     dns.set({NAME: ["127.0.0.2"]})
     app = gateway_app(tmp_path, dns, port)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with app.running() as client:
         assert await ask(client, None) == "127.0.0.2"
         dns.stop()  # the DNS server is gone: the pods are not
         await asyncio.sleep(2.5)  # past a lookup's 2 s lifetime
@@ -184,10 +175,9 @@ async def test_conversations_stay_on_their_pod_without_a_key(tmp_path: Path,
     pods = [Pod(a, port) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")]
     dns.set({NAME: [p.address for p in pods]})
     app = gateway_app(tmp_path, dns, port)
-    app.state.gateway.settings.prefix_affinity_bytes = 4096  # derived keys (the default)
+    app.gateway.settings.prefix_affinity_bytes = 4096  # derived keys (the default)
     placed: dict[int, set[str]] = {}
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with app.running() as client:
         for turn in range(3):
             for conversation in range(9):
                 head = f"conversation {conversation}: " + "lorem ipsum " * 400  # > 4 KB

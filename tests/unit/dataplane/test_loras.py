@@ -9,13 +9,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import yaml
 
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.controlplane.registry import Account, Lora, Registry, RegistryData, hash_key
 from gateway.errors import GatewayError
-from tests.unit.fake_worker import FakeWorkers, in_listed_order
+from tests.unit.fake_worker import FakeWorkers
+from tests.unit.harness import Harness, build
 
 KEY, OTHER, ADMIN = "k-lora", "k-other", "admin-lora"
 BASE = "accounts/acme/models/base"
@@ -82,15 +80,17 @@ def test_a_lora_resolves_to_its_base_deployment_for_its_account_only() -> None:
         assert missing.value.status == 404
 
 
-def app_over(tmp_path: Path, workers: Workers) -> tuple[Any, FakeWorkers]:
-    fake = FakeWorkers(workers.handle, hosts=("w1", "w2"))
+def over(urls: dict[str, str]) -> dict[str, Any]:
     data = registry_data([])
-    data["deployments"][0]["replicas"] = [{"url": fake.urls["w1"]}, {"url": fake.urls["w2"]}]
-    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(data))
-    app = create_app(Settings(registry_path=tmp_path / "registry.yaml", admin_key=ADMIN,
-                              health_check_interval=0, public_accounts=[]))
-    in_listed_order(app)
-    return app, fake
+    data["deployments"][0]["replicas"] = [{"url": urls["w1"]}, {"url": urls["w2"]}]
+    return data
+
+
+def app_over(tmp_path: Path, workers: Workers) -> tuple[Harness, FakeWorkers]:
+    h = build(tmp_path, workers.handle, hosts=("w1", "w2"), registry_of=over,
+              listed_order=True, admin_key=ADMIN, public_accounts=[])
+    assert h.workers is not None
+    return h, h.workers
 
 
 async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Path) -> None:
@@ -98,8 +98,7 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
     app, fake = app_over(tmp_path, workers)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     user = {"Authorization": f"Bearer {KEY}"}
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with app.running() as client:
         added = await client.put("/admin/v1/accounts/acme/loras/tuned", headers=admin,
                                  json={"deployment": "base-d", "source": "/models/tuned"})
         assert added.status_code == 200, added.text
@@ -114,7 +113,7 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         base = await client.post("/v1/completions", headers=user,
                                  json={"model": BASE, "prompt": "x"})
         assert base.json()["choices"][0]["text"] == "base"  # the base is unchanged
-        records = app.state.gateway.ledger.kept
+        records = app.gateway.ledger.kept
         assert [r.model for r in records] == [TUNED] * 4 + [BASE]  # usage names the adapter
         listed = (await client.get("/v1/models", headers=user)).json()["data"]
         assert {"id": TUNED, "parent": BASE} in [
@@ -122,12 +121,12 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         # A replica that restarted has lost its adapters: requests go to the one that holds
         # it, and the next sync loads it again.
         workers.loaded["w1"].clear()
-        await app.state.gateway.adapters.sync_all()
+        await app.gateway.adapters.sync_all()
         assert workers.loaded["w1"] == {"fwlora.acme.tuned"}
         # Both restarted between syncs: the request waits for the load on its replica.
         for host in ("w1", "w2"):
             workers.loaded[host].clear()
-            app.state.gateway.adapters.held[fake.urls[host]].clear()
+            app.gateway.adapters.held[fake.urls[host]].clear()
         served = await client.post("/v1/completions", headers=user,
                                    json={"model": TUNED, "prompt": "x"})
         assert served.status_code == 200, served.text

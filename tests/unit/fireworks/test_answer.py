@@ -10,8 +10,8 @@ import pytest
 
 from gateway.fireworks.choices import ChoiceState, shape_choice
 from gateway.fireworks.plain import shape_completion
-from gateway.fireworks.stream import StreamReframer
 from gateway.fireworks.sampling import Plan
+from gateway.fireworks.stream import StreamReframer
 
 BASE = {"id": "cmpl-1", "created": 7, "usage": {"prompt_tokens": 3, "completion_tokens": 2,
                                                 "total_tokens": 5}}

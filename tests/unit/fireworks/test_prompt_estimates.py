@@ -1,4 +1,5 @@
-"""What a request reserves against its account's token limits before the worker counts."""
+"""What a request reserves against its account's token limits before the worker counts: the
+prompt estimate each Fireworks API's Call carries, and the tokens it may generate."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import base64
 import pytest
 
 from gateway.config import Settings
-from gateway.controlplane.registry import Deployment
-from gateway.fireworks.apis import MEDIA_TOKENS, ChatApi, CompletionsApi
+from gateway.controlplane.registry import Deployment, Route
+from gateway.fireworks.chat import MEDIA_TOKENS, ChatApi, chat_body
+from gateway.fireworks.completions import CompletionsApi
 from gateway.fireworks.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.fireworks.translate import chat_body
 
+ROUTE = Route(Deployment(id="d", account="a", model="m"), "m")
 IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 750_000).decode()
 
 
@@ -25,14 +27,17 @@ IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 750_000
 ])
 def test_chat_prompt_estimates(body: dict[str, object], expected: int) -> None:
     request = ChatCompletionRequest.model_validate({"model": "m"} | body)
-    assert ChatApi().prompt_estimate(request) == expected
+    assert ChatApi().translate(request, ROUTE, Settings(), account="a",
+                               nonce="n").prompt_estimate == expected
 
 
 @pytest.mark.parametrize("prompt,expected", [
     ("x" * 40, 11), ([1, 2, 3], 3), (["ab" * 4, "c"], 3 + 1), ([[1, 2], [3]], 3),
 ])
 def test_completion_prompt_estimates(prompt: object, expected: int) -> None:
-    assert CompletionsApi().prompt_estimate(CompletionRequest(model="m", prompt=prompt)) == expected
+    call = CompletionsApi().translate(CompletionRequest(model="m", prompt=prompt), ROUTE,
+                                      Settings(), account="a", nonce="n")
+    assert call.prompt_estimate == expected
 
 
 def test_chat_reserves_for_every_choice() -> None:

@@ -13,11 +13,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import yaml
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.controlplane.registry import Deployment, Route, hash_key
+from gateway.controlplane.registry import Deployment, Route
 from gateway.controlplane.responses import LocalResponses, RedisResponses, StoredResponse
 from gateway.errors import GatewayError
 from gateway.fireworks.responses import (
@@ -28,7 +25,8 @@ from gateway.fireworks.responses import (
 )
 from gateway.validation import known_fields
 from tests.redis_server import RedisServer
-from tests.unit.fake_worker import KEY, MODEL, RESET, FakeWorkers, Stream
+from tests.unit.fake_worker import KEY, MODEL, RESET, Stream
+from tests.unit.harness import Harness, build, registry
 
 OTHER_KEY = "k-other"
 NONCE = "0123456789abcdef0123456789abcdef"
@@ -234,29 +232,21 @@ def handler(http: httpx.Request) -> httpx.Response:
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> Any:
-    workers = FakeWorkers(handler)
-    path = tmp_path / "registry.yaml"
-    path.write_text(yaml.safe_dump({
-        "accounts": [{"id": "fireworks", "api_keys": [hash_key(KEY)]},
-                     {"id": "other", "api_keys": [hash_key(OTHER_KEY)]}],
-        "deployments": [{"id": "d", "account": "fireworks", "model": MODEL, "default": True,
-                         "replicas": [{"url": workers.urls["worker"]}]}]}))
-    gateway_app = create_app(Settings(registry_path=path, health_check_interval=0))
-    gateway_app.workers = workers
-    return gateway_app
+def app(tmp_path: Path) -> Harness:
+    return build(tmp_path, handler, registry_of=lambda urls: registry(
+        urls.values(), accounts={"fireworks": KEY, "other": OTHER_KEY}))
 
 
-async def call(app: Any, method: str, path: str, body: dict[str, Any] | None = None,
+async def call(app: Harness, method: str, path: str, body: dict[str, Any] | None = None,
                key: str = KEY) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=app.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
         return await client.request(method, f"/inference/v1{path}", json=body,
                                     headers={"authorization": f"Bearer {key}"})
 
 
 async def test_a_conversation_across_turns(app: Any) -> None:
-    async with app.router.lifespan_context(app.fastapi):
+    async with app.running():
         first = await call(app, "POST", "/responses", {"model": MODEL, "input": "one"})
         assert first.status_code == 200, first.text
         one = first.json()
@@ -285,14 +275,14 @@ async def test_a_conversation_across_turns(app: Any) -> None:
         assert (await call(app, "DELETE", f"/responses/{one['id']}")).status_code == 200
         gone = await call(app, "GET", f"/responses/{one['id']}")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "NOT_FOUND"
-        records = app.state.gateway.ledger.kept
+        records = app.gateway.ledger.kept
         assert [(r.endpoint, r.status) for r in records][:2] == \
             [("/v1/responses", "ok")] * 2
         assert records[1].prompt_tokens == second["usage"]["input_tokens"]
 
 
 async def test_not_stored_unknown_previous_and_bad_answers(app: Any) -> None:
-    async with app.router.lifespan_context(app.fastapi):
+    async with app.running():
         unstored = (await call(app, "POST", "/responses",
                                {"model": MODEL, "input": "x", "store": False})).json()
         assert (await call(app, "GET", f"/responses/{unstored['id']}")).status_code == 404
@@ -305,7 +295,7 @@ async def test_not_stored_unknown_previous_and_bad_answers(app: Any) -> None:
 
 
 async def test_a_stream_is_relayed_stored_and_fails_as_an_event(app: Any) -> None:
-    async with app.router.lifespan_context(app.fastapi):
+    async with app.running():
         streamed = await call(app, "POST", "/responses",
                               {"model": MODEL, "input": "hi", "stream": True})
         assert streamed.status_code == 200 and "fireworks-backend-host" in streamed.headers
@@ -326,5 +316,5 @@ async def test_a_stream_is_relayed_stored_and_fails_as_an_event(app: Any) -> Non
         assert last["response"]["status"] == "failed"
         assert (await call(app, "GET", f"/responses/{last['response']['id']}")
                 ).status_code == 404
-        statuses = [(r.status, r.http_status) for r in app.state.gateway.ledger.kept]
+        statuses = [(r.status, r.http_status) for r in app.gateway.ledger.kept]
         assert statuses == [("ok", 200), ("error", 502)]

@@ -11,8 +11,8 @@ import pytest
 from gateway.api import Served
 from gateway.errors import WorkerFault
 from gateway.fireworks.perf import perf_metrics
-from gateway.fireworks.stream import StreamReframer
 from gateway.fireworks.sampling import Plan
+from gateway.fireworks.stream import StreamReframer
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
          "prompt_tokens_details": {"cached_tokens": 0}}

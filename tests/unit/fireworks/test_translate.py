@@ -16,20 +16,16 @@ from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.dataplane.affinity import affinity_key
 from gateway.errors import GatewayError
-from gateway.fireworks.apis import ChatApi, CompletionsApi, EmbeddingsApi
-from gateway.fireworks.calls import GenerationCall
+from gateway.fireworks.chat import ChatApi, strict_when_forced
+from gateway.fireworks.completions import CompletionsApi
+from gateway.fireworks.embeddings import EmbeddingsApi, embedding_input
+from gateway.fireworks.generation import GenerationCall
 from gateway.fireworks.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
 )
-from gateway.fireworks.translate import (
-    PRIORITY,
-    Plan,
-    cache_salt,
-    embedding_input,
-    strict_when_forced,
-)
+from gateway.fireworks.sampling import PRIORITY, Plan, cache_salt
 from gateway.validation import known_fields, parse_body
 
 PLAIN = Deployment(id="d", account="acct", model="accounts/acct/models/m",
@@ -282,7 +278,9 @@ def test_each_field_takes_effect_or_is_refused(name: str, index: int, endpoint: 
 def test_affinity_keys_route_and_do_not_reach_the_worker() -> None:
     for name in ("prompt_cache_key", "user"):
         request = CompletionRequest.model_validate(BASES["completions"] | {name: "k1"})
-        assert affinity_key({}, CompletionsApi(), request) == "k1"
+        call = CompletionsApi().translate(request, Route(PLAIN, "m"), Settings(),
+                                          account="acct", nonce="n1")
+        assert affinity_key({}, call) == "k1"
     body, _ = translate("completions", {"prompt_cache_key": "k1"})
     assert "prompt_cache_key" not in body
 

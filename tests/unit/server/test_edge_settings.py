@@ -8,13 +8,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.server.protocol import EdgeProtocol, served_settings
-from tests.conftest import free_port
-from tests.unit.fake_worker import KEY, MODEL, registry
+from tests.unit.fake_worker import KEY, MODEL
+from tests.unit.harness import build, registry, serving
 
 
 async def exchange(port: int, raw: bytes) -> bytes:
@@ -38,18 +35,11 @@ async def test_the_apps_settings_reach_both_edge_layers(
     # The environment says otherwise: it must not win over what create_app was given.
     monkeypatch.setenv("GATEWAY_MAX_HEADER_BYTES", str(1 << 20))
     monkeypatch.setenv("GATEWAY_MAX_BODY_BYTES", str(1 << 20))
-    settings = Settings(registry_path=registry(tmp_path, ["http://127.0.0.1:9"]),
-                        max_header_bytes=2048, max_body_bytes=1000,
-                        health_check_interval=0)
-    app = create_app(settings)
-    assert served_settings(app) is settings
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           http=EdgeProtocol, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.02)
+    h = build(tmp_path, registry_of=registry(["http://127.0.0.1:9"]),
+              max_header_bytes=2048, max_body_bytes=1000)
+    assert served_settings(h.app) is h.settings
+    assert (h.settings.max_header_bytes, h.settings.max_body_bytes) == (2048, 1000)
+    async with serving(h, EdgeProtocol) as (_, port):
         # headers still arriving past 2 KB (the environment would allow 1 MB)
         unfinished = request(4096).partition(b"\r\ncontent-type")[0]
         assert (await exchange(port, unfinished)).startswith(b"HTTP/1.1 431 ")
@@ -57,9 +47,6 @@ async def test_the_apps_settings_reach_both_edge_layers(
         assert (await exchange(port, request(100, too_long))).startswith(b"HTTP/1.1 413 ")
         small = await exchange(port, request(100, b'{"model": 1}'))
         assert small.startswith(b"HTTP/1.1 400 ")  # within both bounds: validated
-    finally:
-        server.should_exit = True
-        await task
 
 
 def test_the_protocol_refuses_an_app_without_settings() -> None:
