@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-affinity bench-soak clean help
+.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-affinity bench-soak clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -17,8 +17,8 @@ help:
 	@echo "make test   install everything, lint, run all tests"
 	@echo "make model  convert the default model (SmolLM2-135M-Instruct) once into $(DATA_DIR)"
 
-# Re-installs only when pyproject.toml changes; a no-op otherwise.
-$(STAMP): pyproject.toml scripts/install.sh
+# Re-installs only when pyproject.toml or a lock file changes; a no-op otherwise.
+$(STAMP): pyproject.toml scripts/install.sh $(wildcard requirements/*.lock)
 	@scripts/install.sh $(ENGINE)
 	@touch $@
 
@@ -37,6 +37,10 @@ run: $(STAMP)
 redis:
 	@scripts/ensure-command.sh redis-server redis-server
 	@scripts/ensure-command.sh dnsmasq dnsmasq-base
+
+# Re-resolve every dependency to today's versions (requirements/*.lock); then `make test`.
+lock: $(STAMP)
+	@scripts/lock.sh
 
 lint: $(STAMP)
 	@echo "[lint] ruff"

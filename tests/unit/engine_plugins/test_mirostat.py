@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.mirostat_reference import (
+from tests.unit.engine_plugins.mirostat_reference import (
     FakeBatch,
     make_processor,
     params,

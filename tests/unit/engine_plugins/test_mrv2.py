@@ -12,7 +12,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
 
 from engine_plugins.mrv2 import MirostatMRV2, RepetitionPenaltyMRV2
 from engine_plugins.plugins import Mirostat, RepetitionPenalty
-from tests.unit.mirostat_reference import params, reference_step
+from tests.unit.engine_plugins.mirostat_reference import params, reference_step
 
 SLOTS, VOCAB, MAX_LEN = 6, 300, 64
 
