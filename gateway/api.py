@@ -3,8 +3,8 @@
 The data plane (dataplane/) serves every inference API with one path: parse, resolve,
 admit, attempt on replicas, relay, end. What differs between APIs (chat, completions,
 embeddings, Anthropic Messages, ...) lives in one `InferenceApi` object per API, in the
-package of its protocol (fireworks/apis.py, anthropic/api.py), and in the `Call` it makes of
-each request. The data plane calls only what is declared here; adding an API is one new
+package of its protocol (fireworks/chat.py, anthropic/api.py, ...), and in the `Call` it
+makes of each request. The data plane calls only what is declared here; adding an API is one new
 object and its Call, plus their tests, and one row in the route table (app.py).
 
 Imports run one way: app -> dataplane and the API packages -> this module -> control

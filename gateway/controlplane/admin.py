@@ -1,6 +1,6 @@
 """The admin API (`/admin/v1`): deployments and their replicas, API keys, account limits,
 usage. Only the admin key (GATEWAY_ADMIN_KEY) opens it; an account's key never does. The key
-is checked at the edge (gateway/edge.py), before the body is read.
+is checked at the edge (gateway/server/asgi.py), before the body is read.
 
 Every change is one `store.change(fn)`: with Redis it is visible to every gateway replica
 within `registry_poll_interval`.

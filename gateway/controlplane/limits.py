@@ -107,7 +107,7 @@ class Limiter(Protocol):
 
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
-        """For an account with limits (serving.py skips the others)."""
+        """For an account with limits (dataplane/request.py skips the others)."""
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
         """In-process settlement at the request's end (the Redis limiter settles in

@@ -8,9 +8,9 @@ gets one request again (as Envoy's outlier detection does), so that with active 
 (interval 0) a replica is not ejected forever. Each gateway keeps its own view; they agree
 because they watch the same replicas.
 
-What a request causes is not the replica's failure: serving.py counts a worker's failed
-answer only once another replica has answered the same request well (or could not be
-asked), never when a second replica's answer fails too. And ejection is capped per
+What a request causes is not the replica's failure: a worker's failed answer counts
+(dataplane/blame.py) only once another replica has answered the same request well (or
+could not be asked), never when a second replica's answer fails too. And ejection is capped per
 deployment (replicas.py): a client cannot take a deployment away from the others.
 """
 

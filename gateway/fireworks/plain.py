@@ -1,4 +1,4 @@
-"""A checked, non-streaming worker answer -> the Fireworks reply (pure; calls.py does I/O).
+"""A checked, non-streaming worker answer -> the Fireworks reply (pure; generation.py does I/O).
 
 Echo: vLLM leaves the echoed prompt out of the text when asked for token ids (which the
 gateway always asks for with echo), so the prompt is put back in front of the text here.

@@ -26,7 +26,17 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, Field, StrictBool
 
-from gateway.api import MAX_TOKENS, Api, Call, Framing, Reply, Served, Worker, coerce_usage, worker_json
+from gateway.api import (
+    MAX_TOKENS,
+    Api,
+    Call,
+    Framing,
+    Reply,
+    Served,
+    Worker,
+    coerce_usage,
+    worker_json,
+)
 from gateway.config import Settings
 from gateway.controlplane.registry import Route
 from gateway.controlplane.responses import ResponseStore, StoredResponse

@@ -1,4 +1,4 @@
-"""Checked worker stream chunks -> Fireworks stream chunks (pure; calls.py does I/O).
+"""Checked worker stream chunks -> Fireworks stream chunks (pure; generation.py does I/O).
 
 Usage moves onto the chunks that carry a finish_reason (held until the worker's usage-only
 chunk, or the end of the stream, tells the final usage), or, when the client asked with

@@ -1,4 +1,4 @@
-"""The two ways an inference request reaches the routes (gateway/client.py) answer alike:
+"""The two ways an inference request reaches the data plane (gateway/server/) answer alike:
 the gateway's own protocol (edge.EdgeProtocol hands the request over as a ConnectionClient,
 without ASGI) and any ASGI server (uvicorn's plain protocol here: an AsgiClient). Each case
 is sent over a raw socket to both, on real ports, in front of one scripted worker; and what
