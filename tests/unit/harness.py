@@ -8,8 +8,9 @@ way for every test that needs it.
 
 `build` writes the registry (`registry(...)`: accounts by key, deployments over the scripted
 workers' URLs), creates the app with `create_app`, and keeps what a test looks at
-(`h.gateway`, `h.workers`, `h.settings`). The fixture `gateway_over` (conftest.py) is
-`build` bound to the test's tmp_path.
+(`h.gateway`, `h.workers`, `h.settings`). `shared_deployment` is the common scene of two
+accounts on one deployment over two workers; `serving` puts an app behind a real uvicorn.
+No test builds the gateway in process any other way.
 """
 
 from __future__ import annotations
