@@ -140,8 +140,9 @@ class CacheQuery:
 class Call:
     """One request, translated for the workers: what the data plane needs to admit, route
     and send it, and the API's handling of each attempt's answer. The defaults here are a
-    request that generates nothing, is never streamed and reuses no cached prefix; an API's
-    Call sets what differs and implements `reply` (and `framing` when it streams)."""
+    request that generates nothing, is never streamed, costs nothing before the worker counts
+    and reuses no cached prefix; an API's Call sets what differs and implements `reply` (and
+    `framing` when it streams)."""
 
     body: dict[str, Any]  # the worker request (the data plane encodes it once)
     stream: bool = False
@@ -149,8 +150,12 @@ class Call:
     n: int = 1  # choices
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     priority: bool = False  # asked for priority service: ahead in the gateway's queue
-    prompt_estimate: int = 0  # prompt tokens to reserve before the worker has counted them
     affinity: str | None = None  # the client's own cache key in the body, if any
+
+    def prompt_estimate(self) -> int:
+        """Prompt tokens to reserve before the worker has counted them (asked only for an
+        account with limits, after the body was encoded)."""
+        return 0
 
     def prefix_material(self, limit: int) -> bytes | None:
         """At most `limit` bytes of the prompt's stable head (what every turn of a

@@ -65,6 +65,11 @@ class AnthropicCall(Call):
 
 @dataclass(kw_only=True)
 class MessagesCall(AnthropicCall):
+    def prompt_estimate(self) -> int:
+        """About four characters per token of the messages' JSON, four per message."""
+        messages = self.body["messages"]
+        return len(orjson.dumps(messages)) // 4 + 4 * len(messages)
+
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = _object(raw, "answer")
         if data.get("type") != "message" or not isinstance(data.get("content"), list):
@@ -144,9 +149,7 @@ class MessagesApi(AnthropicApi):
         return MessagesCall(
             body=messages_body(request), model=route.requested_model,
             adapter=route.lora is not None, stream=bool(request.stream),
-            max_tokens=request.max_tokens, affinity=affinity(request),
-            # four characters per token of the messages' JSON, four per message
-            prompt_estimate=len(orjson.dumps(request.messages)) // 4 + 4 * len(request.messages))
+            max_tokens=request.max_tokens, affinity=affinity(request))
 
 
 @dataclass(kw_only=True)

@@ -67,12 +67,15 @@ def judged(gateway: Gateway, tally: Tally, verdict: Verdict) -> None:
         gateway.metrics.request_caused.labels(tally.deployment).inc()
 
 
-def record_end(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:
-    """Exactly once per request, whatever happened."""
+def record_end(gateway: Gateway, tally: Tally, status: str, http_status: int, *,
+               refused: bool) -> None:
+    """Exactly once per request, whatever happened. `refused`: the client is told this
+    error (not so when the client left, or the server cancelled the request's task); before
+    admission only such a refusal is counted."""
     try:
         if tally.admission is not None:
             _admitted_end(gateway, tally, tally.admission, status, http_status)
-        elif status == "error":  # refused before admission
+        elif refused:  # refused before admission
             gateway.metrics.requests.labels(tally.deployment, tally.endpoint,
                                             str(http_status)).inc()
             gateway.metrics.errors.labels(tally.deployment, str(http_status)).inc()

@@ -66,10 +66,10 @@ async def serve(gateway: Gateway, api: InferenceApi[Any], client: Client) -> Non
         check_declared_length(headers, gateway.settings)
         raw = await client.read_body(gateway.settings)
     except asyncio.CancelledError:  # the client left while sending its request
-        record_end(gateway, tally, "aborted", 499)
+        record_end(gateway, tally, "aborted", 499, refused=False)
         return
     except GatewayError as exc:
-        record_end(gateway, tally, "error", exc.status)
+        record_end(gateway, tally, "error", exc.status, refused=True)
         exc.headers.setdefault("connection", "close")  # the body was not read
         await _send_error(client, exc, api)
         return
@@ -97,7 +97,7 @@ async def serve(gateway: Gateway, api: InferenceApi[Any], client: Client) -> Non
         try:
             life.drop(ended=True)
         finally:
-            record_end(gateway, tally, *outcome)
+            record_end(gateway, tally, *outcome, refused=error is not None)
     if error is not None:
         if error.status >= 500:
             logger.warning("request %s failed: %s %s", request_id, error.status,
@@ -181,7 +181,7 @@ class RequestLife:
             try:
                 # No choice generates past the context length, whatever max_tokens says.
                 generated = min(call.max_tokens, deployment.context_length or call.max_tokens)
-                admission = await gateway.limiter.admit(account, call.prompt_estimate,
+                admission = await gateway.limiter.admit(account, call.prompt_estimate(),
                                                         generated * call.n, record_id)
             except RateLimited as exc:
                 gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
@@ -209,6 +209,7 @@ class RequestLife:
         prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
         tried: set[str] = set()
         blame = Blame()
+        answered_badly = ""  # the last replica whose answer failed (for the log)
         try:
             for number in range(1, ATTEMPTS + 1):
                 lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint)
@@ -224,12 +225,18 @@ class RequestLife:
                     if not exc.replica_fault:
                         failure = Failure.REFUSED
                     elif isinstance(exc, WorkerFault):
-                        logger.warning("request %s: replica %s failed: %s", self.request_id,
-                                       url, exc.detail)
                         failure = Failure.BAD_ANSWER
                     else:
                         failure = Failure.UNREACHABLE
                     verdict = blame.failed(url, failure)
+                    if isinstance(exc, WorkerFault) and verdict.request_caused:
+                        logger.warning("request %s failed on replicas %s and %s (%s): not "
+                                       "counted against either", self.request_id,
+                                       answered_badly, url, exc.detail)
+                    elif isinstance(exc, WorkerFault):
+                        logger.warning("request %s: replica %s failed: %s", self.request_id,
+                                       url, exc.detail)
+                        answered_badly = url
                     judged(gateway, tally, verdict)
                     if not verdict.retry or number == ATTEMPTS \
                             or not gateway.replicas.candidates(deployment, tried):

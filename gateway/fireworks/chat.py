@@ -4,6 +4,7 @@ that chat and completions share (generation.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,38 +30,39 @@ class ChatApi(Api):
     request_model: type[BaseModel] = ChatCompletionRequest
 
     def translate(self, request: ChatCompletionRequest, route: Route, settings: Settings, *,
-                  account: str, nonce: str) -> GenerationCall:
+                  account: str, nonce: str) -> ChatCall:
         body, plan = chat_body(request, route.deployment, settings, account=account,
                                nonce=nonce)
-        return GenerationCall(body=body, plan=plan, route=route,
-                              prompt_estimate=prompt_estimate(request),
-                              affinity=request.prompt_cache_key or request.user,
-                              head=chat_head)
+        return ChatCall(body=body, plan=plan, route=route, request=request,
+                        affinity=request.prompt_cache_key or request.user)
 
 
-def prompt_estimate(request: ChatCompletionRequest) -> int:
-    """Four tokens per message, about four characters per token of text, MEDIA_TOKENS per
-    image, video or audio part."""
-    total = 0
-    for message in request.messages:
-        total += 4
-        if isinstance(message.content, list):
-            total += sum(len(part.text or "") // 4 if part.type == "text" else MEDIA_TOKENS
-                         for part in message.content)
-        elif message.content is not None:
-            total += len(message.content) // 4
-    return total
+@dataclass(kw_only=True)
+class ChatCall(GenerationCall):
+    request: ChatCompletionRequest  # as the client sent it
 
+    def prompt_estimate(self) -> int:
+        """Four tokens per message, about four characters per token of text, MEDIA_TOKENS
+        per image, video or audio part."""
+        total = 0
+        for message in self.request.messages:
+            total += 4
+            if isinstance(message.content, list):
+                total += sum(len(part.text or "") // 4 if part.type == "text"
+                             else MEDIA_TOKENS for part in message.content)
+            elif message.content is not None:
+                total += len(message.content) // 4
+        return total
 
-def chat_head(body: dict[str, Any], limit: int) -> bytes:
-    """The prompt's stable head: the tools, the leading system messages and the first user
-    message (what every turn of one conversation starts with)."""
-    head: list[object] = [body.get("tools")]
-    for message in body["messages"]:
-        head.append(message)
-        if message.get("role") == "user":
-            break
-    return orjson.dumps(head)[:limit]
+    def prefix_material(self, limit: int) -> bytes | None:
+        """The tools, the leading system messages and the first user message (what every
+        turn of one conversation starts with), as the client sent them."""
+        head: list[object] = [self.request.tools]
+        for message in self.request.messages:
+            head.append(message.model_dump(exclude_none=True))
+            if message.role == "user":
+                break
+        return orjson.dumps(head)[:limit]
 
 
 def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: Settings,

@@ -3,6 +3,7 @@ handled by the generation Call that chat and completions share (generation.py)."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -23,22 +24,27 @@ class CompletionsApi(Api):
     request_model: type[BaseModel] = CompletionRequest
 
     def translate(self, request: CompletionRequest, route: Route, settings: Settings, *,
-                  account: str, nonce: str) -> GenerationCall:
+                  account: str, nonce: str) -> CompletionCall:
         body, plan = completion_body(request, route.deployment, settings, account=account,
                                      nonce=nonce)
-        return GenerationCall(body=body, plan=plan, route=route,
-                              prompt_estimate=prompt_list_estimate(request.prompt),
-                              affinity=request.prompt_cache_key or request.user,
-                              head=prompt_head)
+        return CompletionCall(body=body, plan=plan, route=route, request=request,
+                              affinity=request.prompt_cache_key or request.user)
 
 
-def prompt_head(body: dict[str, Any], limit: int) -> bytes:
-    """The prompt's stable head: the start of the (first) prompt."""
-    prompt = body["prompt"]
-    if isinstance(prompt, str):
-        return prompt[:limit].encode()[:limit]  # not the whole prompt encoded
-    first = prompt if not prompt or isinstance(prompt[0], int) else prompt[0]
-    return orjson.dumps(first)[:limit]
+@dataclass(kw_only=True)
+class CompletionCall(GenerationCall):
+    request: CompletionRequest  # as the client sent it
+
+    def prompt_estimate(self) -> int:
+        return prompt_list_estimate(self.request.prompt)
+
+    def prefix_material(self, limit: int) -> bytes | None:
+        """The start of the (first) prompt."""
+        prompt = self.request.prompt
+        if isinstance(prompt, str):
+            return prompt[:limit].encode()[:limit]  # not the whole prompt encoded
+        first = prompt if not prompt or isinstance(prompt[0], int) else prompt[0]
+        return orjson.dumps(first)[:limit]
 
 
 def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,

@@ -27,8 +27,7 @@ class EmbeddingsApi(Api):
     def translate(self, request: EmbeddingRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> EmbeddingCall:
         body = embedding_body(request, route.deployment, account=account, nonce=nonce)
-        return EmbeddingCall(body=body, model=route.requested_model,
-                             prompt_estimate=prompt_list_estimate(request.input),
+        return EmbeddingCall(body=body, model=route.requested_model, request=request,
                              affinity=request.prompt_cache_key or request.user,
                              perf_metrics_in_response=bool(request.perf_metrics_in_response))
 
@@ -38,7 +37,11 @@ class EmbeddingCall(Call):
     """One answer, never streamed, nothing generated, no cached prefix worth routing on."""
 
     model: str  # the Fireworks id the client asked for, which answers carry
+    request: EmbeddingRequest  # as the client sent it
     perf_metrics_in_response: bool = False
+
+    def prompt_estimate(self) -> int:
+        return prompt_list_estimate(self.request.input)
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = worker_json(raw)

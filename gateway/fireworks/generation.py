@@ -11,7 +11,6 @@ up to there is a real status. A failure after that becomes the held chunks, then
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,12 +79,12 @@ async def rendered_chat_prompt(worker: Worker, messages: list[dict[str, Any]]) -
 
 @dataclass(kw_only=True)
 class GenerationCall(Call):
-    """A /chat/completions or /completions request (the Plan says which)."""
+    """What a /chat/completions or /completions request does with its worker and its answer
+    (the Plan says which); ChatCall and CompletionCall add what their prompts cost and
+    share."""
 
     plan: Plan
     route: Route
-    # The prompt's stable head, as the API defines it: (body, limit) -> bytes.
-    head: Callable[[dict[str, Any], int], bytes]
     # What each prompt echoes, as the worker renders it (asked for when plan.echo).
     echo_texts: list[str] = field(default_factory=list)
 
@@ -93,9 +92,6 @@ class GenerationCall(Call):
         plan = self.plan
         self.stream, self.max_tokens, self.n = plan.stream, plan.max_tokens, plan.n
         self.metadata, self.priority = plan.metadata, plan.priority
-
-    def prefix_material(self, limit: int) -> bytes | None:
-        return self.head(self.body, limit)
 
     def cache_query(self) -> CacheQuery | None:
         body, salt = self.body, self.body.get("cache_salt")

@@ -86,6 +86,11 @@ class RerankCall(Call):
     model: str  # the Fireworks id the client asked for, which answers carry
     return_documents: bool = False
 
+    def prompt_estimate(self) -> int:
+        """The query once per document, and the documents: four characters per token."""
+        query, documents = self.body["query"], self.body["documents"]
+        return (len(query) * len(documents) + sum(len(d) for d in documents)) // 4 + 1
+
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = reshape(worker_json(raw), self.body["documents"], self.body["top_n"],
                        self.return_documents, self.model)
@@ -102,11 +107,4 @@ class RerankApi(Api):
     def translate(self, request: RerankRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> RerankCall:
         return RerankCall(body=rerank_body(request, route), model=route.requested_model,
-                          return_documents=request.return_documents,
-                          prompt_estimate=prompt_estimate(request))
-
-
-def prompt_estimate(request: RerankRequest) -> int:
-    """The query once per document, and the documents: four characters per token."""
-    return (len(request.query) * len(request.documents)
-            + sum(len(d) for d in request.documents)) // 4 + 1
+                          return_documents=request.return_documents)

@@ -164,7 +164,13 @@ class ResponsesCall(Call):
     previous_id: str | None
     store: bool
     responses: ResponseStore = field(repr=False)
+    given: str | list[dict[str, Any]]  # the client's `input`, as sent
     history: list[Any] | None = None  # the stored conversation, read once per request
+
+    def prompt_estimate(self) -> int:
+        """About four characters per token of the new input's JSON (the stored history is
+        counted by the worker, and settled then)."""
+        return len(orjson.dumps(self.given)) // 4 + 4
 
     @property
     def conversation(self) -> list[Any]:
@@ -310,9 +316,6 @@ class ResponsesApi(Api):
             account=account, previous_id=request.previous_response_id, store=request.store,
             responses=self.responses, stream=request.stream,
             max_tokens=body["max_output_tokens"], metadata=request.metadata,
-            priority=request.service_tier == "priority",
-            # the new input's JSON, four characters per token (the stored history is counted
-            # by the worker, and settled then)
-            prompt_estimate=len(orjson.dumps(request.input)) // 4 + 4,
+            priority=request.service_tier == "priority", given=request.input,
             affinity=request.prompt_cache_key or request.user
             or (None if root is None else f"conversation:{root}"))

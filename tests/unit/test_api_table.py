@@ -38,8 +38,7 @@ class ReverseApi(Api):
     def translate(self, request: ReverseRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> ReverseCall:
         return ReverseCall(body={"text": request.text, "stream": request.stream},
-                           stream=request.stream, max_tokens=1,
-                           prompt_estimate=len(request.text))
+                           stream=request.stream, max_tokens=1)
 
     def error_body(self, exc: GatewayError, request_id: str) -> dict[str, Any]:
         return {"toy_error": exc.status}
@@ -47,6 +46,9 @@ class ReverseApi(Api):
 
 @dataclass(kw_only=True)
 class ReverseCall(Call):
+    def prompt_estimate(self) -> int:
+        return len(self.body["text"])
+
     def prefix_material(self, limit: int) -> bytes | None:
         return str(self.body["text"]).encode()[:limit]
 

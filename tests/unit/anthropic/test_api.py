@@ -127,7 +127,7 @@ async def test_each_attempt_names_the_model_its_worker_serves() -> None:
                        {"role": "assistant", "content": "b"}])) // 4 + 8),
 ])
 def test_prompt_estimates(messages: list[dict[str, Any]], expected: int) -> None:
-    assert translate({"messages": messages}).prompt_estimate == expected
+    assert translate({"messages": messages}).prompt_estimate() == expected
 
 
 def test_prefix_material_is_the_system_the_tools_and_the_first_turn() -> None:
@@ -260,7 +260,7 @@ def test_count_tokens_requests(fields: dict[str, Any], refused: str | None) -> N
     call = COUNT.translate(request, Route(DEPLOYMENT, "accounts/acct/models/asked"),
                            Settings(), account="acct", nonce="n")
     assert call.body == body and not call.stream and call.max_tokens == 0
-    assert call.prompt_estimate == 0  # a count reserves no tokens
+    assert call.prompt_estimate() == 0  # a count reserves no tokens
 
 
 @pytest.mark.parametrize("answer,count", [

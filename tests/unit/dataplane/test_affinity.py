@@ -52,6 +52,17 @@ def test_other_conversations_tools_or_system_prompts_have_other_keys() -> None:
                                  tools=tools))
 
 
+def test_a_forced_tool_keeps_the_conversations_key() -> None:
+    """The head is the tools as the client sent them, not as the worker gets them (a forced
+    call's tools go out with `strict`): forcing a tool on one turn keeps the key."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    forced = chat(SYSTEM, {"role": "user", "content": "hi"}, tools=tools,
+                  tool_choice="required")
+    auto = chat(SYSTEM, {"role": "user", "content": "hi"}, tools=tools, tool_choice="auto")
+    assert call(forced).body["tools"] != call(auto).body["tools"]  # strict on the forced one
+    assert key(forced) == key(auto)
+
+
 def test_only_the_first_bytes_count() -> None:
     one = CompletionRequest(model="m", prompt="shared head " * 100 + "one")
     two = CompletionRequest(model="m", prompt="shared head " * 100 + "two")

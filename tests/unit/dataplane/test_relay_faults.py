@@ -281,3 +281,22 @@ async def test_only_short_visible_ascii_request_ids_are_kept(tmp_path: Path, req
                                               "x-request-id": request_id.encode()})
     assert response.status_code == 200
     assert (response.headers["x-request-id"] == request_id) is kept
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/messages", lambda nested: {"max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x", "extra": nested}]}]}),
+    ("/v1/responses", lambda nested: {"input": [{"role": "user", "content": "x",
+                                                "extra": nested}]}),
+])
+async def test_every_api_refuses_a_body_nested_too_deeply_as_a_400(
+        tmp_path: Path, path: str, body: Any) -> None:
+    """The account has limits: what its prompt estimate reads is encoded only after the
+    body was (a body the encoder refuses is the client's 400, never a 500)."""
+    nested: Any = {}
+    for _ in range(300):
+        nested = {"a": nested}
+    gateway_app = app(tmp_path, good)
+    response = await gateway_app.once("POST", path, json={"model": MODEL} | body(nested))
+    assert response.status_code == 400 and "nests too deeply" in response.text
+    assert gateway_app.workers.served.requests == []

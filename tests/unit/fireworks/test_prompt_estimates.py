@@ -28,7 +28,7 @@ IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 750_000
 def test_chat_prompt_estimates(body: dict[str, object], expected: int) -> None:
     request = ChatCompletionRequest.model_validate({"model": "m"} | body)
     assert ChatApi().translate(request, ROUTE, Settings(), account="a",
-                               nonce="n").prompt_estimate == expected
+                               nonce="n").prompt_estimate() == expected
 
 
 @pytest.mark.parametrize("prompt,expected", [
@@ -37,7 +37,7 @@ def test_chat_prompt_estimates(body: dict[str, object], expected: int) -> None:
 def test_completion_prompt_estimates(prompt: object, expected: int) -> None:
     call = CompletionsApi().translate(CompletionRequest(model="m", prompt=prompt), ROUTE,
                                       Settings(), account="a", nonce="n")
-    assert call.prompt_estimate == expected
+    assert call.prompt_estimate() == expected
 
 
 def test_chat_reserves_for_every_choice() -> None:
