@@ -149,7 +149,9 @@ def _post_then_leave(stack: Stack, body: dict[str, object]) -> bytes:
                      b"authorization: Bearer " + stack.api_key.encode() + b"\r\n"
                      b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                      % (len(payload), payload))
-        assert wait_for(lambda: running_requests(stack.worker_url) >= 1, 10.0)
+        # The worker counts a request as running after its first engine step, which for the
+        # long prompt is its whole prefill: ~10 s on a 2-core machine.
+        assert wait_for(lambda: running_requests(stack.worker_url) >= 1, 30.0)
         sock.setblocking(False)
         try:
             received = sock.recv(65536)
