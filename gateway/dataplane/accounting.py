@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.api import coerce_usage
 from gateway.controlplane.limits import Admission
@@ -85,21 +86,22 @@ def record_end(gateway: Gateway, tally: Tally, status: str, http_status: int, *,
 
 def _admitted_end(gateway: Gateway, tally: Tally, admission: Admission, status: str,
                   http_status: int) -> None:
+    usage = coerce_usage(tally.usage) or {}
     try:
         gateway.metrics.in_flight.labels(tally.deployment).dec()
     finally:
         try:
-            _usage_record(gateway, tally, admission, status, http_status)
+            _usage_record(gateway, tally, admission, usage, status, http_status)
         finally:
             try:
-                _metrics(gateway, tally, status, http_status)
+                _metrics(gateway, tally, usage, status, http_status)
             finally:
                 _health(gateway, tally, status, http_status)
 
 
-def _metrics(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:
+def _metrics(gateway: Gateway, tally: Tally, usage: dict[str, Any], status: str,
+             http_status: int) -> None:
     deployment, metrics = tally.deployment, gateway.metrics
-    usage = coerce_usage(tally.usage) or {}
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     ended, first_token = time.monotonic(), tally.first_token_at
     metrics.requests.labels(deployment, tally.endpoint, str(http_status)).inc()
@@ -114,13 +116,12 @@ def _metrics(gateway: Gateway, tally: Tally, status: str, http_status: int) -> N
             metrics.tokens.labels(deployment, kind).inc(count)
 
 
-def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, status: str,
-                  http_status: int) -> None:
+def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, usage: dict[str, Any],
+                  status: str, http_status: int) -> None:
     """The usage record, which also settles the limits; settled with what is known when
     the record cannot be made (the slot must not leak)."""
     try:
         assert tally.account is not None and tally.route is not None  # admitted
-        usage = coerce_usage(tally.usage) or {}
         first_token = tally.first_token_at
         record = UsageRecord(
             record_id=admission.record_id, request_id=tally.request_id,
