@@ -151,6 +151,10 @@ class Call:
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     priority: bool = False  # asked for priority service: ahead in the gateway's queue
     affinity: str | None = None  # the client's own cache key in the body, if any
+    # Which of its account's prefix caches the request shares on the workers: "" the
+    # account's own, a key for a part of it; None: none (a salt of its own). The data plane
+    # sets the salt itself (dataplane/isolation.py), whatever the body holds.
+    cache_scope: str | None = ""
 
     def prompt_estimate(self) -> int:
         """Prompt tokens to reserve before the worker has counted them (asked only for an

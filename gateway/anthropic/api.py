@@ -19,6 +19,7 @@ import orjson
 from pydantic import BaseModel
 
 from gateway.anthropic.protocol import (
+    GATEWAY_ONLY,
     CountTokensRequest,
     MessagesRequest,
     error_envelope,
@@ -32,8 +33,9 @@ from gateway.sse import sse
 
 
 def messages_body(request: MessagesRequest | CountTokensRequest) -> dict[str, Any]:
-    """The worker request: the client's, as it is (the model is named per replica)."""
-    return request.model_dump(exclude_none=True)
+    """The worker request: the client's, as it is (the model is named per replica), less
+    what only the gateway reads."""
+    return request.model_dump(exclude_none=True, exclude=GATEWAY_ONLY)
 
 
 def _object(raw: bytes, what: str) -> dict[str, Any]:
@@ -125,10 +127,9 @@ class MessageFraming(Framing):
 
 def affinity(request: MessagesRequest | CountTokensRequest) -> str | None:
     """The client's cache key, where it sent one (prompt_cache_key, user)."""
-    extra = request.model_extra or {}
-    for name in ("prompt_cache_key", "user"):
-        if isinstance(extra.get(name), str) and extra[name]:
-            return str(extra[name])
+    for value in (request.prompt_cache_key, request.user):
+        if isinstance(value, str) and value:
+            return value
     return None
 
 

@@ -2,7 +2,10 @@
 and the usage in its answers and events (pure; the API object is api.py).
 
 The gateway validates what it needs (the model, `max_tokens`, `messages`, `stream`) and
-leaves the rest to the worker, whose 400s pass through in Anthropic's shape.
+leaves the rest of Anthropic's fields that the workers take to the worker, whose 400s pass
+through in Anthropic's shape. Any other field is a 400 naming it: nothing a client names
+reaches the engine past these lists (no `cache_salt`, `priority`, `kv_transfer_params`: the
+data plane salts every request with its account, dataplane/isolation.py).
 """
 
 from __future__ import annotations
@@ -20,22 +23,39 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                504: "timeout_error"}
 
 
-class MessagesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Prompt(BaseModel):
+    """What both requests share: the prompt, and the Anthropic fields the workers judge
+    (vLLM's Messages API), sent on as they are; and two the gateway reads for the affinity
+    key, which go no further (GATEWAY_ONLY)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    thinking: Any = None
+    output_config: Any = None
+    prompt_cache_key: Any = None
+    user: Any = None
+
+
+GATEWAY_ONLY = {"prompt_cache_key", "user"}
+
+
+class MessagesRequest(Prompt):
     max_tokens: int = Field(ge=1, le=MAX_TOKENS)
-    messages: list[dict[str, Any]] = Field(min_length=1)
     stream: StrictBool | None = False
+    metadata: Any = None
+    stop_sequences: Any = None
+    temperature: Any = None
+    top_k: Any = None
+    top_p: Any = None
 
 
-class CountTokensRequest(BaseModel):
-    """`messages.count_tokens`: a Messages request without `max_tokens` or `stream`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
+class CountTokensRequest(Prompt):
+    """`messages.count_tokens`: the prompt alone (vLLM counts it as it would render it)."""
 
 
 def error_envelope(status: int, message: str) -> dict[str, Any]:

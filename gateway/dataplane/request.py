@@ -4,8 +4,9 @@
 1. the account's key and the declared size, before any byte of the body is read;
 2. the body read (bounded), parsed by the API's request model, the model resolved to a
    Route (deployment, replica set, adapter);
-3. translated by the API into its Call, encoded once, and admitted against the account's
-   limits (the reservation is held from here: accounting.admitted);
+3. translated by the API into its Call, salted with its account (isolation.py), encoded
+   once, and admitted against the account's limits (the reservation is held from here:
+   accounting.admitted);
 4. its turn in the deployment's queue, and what each pod holds of its prompt (KV events);
 5. up to two attempts: a replica leased, the worker asked, its answer checked up to the first
    token (relay.py); on a replica's fault before any byte reached the client, once more on
@@ -37,6 +38,7 @@ from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.accounting import Tally, admitted, judged, new_record_id, record_end
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.blame import Blame, Failure, Verdict
+from gateway.dataplane.isolation import isolate
 from gateway.dataplane.kv_index import CacheHint, cache_hint
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
@@ -167,6 +169,7 @@ class RequestLife:
                                   nonce=record_id)
         if route.lora is not None:  # the adapter, by the name its workers know it
             call.body["model"] = route.lora.worker_name
+        isolate(call, account.id, record_id)
         try:
             encoded = orjson.dumps(call.body)
         except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels

@@ -16,7 +16,7 @@ from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError
 from gateway.fireworks.generation import GenerationCall
 from gateway.fireworks.protocol import ChatCompletionRequest, ChatMessage
-from gateway.fireworks.sampling import Plan, logprobs_plan, sampling_body
+from gateway.fireworks.sampling import Plan, cache_scope, logprobs_plan, sampling_body
 
 # What a worker counts for one image, video or audio part, before it has counted: a typical
 # vision encoder's image is 256-2,048 tokens. (Counting its base64 text as characters / 4
@@ -31,10 +31,10 @@ class ChatApi(Api):
 
     def translate(self, request: ChatCompletionRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> ChatCall:
-        body, plan = chat_body(request, route.deployment, settings, account=account,
-                               nonce=nonce)
+        body, plan = chat_body(request, route.deployment, settings)
         return ChatCall(body=body, plan=plan, route=route, request=request,
-                        affinity=request.prompt_cache_key or request.user)
+                        affinity=request.prompt_cache_key or request.user,
+                        cache_scope=cache_scope(request))
 
 
 @dataclass(kw_only=True)
@@ -65,8 +65,8 @@ class ChatCall(GenerationCall):
         return orjson.dumps(head)[:limit]
 
 
-def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: Settings,
-              *, account: str, nonce: str) -> tuple[dict[str, Any], Plan]:
+def chat_body(request: ChatCompletionRequest, deployment: Deployment,
+              settings: Settings) -> tuple[dict[str, Any], Plan]:
     if request.prompt_truncate_len is not None:
         raise GatewayError(400, "prompt_truncate_len is not supported: send a prompt that "
                                 "fits, or context_length_exceeded_behavior",
@@ -79,9 +79,8 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment, settings: 
     fmt, top = logprobs_plan(request)
     echo = bool(request.echo)
     return_token_ids, raw_output = bool(request.return_token_ids), bool(request.raw_output)
-    sampled = sampling_body(request, deployment, settings, chat=True, account=account,
-                            nonce=nonce, token_ids=bool(fmt) or return_token_ids
-                            or raw_output or echo)
+    sampled = sampling_body(request, deployment, settings, chat=True,
+                            token_ids=bool(fmt) or return_token_ids or raw_output or echo)
     body = sampled.body
     body["messages"] = chat_history(request.messages, request.reasoning_history)
     if fmt:

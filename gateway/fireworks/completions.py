@@ -15,7 +15,7 @@ from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError
 from gateway.fireworks.generation import GenerationCall
 from gateway.fireworks.protocol import CompletionRequest, prompt_list_estimate
-from gateway.fireworks.sampling import Plan, logprobs_plan, sampling_body
+from gateway.fireworks.sampling import Plan, cache_scope, logprobs_plan, sampling_body
 
 
 class CompletionsApi(Api):
@@ -25,10 +25,10 @@ class CompletionsApi(Api):
 
     def translate(self, request: CompletionRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> CompletionCall:
-        body, plan = completion_body(request, route.deployment, settings, account=account,
-                                     nonce=nonce)
+        body, plan = completion_body(request, route.deployment, settings)
         return CompletionCall(body=body, plan=plan, route=route, request=request,
-                              affinity=request.prompt_cache_key or request.user)
+                              affinity=request.prompt_cache_key or request.user,
+                              cache_scope=cache_scope(request))
 
 
 @dataclass(kw_only=True)
@@ -47,8 +47,8 @@ class CompletionCall(GenerationCall):
         return orjson.dumps(first)[:limit]
 
 
-def completion_body(request: CompletionRequest, deployment: Deployment, settings: Settings,
-                    *, account: str, nonce: str) -> tuple[dict[str, Any], Plan]:
+def completion_body(request: CompletionRequest, deployment: Deployment,
+                    settings: Settings) -> tuple[dict[str, Any], Plan]:
     if request.images is not None:
         raise GatewayError(400, "images on /completions are not supported: send image_url "
                                 "content parts to /chat/completions", param="images")
@@ -58,9 +58,8 @@ def completion_body(request: CompletionRequest, deployment: Deployment, settings
     fmt, top = logprobs_plan(request)
     echo = bool(request.echo) or request.echo_last is not None
     return_token_ids, raw_output = bool(request.return_token_ids), bool(request.raw_output)
-    sampled = sampling_body(request, deployment, settings, chat=False, account=account,
-                            nonce=nonce, token_ids=bool(fmt) or return_token_ids
-                            or raw_output or echo)
+    sampled = sampling_body(request, deployment, settings, chat=False,
+                            token_ids=bool(fmt) or return_token_ids or raw_output or echo)
     body = sampled.body
     body["prompt"] = request.prompt
     if echo:

@@ -16,7 +16,7 @@ from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError, WorkerFault
 from gateway.fireworks.perf import perf_metrics
 from gateway.fireworks.protocol import EmbeddingRequest, prompt_list_estimate
-from gateway.fireworks.sampling import cache_salt
+from gateway.fireworks.sampling import cache_scope
 
 
 class EmbeddingsApi(Api):
@@ -26,9 +26,10 @@ class EmbeddingsApi(Api):
 
     def translate(self, request: EmbeddingRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> EmbeddingCall:
-        body = embedding_body(request, route.deployment, account=account, nonce=nonce)
+        body = embedding_body(request, route.deployment)
         return EmbeddingCall(body=body, model=route.requested_model, request=request,
                              affinity=request.prompt_cache_key or request.user,
+                             cache_scope=cache_scope(request),
                              perf_metrics_in_response=bool(request.perf_metrics_in_response))
 
 
@@ -59,8 +60,7 @@ class EmbeddingCall(Call):
         return Reply(orjson.dumps(data), [])
 
 
-def embedding_body(request: EmbeddingRequest, deployment: Deployment, *, account: str,
-                   nonce: str) -> dict[str, Any]:
+def embedding_body(request: EmbeddingRequest, deployment: Deployment) -> dict[str, Any]:
     """/embeddings: vLLM's own shape; the deployment must embed. `normalize` is vLLM's
     pooling activation (the embed pooler's is normalization); `prompt_template` is applied
     here, so the workers see plain texts."""
@@ -75,7 +75,6 @@ def embedding_body(request: EmbeddingRequest, deployment: Deployment, *, account
     body["input"] = embedding_input(request.input, request.prompt_template)
     if request.normalize is not None:
         body["use_activation"] = request.normalize
-    body["cache_salt"] = cache_salt(request, account, nonce)
     return body
 
 

@@ -43,7 +43,7 @@ from gateway.controlplane.responses import ResponseStore, StoredResponse
 from gateway.errors import GatewayError, WorkerFault
 from gateway.fireworks.perf import fireworks_headers, perf_metrics
 from gateway.fireworks.protocol import Strict
-from gateway.fireworks.sampling import PRIORITY, cache_salt
+from gateway.fireworks.sampling import PRIORITY, cache_scope
 from gateway.sse import sse
 
 logger = logging.getLogger("gateway.responses")
@@ -116,7 +116,6 @@ def responses_body(request: ResponsesRequest, route: Route, *, account: str,
     body["stream"] = request.stream
     body["store"] = False  # the gateway stores; the worker keeps nothing
     body["request_id"] = response_id(nonce, request.previous_response_id)
-    body["cache_salt"] = cache_salt(request, account, nonce)
     if request.service_tier == "priority" and deployment.priority_scheduling:
         body["priority"] = PRIORITY
     return body
@@ -317,5 +316,6 @@ class ResponsesApi(Api):
             responses=self.responses, stream=request.stream,
             max_tokens=body["max_output_tokens"], metadata=request.metadata,
             priority=request.service_tier == "priority", given=request.input,
+            cache_scope=cache_scope(request),
             affinity=request.prompt_cache_key or request.user
             or (None if root is None else f"conversation:{root}"))

@@ -17,7 +17,6 @@ mapped to what vLLM offers.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -105,7 +104,7 @@ def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict
 
 
 def sampling_body(request: SamplingFields, deployment: Deployment, settings: Settings, *,
-                  chat: bool, token_ids: bool, account: str, nonce: str) -> Sampling:
+                  chat: bool, token_ids: bool) -> Sampling:
     """The sampling part of a generation request. `token_ids`: the answer needs token ids
     back (logprob token ids, raw_output, echo)."""
     if deployment.task != "generate":
@@ -117,7 +116,6 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
                                     "speculative-decoding hints", param=name)
     body: dict[str, Any] = {name: getattr(request, name) for name in _PASSTHROUGH
                             if getattr(request, name) is not None}
-    body["cache_salt"] = cache_salt(request, account, nonce)
     body.update(reasoning_body(request, deployment, chat))
     sampling = _effective_sampling(request, deployment)
     ignored = []
@@ -192,22 +190,21 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
 
 
 class CacheScoped(Protocol):
-    """What cache_salt reads of a request (prompt_cache_max_len where the API has it)."""
+    """What cache_scope reads of a request (prompt_cache_max_len where the API has it)."""
 
     @property
     def prompt_cache_isolation_key(self) -> str | None: ...
 
 
-def cache_salt(request: CacheScoped, account: str, nonce: str) -> str:
-    """vLLM's prefix-cache salt. Every account has its own (no account can learn another's
-    prompts from cache timing); prompt_cache_isolation_key splits an account's further;
-    prompt_cache_max_len 0 gives the request a salt of its own, so that nothing is reused."""
+def cache_scope(request: CacheScoped) -> str | None:
+    """Which of the account's prefix caches the request shares (the Call's cache_scope; the
+    data plane salts every request with its account): prompt_cache_isolation_key splits an
+    account's further; prompt_cache_max_len 0 shares none, so that nothing is reused."""
     max_len = getattr(request, "prompt_cache_max_len", None)
     if max_len:
         raise GatewayError(400, "prompt_cache_max_len: only 0 (no prompt caching for this "
                                 "request) is supported", param="prompt_cache_max_len")
-    scope = nonce if max_len == 0 else request.prompt_cache_isolation_key or ""
-    return hashlib.sha256(f"{account}\0{scope}".encode()).hexdigest()[:32]
+    return None if max_len == 0 else request.prompt_cache_isolation_key or ""
 
 
 def reasoning_body(request: SamplingFields, deployment: Deployment,

@@ -63,3 +63,21 @@ def test_priority_is_reported_ignored_without_a_priority_scheduler(stack: Stack)
     assert response.status_code == 200, response.text
     options = json.loads(response.headers["fireworks-sampling-options"])
     assert options["ignored"] == ["service_tier"]
+
+
+def messages_cached(stack: Stack, text: str, key: str | None = None,
+                    model: str = MODEL) -> int:
+    """The prompt tokens one Messages request read from the worker's prefix cache."""
+    response = httpx.post(f"{stack.base_url}/inference/v1/messages", timeout=120,
+                          headers={"x-api-key": key or stack.api_key},
+                          json={"model": model, "max_tokens": 1, "temperature": 0,
+                                "messages": [{"role": "user", "content": text}]})
+    assert response.status_code == 200, response.text
+    return int(response.json()["usage"].get("cache_read_input_tokens") or 0)
+
+
+def test_messages_requests_are_isolated_like_every_other_api(stack: Stack) -> None:
+    text = shared_prefix()
+    assert messages_cached(stack, text) == 0
+    assert messages_cached(stack, text) > 0  # the account's own cache works
+    assert messages_cached(stack, text, OTHER_KEY, "accounts/other/models/private") == 0

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from gateway.controlplane.registry import hash_key
-from gateway.fireworks.sampling import cache_salt
+from gateway.dataplane.isolation import account_salt
 from gateway.local_stack import Child
 from tests.conftest import free_port, free_port_pair
 from tests.e2e.conftest import API_KEY, KV_EVENTS
@@ -26,12 +26,7 @@ MODEL = "accounts/fireworks/models/cached"
 ACCOUNT = "fireworks"
 
 
-@dataclass
-class Isolation:
-    prompt_cache_isolation_key: str | None = None
-
-
-SALT = cache_salt(Isolation(), ACCOUNT, "")  # what the gateway sends for this account
+SALT = account_salt(ACCOUNT, "")  # what the gateway sends for this account
 
 
 @dataclass

@@ -78,8 +78,8 @@ def test_a_client_that_leaves_a_stream_stops_the_worker(stack: Stack) -> None:
     with httpx.stream("POST", f"{stack.base_url}/inference/v1/messages", timeout=60,
                       headers={"x-api-key": stack.api_key},
                       json={"model": stack.model, "max_tokens": 1500, "stream": True,
-                            "messages": [{"role": "user", "content": "A long story."}],
-                            "ignore_eos": True}) as response:
+                            "messages": [{"role": "user", "content": "A long story."}]}
+                      ) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert any(line.startswith("event: content_block_delta")

@@ -44,10 +44,15 @@ ROWS: dict[str, list[Row]] = {
                Row(False, body={"stream": False}, call={"stream": False}),
                Row("yes", refused=True)],
 }
-# Anthropic's other fields go to the worker as they are (vLLM judges them).
+# Anthropic's other fields that vLLM takes go to the worker as they are (vLLM judges them).
 PASSED_ON = {"system": "Be brief.", "temperature": 0.2, "stop_sequences": ["\n"],
              "tools": [{"name": "f", "input_schema": {"type": "object"}}],
-             "metadata": {"user_id": "u"}, "thinking": {"type": "disabled"}}
+             "metadata": {"user_id": "u"}, "thinking": {"type": "disabled"},
+             "tool_choice": {"type": "auto"}, "top_k": 5, "top_p": 0.5,
+             "output_config": {"effort": "low"}}
+ROWS |= {name: [Row(value, body={name: value})] for name, value in PASSED_ON.items()}
+# Read by the gateway for the affinity key; not sent to the worker.
+ROWS |= {name: [Row("k", call={"affinity": "k"})] for name in ("prompt_cache_key", "user")}
 
 
 def translate(fields: dict[str, Any], lora: Lora | None = None) -> MessagesCall:
@@ -278,3 +283,21 @@ async def test_count_tokens_replies(answer: Any, count: int | None) -> None:
     reply = await call.reply(orjson.dumps(answer), NamedWorker(), record)
     assert orjson.loads(reply.body) == {"input_tokens": count}
     assert record.usage is None  # counting is recorded with no tokens
+
+
+@pytest.mark.parametrize("name", ["prompt_cache_key", "user"])
+def test_what_the_gateway_reads_goes_no_further(name: str) -> None:
+    assert name not in translate({name: "k"}).body
+
+
+@pytest.mark.parametrize("name,value", [
+    ("cache_salt", "another-accounts-salt"), ("priority", -100),
+    ("kv_transfer_params", {"do_remote_decode": True}), ("request_id", "x"),
+    ("mm_payload", "none"), ("service_tier", "priority"),
+])
+def test_engine_and_unknown_fields_are_refused_by_name(name: str, value: Any) -> None:
+    count = {k: v for k, v in BASE.items() if k != "max_tokens"}
+    for model, base in ((MessagesRequest, BASE), (CountTokensRequest, count)):
+        with pytest.raises(GatewayError) as refused:
+            parse_body(orjson.dumps(base | {name: value}), model, Settings())
+        assert refused.value.status == 400 and refused.value.param == name

@@ -44,6 +44,5 @@ def test_chat_reserves_for_every_choice() -> None:
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "n": 3, "max_tokens": 10,
          "messages": [{"role": "user", "content": "hi"}]})
-    _, plan = chat_body(request, Deployment(id="d", account="a", model="m"), Settings(),
-                        account="a", nonce="n")
+    _, plan = chat_body(request, Deployment(id="d", account="a", model="m"), Settings())
     assert plan.n == 3 and plan.max_tokens == 10

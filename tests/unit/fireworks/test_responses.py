@@ -14,10 +14,13 @@ import httpx
 import orjson
 import pytest
 
+from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.controlplane.responses import LocalResponses, RedisResponses, StoredResponse
+from gateway.dataplane.isolation import isolate
 from gateway.errors import GatewayError
 from gateway.fireworks.responses import (
+    ResponsesApi,
     ResponsesRequest,
     conversation_root,
     response_id,
@@ -37,8 +40,12 @@ def route(**deployment: Any) -> Route:
 
 
 def body(**request: Any) -> dict[str, Any]:
+    """The worker request as the data plane sends it: translated, then salted."""
     parsed = ResponsesRequest.model_validate({"model": MODEL, "input": "hi"} | request)
-    return responses_body(parsed, route(), account="a", nonce=NONCE)
+    call = ResponsesApi(LocalResponses(60)).translate(parsed, route(), Settings(),
+                                                      account="a", nonce=NONCE)
+    isolate(call, "a", NONCE)
+    return call.body
 
 
 @pytest.mark.parametrize(("request_fields", "expected"), [

@@ -15,6 +15,7 @@ import pytest
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.dataplane.affinity import affinity_key
+from gateway.dataplane.isolation import account_salt, isolate
 from gateway.errors import GatewayError
 from gateway.fireworks.chat import ChatApi, strict_when_forced
 from gateway.fireworks.completions import CompletionsApi
@@ -25,7 +26,7 @@ from gateway.fireworks.protocol import (
     CompletionRequest,
     EmbeddingRequest,
 )
-from gateway.fireworks.sampling import PRIORITY, Plan, cache_salt
+from gateway.fireworks.sampling import PRIORITY, Plan
 from gateway.validation import known_fields, parse_body
 
 PLAIN = Deployment(id="d", account="acct", model="accounts/acct/models/m",
@@ -146,14 +147,11 @@ ROWS: dict[str, list[Row]] = {
                          Row("k1", where="routing: the affinity key", endpoints=EMBEDDINGS,
                              deployment=EMBED)],
     "prompt_cache_isolation_key": [
-        Row("tenant-7", body={"cache_salt": cache_salt(CompletionRequest(
-            model="m", prompt="x", prompt_cache_isolation_key="tenant-7"), "acct", "n1")}),
-        Row("tenant-7", body={"cache_salt": cache_salt(CompletionRequest(
-            model="m", prompt="x", prompt_cache_isolation_key="tenant-7"), "acct", "n1")},
+        Row("tenant-7", body={"cache_salt": account_salt("acct", "tenant-7")}),
+        Row("tenant-7", body={"cache_salt": account_salt("acct", "tenant-7")},
             endpoints=EMBEDDINGS, deployment=EMBED)],
     "prompt_cache_max_len": [
-        Row(0, body={"cache_salt": cache_salt(CompletionRequest(
-            model="m", prompt="x", prompt_cache_max_len=0), "acct", "n1")}),
+        Row(0, body={"cache_salt": account_salt("acct", "n1")}),
         Row(100, refused=True)],
     "service_tier": [
         Row("priority", body={"priority": PRIORITY}, deployment=REASONING),
@@ -225,11 +223,12 @@ ROWS["reasoning_history"] += [Row("disabled", endpoints=("chat",),
 
 def translate(endpoint: str, extra: dict[str, Any], deployment: Deployment = PLAIN
               ) -> tuple[dict[str, Any], Plan]:
-    """Through the endpoint's API object, as the data plane does."""
+    """Through the endpoint's API object, then salted, as the data plane does."""
     api = APIS[endpoint]
     request = parse_body(orjson.dumps(BASES[endpoint] | extra), api.request_model, Settings())
     call = api.translate(request, Route(deployment, request.model), Settings(),
                          account="acct", nonce="n1")
+    isolate(call, "acct", "n1")
     if isinstance(call, GenerationCall):
         return call.body, call.plan
     # embeddings have no Plan: what they carry besides the body, in one
@@ -300,7 +299,11 @@ def test_reasoning_history(mode: str | None, kept: list[str]) -> None:
 
 def test_cache_salts_never_cross_accounts_and_zero_max_len_never_reuses() -> None:
     def salt(account: str, nonce: str = "n", **fields: Any) -> str:
-        return cache_salt(CompletionRequest(model="m", prompt="x", **fields), account, nonce)
+        call = CompletionsApi().translate(CompletionRequest(model="m", prompt="x", **fields),
+                                          Route(PLAIN, "m"), Settings(), account=account,
+                                          nonce=nonce)
+        isolate(call, account, nonce)
+        return str(call.body["cache_salt"])
 
     assert salt("a") == salt("a") != salt("b")  # accounts never share cached prefixes
     assert salt("a", prompt_cache_isolation_key="t") != salt("a")
