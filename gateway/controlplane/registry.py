@@ -144,8 +144,10 @@ class Lora(Record):
 
     @property
     def worker_name(self) -> str:
-        """The name the workers know it by (the gateway manages the adapters named so)."""
-        return f"{LORA_PREFIX}{self.account}.{self.id}"
+        """The name the workers know it by (the gateway manages the adapters named so). The
+        account and the id are joined by a character neither may hold, so that two accounts'
+        adapters never share a name on a shared worker (`a` + `b.c` and `a.b` + `c` would)."""
+        return f"{LORA_PREFIX}{self.account}:{self.id}"
 
 
 LORA_PREFIX = "fwlora."

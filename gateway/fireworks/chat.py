@@ -107,6 +107,7 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment,
         if isinstance(tool_choice, dict) and "function" not in tool_choice \
                 and "name" in tool_choice:
             tool_choice = {"type": "function", "function": {"name": tool_choice["name"]}}
+        check_tools(tools, tool_choice)
         body["tools"] = strict_when_forced(tools, tool_choice)
         if tool_choice is not None:
             body["tool_choice"] = tool_choice
@@ -131,6 +132,24 @@ def chat_history(messages: list[ChatMessage], mode: str | None) -> list[dict[str
             item.pop("reasoning_content", None)
         out.append(item)
     return out
+
+
+def check_tools(tools: list[dict[str, Any]], tool_choice: Any) -> None:
+    """What the gateway reads of tools and a named tool_choice has the shape it reads (a 400
+    naming the field, not a 500): each tool's `function` an object whose `name` is a string;
+    a tool_choice object's `function` likewise. The rest is the worker's to judge."""
+    for index, tool in enumerate(tools):
+        function = tool.get("function")
+        if function is not None and not (isinstance(function, dict)
+                                         and isinstance(function.get("name"), str)):
+            raise GatewayError(400, "tools: a function needs a name (a string)",
+                               param=f"tools[{index}].function")
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise GatewayError(400, "tool_choice: name a function ({\"type\": \"function\", "
+                                    "\"function\": {\"name\": ...}})",
+                               param="tool_choice.function")
 
 
 def strict_when_forced(tools: list[dict[str, Any]], tool_choice: Any

@@ -113,7 +113,7 @@ def test_an_adapter_loaded_through_the_admin_api(lora_stack: LoraStack) -> None:
     assert through.status_code == 200, through.text
     tuned = through.json()["choices"][0]["text"]
     assert through.json()["model"] == TUNED
-    assert tuned == lora_stack.direct("fwlora.fireworks.tuned")  # vLLM's own, for the adapter
+    assert tuned == lora_stack.direct("fwlora.fireworks:tuned")  # vLLM's own, for the adapter
     base = lora_stack.complete(BASE).json()["choices"][0]["text"]
     assert base == lora_stack.direct("smollm2") and base != tuned  # the base is unchanged
     assert lora_stack.complete(TUNED, OTHER_KEY).status_code == 404  # other accounts

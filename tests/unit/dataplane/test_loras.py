@@ -10,7 +10,14 @@ import httpx
 import orjson
 import pytest
 
-from gateway.controlplane.registry import Account, Lora, Registry, RegistryData, hash_key
+from gateway.controlplane.registry import (
+    LORA_PREFIX,
+    Account,
+    Lora,
+    Registry,
+    RegistryData,
+    hash_key,
+)
 from gateway.errors import GatewayError
 from tests.unit.fake_worker import FakeWorkers
 from tests.unit.harness import Harness, build
@@ -70,7 +77,7 @@ def test_a_lora_resolves_to_its_base_deployment_for_its_account_only() -> None:
     acme, other = Account(id="acme"), Account(id="other")
     route = registry.resolve(TUNED, acme)
     assert route.deployment.id == "base-d" and route.lora is not None
-    assert route.model == TUNED and route.lora.worker_name == "fwlora.acme.tuned"
+    assert route.model == TUNED and route.lora.worker_name == "fwlora.acme:tuned"
     pinned = registry.resolve(f"{TUNED}#accounts/acme/deployments/base-d", acme)
     assert pinned.lora == route.lora
     assert registry.resolve(BASE, acme).lora is None  # the base model itself
@@ -102,13 +109,13 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         added = await client.put("/admin/v1/accounts/acme/loras/tuned", headers=admin,
                                  json={"deployment": "base-d", "source": "/models/tuned"})
         assert added.status_code == 200, added.text
-        assert workers.loaded == {"w1": {"fwlora.acme.tuned"}, "w2": {"fwlora.acme.tuned"}}
+        assert workers.loaded == {"w1": {"fwlora.acme:tuned"}, "w2": {"fwlora.acme:tuned"}}
         assert set(added.json()["replicas"].values()) == {True}
         for _ in range(4):
             served = await client.post("/v1/completions", headers=user,
                                        json={"model": TUNED, "prompt": "x"})
             assert served.status_code == 200, served.text
-            assert served.json()["choices"][0]["text"] == "fwlora.acme.tuned"
+            assert served.json()["choices"][0]["text"] == "fwlora.acme:tuned"
             assert served.json()["model"] == TUNED
         base = await client.post("/v1/completions", headers=user,
                                  json={"model": BASE, "prompt": "x"})
@@ -122,7 +129,7 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         # it, and the next sync loads it again.
         workers.loaded["w1"].clear()
         await app.gateway.adapters.sync_all()
-        assert workers.loaded["w1"] == {"fwlora.acme.tuned"}
+        assert workers.loaded["w1"] == {"fwlora.acme:tuned"}
         # Both restarted between syncs: the request waits for the load on its replica.
         for host in ("w1", "w2"):
             workers.loaded[host].clear()
@@ -130,7 +137,7 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         served = await client.post("/v1/completions", headers=user,
                                    json={"model": TUNED, "prompt": "x"})
         assert served.status_code == 200, served.text
-        assert workers.loaded["w1"] == {"fwlora.acme.tuned"}
+        assert workers.loaded["w1"] == {"fwlora.acme:tuned"}
         # Both restarted, and the gateway has not looked yet: the worker's 404 for the
         # adapter makes it load it there and ask again; the client sees nothing of it.
         for host in ("w1", "w2"):
@@ -138,7 +145,7 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         served = await client.post("/v1/completions", headers=user,
                                    json={"model": TUNED, "prompt": "x"})
         assert served.status_code == 200, served.text
-        assert served.json()["choices"][0]["text"] == "fwlora.acme.tuned"
+        assert served.json()["choices"][0]["text"] == "fwlora.acme:tuned"
         # Other accounts do not see it.
         other = await client.post("/v1/completions", headers={"Authorization": f"Bearer {OTHER}"},
                                   json={"model": TUNED, "prompt": "x"})
@@ -152,7 +159,7 @@ async def test_adapters_are_loaded_routed_to_reloaded_and_unloaded(tmp_path: Pat
         missing_base = await client.put("/admin/v1/accounts/acme/loras/x", headers=admin,
                                         json={"deployment": "nope", "source": "/m"})
         assert missing_base.status_code == 404
-    assert all(model in (None, "fwlora.acme.tuned") for _, model in workers.completions)
+    assert all(model in (None, "fwlora.acme:tuned") for _, model in workers.completions)
 
 
 def test_lora_records_validate() -> None:
@@ -160,3 +167,10 @@ def test_lora_records_validate() -> None:
         Lora(id="a/b", account="acme", deployment="d", source="/x")
     with pytest.raises(ValueError):
         Lora(id="ok", account="acme", deployment="d", source="")
+
+
+def test_adapter_names_never_collide_across_accounts() -> None:
+    one = Lora(id="b.c", account="a", deployment="d", source="/x")
+    other = Lora(id="c", account="a.b", deployment="d", source="/y")
+    assert one.worker_name != other.worker_name
+    assert one.worker_name.startswith(LORA_PREFIX)
