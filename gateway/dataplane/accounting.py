@@ -77,9 +77,7 @@ def record_end(gateway: Gateway, tally: Tally, status: str, http_status: int, *,
         if tally.admission is not None:
             _admitted_end(gateway, tally, tally.admission, status, http_status)
         elif refused:  # refused before admission
-            gateway.metrics.requests.labels(tally.deployment, tally.endpoint,
-                                            str(http_status)).inc()
-            gateway.metrics.errors.labels(tally.deployment, str(http_status)).inc()
+            _count(gateway, tally, status, http_status)
     finally:
         tally.trace.end(status, http_status, tally.first_token_at)
 
@@ -104,9 +102,7 @@ def _metrics(gateway: Gateway, tally: Tally, usage: dict[str, Any], status: str,
     deployment, metrics = tally.deployment, gateway.metrics
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     ended, first_token = time.monotonic(), tally.first_token_at
-    metrics.requests.labels(deployment, tally.endpoint, str(http_status)).inc()
-    if status == "error":
-        metrics.errors.labels(deployment, str(http_status)).inc()
+    _count(gateway, tally, status, http_status)
     if first_token is not None:
         metrics.time_to_first_token.labels(deployment).observe(first_token - tally.started)
     metrics.latency.labels(deployment).observe(ended - tally.started)
@@ -114,6 +110,13 @@ def _metrics(gateway: Gateway, tally: Tally, usage: dict[str, Any], status: str,
                         ("completion", usage.get("completion_tokens", 0))):
         if count:
             metrics.tokens.labels(deployment, kind).inc(count)
+
+
+def _count(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:
+    """The request counters: every request by status, errors apart."""
+    gateway.metrics.requests.labels(tally.deployment, tally.endpoint, str(http_status)).inc()
+    if status == "error":
+        gateway.metrics.errors.labels(tally.deployment, str(http_status)).inc()
 
 
 def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, usage: dict[str, Any],

@@ -20,11 +20,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from gateway.errors import GatewayError, WorkerFault
+
 
 class Failure(Enum):
     UNREACHABLE = "unreachable"  # the replica could not be asked
     BAD_ANSWER = "bad answer"  # it answered, with a 5xx or something that is not an answer
     REFUSED = "refused"  # it judged the request (the client's fault)
+
+    @classmethod
+    def of(cls, exc: GatewayError) -> Failure:
+        if not exc.replica_fault:
+            return cls.REFUSED
+        return cls.BAD_ANSWER if isinstance(exc, WorkerFault) else cls.UNREACHABLE
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,6 @@ class RequestLife:
         prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
         tried: set[str] = set()
         blame = Blame()
-        answered_badly = ""  # the last replica whose answer failed (for the log)
         try:
             for number in range(1, ATTEMPTS + 1):
                 lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint)
@@ -225,21 +224,15 @@ class RequestLife:
                 except GatewayError as exc:
                     tally.trace.attempt_ended(f"{exc.status}: {exc.message}")
                     self.drop()
-                    if not exc.replica_fault:
-                        failure = Failure.REFUSED
-                    elif isinstance(exc, WorkerFault):
-                        failure = Failure.BAD_ANSWER
-                    else:
-                        failure = Failure.UNREACHABLE
-                    verdict = blame.failed(url, failure)
+                    suspect = blame.suspect  # (for the log)
+                    verdict = blame.failed(url, Failure.of(exc))
                     if isinstance(exc, WorkerFault) and verdict.request_caused:
                         logger.warning("request %s failed on replicas %s and %s (%s): not "
-                                       "counted against either", self.request_id,
-                                       answered_badly, url, exc.detail)
+                                       "counted against either", self.request_id, suspect,
+                                       url, exc.detail)
                     elif isinstance(exc, WorkerFault):
                         logger.warning("request %s: replica %s failed: %s", self.request_id,
                                        url, exc.detail)
-                        answered_badly = url
                     judged(gateway, tally, verdict)
                     if not verdict.retry or number == ATTEMPTS \
                             or not gateway.replicas.candidates(deployment, tried):

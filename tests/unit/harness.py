@@ -120,7 +120,6 @@ def build(tmp_path: Path, handler: Handler | None = None, *,
     path = write_registry(tmp_path, content)
     app = create_app(Settings(registry_path=path, **({"health_check_interval": 0} | settings)),
                      apis)
-    app.workers = workers  # type: ignore[attr-defined]  # (older tests read it there)
     if listed_order:
         in_listed_order(app)
     return Harness(app, workers, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.dataplane.blame import Blame, Failure, Verdict
+from gateway.errors import GatewayError, WorkerFault
 
 U, B, R = Failure.UNREACHABLE, Failure.BAD_ANSWER, Failure.REFUSED
 NOTHING = Verdict(None, retry=True, request_caused=False)
@@ -35,3 +36,12 @@ def test_whom_a_failure_blames(attempts: list[tuple[str, Failure]], verdicts: li
     assert [blame.failed(replica, failure) for replica, failure in attempts] == verdicts
     assert blame.settle() == standing
     assert blame.settle() is None  # settled once
+
+
+@pytest.mark.parametrize("exc,failure", [
+    (GatewayError(503, "No worker reachable", replica_fault=True), U),
+    (WorkerFault("not JSON"), B),
+    (GatewayError(400, "bad request"), R),
+])
+def test_which_failure_an_error_is(exc: GatewayError, failure: Failure) -> None:
+    assert Failure.of(exc) is failure
