@@ -146,8 +146,10 @@ class Call:
 
     body: dict[str, Any]  # the worker request (the data plane encodes it once)
     stream: bool = False
-    max_tokens: int = 0  # per choice, for the token limits
-    n: int = 1  # choices
+    max_tokens: int = 0  # per sequence, for the token limits
+    # Sequences the workers run for it (prompts x n, embedding inputs, documents): what
+    # the limits reserve output for, and its weight in the queue and in replica load.
+    sequences: int = 1
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     priority: bool = False  # asked for priority service: ahead in the gateway's queue
     affinity: str | None = None  # the client's own cache key in the body, if any

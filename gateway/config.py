@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # request's headers to arrive and their largest size; how long an idle keep-alive
     # connection stays open; how many connections one server process holds.
     max_body_bytes: int = 32 << 20
+    # The most sequences one request may ask the workers for (prompts x n, embedding
+    # inputs, documents): OpenAI's bound on the inputs of one embeddings request.
+    max_sequences: int = Field(default=2048, ge=1)
     body_timeout: float = 60.0
     header_timeout: float = 10.0
     max_header_bytes: int = 32 << 10

@@ -46,6 +46,7 @@ class Waiter:
     weight: int
     priority: Priority
     turn: asyncio.Future[None]
+    cost: int = 1  # the sequences it asks the workers for
     since: float = field(default_factory=time.monotonic)
 
 
@@ -82,7 +83,7 @@ class Band:
                 self.deficits[account] += flow[0].weight
                 self.flows.move_to_end(account)  # credit for its next round; others first
                 continue
-            self.deficits[account] -= 1
+            self.deficits[account] -= flow[0].cost  # a batch of 50 spends 50 turns' credit
             self.new.discard(account)
             waiter = flow.popleft()
             self.size -= 1
@@ -162,9 +163,11 @@ class Queues:
         self.queues: dict[str, DeploymentQueue] = {}
         self.deployments: dict[str, Deployment] = {}
 
-    async def turn(self, deployment: Deployment, account: Account, priority: bool) -> bool:
+    async def turn(self, deployment: Deployment, account: Account, priority: bool,
+                   cost: int = 1) -> bool:
         """Returns when the request may take a replica (True when it waited for that);
-        raises 503 when it is shed."""
+        raises 503 when it is shed. `cost`: the sequences it asks for, which it takes of
+        the replicas' room and of its account's turns."""
         queue = self.queues.get(deployment.name)
         promised = 0 if queue is None else queue.dispatched
         if (queue is None or queue.length == 0) and self.free(deployment, 0) > promised:
@@ -176,7 +179,7 @@ class Queues:
         self.deployments[deployment.name] = deployment
         tier = (1 if priority else 0, account.priority)
         waiter = Waiter(account.id, account.weight, tier,
-                        asyncio.get_running_loop().create_future())
+                        asyncio.get_running_loop().create_future(), cost)
         if queue.length >= self.max_length:
             victim = queue.victim(tier, account.id)
             if victim is None:
@@ -200,7 +203,7 @@ class Queues:
                 self._gauge(deployment, tier, queue)
             elif waiter.turn.done() and not waiter.turn.cancelled() \
                     and waiter.turn.exception() is None:
-                queue.dispatched -= 1  # it goes on to take its lease now
+                queue.dispatched -= cost  # it goes on to take its lease now
                 self.metrics.queue_wait.labels(deployment.name, _label(tier)).observe(
                     time.monotonic() - waiter.since)
             if not waiter.turn.done():
@@ -215,8 +218,8 @@ class Queues:
         room = self.free(deployment, 0) - queue.dispatched
         while queue.length and room > 0:
             waiter = queue.pop()
-            queue.dispatched += 1
-            room -= 1
+            queue.dispatched += waiter.cost
+            room -= waiter.cost
             waiter.turn.set_result(None)
             self._gauge(deployment, waiter.priority, queue)
 

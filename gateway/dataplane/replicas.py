@@ -106,9 +106,11 @@ class Lease:
     """One request's hold on a replica; released exactly once (streams outlive handlers)."""
 
     def __init__(self, replicas: ReplicaSet, replica: Replica,
-                 routing: str | None = None, ended: Callable[[], None] | None = None) -> None:
+                 routing: str | None = None, ended: Callable[[], None] | None = None,
+                 weight: int = 1) -> None:
         self._replicas = replicas
         self.replica = replica
+        self.weight = weight  # the sequences it runs there: its share of the replica's load
         self._held = True
         self.routing = routing  # why this replica, when KV caches had a say
         self._ended = ended  # the request's blocks no longer count as coming to the replica
@@ -119,7 +121,7 @@ class Lease:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._replicas.outstanding[self.replica.url] -= 1
+            self._replicas.outstanding[self.replica.url] -= self.weight
             try:
                 if self._ended is not None:
                     self._ended()
@@ -187,9 +189,10 @@ class ReplicaSet:
     def acquire(self, deployment: Deployment, affinity_key: str | None = None,
                 exclude: set[str] | None = None,
                 prefer: Callable[[str], bool] | None = None,
-                hint: CacheHint | None = None) -> Lease:
+                hint: CacheHint | None = None, weight: int = 1) -> Lease:
         """A lease on a replica; among those `prefer` accepts when there are any (e.g. the
-        replicas that hold a request's LoRA adapter)."""
+        replicas that hold a request's LoRA adapter). `weight`: the sequences the request
+        runs, which count as that many requests of the replica's load."""
         exclude = exclude or set()
         hint = None if hint is None else hint.now()
         routing = None  # why, when the pods' KV caches had a say (the fireworks-routing header)
@@ -215,7 +218,7 @@ class ReplicaSet:
             if hint is not None:
                 routing = (f"cached-blocks={hint.cached.get(replica.url, 0)}/{hint.blocks}; "
                            f"load={load[replica.url]}")
-        self.outstanding[replica.url] += 1
+        self.outstanding[replica.url] += weight
         # A trial's blocks do not draw other requests to a pod that is still on trial.
         ended = None if hint is None or trial is not None else hint.expect(replica.url)
-        return Lease(self, replica, routing, ended)
+        return Lease(self, replica, routing, ended, weight)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from gateway.api import Call, InferenceApi, Served
+from gateway.config import Settings
 from gateway.controlplane.limits import Admission, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.accounting import Tally, admitted, judged, new_record_id, record_end
@@ -153,7 +154,8 @@ class RequestLife:
         with tally.trace.phase("admission"):
             call, encoded = await self.admit(request, route)
         queued_at = time.monotonic()
-        if await gateway.queues.turn(route.deployment, self.account, call.priority):
+        if await gateway.queues.turn(route.deployment, self.account, call.priority,
+                                     call.sequences):
             tally.trace.waited("queue", queued_at)
         hint = await self.cache_hint(route, call) if gateway.kv_index.known else None
         affinity = affinity_key(self.client.headers, call,
@@ -170,11 +172,7 @@ class RequestLife:
         if route.lora is not None:  # the adapter, by the name its workers know it
             call.body["model"] = route.lora.worker_name
         isolate(call, account.id, record_id)
-        try:
-            encoded = orjson.dumps(call.body)
-        except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
-            raise GatewayError(400, "The request cannot be encoded: it nests too "
-                                    "deeply") from exc
+        encoded = bounded(call, gateway.settings)
         if gateway.ledger.backlogged:
             raise GatewayError(503, "Usage records cannot be written at the moment; new "
                                     "requests are refused until they can",
@@ -185,7 +183,7 @@ class RequestLife:
                 # No choice generates past the context length, whatever max_tokens says.
                 generated = min(call.max_tokens, deployment.context_length or call.max_tokens)
                 admission = await gateway.limiter.admit(account, call.prompt_estimate(),
-                                                        generated * call.n, record_id)
+                                                        generated * call.sequences, record_id)
             except RateLimited as exc:
                 gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
                 raise
@@ -214,7 +212,8 @@ class RequestLife:
         blame = Blame()
         try:
             for number in range(1, ATTEMPTS + 1):
-                lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint)
+                lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint,
+                                                 call.sequences)
                 attempt = self.begin(lease, route)
                 url = lease.replica.url
                 tried.add(url)
@@ -304,6 +303,25 @@ class RequestLife:
             if not exc.replica_fault:  # the worker judged the request: its message goes out
                 await name_the_asked_model(exc, route, attempt.worker)
             raise
+
+
+def bounded(call: Call, settings: Settings) -> bytes:
+    """The worker request encoded, within the bounds every API shares: a translation may
+    amplify a small body (batched prompts times n, templates), so what reaches the workers
+    is bounded here, after it, whatever the API."""
+    if call.sequences > settings.max_sequences:
+        raise GatewayError(400, f"The request asks for {call.sequences} sequences (prompts "
+                                f"or inputs, times n); at most {settings.max_sequences} are "
+                                "allowed in one request")
+    try:
+        encoded = orjson.dumps(call.body)
+    except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than 254 levels
+        raise GatewayError(400, "The request cannot be encoded: it nests too "
+                                "deeply") from exc
+    if len(encoded) > settings.max_body_bytes:
+        raise GatewayError(413, f"The request as sent to the workers would be {len(encoded)} "
+                                f"bytes, past the limit of {settings.max_body_bytes}")
+    return encoded
 
 
 async def name_the_asked_model(exc: GatewayError, route: Route, worker: ReplicaWorker) -> None:

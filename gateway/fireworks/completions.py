@@ -14,7 +14,7 @@ from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError
 from gateway.fireworks.generation import GenerationCall
-from gateway.fireworks.protocol import CompletionRequest, prompt_list_estimate
+from gateway.fireworks.protocol import CompletionRequest, prompt_list_estimate, prompts_of
 from gateway.fireworks.sampling import Plan, cache_scope, logprobs_plan, sampling_body
 
 
@@ -34,6 +34,10 @@ class CompletionsApi(Api):
 @dataclass(kw_only=True)
 class CompletionCall(GenerationCall):
     request: CompletionRequest  # as the client sent it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sequences = len(prompts_of(self.request.prompt)) * self.plan.n  # n per prompt
 
     def prompt_estimate(self) -> int:
         return prompt_list_estimate(self.request.prompt)

@@ -26,8 +26,11 @@ class EmbeddingsApi(Api):
 
     def translate(self, request: EmbeddingRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> EmbeddingCall:
-        body = embedding_body(request, route.deployment)
+        body = embedding_body(request, route.deployment, settings.max_body_bytes)
+        inputs = body["input"]
+        several = isinstance(inputs, list) and not isinstance(inputs[0], int)
         return EmbeddingCall(body=body, model=route.requested_model, request=request,
+                             sequences=len(inputs) if several else 1,
                              affinity=request.prompt_cache_key or request.user,
                              cache_scope=cache_scope(request),
                              perf_metrics_in_response=bool(request.perf_metrics_in_response))
@@ -60,10 +63,11 @@ class EmbeddingCall(Call):
         return Reply(orjson.dumps(data), [])
 
 
-def embedding_body(request: EmbeddingRequest, deployment: Deployment) -> dict[str, Any]:
+def embedding_body(request: EmbeddingRequest, deployment: Deployment,
+                   max_bytes: int) -> dict[str, Any]:
     """/embeddings: vLLM's own shape; the deployment must embed. `normalize` is vLLM's
     pooling activation (the embed pooler's is normalization); `prompt_template` is applied
-    here, so the workers see plain texts."""
+    here, so the workers see plain texts, rendered only when they fit in `max_bytes`."""
     if deployment.task != "embed":
         raise GatewayError(400, f"Deployment {deployment.name} generates text; embeddings "
                                 "come from a deployment whose task is embed", param="model")
@@ -72,7 +76,7 @@ def embedding_body(request: EmbeddingRequest, deployment: Deployment) -> dict[st
                                 "runner returns embeddings only", param="return_logits")
     body = request.model_dump(exclude_none=True, include={"dimensions", "encoding_format",
                                                           "user"})
-    body["input"] = embedding_input(request.input, request.prompt_template)
+    body["input"] = embedding_input(request.input, request.prompt_template, max_bytes)
     if request.normalize is not None:
         body["use_activation"] = request.normalize
     return body
@@ -81,9 +85,11 @@ def embedding_body(request: EmbeddingRequest, deployment: Deployment) -> dict[st
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
-def embedding_input(given: Any, template: str | None) -> Any:
+def embedding_input(given: Any, template: str | None, max_bytes: int) -> Any:
     """The input as the workers take it. With a template each text (as `{text}`) or object
-    (its fields, as `{name}`) becomes one string; objects need a template."""
+    (its fields, as `{name}`) becomes one string; objects need a template. Each reference
+    copies its field, so a small body can ask for a huge one: the rendered size is counted
+    first, and past `max_bytes` (the gateway's body limit) nothing is rendered (400)."""
     several = isinstance(given, list)
     items = given if several else [given]
     if template is None:
@@ -94,19 +100,29 @@ def embedding_input(given: Any, template: str | None) -> Any:
     if "{{" in template or "{%" in template:
         raise GatewayError(400, "prompt_template: only {field} substitution is supported",
                            param="prompt_template")
-    rendered = []
+    names = _FIELD.findall(template)
+    fixed = len(_FIELD.sub("", template).encode())
+    placed: list[dict[str, str]] = []
+    size = 0
     for item in items:
         if isinstance(item, (int, list)):  # token ids
             raise GatewayError(400, "prompt_template applies to texts and objects, not to "
                                     "token ids", param="prompt_template")
         fields = item if isinstance(item, dict) else {"text": item}
-        missing = sorted({name for name in _FIELD.findall(template) if name not in fields})
+        missing = sorted({name for name in names if name not in fields})
         if missing:
             raise GatewayError(400, f"prompt_template names {missing[0]!r}, which the input "
                                     "does not have", param="prompt_template")
-        rendered.append(_render(template, fields))
+        texts = {name: str(fields[name]) for name in set(names)}
+        size += fixed + sum(len(texts[name].encode()) for name in names)
+        if size > max_bytes:
+            raise GatewayError(400, f"prompt_template would render more than {max_bytes} "
+                                    "bytes (the gateway's request size limit)",
+                               param="prompt_template")
+        placed.append(texts)
+    rendered = [_render(template, texts) for texts in placed]
     return rendered if several else rendered[0]
 
 
-def _render(template: str, fields: dict[str, Any]) -> str:
-    return _FIELD.sub(lambda match: str(fields[match.group(1)]), template)
+def _render(template: str, texts: dict[str, str]) -> str:
+    return _FIELD.sub(lambda match: texts[match.group(1)], template)

@@ -90,7 +90,8 @@ class GenerationCall(Call):
 
     def __post_init__(self) -> None:
         plan = self.plan
-        self.stream, self.max_tokens, self.n = plan.stream, plan.max_tokens, plan.n
+        self.stream, self.max_tokens = plan.stream, plan.max_tokens
+        self.sequences = plan.n
         self.metadata, self.priority = plan.metadata, plan.priority
 
     def cache_query(self) -> CacheQuery | None:

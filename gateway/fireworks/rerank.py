@@ -107,4 +107,5 @@ class RerankApi(Api):
     def translate(self, request: RerankRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> RerankCall:
         return RerankCall(body=rerank_body(request, route), model=route.requested_model,
-                          return_documents=request.return_documents)
+                          return_documents=request.return_documents,
+                          sequences=len(request.documents))

@@ -183,3 +183,33 @@ async def test_saturated_replicas_hold_requests_in_the_gateway(tmp_path: Path) -
     assert "urgent" in at_workers[2]  # the first to leave the queue
     assert 'fwgw_queue_wait_seconds_count{deployment="accounts/fireworks/deployments/d",' \
            'priority="standard/0"} 2.0' in metrics
+
+
+async def test_a_batch_spends_its_accounts_turns_as_the_sequences_it_asks_for() -> None:
+    band = Band()
+    band.push(Waiter("batch", 1, (0, 0), asyncio.get_running_loop().create_future(), 8))
+    for _ in range(3):
+        band.push(Waiter("batch", 1, (0, 0), asyncio.get_running_loop().create_future(), 8))
+        band.push(waiter("single"))
+    order = [band.pop().account for _ in range(6)]
+    # One batch of 8 sequences costs the account 8 turns: the single requests all go
+    # before its second batch.
+    assert order == ["batch", "single", "single", "single", "batch", "batch"]
+
+
+async def test_a_batch_takes_the_replicas_room_of_its_sequences() -> None:
+    room = Room()
+    queues = Queues(room, GatewayMetrics(), timeout=5)
+    batch = asyncio.create_task(queues.turn(DEPLOYMENT, account("batch"), False, 3))
+    single = asyncio.create_task(queues.turn(DEPLOYMENT, account("single"), False))
+    await asyncio.sleep(0)
+    room.free = 3
+    queues.dispatch_all()
+    await asyncio.wait_for(batch, 1)
+    # The batch was let go first and took the 3 sequences of room: the single one waits.
+    assert not single.done()
+    queue = queues.queues[DEPLOYMENT.name]
+    assert queue.dispatched == 0 and queue.length == 1
+    room.free = 4
+    queues.dispatch_all()
+    await asyncio.wait_for(single, 1)

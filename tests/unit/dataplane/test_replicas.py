@@ -183,3 +183,14 @@ def test_a_request_the_queue_lets_go_takes_a_replica_with_room() -> None:
     replicas.outstanding[preferred.url] = 2  # saturated, within affinity's imbalance
     assert replicas.acquire(DEPLOYMENT, "s").replica.url != preferred.url
     assert replicas.room(DEPLOYMENT) == 1  # the saturated one none, the other 2 - 1
+
+
+def test_a_lease_counts_the_sequences_it_runs_as_load() -> None:
+    replicas = ReplicaSet(policy=AffinityOrLeastOutstanding(pick=lambda tied: tied[0]))
+    batch = replicas.acquire(DEPLOYMENT, weight=8)
+    assert replicas.outstanding[batch.replica.url] == 8 and batch.concurrent == 8
+    # The next requests go to the other replicas, until they carry as much.
+    others = [replicas.acquire(DEPLOYMENT) for _ in range(3)]
+    assert batch.replica.url not in {lease.replica.url for lease in others}
+    batch.release()
+    assert replicas.outstanding[batch.replica.url] == 0

@@ -323,9 +323,9 @@ def test_cache_salts_never_cross_accounts_and_zero_max_len_never_reuses() -> Non
 
 def test_prompt_templates_place_every_field_once_per_input() -> None:
     objects = [{"title": "T", "n": 2}, {"title": "U", "n": 3.5}]
-    assert embedding_input(objects, "{title} ({n}); {title}") == ["T (2); T", "U (3.5); U"]
-    assert embedding_input("x", "{text}{text}") == "xx"
-    assert embedding_input(["a", "b"], None) == ["a", "b"]  # no template: as given
+    assert embedding_input(objects, "{title} ({n}); {title}", 1 << 20) == ["T (2); T", "U (3.5); U"]
+    assert embedding_input("x", "{text}{text}", 1 << 20) == "xx"
+    assert embedding_input(["a", "b"], None, 1 << 20) == ["a", "b"]  # no template: as given
 
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
