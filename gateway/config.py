@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     strict_validation: bool = True
     # Fireworks historically returns the matched stop sequence inside the text.
     stop_include_in_output: bool = True
+    # Routing on the workers' KV caches tokenizes a text prompt on a worker first: at most
+    # this many seconds, after which the request routes on its prefix hash instead.
+    kv_tokenize_timeout: float = Field(default=0.5, gt=0)
     # Seconds to wait for a worker to connect, and for each read from it.
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0

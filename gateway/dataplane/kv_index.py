@@ -22,6 +22,7 @@ document, many questions) go where the first went instead of each computing it s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -246,22 +247,38 @@ class CacheHint:
         return self.index.expect(pod, self.keys)
 
 
+# Routing on the pods' caches costs a /tokenize of the prompt and a block key per block:
+# bounded by the deployment's context. Byte-level tokenizers rarely put more than this many
+# bytes in one token, so a request larger than this many bytes per token of the context is
+# past it (the worker will refuse it): not tokenized, it routes on the prefix hash.
+BYTES_PER_TOKEN = 8
+DEFAULT_CONTEXT = 1 << 17  # tokens, for a deployment whose registry entry names none
+
+
 async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | None,
-                     lora: str | None, tokenizer: Worker) -> CacheHint | None:
+                     lora: str | None, tokenizer: Worker, *, size: int = 0,
+                     context: int | None = None, deadline: float = 0.5
+                     ) -> CacheHint | None:
     """The request's cached prefix on each pod whose events the gateway follows; None when
-    no such pod is in rotation or the prompt's tokens cannot be had (routing then falls
-    back to the prefix hash). `tokenizer` renders the prompt when the client sent text."""
+    no such pod is in rotation or the prompt's tokens cannot be had in time (routing then
+    falls back to the prefix hash). `tokenizer` renders the prompt when the client sent
+    text, within `deadline` seconds, and only for a request of at most `size` bytes that can
+    fit in the `context`; the blocks looked up are at most the context's."""
     followed = [pod for pod in pods if pod in index.known]
     block_size = index.block_size(followed)
     if query is None or not followed or block_size is None:
         return None
+    context = context or DEFAULT_CONTEXT
     tokens = query.token_ids
     if tokens is None and query.tokenize is not None:
+        if size > context * BYTES_PER_TOKEN:
+            return None
         try:
-            tokens = (await tokenizer.tokenize(query.tokenize))["tokens"]
-        except GatewayError:
+            answer = await asyncio.wait_for(tokenizer.tokenize(query.tokenize), deadline)
+            tokens = answer["tokens"]
+        except (GatewayError, TimeoutError):
             return None
     if not tokens:
         return None
-    keys = prompt_keys(tokens, block_size, lora, query.salt)
+    keys = prompt_keys(tokens[:context], block_size, lora, query.salt)
     return CacheHint(index.cached(keys, followed), len(keys), tuple(keys), index, index.version)

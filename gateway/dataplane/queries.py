@@ -15,6 +15,8 @@ import orjson
 from gateway.dataplane.workers import WorkerClient
 from gateway.errors import WorkerFault
 
+TEXT_QUERIES = 8  # /detokenize requests one request has open at once
+
 
 class WorkerQueries:
     """The queries, with what does not change cached: token texts per model (what the
@@ -28,12 +30,14 @@ class WorkerQueries:
 
     async def texts(self, model: str, worker_url: str, ids: Iterable[int]
                     ) -> dict[int, str]:
+        """The text of each id, asked of the worker once per model, TEXT_QUERIES at a time:
+        one logprobs answer may name thousands of ids, and each is one /detokenize."""
         vocabulary = self.vocabularies.setdefault(model, {})
         missing = sorted({i for i in ids if i not in vocabulary})
-        if missing:
-            decoded = await asyncio.gather(*[self.detokenize(worker_url, [i])
-                                             for i in missing])
-            vocabulary.update(zip(missing, decoded, strict=True))
+        for start in range(0, len(missing), TEXT_QUERIES):
+            some = missing[start:start + TEXT_QUERIES]
+            decoded = await asyncio.gather(*[self.detokenize(worker_url, [i]) for i in some])
+            vocabulary.update(zip(some, decoded, strict=True))
         return vocabulary
 
     async def detokenize(self, worker_url: str, ids: list[int]) -> str:

@@ -157,7 +157,8 @@ class RequestLife:
         if await gateway.queues.turn(route.deployment, self.account, call.priority,
                                      call.sequences):
             tally.trace.waited("queue", queued_at)
-        hint = await self.cache_hint(route, call) if gateway.kv_index.known else None
+        hint = await self.cache_hint(route, call, len(encoded)) \
+            if gateway.kv_index.known else None
         affinity = affinity_key(self.client.headers, call,
                                 gateway.settings.prefix_affinity_bytes)
         reply = await self.attempts(route, call, encoded, affinity, hint)
@@ -190,16 +191,19 @@ class RequestLife:
         admitted(gateway, self.tally, admission, call.metadata)
         return call, encoded
 
-    async def cache_hint(self, route: Route, call: Call) -> CacheHint | None:
+    async def cache_hint(self, route: Route, call: Call, size: int) -> CacheHint | None:
         """What each pod in rotation holds of the request's prompt, from the pods' KV-cache
-        events (kv_index.py); a random one of them tokenizes the prompt when it is text."""
+        events (kv_index.py); a random one of them tokenizes the prompt when it is text (a
+        worker request of `size` bytes), within the bounds kv_index.cache_hint sets."""
         gateway, lora = self.gateway, route.lora
         pods = [r.url for r in gateway.replicas.in_rotation(route.deployment)]
         if not pods:
             return None
         tokenizer = ReplicaWorker(random.choice(pods).rstrip("/"), gateway.queries)
         return await cache_hint(gateway.kv_index, pods, call.cache_query(),
-                                None if lora is None else lora.worker_name, tokenizer)
+                                None if lora is None else lora.worker_name, tokenizer,
+                                size=size, context=route.deployment.context_length,
+                                deadline=gateway.settings.kv_tokenize_timeout)
 
     async def attempts(self, route: Route, call: Call, encoded: bytes, affinity: str | None,
                        hint: CacheHint | None) -> ClientReply:

@@ -123,6 +123,44 @@ async def test_the_hint_tokenizes_only_when_it_has_to() -> None:
     assert await cache_hint(index, ["a"], None, None, tokenizer) is None
 
 
+async def test_routing_work_is_bounded_by_the_context_and_a_deadline() -> None:
+    index = BlockIndex()
+    index.known.add("a")
+    apply(index, "a", stored([b"h1", b"h2"], None, TOKENS[:8]))
+
+    class Tokenizer:
+        url = "a"
+
+        def __init__(self, hang: bool = False) -> None:
+            self.asked = 0
+            self.hang = hang
+
+        async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+            self.asked += 1
+            if self.hang:
+                await asyncio.sleep(60)
+            return {"tokens": TOKENS, "count": 10, "max_model_len": 100}
+
+    text = CacheQuery(tokenize={"prompt": "x"})
+    tokenizer: Any = Tokenizer()
+    # A request larger than 8 bytes per token of the context is past it: not tokenized.
+    assert await cache_hint(index, ["a"], text, None, tokenizer, size=8 * 100 + 1,
+                            context=100) is None
+    assert tokenizer.asked == 0
+    assert await cache_hint(index, ["a"], text, None, tokenizer, size=800,
+                            context=100) is not None
+    assert tokenizer.asked == 1
+    # A tokenizer that does not answer in time: routed on the prefix hash, at the deadline.
+    slow: Any = Tokenizer(hang=True)
+    started = time.monotonic()
+    assert await cache_hint(index, ["a"], text, None, slow, deadline=0.05) is None
+    assert slow.asked == 1 and time.monotonic() - started < 1
+    # Token ids past the context: block keys for the context's blocks only.
+    ids = CacheQuery(token_ids=list(range(1_000_000)))
+    hint = await cache_hint(index, ["a"], ids, None, tokenizer, context=10)
+    assert hint is not None and hint.blocks == 10 // BS
+
+
 def test_the_scorer_weighs_cache_against_load() -> None:
     policy = AffinityOrLeastOutstanding(max_imbalance=4, pick=lambda tied: tied[0])
     a, b, c = Replica(url="http://a"), Replica(url="http://b"), Replica(url="http://c")
