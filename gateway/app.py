@@ -278,7 +278,7 @@ def create_app(settings: Settings | None = None,
     # The route table: each API under every prefix, served by the data plane.
     direct: dict[str, Serve] = {prefix + api.path: functools.partial(serve, gateway, api)
                                 for api in apis(gateway.responses) for prefix in PREFIXES}
-    routes = InferenceRoutes(Edge(app, settings), direct)
+    routes = InferenceRoutes(Edge(app, settings), direct, settings.client_write_timeout)
     return GatewayApp(RequestIdMiddleware(routes), app, settings, direct)
 
 

@@ -99,4 +99,7 @@ class Settings(BaseSettings):
     header_timeout: float = 10.0
     max_header_bytes: int = 32 << 10
     keep_alive_timeout: int = 5
+    # Seconds a reply's write may wait for the client to read; past it the request ends as
+    # aborted (its worker request, replica and slot freed), as if the client had left.
+    client_write_timeout: float = Field(default=30.0, gt=0)
     max_connections: int = 4096

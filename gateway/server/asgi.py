@@ -88,7 +88,9 @@ class AsgiClient:
     """A request that came through ASGI; `scope["state"]["request_id"]` is set by
     RequestIdMiddleware, which also adds the x-request-id header to every reply."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send,
+                 write_timeout: float = 30.0) -> None:
+        self.write_timeout = write_timeout  # seconds a send may wait for the client to read
         self.path: str = scope["path"]
         self.headers = header_map(scope["headers"])
         self.request_id: str = scope["state"]["request_id"]
@@ -132,20 +134,31 @@ class AsgiClient:
 
     async def whole(self, status: int, headers: Headers, body: bytes) -> None:
         self.responded = True
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": [*headers, (b"content-length", b"%d" % len(body))]})
-        await self.send({"type": "http.response.body", "body": body})
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": [*headers, (b"content-length", b"%d" % len(body))]})
+        await self._send({"type": "http.response.body", "body": body})
 
     async def begin(self, status: int, headers: Headers) -> None:
         self.responded = True
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": headers})
 
     async def part(self, body: bytes) -> None:
         if body:
-            await self.send({"type": "http.response.body", "body": body, "more_body": True})
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def last(self, body: bytes) -> None:
-        await self.send({"type": "http.response.body", "body": body})
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def _send(self, message: Message) -> None:
+        """A send that waits at most write_timeout for the client to read: past it the
+        client is taken as gone (what its request holds goes to those who read)."""
+        try:
+            await asyncio.wait_for(self.send(message), self.write_timeout)
+        except TimeoutError:
+            if self._watcher is not None:  # (after the request's end: the reply is dropped)
+                self.gone = True
+                raise asyncio.CancelledError from None
 
 
 
@@ -153,9 +166,11 @@ class InferenceRoutes:
     """POST to each of `direct`'s paths is served by its `Serve` (the data plane); any
     other method there is a 405; everything else goes on to `app`."""
 
-    def __init__(self, app: ASGIApp, direct: Mapping[str, Serve]) -> None:
+    def __init__(self, app: ASGIApp, direct: Mapping[str, Serve],
+                 write_timeout: float = 30.0) -> None:
         self.app = app
         self.direct = direct
+        self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         serve = self.direct.get(scope["path"]) if scope["type"] == "http" else None
@@ -166,7 +181,7 @@ class InferenceRoutes:
                                                 headers={"allow": "POST"}),
                              scope["state"]["request_id"])
         else:
-            await serve(AsgiClient(scope, receive, send))
+            await serve(AsgiClient(scope, receive, send, self.write_timeout))
 
 
 class RequestIdMiddleware:

@@ -54,8 +54,9 @@ class ConnectionClient:
 
     def __init__(self, transport: asyncio.Transport, flow: FlowControl,
                  on_response: Callable[[], None], default_headers: Headers, path: str,
-                 headers: dict[str, str], keep_alive: bool) -> None:
+                 headers: dict[str, str], keep_alive: bool, write_timeout: float) -> None:
         self.transport, self.flow, self.on_response = transport, flow, on_response
+        self.write_timeout = write_timeout  # seconds a write may wait for the client to read
         self.default_headers = default_headers  # the server's (date)
         self.path, self.headers = path, headers
         self.request_id = request_id(headers.get("x-request-id", ""))
@@ -100,7 +101,8 @@ class ConnectionClient:
 
     def lost(self) -> None:
         """The connection closed (EdgeProtocol.connection_lost)."""
-        if self._watching and not self.response_complete and self.task is not None:
+        if self._watching and not self.gone and not self.response_complete \
+                and self.task is not None:
             self.gone = True
             self.task.cancel()
 
@@ -170,7 +172,10 @@ class ConnectionClient:
 
     async def _write(self, data: bytes, complete: bool) -> None:
         if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
+            try:
+                await asyncio.wait_for(self.flow.drain(), self.write_timeout)
+            except TimeoutError:
+                self._cut_off()
         if self.disconnected:
             return
         self.response_started = True
@@ -182,6 +187,18 @@ class ConnectionClient:
                 self.transport.close()
             self.on_response()
 
+
+    def _cut_off(self) -> None:
+        """The client read nothing for write_timeout: it is taken as gone, so that what its
+        request holds (worker request, replica, slot) goes to those who read. The
+        connection is aborted (closing would wait to flush to a client that never reads)."""
+        logger.info("request %s: the client read nothing for %g s: cut off",
+                    self.request_id, self.write_timeout)
+        self.disconnected = True
+        self.transport.abort()
+        if self._watching and self.task is not None:
+            self.gone = True
+            raise asyncio.CancelledError  # as when the connection is lost (`lost`)
 
 
 def _nothing() -> None:
@@ -340,7 +357,8 @@ class EdgeProtocol(HttpToolsProtocol):
         client = ConnectionClient(
             self.transport, self.flow, self.on_response_complete,
             self.server_state.default_headers, path, header_map(self.headers),
-            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive())
+            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive(),
+            self.edge.client_write_timeout)
         self.cycle = client  # type: ignore[assignment]  # (it has what the protocol uses)
         client.task = task = self.loop.create_task(client.run(serve))
         task.add_done_callback(self.tasks.discard)

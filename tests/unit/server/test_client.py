@@ -189,7 +189,7 @@ class Transport(asyncio.Transport):
 def connection_client(transport: Transport, keep_alive: bool = True) -> ConnectionClient:
     flow = protocol_module.FlowControl(transport)
     return ConnectionClient(transport, flow, lambda: None, [(b"date", b"today")],
-                            "/v1/completions", {"x-request-id": "r"}, keep_alive)
+                            "/v1/completions", {"x-request-id": "r"}, keep_alive, 30.0)
 
 
 @pytest.mark.parametrize("headers,written", [

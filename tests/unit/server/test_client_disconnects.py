@@ -7,6 +7,7 @@ uvicorn's plain one (an AsgiClient)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,38 @@ async def test_a_request_that_completes_is_not_counted_as_aborted(
         (record,) = h.gateway.ledger.kept
         assert (record.status, record.http_status) == ("ok", 200)
         assert h.workers.served.abandoned == 0
+
+
+async def test_a_client_that_does_not_read_is_cut_off(tmp_path: Path, protocol: Any) -> None:
+    """A client that sends its request and never reads the stream: past the write deadline
+    its request ends as aborted, the worker request is closed and the replica given back."""
+    big = [chunk("x" * 60_000) for _ in range(400)]  # 24 MB, past any socket buffers
+    h = build(tmp_path, lambda r: httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, stream=Stream(big)),
+        client_write_timeout=0.5)
+    async with serving(h, protocol) as address:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+        _unread, writer = await asyncio.open_connection(sock=sock)
+        payload = orjson.dumps({"model": MODEL, "prompt": "x", "stream": True})
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n"
+                     b"authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        await writer.drain()
+        ledger = h.gateway.ledger
+        for _ in range(500):  # never read; the deadline is 0.5 s
+            if ledger.kept:
+                break
+            await asyncio.sleep(0.01)
+        (record,) = ledger.kept
+        assert (record.status, record.http_status) == ("aborted", 499)
+        assert all(count == 0 for count in h.gateway.replicas.outstanding.values())
+        for _ in range(300):
+            if h.workers.served.abandoned:
+                break
+            await asyncio.sleep(0.01)
+        assert h.workers.served.abandoned == 1  # the worker request was closed
+        writer.transport.abort()
