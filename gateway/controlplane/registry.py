@@ -127,6 +127,10 @@ class Account(Record):
     # take turns in proportion to their weight.
     priority: int = 0
     weight: int = Field(default=1, ge=1, le=1000)
+    # May ask for service_tier "priority" (ahead in the gateway's queue, and in the workers'
+    # scheduler where they run one): an entitlement given here, never the client's to take;
+    # without it the request is served at the standard tier, the tier reported as ignored.
+    priority_tier: bool = False
 
 
 class Lora(Record):
@@ -167,6 +171,7 @@ class Route:
     deployment: Deployment
     requested_model: str
     lora: Lora | None = None
+    priority_tier: bool = False  # the account may ask for the priority tier (Account)
 
     @property
     def model(self) -> str:
@@ -267,7 +272,8 @@ class Registry:
             raise not_found
         if match[0].state != "ready":
             raise GatewayError(503, f"Deployment {match[0].name} is {match[0].state}")
-        return Route(deployment=match[0], requested_model=model_ref, lora=lora)
+        return Route(deployment=match[0], requested_model=model_ref, lora=lora,
+                     priority_tier=account.priority_tier)
 
     @staticmethod
     def _expand(ref: str, kind: str = "models") -> str:

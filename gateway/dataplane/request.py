@@ -173,6 +173,9 @@ class RequestLife:
         if route.lora is not None:  # the adapter, by the name its workers know it
             call.body["model"] = route.lora.worker_name
         isolate(call, account.id, record_id)
+        if not account.priority_tier:  # the registry's entitlement, whatever the API made
+            call.priority = False
+            call.body.pop("priority", None)
         encoded = bounded(call, gateway.settings)
         if gateway.ledger.backlogged:
             raise GatewayError(503, "Usage records cannot be written at the moment; new "

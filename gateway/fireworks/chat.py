@@ -31,7 +31,8 @@ class ChatApi(Api):
 
     def translate(self, request: ChatCompletionRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> ChatCall:
-        body, plan = chat_body(request, route.deployment, settings)
+        body, plan = chat_body(request, route.deployment, settings,
+                               priority_tier=route.priority_tier)
         return ChatCall(body=body, plan=plan, route=route, request=request,
                         affinity=request.prompt_cache_key or request.user,
                         cache_scope=cache_scope(request))
@@ -66,7 +67,8 @@ class ChatCall(GenerationCall):
 
 
 def chat_body(request: ChatCompletionRequest, deployment: Deployment,
-              settings: Settings) -> tuple[dict[str, Any], Plan]:
+              settings: Settings, *, priority_tier: bool = False
+              ) -> tuple[dict[str, Any], Plan]:
     if request.prompt_truncate_len is not None:
         raise GatewayError(400, "prompt_truncate_len is not supported: send a prompt that "
                                 "fits, or context_length_exceeded_behavior",
@@ -80,7 +82,8 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment,
     echo = bool(request.echo)
     return_token_ids, raw_output = bool(request.return_token_ids), bool(request.raw_output)
     sampled = sampling_body(request, deployment, settings, chat=True,
-                            token_ids=bool(fmt) or return_token_ids or raw_output or echo)
+                            token_ids=bool(fmt) or return_token_ids or raw_output or echo,
+                            priority_tier=priority_tier)
     body = sampled.body
     body["messages"] = chat_history(request.messages, request.reasoning_history)
     if fmt:

@@ -25,7 +25,8 @@ class CompletionsApi(Api):
 
     def translate(self, request: CompletionRequest, route: Route, settings: Settings, *,
                   account: str, nonce: str) -> CompletionCall:
-        body, plan = completion_body(request, route.deployment, settings)
+        body, plan = completion_body(request, route.deployment, settings,
+                                     priority_tier=route.priority_tier)
         return CompletionCall(body=body, plan=plan, route=route, request=request,
                               affinity=request.prompt_cache_key or request.user,
                               cache_scope=cache_scope(request))
@@ -52,7 +53,8 @@ class CompletionCall(GenerationCall):
 
 
 def completion_body(request: CompletionRequest, deployment: Deployment,
-                    settings: Settings) -> tuple[dict[str, Any], Plan]:
+                    settings: Settings, *, priority_tier: bool = False
+                    ) -> tuple[dict[str, Any], Plan]:
     if request.images is not None:
         raise GatewayError(400, "images on /completions are not supported: send image_url "
                                 "content parts to /chat/completions", param="images")
@@ -63,7 +65,8 @@ def completion_body(request: CompletionRequest, deployment: Deployment,
     echo = bool(request.echo) or request.echo_last is not None
     return_token_ids, raw_output = bool(request.return_token_ids), bool(request.raw_output)
     sampled = sampling_body(request, deployment, settings, chat=False,
-                            token_ids=bool(fmt) or return_token_ids or raw_output or echo)
+                            token_ids=bool(fmt) or return_token_ids or raw_output or echo,
+                            priority_tier=priority_tier)
     body = sampled.body
     body["prompt"] = request.prompt
     if echo:

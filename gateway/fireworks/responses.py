@@ -116,7 +116,8 @@ def responses_body(request: ResponsesRequest, route: Route, *, account: str,
     body["stream"] = request.stream
     body["store"] = False  # the gateway stores; the worker keeps nothing
     body["request_id"] = response_id(nonce, request.previous_response_id)
-    if request.service_tier == "priority" and deployment.priority_scheduling:
+    if request.service_tier == "priority" and deployment.priority_scheduling \
+            and route.priority_tier:
         body["priority"] = PRIORITY
     return body
 
@@ -315,7 +316,8 @@ class ResponsesApi(Api):
             account=account, previous_id=request.previous_response_id, store=request.store,
             responses=self.responses, stream=request.stream,
             max_tokens=body["max_output_tokens"], metadata=request.metadata,
-            priority=request.service_tier == "priority", given=request.input,
+            priority=request.service_tier == "priority" and route.priority_tier,
+            given=request.input,
             cache_scope=cache_scope(request),
             affinity=request.prompt_cache_key or request.user
             or (None if root is None else f"conversation:{root}"))

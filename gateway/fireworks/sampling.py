@@ -104,9 +104,10 @@ def _effective_sampling(request: SamplingFields, deployment: Deployment) -> dict
 
 
 def sampling_body(request: SamplingFields, deployment: Deployment, settings: Settings, *,
-                  chat: bool, token_ids: bool) -> Sampling:
+                  chat: bool, token_ids: bool, priority_tier: bool = False) -> Sampling:
     """The sampling part of a generation request. `token_ids`: the answer needs token ids
-    back (logprob token ids, raw_output, echo)."""
+    back (logprob token ids, raw_output, echo); `priority_tier`: the account may ask for
+    priority service (Route.priority_tier)."""
     if deployment.task != "generate":
         raise GatewayError(400, f"Deployment {deployment.name} serves embeddings "
                                 "(/embeddings), not generation", param="model")
@@ -119,9 +120,10 @@ def sampling_body(request: SamplingFields, deployment: Deployment, settings: Set
     body.update(reasoning_body(request, deployment, chat))
     sampling = _effective_sampling(request, deployment)
     ignored = []
-    priority = request.service_tier == "priority"  # the gateway's queue, when requests wait
-    if priority:
-        if deployment.priority_scheduling:
+    asked = request.service_tier == "priority"
+    priority = asked and priority_tier  # the gateway's queue, when requests wait
+    if asked:
+        if priority and deployment.priority_scheduling:
             body["priority"] = PRIORITY
         else:  # best effort, as on Fireworks: said in fireworks-sampling-options
             ignored.append("service_tier")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from gateway.controlplane.registry import Account, Deployment
@@ -21,7 +23,8 @@ from tests.unit.harness import (
     COMPLETION,
     OTHER_KEY,
     auth,
-    shared_deployment,
+    build,
+    shared,
 )
 
 DEPLOYMENT = Deployment(id="d", account="a", model="accounts/a/models/m")
@@ -151,6 +154,15 @@ async def test_a_client_that_leaves_leaves_the_queue() -> None:
     assert queues.queues[DEPLOYMENT.name].length == 0
 
 
+def entitled(urls: dict[str, str], priority_tier: bool = True) -> dict[str, Any]:
+    """The shared deployment (with priority scheduling), `other` entitled to the priority
+    tier or not."""
+    content = shared(urls)
+    content["accounts"][1]["priority_tier"] = priority_tier
+    content["deployments"][0]["priority_scheduling"] = True
+    return content
+
+
 async def test_saturated_replicas_hold_requests_in_the_gateway(tmp_path: Path) -> None:
     """Two replicas saturated at 1 request each: of 5 requests at once, 2 reach the
     workers; the rest wait in the gateway and go as requests finish, a priority-tier one
@@ -162,7 +174,8 @@ async def test_saturated_replicas_hold_requests_in_the_gateway(tmp_path: Path) -
         return httpx.Response(200, headers={"content-type": "application/json"},
                               stream=Stream([Pause(0.5), json.dumps(COMPLETION).encode()]))
 
-    h = shared_deployment(tmp_path, handler, queue_replica_load=1, load_from_workers=False)
+    h = build(tmp_path, handler, hosts=("w1", "w2"), registry_of=entitled, listed_order=True,
+              admin_key=ADMIN, queue_replica_load=1, load_from_workers=False)
     async with h.running() as client:
         def ask(key: str, prompt: str, **extra: str) -> asyncio.Task[httpx.Response]:
             return asyncio.create_task(client.post(
@@ -213,3 +226,44 @@ async def test_a_batch_takes_the_replicas_room_of_its_sequences() -> None:
     room.free = 4
     queues.dispatch_all()
     await asyncio.wait_for(single, 1)
+
+
+@pytest.mark.parametrize("priority_tier", [True, False])
+async def test_the_priority_tier_is_an_entitlement(tmp_path: Path, priority_tier: bool) -> None:
+    """A flooding account marks its requests priority: only when the registry entitles it
+    do they go before the other account's, and reach the workers' scheduler as priority;
+    otherwise they are standard requests, the tier reported as ignored, and the accounts
+    take turns."""
+    at_workers: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        at_workers.append(json.loads(request.content))
+        return httpx.Response(200, headers={"content-type": "application/json"},
+                              stream=Stream([Pause(0.3), json.dumps(COMPLETION).encode()]))
+
+    h = build(tmp_path, handler, hosts=("w1", "w2"), listed_order=True,
+              registry_of=lambda urls: entitled(urls, priority_tier),
+              queue_replica_load=1, load_from_workers=False)
+    async with h.running() as client:
+        def ask(key: str, prompt: str, **extra: str) -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(client.post(
+                "/v1/completions", headers=auth(key),
+                json={"model": MODEL, "prompt": prompt} | extra))
+
+        tasks = [ask(KEY, f"standard {n}") for n in range(5)]  # 2 run, 3 wait
+        await asyncio.sleep(0.1)
+        tasks += [ask(OTHER_KEY, f"flood {n}", service_tier="priority") for n in range(3)]
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 8
+    queued = [body["prompt"].split()[0] for body in at_workers[2:]]
+    floods = [body for body in at_workers if body["prompt"].startswith("flood")]
+    ignored = orjson.loads(responses[-1].headers["fireworks-sampling-options"]).get(
+        "ignored", [])
+    if priority_tier:
+        assert queued[:3] == ["flood"] * 3
+        assert all(body["priority"] < 0 for body in floods)  # vLLM: lower goes first
+        assert "service_tier" not in ignored
+    else:  # the accounts take turns
+        assert queued == ["standard", "flood"] * 3
+        assert all("priority" not in body for body in floods)
+        assert "service_tier" in ignored

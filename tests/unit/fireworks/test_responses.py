@@ -35,8 +35,9 @@ OTHER_KEY = "k-other"
 NONCE = "0123456789abcdef0123456789abcdef"
 
 
-def route(**deployment: Any) -> Route:
-    return Route(Deployment(id="d", account="fireworks", model=MODEL, **deployment), MODEL)
+def route(entitled: bool = True, **deployment: Any) -> Route:
+    return Route(Deployment(id="d", account="fireworks", model=MODEL, **deployment), MODEL,
+                 priority_tier=entitled)
 
 
 def body(**request: Any) -> dict[str, Any]:
@@ -160,6 +161,10 @@ def test_priority_reaches_workers_that_schedule_by_it() -> None:
     scheduled = responses_body(request, route(priority_scheduling=True), account="a",
                                nonce=NONCE)
     assert "priority" not in plain and scheduled["priority"] == -1
+    # Only for an account the registry entitles to the priority tier.
+    refused = responses_body(request, route(False, priority_scheduling=True), account="a",
+                             nonce=NONCE)
+    assert "priority" not in refused
 
 
 # The stores: the same behaviour in process and in Redis.

@@ -58,6 +58,7 @@ class Row:
     endpoints: tuple[str, ...] = BOTH
     given: dict[str, Any] = field(default_factory=dict)  # other fields the row needs
     deployment: Deployment = field(default_factory=lambda: PLAIN)
+    entitled: bool = True  # the account may ask for the priority tier (Route.priority_tier)
 
 
 HISTORY = [{"role": "user", "content": "a"},
@@ -156,6 +157,9 @@ ROWS: dict[str, list[Row]] = {
     "service_tier": [
         Row("priority", body={"priority": PRIORITY}, deployment=REASONING),
         Row("priority", absent=("priority",), options={"ignored": ["service_tier"]}),
+        # An account the registry does not entitle: served as standard, the tier ignored.
+        Row("priority", absent=("priority",), plan={"priority": False},
+            options={"ignored": ["service_tier"]}, deployment=REASONING, entitled=False),
         Row("flex", where="standard service: only priority changes anything")],
     "reasoning_effort": [
         Row("high", body={"reasoning_effort": "high"}, deployment=REASONING,
@@ -230,12 +234,13 @@ ROWS["reasoning_history"] += [Row("disabled", endpoints=("chat",),
                                   where="see test_reasoning_history")]
 
 
-def translate(endpoint: str, extra: dict[str, Any], deployment: Deployment = PLAIN
-              ) -> tuple[dict[str, Any], Plan]:
+def translate(endpoint: str, extra: dict[str, Any], deployment: Deployment = PLAIN,
+              entitled: bool = True) -> tuple[dict[str, Any], Plan]:
     """Through the endpoint's API object, then salted, as the data plane does."""
     api = APIS[endpoint]
     request = parse_body(orjson.dumps(BASES[endpoint] | extra), api.request_model, Settings())
-    call = api.translate(request, Route(deployment, request.model), Settings(),
+    route = Route(deployment, request.model, priority_tier=entitled)
+    call = api.translate(request, route, Settings(),
                          account="acct", nonce="n1")
     isolate(call, "acct", "n1")
     if isinstance(call, GenerationCall):
@@ -262,11 +267,12 @@ def test_each_field_takes_effect_or_is_refused(name: str, index: int, endpoint: 
     row = ROWS[name][index]
     if row.refused:
         with pytest.raises(GatewayError) as refused:
-            translate(endpoint, row.given | {name: row.value}, row.deployment)
+            translate(endpoint, row.given | {name: row.value}, row.deployment, row.entitled)
         assert refused.value.status == 400
         assert (refused.value.param or "").split(".")[0].split("[")[0] == name
         return
-    body, plan = translate(endpoint, row.given | {name: row.value}, row.deployment)
+    body, plan = translate(endpoint, row.given | {name: row.value}, row.deployment,
+                           row.entitled)
     for key, value in row.body.items():
         assert body.get(key) == value, (key, body.get(key))
     for key in row.absent:
@@ -275,7 +281,7 @@ def test_each_field_takes_effect_or_is_refused(name: str, index: int, endpoint: 
         assert getattr(plan, key) == value, key
     for key, value in row.options.items():
         assert plan.sampling_options.get(key) == value, key
-    base_body, base_plan = translate(endpoint, row.given, row.deployment)
+    base_body, base_plan = translate(endpoint, row.given, row.deployment, row.entitled)
     changed = body != base_body or plan != base_plan
     # Nothing accepted and dropped: a field changes the worker request, or says where it goes.
     assert changed or row.where, f"{name}={row.value!r} changed nothing"
