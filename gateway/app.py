@@ -112,13 +112,19 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
             metrics.usage_oldest.set(backlog.oldest_seconds)
 
         ledger = RedisLedger(client, settings.redis_prefix, limiter=limiter,
-                             on_backlog=on_backlog)
-        responses = RedisResponses(client, settings.redis_prefix, settings.responses_ttl)
+                             on_backlog=on_backlog,
+                             max_length=settings.usage_stream_max_length,
+                             marker_ttl=settings.usage_marker_ttl)
+        responses = RedisResponses(client, settings.redis_prefix, settings.responses_ttl,
+                                   settings.responses_max_bytes,
+                                   settings.responses_per_account)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
         ledger = LocalLedger(limiter)
-        responses = LocalResponses(settings.responses_ttl)
+        responses = LocalResponses(settings.responses_ttl,
+                                   max_bytes=settings.responses_max_bytes,
+                                   per_account=settings.responses_per_account)
     workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                            str(settings.upstream_ca_file) if settings.upstream_ca_file else None)
     discovery = Discovery(

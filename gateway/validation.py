@@ -4,15 +4,36 @@ errors worded as Fireworks words them (`Extra inputs are not permitted, field:
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+# Request metadata, kept with every usage record and stored response: bounded as OpenAI
+# bounds it (and Fireworks, whose API follows it): 16 pairs, keys of at most 64 characters,
+# values of at most 512.
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+Metadata = Annotated[dict[Annotated[str, Field(max_length=METADATA_KEY)],
+                          Annotated[str, Field(max_length=METADATA_VALUE)]],
+                     Field(max_length=METADATA_PAIRS)]
+
+
+def check_metadata(metadata: Any) -> None:
+    """The same bound on the shared path, for whatever metadata an API's Call carries
+    (a 400 naming `metadata`)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_PAIRS or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= METADATA_KEY
+            and len(v) <= METADATA_VALUE for k, v in metadata.items()):
+        raise GatewayError(400, f"metadata holds at most {METADATA_PAIRS} string values, "
+                                f"keys of at most {METADATA_KEY} characters and values of at "
+                                f"most {METADATA_VALUE}", param="metadata")
 
 
 class FieldError(ValueError):
@@ -44,7 +65,7 @@ def validation_message(error: ValidationError) -> tuple[str, str | None]:
                 and str(p) not in {"str", "int", "float", "bool", "list", "dict"}))
     field = _location(loc) or None
     cause = (first.get("ctx") or {}).get("error")
-    if field is None and isinstance(cause, FieldError):
+    if isinstance(cause, FieldError):  # it names the field more precisely than the location
         field = cause.field
     message = first["msg"].removeprefix("Value error, ")
     return (f"{message}, field: '{field}'" if field else message), field

@@ -10,7 +10,7 @@ data plane salts every request with its account, dataplane/isolation.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -44,10 +44,18 @@ class Prompt(BaseModel):
 GATEWAY_ONLY = {"prompt_cache_key", "user"}
 
 
+class MessagesMetadata(BaseModel):
+    """Anthropic's request metadata: an opaque id of the end user, at most 256 characters
+    (as Anthropic bounds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: Annotated[str, Field(max_length=256)] | None = None
+
+
 class MessagesRequest(Prompt):
     max_tokens: int = Field(ge=1, le=MAX_TOKENS)
     stream: StrictBool | None = False
-    metadata: Any = None
+    metadata: MessagesMetadata | None = None
     stop_sequences: Any = None
     temperature: Any = None
     top_k: Any = None

@@ -162,10 +162,10 @@ class LocalLedger:
 # KEYS: done marker, prompt, generated (limits.py), usage stream, the account's totals
 #       (hash), the set of accounts with totals
 # ARGV: record id, bucket (-1: nothing reserved), prompt and generated: reserved, used;
-#       limited (1/0), stream max length, account, status, cached tokens, then the record's
-#       field/value pairs
+#       limited (1/0), stream max length, account, status, cached tokens, the done
+#       marker's lifetime (s), then the record's field/value pairs
 FINISH_LUA = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) then return 0 end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[12]) then return 0 end
 local bucket = tonumber(ARGV[2])
 if bucket >= 0 then
   if redis.call('HEXISTS', KEYS[2], bucket) == 1 then
@@ -182,7 +182,7 @@ elseif ARGV[7] == '1' then
   redis.call('EXPIRE', KEYS[2], 3600)
   redis.call('EXPIRE', KEYS[3], 3600)
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 12))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 13))
 redis.call('HINCRBY', KEYS[5], 'requests', 1)
 redis.call('HINCRBY', KEYS[5], 'prompt_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[5], 'cached_tokens', ARGV[11])
@@ -208,12 +208,13 @@ Pending = deque[tuple[UsageRecord, Admission]]
 class RedisLedger:
     def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
                  max_length: int = 10_000_000, max_pending: int = 100_000,
-                 limiter: Limiter | None = None, batch: int = 256,
+                 limiter: Limiter | None = None, batch: int = 256, marker_ttl: int = 3600,
                  on_backlog: Callable[[Backlog], None] = lambda backlog: None) -> None:
         self.redis = client
         self.prefix = prefix
         self.stream = f"{prefix}usage"
         self.max_length = max_length
+        self.marker_ttl = marker_ttl  # how long a record's done marker stops a second count
         self.max_pending = max_pending
         self.limiter = limiter
         self.batch = batch
@@ -299,7 +300,8 @@ class RedisLedger:
                   admission.prompt_reserved, record.prompt_tokens,
                   admission.generated_reserved, record.completion_tokens,
                   1 if admission.limited else 0, self.max_length, record.account,
-                  record.status, record.cached_tokens, *_fields(record)], client=pipe)
+                  record.status, record.cached_tokens, self.marker_ttl, *_fields(record)],
+            client=pipe)
 
     async def totals(self) -> dict[str, UsageTotals]:
         return await read_totals(self.redis, self.prefix)

@@ -48,7 +48,7 @@ from gateway.dataplane.replicas import Lease
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault, bytes_headers, error_headers
 from gateway.server.client import Client, api_key, check_declared_length
-from gateway.validation import parse_body
+from gateway.validation import check_metadata, parse_body
 
 logger = logging.getLogger("gateway.request")
 ATTEMPTS = 2  # the first try and one retry on another replica
@@ -173,6 +173,7 @@ class RequestLife:
         if route.lora is not None:  # the adapter, by the name its workers know it
             call.body["model"] = route.lora.worker_name
         isolate(call, account.id, record_id)
+        check_metadata(call.metadata)  # it goes into the usage record
         if not account.priority_tier:  # the registry's entitlement, whatever the API made
             call.priority = False
             call.body.pop("priority", None)

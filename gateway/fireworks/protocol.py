@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from gateway.api import MAX_TOKENS
-from gateway.validation import FieldError
+from gateway.validation import FieldError, Metadata
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -85,7 +85,7 @@ class SamplingFields(Strict):
     thinking: Thinking | None = None
     speculation: str | list[int] | None = None
     prediction: Prediction | str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     stream_options: StreamOptions | None = None
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool, field_validator
 
 from gateway.api import (
     MAX_TOKENS,
@@ -45,6 +45,7 @@ from gateway.fireworks.perf import fireworks_headers, perf_metrics
 from gateway.fireworks.protocol import Strict
 from gateway.fireworks.sampling import PRIORITY, cache_scope
 from gateway.sse import sse
+from gateway.validation import FieldError, Metadata
 
 logger = logging.getLogger("gateway.responses")
 # Events that carry the whole response object (its model and previous id are renamed).
@@ -60,11 +61,18 @@ class ResponsesRequest(Strict):
     model: str
     input: Annotated[str, Field(min_length=1)] | Annotated[list[dict[str, Any]],
                                                              Field(min_length=1)]
+
+    @field_validator("input")
+    @classmethod
+    def _items(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                check_item(item, f"input[{index}]")
+        return value
     previous_response_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
-    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]],
-                        Field(max_length=16)] | None = None
+    metadata: Metadata | None = None
     parallel_tool_calls: StrictBool | None = None
     reasoning: dict[str, Any] | None = None
     store: StrictBool = True
@@ -86,6 +94,37 @@ class ResponsesRequest(Strict):
 _PASSTHROUGH = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls",
                 "reasoning", "temperature", "top_p", "text", "tool_choice", "tools",
                 "truncation", "user", "prompt_cache_key")
+
+
+# Input items as OpenAI's Responses API defines them: what each type must hold (the worker
+# checks the rest). Stored items are replayed into every later turn, so no item goes
+# further unchecked.
+_ROLES = {"user", "assistant", "system", "developer"}
+_ITEM_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "message": {"role": (str,), "content": (str, list)},
+    "function_call": {"call_id": (str,), "name": (str,), "arguments": (str,)},
+    "function_call_output": {"call_id": (str,), "output": (str, list)},
+    "reasoning": {"summary": (list,)},
+    "item_reference": {"id": (str,)},
+}
+
+
+def check_item(item: dict[str, Any], where: str) -> None:
+    """A 400 naming the item's field when it is not an input item."""
+    kind = item.get("type", "message")
+    fields = _ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise FieldError(f"{where}.type", f"unknown input item type {str(kind)[:40]!r}")
+    for name, types in fields.items():
+        if not isinstance(item.get(name), types):
+            raise FieldError(f"{where}.{name}", f"a {kind} item needs {name}")
+    if kind == "message":
+        if item["role"] not in _ROLES:
+            raise FieldError(f"{where}.role", f"unknown role {str(item['role'])[:40]!r}")
+        if isinstance(item["content"], list) and not all(
+                isinstance(part, dict) and isinstance(part.get("type"), str)
+                for part in item["content"]):
+            raise FieldError(f"{where}.content", "each content part is an object with a type")
 
 
 def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,12 +232,19 @@ class ResponsesCall(Call):
                 raise GatewayError(404, f"Response {self.previous_id} not found",
                                    param="previous_response_id")
             self.history = previous.next_input()
-        if self.history is None and self.adapter:
+        if self.history is None and self.adapter and not self.store:
             return encoded
         body = self.body | {"input": self.conversation}
         if not self.adapter:
             body["model"] = await worker.served_model()
-        return orjson.dumps(body)
+        encoded = orjson.dumps(body)
+        if self.store and len(encoded) > self.responses.max_bytes:
+            # (checked before generating: what is stored is this conversation and more)
+            raise GatewayError(400, f"This conversation is {len(encoded)} bytes, past the "
+                                    f"{self.responses.max_bytes} a stored response may hold: "
+                                    "send store: false, or start a new conversation",
+                               param="store")
+        return encoded
 
     def client_view(self, response: dict[str, Any]) -> dict[str, Any]:
         """The worker's response object as the client sees it."""
@@ -215,8 +261,9 @@ class ResponsesCall(Call):
         if not self.store:
             return
         try:
-            await self.responses.save(self.account, response["id"],
-                                      StoredResponse(response, self.conversation))
+            if not await self.responses.save(self.account, response["id"],
+                                             StoredResponse(response, self.conversation)):
+                response["store"] = False  # larger than a stored response may be
         except Exception as exc:  # Redis unreachable: answer anyway
             logger.warning("response %s not stored: %r", response["id"], exc)
 

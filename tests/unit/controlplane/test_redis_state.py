@@ -215,6 +215,21 @@ async def test_each_record_is_appended_once_even_when_sent_again(
     await ledger.stop()
 
 
+async def test_what_usage_keeps_in_redis_is_bounded_by_settings(
+        client: aioredis.Redis, prefix: str) -> None:
+    """The stream keeps about max_length records (Redis trims whole nodes of 100 at most),
+    and each record's done marker lives marker_ttl seconds."""
+    ledger = RedisLedger(client, prefix, max_length=10, marker_ttl=7)
+    await ledger.start()
+    for n in range(1000):
+        ledger.finish(record(f"r{n}", "acme", 1, 1), Admission(f"r{n}", "acme"))
+    await wait_empty(ledger)
+    assert 10 <= await client.xlen(f"{prefix}usage") <= 10 + 100
+    assert 0 < await client.ttl(f"{prefix}usage:done:r999") <= 7
+    assert (await ledger.totals())["acme"].requests == 1000  # the totals count them all
+    await ledger.stop()
+
+
 async def test_records_wait_while_redis_is_unreachable(client: aioredis.Redis,
                                                        prefix: str) -> None:
     ledger = RedisLedger(dead_client(), prefix, max_pending=3)

@@ -17,6 +17,7 @@ from gateway.api import Call
 from gateway.config import Settings
 from gateway.dataplane.request import bounded
 from gateway.errors import GatewayError
+from gateway.validation import check_metadata
 from tests.unit.fake_worker import MODEL
 from tests.unit.harness import COMPLETION, Harness, build, registry
 
@@ -125,3 +126,59 @@ def test_a_translation_past_the_body_limit_never_reaches_a_worker() -> None:
     with pytest.raises(GatewayError) as raised:
         bounded(Call(body={}, sequences=2049), Settings())
     assert raised.value.status == 400
+
+
+# Metadata goes into every usage record (and a stored response): bounded on every API that
+# takes it, as OpenAI bounds it (Anthropic's: one user id of at most 256 characters).
+METADATA_APIS = {
+    "/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    "/completions": {"model": MODEL, "prompt": "hi"},
+    "/responses": {"model": MODEL, "input": "hi"},
+}
+HOSTILE_METADATA = [
+    {f"k{n}": "v" for n in range(17)},  # 17 pairs
+    {"k" * 65: "v"},  # a 65-character key
+    {"k": "v" * 513},  # a 513-character value
+    {"k": {"nested": "x" * 10_000}},  # not a string
+]
+
+
+@pytest.mark.parametrize("path", sorted(METADATA_APIS))
+@pytest.mark.parametrize("metadata", HOSTILE_METADATA)
+async def test_metadata_past_the_bound_is_refused_on_every_api(
+        gateway: Harness, path: str, metadata: dict[str, Any]) -> None:
+    response = await gateway.once("POST", f"/inference/v1{path}",
+                                  json=METADATA_APIS[path] | {"metadata": metadata})
+    assert response.status_code == 400, response.text
+    assert str(response.json()["error"]["param"]).startswith("metadata")
+    assert posted(gateway) == 0
+
+
+@pytest.mark.parametrize("metadata", [{"user_id": "u" * 257}, {"tenant": "x"}])
+async def test_messages_metadata_is_anthropics_bounded_user_id(
+        gateway: Harness, metadata: dict[str, Any]) -> None:
+    body = {"model": MODEL, "max_tokens": 4, "metadata": metadata,
+            "messages": [{"role": "user", "content": "hi"}]}
+    response = await gateway.once("POST", "/inference/v1/messages", json=body)
+    assert response.status_code == 400, response.text
+    assert "metadata" in response.json()["error"]["message"]
+    assert posted(gateway) == 0
+
+
+async def test_metadata_within_the_bound_is_kept_with_the_usage_record(
+        gateway: Harness) -> None:
+    metadata = {f"k{n:02d}" + "k" * 60: "v" * 512 for n in range(16)}
+    response = await gateway.once("POST", "/inference/v1/completions",
+                                  json=METADATA_APIS["/completions"] | {"metadata": metadata})
+    assert response.status_code == 200, response.text
+    (record,) = gateway.gateway.ledger.kept
+    assert record.metadata == metadata
+
+
+def test_the_shared_path_bounds_whatever_metadata_a_call_carries() -> None:
+    check_metadata(None)
+    check_metadata({"k": "v"})
+    for metadata in [*HOSTILE_METADATA, ["not", "a", "map"]]:
+        with pytest.raises(GatewayError) as raised:
+            check_metadata(metadata)
+        assert raised.value.param == "metadata"

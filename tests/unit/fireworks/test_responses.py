@@ -26,7 +26,7 @@ from gateway.fireworks.responses import (
     response_id,
     responses_body,
 )
-from gateway.validation import known_fields
+from gateway.validation import known_fields, parse_body
 from tests.redis_server import RedisServer
 from tests.unit.fake_worker import KEY, MODEL, RESET, Stream
 from tests.unit.harness import Harness, build, registry
@@ -190,6 +190,36 @@ async def test_a_store_keeps_per_account(store: Any) -> None:
     assert await store.load("alpha", "r1") is None and not await store.delete("alpha", "r1")
 
 
+@pytest.fixture(params=["local", "redis"])
+def small_store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A store that keeps responses of at most 200 bytes, 3 per account."""
+    if request.param == "local":
+        yield LocalResponses(ttl=60, max_bytes=200, per_account=3)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    import redis.asyncio as aioredis
+    yield RedisResponses(aioredis.from_url(server.url), f"t{uuid.uuid4().hex[:6]}:", ttl=60,
+                         max_bytes=200, per_account=3)
+
+
+async def test_what_one_account_stores_is_bounded(small_store: Any) -> None:
+    large = StoredResponse({"id": "big", "output": []}, [{"content": "x" * 200}])
+    assert not await small_store.save("flood", "big", large)  # past the size: not stored
+    assert await small_store.load("flood", "big") is None
+    await small_store.save("quiet", "q1", StoredResponse({"id": "q1"}, []))
+    for n in range(10):  # a flooding account keeps its newest 3, and crowds out no one
+        assert await small_store.save("flood", f"r{n}", StoredResponse({"id": f"r{n}"}, []))
+    kept = [n for n in range(10) if await small_store.load("flood", f"r{n}") is not None]
+    assert kept == [7, 8, 9]
+    assert await small_store.load("quiet", "q1") is not None
+    if isinstance(small_store, RedisResponses):  # the evicted ones' keys are gone too
+        keys = await small_store.client.keys(f"{small_store.prefix}response:flood:*")
+        assert len(keys) == 3
+        assert await small_store.client.zcard(f"{small_store.prefix}responses:flood") == 3
+    assert await small_store.delete("flood", "r9")
+    assert await small_store.load("flood", "r9") is None
+
+
 async def test_local_store_is_bounded_and_expires() -> None:
     store = LocalResponses(ttl=60, max_entries=2)
     for name in ("a", "b", "c"):
@@ -330,3 +360,50 @@ async def test_a_stream_is_relayed_stored_and_fails_as_an_event(app: Any) -> Non
                 ).status_code == 404
         statuses = [(r.status, r.http_status) for r in app.gateway.ledger.kept]
         assert statuses == [("ok", 200), ("error", 502)]
+
+
+async def test_a_conversation_too_large_to_store_is_refused_before_generating(
+        tmp_path: Path) -> None:
+    gateway = build(tmp_path, handler, responses_max_bytes=2000)
+    async with gateway.running():
+        body = {"model": MODEL, "input": "x" * 3000}
+        refused = await call(gateway, "POST", "/responses", body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "store"
+        assert gateway.workers is not None
+        assert not [r for r in gateway.workers.served.requests
+                    if r.url.path == "/v1/responses"]
+        served = await call(gateway, "POST", "/responses", body | {"store": False})
+        assert served.status_code == 200, served.text
+        # Within the bound on the way in, past it with the output: answered, not stored.
+        near = await call(gateway, "POST", "/responses", {"model": MODEL, "input": "y" * 1500})
+        assert near.status_code == 200 and near.json()["store"] is False
+        assert (await call(gateway, "GET", f"/responses/{near.json()['id']}")
+                ).status_code == 404
+
+
+@pytest.mark.parametrize(("item", "param"), [
+    ({"type": "shell_call", "command": "rm"}, "input[1].type"),
+    ({"role": "root", "content": "x"}, "input[1].role"),
+    ({"role": "user"}, "input[1].content"),
+    ({"role": "user", "content": ["text"]}, "input[1].content"),
+    ({"type": "function_call", "call_id": "c", "name": "f"}, "input[1].arguments"),
+    ({"type": "function_call_output", "output": "o"}, "input[1].call_id"),
+    ({"type": 7}, "input[1].type"),
+])
+def test_input_items_are_checked(item: dict[str, Any], param: str) -> None:
+    with pytest.raises(GatewayError) as refused:
+        parse_body(orjson.dumps({"model": MODEL, "input": [
+            {"role": "user", "content": "hi"}, item]}), ResponsesRequest, Settings())
+    assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_known_input_items_pass() -> None:
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+             {"type": "message", "role": "assistant", "content": "a"},
+             {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c", "output": "o"},
+             {"type": "reasoning", "summary": []}, {"type": "item_reference", "id": "i"}]
+    request = parse_body(orjson.dumps({"model": MODEL, "input": items}), ResponsesRequest,
+                         Settings())
+    assert request.input == items
