@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-affinity bench-soak clean help
+.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-hostile bench-affinity bench-soak clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -86,6 +86,11 @@ bench-tenancy: $(STAMP)
 	@$(PY) -m bench.tenancy $(if $(WORKER),--worker $(WORKER),) $(if $(SLOTS),--worker-slots $(SLOTS),)
 
 # Cache-aware routing over two or more running workers: WORKERS=http://a,http://b and
+# What one account can do to another (bench/hostile.py); BEFORE=<checkout>: that tree too
+bench-hostile: $(STAMP)
+	@$(PY) -m bench.hostile
+	@$(if $(BEFORE),$(PY) -m bench.hostile --src $(BEFORE),true)
+
 # KV_EVENTS=tcp://a:port,tcp://b:port (workers started with --kv-events-port); bench/affinity.py
 bench-affinity: $(STAMP)
 	@$(PY) -m bench.affinity --workers "$(WORKERS)" --kv-events "$(KV_EVENTS)"

@@ -43,7 +43,7 @@ DRAIN = 30.0  # seconds a light request may still wait for its first token after
 MAX_TOKENS = int(os.environ.get("BENCH_MAX_TOKENS", "64"))  # a real worker's answers
 
 
-def worker_app(slots: int, prefill: float, tokens: int, rate: float) -> object:
+def worker_app(slots: int, prefill: float, tokens: int, rate: float, pad: int = 0) -> object:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -95,7 +95,8 @@ def worker_app(slots: int, prefill: float, tokens: int, rate: float) -> object:
                     yield b"data: " + orjson.dumps({
                         "id": "cmpl", "object": "text_completion", "created": 1,
                         "model": "shared", "usage": usage,
-                        "choices": [{"index": 0, "text": f" t{index}", "logprobs": None,
+                        "choices": [{"index": 0, "text": f" t{index}" + "x" * pad,
+                                     "logprobs": None,
                                      "finish_reason": "length" if last else None}]}) + b"\n\n"
                     if not last:
                         await asyncio.sleep(1 / rate)
@@ -284,6 +285,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=float, default=0.2)
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--rate", type=float, default=5.0)
+    parser.add_argument("--pad", type=int, default=0, help="bytes added to each token's text")
     parser.add_argument("--seconds", type=float, default=25.0)
     parser.add_argument("--warmup", type=float, default=5.0,
                         help="seconds of flood before the light account starts (real worker)")
@@ -302,7 +304,8 @@ def main() -> None:
     if args.role == "worker":
         import uvicorn
 
-        uvicorn.run(worker_app(args.slots, args.prefill, args.tokens, args.rate),  # type: ignore[arg-type]
+        uvicorn.run(worker_app(args.slots, args.prefill, args.tokens, args.rate,  # type: ignore[arg-type]
+                               args.pad),
                     host="127.0.0.1", port=args.port, log_level="error")
         return
     if args.scripted:

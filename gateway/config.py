@@ -109,5 +109,6 @@ class Settings(BaseSettings):
     keep_alive_timeout: int = 5
     # Seconds a reply's write may wait for the client to read; past it the request ends as
     # aborted (its worker request, replica and slot freed), as if the client had left.
-    client_write_timeout: float = Field(default=30.0, gt=0)
+    # Below queue_timeout, so that requests queued behind an unread stream get its replica.
+    client_write_timeout: float = Field(default=5.0, gt=0)
     max_connections: int = 4096

@@ -89,7 +89,7 @@ class AsgiClient:
     RequestIdMiddleware, which also adds the x-request-id header to every reply."""
 
     def __init__(self, scope: Scope, receive: Receive, send: Send,
-                 write_timeout: float = 30.0) -> None:
+                 write_timeout: float = 5.0) -> None:
         self.write_timeout = write_timeout  # seconds a send may wait for the client to read
         self.path: str = scope["path"]
         self.headers = header_map(scope["headers"])
@@ -167,7 +167,7 @@ class InferenceRoutes:
     other method there is a 405; everything else goes on to `app`."""
 
     def __init__(self, app: ASGIApp, direct: Mapping[str, Serve],
-                 write_timeout: float = 30.0) -> None:
+                 write_timeout: float = 5.0) -> None:
         self.app = app
         self.direct = direct
         self.write_timeout = write_timeout
