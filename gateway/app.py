@@ -117,14 +117,16 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                              marker_ttl=settings.usage_marker_ttl)
         responses = RedisResponses(client, settings.redis_prefix, settings.responses_ttl,
                                    settings.responses_max_bytes,
-                                   settings.responses_per_account)
+                                   settings.responses_per_account,
+                                   settings.responses_account_bytes)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
         ledger = LocalLedger(limiter)
         responses = LocalResponses(settings.responses_ttl,
                                    max_bytes=settings.responses_max_bytes,
-                                   per_account=settings.responses_per_account)
+                                   per_account=settings.responses_per_account,
+                                   account_bytes=settings.responses_account_bytes)
     workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                            str(settings.upstream_ca_file) if settings.upstream_ca_file else None)
     discovery = Discovery(

@@ -63,9 +63,11 @@ class Settings(BaseSettings):
     # (30 days): in Redis with redis_url, else in process (at most 10,000).
     responses_ttl: float = Field(default=30 * 86400, gt=0)
     # What one account may store: a stored response's size (encoded: its conversation and
-    # output; a larger one is answered, not stored), and how many it keeps (oldest dropped).
+    # output; a larger one is not stored), and how many it keeps and their bytes (its
+    # oldest dropped).
     responses_max_bytes: int = Field(default=1 << 20, gt=0)
     responses_per_account: int = Field(default=1000, gt=0)
+    responses_account_bytes: int = Field(default=64 << 20, gt=0)
     # The usage stream in Redis keeps about this many records (the oldest trimmed); each
     # record's idempotency marker (exactly-once across retries) lives this many seconds.
     usage_stream_max_length: int = Field(default=10_000_000, gt=0)

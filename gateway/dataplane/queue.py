@@ -57,10 +57,17 @@ class Band:
         self.flows: OrderedDict[str, deque[Waiter]] = OrderedDict()  # round-robin order
         self.deficits: dict[str, int] = {}
         self.new: set[str] = set()  # accounts not served since they started waiting
+        # Credit an account overspent (a batch costs its sequences) when its flow emptied:
+        # kept while others wait, so that leaving and coming back does not wipe the debt.
+        self.debts: dict[str, int] = {}
         self.size = 0
 
     def push(self, waiter: Waiter) -> None:
-        if waiter.account not in self.flows:
+        debt = self.debts.pop(waiter.account, 0) if waiter.account not in self.flows else 0
+        if debt:  # it still owes turns: it joins the round at its end, not ahead of it
+            self.flows[waiter.account] = deque()
+            self.deficits[waiter.account] = debt
+        elif waiter.account not in self.flows:
             # An account with nothing waiting goes ahead of the round, after the other new
             # ones, with a turn in hand (as fq_codel serves new flows first): a light
             # account's request goes next, while a flooding account always has requests
@@ -88,7 +95,7 @@ class Band:
             waiter = flow.popleft()
             self.size -= 1
             if not flow:
-                del self.flows[account], self.deficits[account]
+                self._empty(account)
             return waiter
 
     def remove(self, waiter: Waiter) -> bool:
@@ -98,9 +105,17 @@ class Band:
         flow.remove(waiter)
         self.size -= 1
         if not flow:
-            del self.flows[waiter.account], self.deficits[waiter.account]
+            self._empty(waiter.account)
             self.new.discard(waiter.account)
         return True
+
+    def _empty(self, account: str) -> None:
+        del self.flows[account]
+        deficit = self.deficits.pop(account)
+        if deficit < 0:
+            self.debts[account] = deficit
+        if not self.flows:  # no one waits: nothing to be fair about any more
+            self.debts.clear()
 
     def longest(self) -> tuple[str, int]:
         """The account with the most requests waiting, and how many."""
@@ -170,10 +185,13 @@ class Queues:
         the replicas' room and of its account's turns."""
         queue = self.queues.get(deployment.name)
         promised = 0 if queue is None else queue.dispatched
-        if (queue is None or queue.length == 0) and self.free(deployment, 0) > promised:
+        # Straight on only with room for all its sequences (a batch larger than the room
+        # queues, and goes at its turn as soon as there is any room: it never starves).
+        if (queue is None or queue.length == 0) \
+                and self.free(deployment, 0) - promised >= cost:
             return False  # nothing waits and there is room: go on
         if self.reserve and (queue is None or not queue.has(account.id)) \
-                and self.free(deployment, self.reserve) > promised:
+                and self.free(deployment, self.reserve) - promised >= cost:
             return False  # an account with nothing waiting takes the reserve: no wait
         queue = self.queues.setdefault(deployment.name, DeploymentQueue())
         self.deployments[deployment.name] = deployment

@@ -7,7 +7,7 @@
 3. translated by the API into its Call, salted with its account (isolation.py), encoded
    once, and admitted against the account's limits (the reservation is held from here:
    accounting.admitted);
-4. its turn in the deployment's queue, and what each pod holds of its prompt (KV events);
+4. what each pod holds of its prompt (KV events), and its turn in the deployment's queue;
 5. up to two attempts: a replica leased, the worker asked, its answer checked up to the first
    token (relay.py); on a replica's fault before any byte reached the client, once more on
    another replica. Whom a failure blames is blame.py's rule;
@@ -153,12 +153,15 @@ class RequestLife:
                              model=route.model)
         with tally.trace.phase("admission"):
             call, encoded = await self.admit(request, route)
+        # The pods' caches are looked up before the queue turn (the lease is taken right
+        # after it, with no await between: the room the queue let it go for is still there;
+        # the hint is counted again then).
+        hint = await self.cache_hint(route, call, len(encoded)) \
+            if gateway.kv_index.known else None
         queued_at = time.monotonic()
         if await gateway.queues.turn(route.deployment, self.account, call.priority,
                                      call.sequences):
             tally.trace.waited("queue", queued_at)
-        hint = await self.cache_hint(route, call, len(encoded)) \
-            if gateway.kv_index.known else None
         affinity = affinity_key(self.client.headers, call,
                                 gateway.settings.prefix_affinity_bytes)
         reply = await self.attempts(route, call, encoded, affinity, hint)

@@ -113,7 +113,7 @@ def embedding_input(given: Any, template: str | None, max_bytes: int) -> Any:
         if missing:
             raise GatewayError(400, f"prompt_template names {missing[0]!r}, which the input "
                                     "does not have", param="prompt_template")
-        texts = {name: str(fields[name]) for name in set(names)}
+        texts = {name: _text(fields[name], name) for name in set(names)}
         size += fixed + sum(len(texts[name].encode()) for name in names)
         if size > max_bytes:
             raise GatewayError(400, f"prompt_template would render more than {max_bytes} "
@@ -122,6 +122,15 @@ def embedding_input(given: Any, template: str | None, max_bytes: int) -> Any:
         placed.append(texts)
     rendered = [_render(template, texts) for texts in placed]
     return rendered if several else rendered[0]
+
+
+def _text(value: Any, name: str) -> str:
+    """A field as the template places it: text, numbers and booleans only (an object of any
+    depth has no one text form)."""
+    if not isinstance(value, (str, int, float, bool)):
+        raise GatewayError(400, f"prompt_template places {name!r}, which is not a text, "
+                                "number or boolean", param="prompt_template")
+    return str(value)
 
 
 def _render(template: str, texts: dict[str, str]) -> str:

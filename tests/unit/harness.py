@@ -60,6 +60,20 @@ def registry(replicas: Iterable[str], accounts: dict[str, str] | None = None,
             "deployments": deployments}
 
 
+EMBEDDER = "accounts/fireworks/models/e"
+
+
+def with_embedder(urls: dict[str, str], **account: Any) -> dict[str, Any]:
+    """`registry(urls)` (its account with `account`'s fields) and an embedding deployment
+    `e` of EMBEDDER on the same worker."""
+    content = registry(urls.values())
+    content["accounts"][0] |= account
+    content["deployments"].append({"id": "e", "account": "fireworks", "model": EMBEDDER,
+                                   "default": True, "task": "embed",
+                                   "replicas": [{"url": urls["worker"]}]})
+    return content
+
+
 def write_registry(tmp_path: Path, content: dict[str, Any]) -> Path:
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump(content))

@@ -19,9 +19,8 @@ from gateway.dataplane.request import bounded
 from gateway.errors import GatewayError
 from gateway.validation import check_metadata
 from tests.unit.fake_worker import MODEL
-from tests.unit.harness import COMPLETION, Harness, build, registry
+from tests.unit.harness import COMPLETION, EMBEDDER, Harness, build, with_embedder
 
-EMBEDDER = "accounts/fireworks/models/e"
 EMBEDDINGS = {"object": "list", "data": [{"index": 0, "object": "embedding",
                                           "embedding": [0.5]}],
               "usage": {"prompt_tokens": 1, "total_tokens": 1}}
@@ -31,15 +30,6 @@ def worker(request: httpx.Request) -> httpx.Response:
     if request.url.path == "/v1/embeddings":
         return httpx.Response(200, json=EMBEDDINGS)
     return httpx.Response(200, json=COMPLETION)
-
-
-def with_embedder(urls: dict[str, str], **account: Any) -> dict[str, Any]:
-    content = registry(urls.values())
-    content["accounts"][0] |= account
-    content["deployments"].append({"id": "e", "account": "fireworks", "model": EMBEDDER,
-                                   "default": True, "task": "embed",
-                                   "replicas": [{"url": urls["worker"]}]})
-    return content
 
 
 @pytest.fixture
@@ -69,6 +59,17 @@ async def test_a_template_that_multiplies_a_small_body_is_refused_before_renderi
     assert response.json()["error"]["param"] == "prompt_template"
     assert "65536 bytes" in response.json()["error"]["message"]
     assert peak < 8 << 20  # nothing near the 80 MB the rendering would have taken
+    assert posted(gateway) == 0
+
+
+async def test_a_template_field_that_is_an_object_is_a_400(gateway: Harness) -> None:
+    nested = '{"a":' * 900 + '"x"' + "}" * 900  # str() of it exhausts the recursion limit
+    for value in (nested, '["x"]', "null"):
+        body = f'{{"model": "{EMBEDDER}", "input": [{{"a": {value}}}], ' \
+               '"prompt_template": "{a}"}'
+        response = await gateway.once("POST", "/inference/v1/embeddings", content=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "prompt_template"
     assert posted(gateway) == 0
 
 

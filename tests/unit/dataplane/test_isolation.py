@@ -16,9 +16,8 @@ from gateway.app import inference_apis
 from gateway.controlplane.responses import LocalResponses
 from gateway.dataplane.isolation import account_salt
 from tests.unit.fake_worker import MODEL
-from tests.unit.harness import Harness, build, registry
+from tests.unit.harness import EMBEDDER, Harness, build, with_embedder
 
-EMBEDDER = "accounts/fireworks/models/e"
 MESSAGES = [{"role": "user", "content": "hi"}]
 # A minimal valid request per API path; an API added to the route table needs one here.
 BODIES: dict[str, dict[str, Any]] = {
@@ -41,17 +40,9 @@ def worker(request: httpx.Request) -> httpx.Response:
     return httpx.Response(500, json={"error": "only the request is looked at"})
 
 
-def two_tasks(urls: dict[str, str]) -> dict[str, Any]:
-    content = registry(urls.values())
-    content["deployments"].append({"id": "e", "account": "fireworks", "model": EMBEDDER,
-                                   "default": True, "task": "embed",
-                                   "replicas": [{"url": urls["worker"]}]})
-    return content
-
-
 @pytest.fixture
 def gateway(tmp_path: Path) -> Harness:
-    return build(tmp_path, worker, registry_of=two_tasks, eject_after_failures=1000)
+    return build(tmp_path, worker, registry_of=with_embedder, eject_after_failures=1000)
 
 
 def test_every_api_in_the_route_table_has_a_request_here() -> None:

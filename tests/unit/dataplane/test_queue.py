@@ -210,6 +210,39 @@ async def test_a_batch_spends_its_accounts_turns_as_the_sequences_it_asks_for() 
     assert order == ["batch", "single", "single", "single", "batch", "batch"]
 
 
+async def test_a_batch_that_leaves_and_comes_back_still_owes_its_turns() -> None:
+    band = Band()
+    for _ in range(4):
+        band.push(waiter("single"))
+    band.push(Waiter("batch", 1, (0, 0), asyncio.get_running_loop().create_future(), 8))
+    assert [band.pop().account for _ in range(2)] == ["single", "batch"]  # both new
+    band.push(waiter("batch"))  # its flow emptied 7 turns in debt: it comes back owing
+    assert [band.pop().account for _ in range(4)] == ["single"] * 3 + ["batch"]
+    band.push(Waiter("batch", 1, (0, 0), asyncio.get_running_loop().create_future(), 8))
+    assert band.pop().account == "batch"  # alone: no one to be fair to, and no debt kept
+    assert band.size == 0 and not band.debts
+
+
+async def test_a_batch_goes_straight_on_only_with_room_for_all_its_sequences() -> None:
+    room = Room()
+    queues = Queues(room, GatewayMetrics(), timeout=5, reserve=2)
+    room.free = -2  # saturated, the reserve too: a waits
+    waiting = asyncio.create_task(queues.turn(DEPLOYMENT, account("a"), False))
+    await asyncio.sleep(0)
+    room.free = 0  # the reserve has room for 2
+    batch = asyncio.create_task(queues.turn(DEPLOYMENT, account("batch"), False, 3))
+    single = asyncio.create_task(queues.turn(DEPLOYMENT, account("single"), False))
+    await asyncio.wait_for(single, 1)  # the reserve (2) takes a single request at once
+    await asyncio.sleep(0.01)
+    assert not batch.done() and not waiting.done()  # but not a batch of 3: it queues
+    room.free = 1
+    queues.dispatch_all()
+    await asyncio.wait_for(waiting, 1)  # a, first in line
+    room.free = 2  # (a took 1; the batch goes at its turn with any room)
+    queues.dispatch_all()
+    await asyncio.wait_for(batch, 1)
+
+
 async def test_a_batch_takes_the_replicas_room_of_its_sequences() -> None:
     room = Room()
     queues = Queues(room, GatewayMetrics(), timeout=5)

@@ -192,14 +192,14 @@ async def test_a_store_keeps_per_account(store: Any) -> None:
 
 @pytest.fixture(params=["local", "redis"])
 def small_store(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A store that keeps responses of at most 200 bytes, 3 per account."""
+    """A store that keeps responses of at most 200 bytes, 3 and 250 bytes per account."""
     if request.param == "local":
-        yield LocalResponses(ttl=60, max_bytes=200, per_account=3)
+        yield LocalResponses(ttl=60, max_bytes=200, per_account=3, account_bytes=250)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     import redis.asyncio as aioredis
     yield RedisResponses(aioredis.from_url(server.url), f"t{uuid.uuid4().hex[:6]}:", ttl=60,
-                         max_bytes=200, per_account=3)
+                         max_bytes=200, per_account=3, account_bytes=250)
 
 
 async def test_what_one_account_stores_is_bounded(small_store: Any) -> None:
@@ -218,6 +218,22 @@ async def test_what_one_account_stores_is_bounded(small_store: Any) -> None:
         assert await small_store.client.zcard(f"{small_store.prefix}responses:flood") == 3
     assert await small_store.delete("flood", "r9")
     assert await small_store.load("flood", "r9") is None
+    # 250 bytes per account: two responses of ~110 bytes, not three.
+    for n in range(3):
+        await small_store.save("bulky", f"b{n}", StoredResponse({"id": f"b{n}"},
+                                                                 ["x" * 70]))
+    assert [await small_store.load("bulky", f"b{n}") is not None for n in range(3)] == \
+        [False, True, True]
+    assert await small_store.load("quiet", "q1") is not None
+
+
+async def test_a_full_process_store_takes_from_the_account_holding_the_most() -> None:
+    store = LocalResponses(ttl=60, max_entries=4)
+    await store.save("quiet", "q", StoredResponse({"id": "q"}, []))
+    for n in range(6):
+        await store.save("flood", f"r{n}", StoredResponse({"id": f"r{n}"}, []))
+    assert await store.load("quiet", "q") is not None  # the oldest, but not the largest
+    assert len(store.entries) == 4 and len(store.of_account["flood"]) == 3
 
 
 async def test_local_store_is_bounded_and_expires() -> None:
