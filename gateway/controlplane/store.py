@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import orjson
 import redis.asyncio as aioredis
 import yaml
 from pydantic import ValidationError
@@ -118,6 +119,9 @@ class RedisStore:
         self.key = f"{prefix}registry"
         self.version_key = f"{prefix}registry:version"
         self.seed_key = f"{prefix}registry:seed"  # digest of the last merged YAML file
+        # Each account's API keys as the last merged file declared them: a key the next
+        # file no longer declares is revoked (the admin API's own keys are not the file's).
+        self.seed_keys_key = f"{prefix}registry:seed-keys"
         self.poll_interval = poll_interval
         self.public_accounts = public_accounts
         self._seed = seed
@@ -169,8 +173,13 @@ class RedisStore:
         applied = await self.redis.get(self.seed_key)
         if applied in (self._seed_digest, self._seed_digest.encode()):
             return
-        await self.change(lambda data: merge_seed(data, self._seed))
-        await self.redis.set(self.seed_key, self._seed_digest)
+        raw = await self.redis.get(self.seed_keys_key)
+        previous = orjson.loads(raw) if raw else None
+        await self.change(lambda data: merge_seed(data, self._seed, previous))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.seed_keys_key, seed_keys(self._seed))
+            pipe.set(self.seed_key, self._seed_digest)
+            await pipe.execute()
 
     async def stop(self) -> None:
         await cancel(self._task)
@@ -199,6 +208,7 @@ class RedisStore:
             pipe.setnx(self.version_key, 1)
             if self._version is None:
                 pipe.setnx(self.seed_key, self._seed_digest)
+                pipe.setnx(self.seed_keys_key, seed_keys(self._seed))
             written, *_ = await pipe.execute()
         if written:
             logger.info("registry written to Redis from the %s",
@@ -247,7 +257,21 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def merge_seed(data: RegistryData, seed: RegistryData) -> RegistryData:
+def seed_keys(seed: RegistryData) -> bytes:
+    """Each account's API keys as the seed declares them (JSON)."""
+    return orjson.dumps({a.id: sorted(a.api_keys) for a in seed.accounts})
+
+
+def merge_seed(data: RegistryData, seed: RegistryData,
+               previous: dict[str, list[str]] | None = None) -> RegistryData:
+    """The seed's accounts, keys and deployments merged into the registry: what the seed
+    declares wins; keys the previous seed declared and this one does not are revoked (keys
+    added through the admin API stay until deleted there)."""
+    declared_keys = {a.id: set(a.api_keys) for a in seed.accounts}
+    for account in data.accounts:
+        dropped = set((previous or {}).get(account.id, ())) \
+            - declared_keys.get(account.id, set())
+        account.api_keys = [k for k in account.api_keys if k not in dropped]
     declared = {(d.account, d.id) for d in seed.deployments}
     data.deployments = [d for d in data.deployments if (d.account, d.id) not in declared]
     data.deployments += [d.model_copy(deep=True) for d in seed.deployments]

@@ -14,7 +14,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.controlplane.limits import Admission, RedisLimiter, limit_keys
-from gateway.controlplane.registry import Account, Deployment, Limits, RegistryData, Replica
+from gateway.controlplane.registry import (
+    Account,
+    Deployment,
+    Limits,
+    RegistryData,
+    Replica,
+    hash_key,
+)
 from gateway.controlplane.store import RedisStore
 from gateway.controlplane.usage import RedisLedger, UsageRecord, read_records, totals_of
 from gateway.errors import GatewayError
@@ -94,6 +101,36 @@ async def test_a_changed_seed_file_is_merged_once_keeping_admin_changes(
     await again.start()
     await again.stop()
     assert await client.get(f"{prefix}registry:version") == version
+
+
+async def test_a_key_removed_from_the_seed_is_revoked_on_every_gateway(
+        client: aioredis.Redis, prefix: str) -> None:
+    """Keys K1 and K2 in the seed; the rollout's seed has K2 only: K1 is refused on the
+    gateway that restarted and on one that kept running, while a key added through the
+    admin API stays until deleted there."""
+    k1, k2, k3 = (hash_key(name) for name in ("K1", "K2", "K3"))
+    with_both = RegistryData(accounts=[Account(id="acme", api_keys=[k1, k2])])
+    running = RedisStore(client, with_both, prefix=prefix, poll_interval=0.05)
+    await running.start()
+    assert running.current.authenticate("K1").id == "acme"
+
+    def add_k3(data: RegistryData) -> RegistryData:  # through the admin API
+        data.accounts[0].api_keys.append(k3)
+        return data
+
+    await running.change(add_k3)
+    rolled = RedisStore(client, RegistryData(accounts=[Account(id="acme", api_keys=[k2])]),
+                        prefix=prefix)
+    await rolled.start()
+    await rolled.stop()
+    await asyncio.sleep(0.3)  # the running gateway's poll
+    for store in (rolled, running):
+        with pytest.raises(GatewayError) as refused:
+            store.current.authenticate("K1")
+        assert refused.value.status == 401
+        assert store.current.authenticate("K2").id == "acme"
+        assert store.current.authenticate("K3").id == "acme"  # the admin API's stays
+    await running.stop()
 
 
 async def test_concurrent_changes_are_not_lost(client: aioredis.Redis, prefix: str) -> None:
