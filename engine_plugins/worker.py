@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from engine_plugins.lora_rows import DISABLE_ENV as DISABLE_CORRECTIONS
+from engine_plugins.worker_auth import KEY_ENV, read_key
 
 # Registered in this order; each class serves both model runners (engine_plugins/plugins.py).
 PROCESSORS = [
@@ -46,11 +47,13 @@ def kv_events_config(port: int) -> str:
 
 def build_command(
     model: str, port: int, host: str, plugins: bool, passthrough: Sequence[str],
-    kv_events_port: int | None = None,
+    kv_events_port: int | None = None, api_key_file: str | None = None,
 ) -> list[str]:
     """The vLLM server command line (without the interpreter)."""
     command = ["-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--host", host, "--port", str(port)]
+    if api_key_file is not None:  # every path but the probes needs the key (worker_auth.py)
+        command += ["--middleware", "engine_plugins.worker_auth.RequireKey"]
     if kv_events_port is not None:
         command += ["--kv-events-config", kv_events_config(kv_events_port)]
     if plugins and not _has_flag(passthrough, "--logits-processors"):
@@ -61,8 +64,12 @@ def build_command(
 
 
 def build_environment(plugins: bool, base: dict[str, str],
-                      passthrough: Sequence[str] = ()) -> dict[str, str]:
+                      passthrough: Sequence[str] = (),
+                      api_key_file: str | None = None) -> dict[str, str]:
     env = dict(base)
+    if api_key_file is not None:
+        read_key(api_key_file)  # a missing or empty key file stops the launch here
+        env[KEY_ENV] = api_key_file
     if plugins:
         env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     else:  # stock vLLM: not even the corrections (engine_plugins/lora_rows.py)
@@ -86,6 +93,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--kv-events-port", type=int,
                         help="publish KV-cache events on this port (replay on the next one) "
                              "for the gateway's cache-aware routing")
+    parser.add_argument("--api-key-file",
+                        help="a file holding the workers' key: every request but the probes "
+                             "and /metrics must carry it (Authorization: Bearer)")
     return parser.parse_known_args(argv)
 
 
@@ -93,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     plugins = not args.no_plugins
     command = build_command(args.model, args.port, args.host, plugins, passthrough,
-                            args.kv_events_port)
-    env = build_environment(plugins, dict(os.environ), passthrough)
+                            args.kv_events_port, args.api_key_file)
+    env = build_environment(plugins, dict(os.environ), passthrough, args.api_key_file)
     # exec keeps one process: signals from the supervisor reach vLLM directly.
     os.execve(sys.executable, [sys.executable, *command], env)
 

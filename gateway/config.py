@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # Workers reached over https are verified against the system's CAs, or against the
     # certificates in this PEM file when set (e.g. a cluster's own CA).
     upstream_ca_file: Path | None = None
+    # A file holding the workers' key (engine_plugins/worker_auth.py; the chart's Secret),
+    # sent on every request to them; None: the workers take requests without one.
+    worker_api_key_file: Path | None = None
     # repetition_penalty through vLLM's native field instead of the engine plugin.
     repetition_penalty_native: bool = False
     log_level: str = "info"

@@ -161,9 +161,11 @@ class WorkerClient:
     """Pooled HTTP/1.1 connections to every worker."""
 
     def __init__(self, connect_timeout: float, read_timeout: float,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, api_key: str | None = None) -> None:
         tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self.pool = Pool(connect_timeout, read_timeout, tls)
+        # The workers' key (engine_plugins/worker_auth.py), on every request to them.
+        self.auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     def prune(self, listed: Iterable[str]) -> int:
         """Close idle connections to workers no longer listed (see Pool.prune)."""
@@ -175,7 +177,8 @@ class WorkerClient:
     async def open(self, url: str, body: bytes, headers: dict[str, str]) -> WorkerAnswer:
         """POST and return once the worker answered with a 2xx status and headers."""
         try:
-            connection = await self.pool.request(b"POST", url, body, JSON_HEADERS | headers)
+            connection = await self.pool.request(b"POST", url, body,
+                                                 JSON_HEADERS | self.auth | headers)
         except TRANSPORT_ERRORS as exc:
             raise transport_fault(exc) from exc
         answer = WorkerAnswer(self.pool, url, connection)
@@ -210,7 +213,8 @@ class WorkerClient:
         or None when the worker cannot be reached in time."""
         try:
             async with asyncio.timeout(timeout):
-                connection = await self.pool.request(b"GET", url, b"", {}, read_timeout=timeout)
+                connection = await self.pool.request(b"GET", url, b"", self.auth,
+                                                     read_timeout=timeout)
                 try:
                     body = await _some(connection, 4 << 20)
                 finally:

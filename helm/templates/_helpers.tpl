@@ -38,6 +38,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{- define "fwg.workerKeySecret" -}}
+{{- default (printf "%s-worker-key" (include "fwg.fullname" .)) .Values.worker.apiKey.existingSecret -}}
+{{- end -}}
+
 {{- define "fwg.keysSecret" -}}
 {{- default (printf "%s-keys" (include "fwg.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}

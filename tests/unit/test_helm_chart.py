@@ -3,6 +3,7 @@ checked against the Kubernetes schemas (kubernetes-validate)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_gpus_and_vllm_args_land_on_the_right_containers() -> None:
         env = {e["name"]: e["value"] for e in container(worker)["env"]}
         assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # plugins loaded: V1 runner
         assert container(worker)["command"][-1] == "engine_plugins.worker"
-        assert container(worker)["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+        assert container(worker)["readinessProbe"]["httpGet"]["path"] == "/health"
         shm = [v for v in worker["spec"]["template"]["spec"]["volumes"] if v["name"] == "shm"]
         assert shm[0]["emptyDir"]["medium"] == "Memory"
     gateway = container(find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0])
@@ -363,3 +364,40 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
             "Workers: KV-cache usage", "Usage records waiting for Redis"} <= titles
     assert not find(render({"grafanaDashboard": {"enabled": False}}), "ConfigMap",
                     "rel-fireworks-gateway-dashboard")
+
+
+def test_only_the_gateway_reaches_the_workers_and_redis_and_holds_their_key() -> None:
+    objects = render(THREE)
+    (secret,) = find(objects, "Secret", "rel-fireworks-gateway-worker-key")
+    assert len(base64.b64decode(secret["data"]["worker-key"])) == 48
+    gateway = find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    key_file = env["GATEWAY_WORKER_API_KEY_FILE"]
+    mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
+    assert key_file == mounts["worker-key"] + "/worker-key"
+    workers = [w for w in find(objects, "Deployment") if w is not gateway]
+    assert workers
+    for worker in workers:
+        args = container(worker)["args"]
+        assert args[args.index("--api-key-file") + 1] == "/etc/worker-key/worker-key"
+        volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["worker-key"]["secret"]["secretName"] == secret["metadata"]["name"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(objects, "NetworkPolicy")}
+    gateway_pods = {"app.kubernetes.io/component": "gateway"}
+    workers_policy = policies["rel-fireworks-gateway-workers"]
+    assert workers_policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] \
+        == "worker"
+    from_gateway, from_monitoring = workers_policy["ingress"]
+    assert gateway_pods.items() <= from_gateway["from"][0]["podSelector"]["matchLabels"].items()
+    assert "ports" not in from_gateway  # the API and the KV events
+    assert from_monitoring["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert from_monitoring["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"}
+    assert "rel-fireworks-gateway-redis" not in policies  # an external Redis: not ours
+    bundled = {p["metadata"]["name"]: p["spec"] for p in find(render(), "NetworkPolicy")}
+    (redis_rule,) = bundled["rel-fireworks-gateway-redis"]["ingress"]
+    assert gateway_pods.items() <= redis_rule["from"][0]["podSelector"]["matchLabels"].items()
+    assert redis_rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    # No policy selects the gateway: clients reach it from anywhere.
+    assert all(p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] != "gateway"
+               for p in bundled.values())

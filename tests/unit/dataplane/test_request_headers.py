@@ -58,3 +58,28 @@ async def test_a_pin_that_does_not_serve_the_model_is_not_found(tmp_path: Path) 
         response = await post(gateway_app, {"fireworks-deployment": pin})
         assert response.status_code == 404 and pin in response.json()["error"]["message"]
     assert gateway_app.workers.served.requests == []
+
+
+async def test_every_request_to_a_worker_carries_the_workers_key(tmp_path: Path) -> None:
+    """The workers' key (a mounted Secret) goes on the request, on the lookups beside it
+    (the served model's name, tokenize) and on the health checks; never the client's key."""
+    key_file = tmp_path / "worker-key"
+    key_file.write_text("w0rker-key\n")
+
+    def worker(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "served", "parent": None}]})
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [1], "count": 1,
+                                             "max_model_len": 100})
+        return httpx.Response(200, json=COMPLETION)
+
+    h = build(tmp_path, worker, worker_api_key_file=key_file)
+    response = await h.once("POST", "/inference/v1/completions", json={
+        "model": MODEL, "prompt": "x", "context_length_exceeded_behavior": "error"})
+    assert response.status_code == 200, response.text
+    assert h.workers is not None
+    seen = {r.url.path: r.headers.get("authorization") for r in h.workers.served.requests}
+    assert seen == {"/tokenize": "Bearer w0rker-key", "/v1/completions": "Bearer w0rker-key"}
+    await h.gateway.queries.served_model(h.urls["worker"])
+    assert h.workers.served.requests[-1].headers["authorization"] == "Bearer w0rker-key"
