@@ -48,7 +48,14 @@ lint: $(STAMP)
 	@echo "[lint] mypy"
 	@$(VENV)/bin/mypy
 
-test: $(STAMP) redis lint model tiny-model
+# checkov scans the rendered chart (tests/unit/test_helm_chart.py), from a venv of its own:
+# its pinned dependencies stay out of the project's.
+CHECKOV := .tools/checkov/bin/checkov
+$(CHECKOV):
+	@python3 -m venv .tools/checkov
+	@.tools/checkov/bin/python -m pip install -q checkov==3.3.30
+
+test: $(STAMP) redis lint model tiny-model $(CHECKOV)
 	@$(VENV)/bin/pytest -v -rA --durations=10
 
 # LangChain's standard integration tests for ChatFireworks through the gateway alone (~4 min
@@ -57,7 +64,7 @@ test-langchain: $(STAMP) model
 	@$(VENV)/bin/pytest -v -rA tests/e2e/test_langchain_standard.py
 
 clean:
-	rm -rf $(VENV) $(DATA_DIR)
+	rm -rf $(VENV) $(DATA_DIR) .tools
 
 # Benchmarks print tables; they are not tests. bench-gateway measures the gateway beside
 # vllm-router (in its own environment), and also over a real worker when WORKER=http://host:port

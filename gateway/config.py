@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REGISTRY = Path(__file__).with_name("default_registry.yaml")
@@ -31,8 +31,13 @@ class Settings(BaseSettings):
     registry_poll_interval: float = 0.25
     # Accounts whose deployments every account may use.
     public_accounts: list[str] = ["fireworks"]
-    # The admin API's key (a Kubernetes Secret in the chart); None disables the admin API.
+    # The admin API's key, or a file holding it (the chart mounts its Secret); None disables
+    # the admin API. /metrics also takes the metrics key, which opens nothing else (what
+    # Prometheus holds).
     admin_key: str | None = None
+    admin_key_file: Path | None = None
+    metrics_key: str | None = None
+    metrics_key_file: Path | None = None
     # Active health checks of every replica (seconds; 0 turns them off), and passive
     # ejection after this many consecutive failures.
     health_check_interval: float = 1.0
@@ -117,3 +122,15 @@ class Settings(BaseSettings):
     # Below queue_timeout, so that requests queued behind an unread stream get its replica.
     client_write_timeout: float = Field(default=5.0, gt=0)
     max_connections: int = 4096
+
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> Settings:
+        """Keys given as files (mounted Secrets) are read once, at start."""
+        for name in ("admin_key", "metrics_key"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is not None:
+                key = path.read_text().strip()
+                if not key:
+                    raise ValueError(f"{path} holds no key")
+                setattr(self, name, key)
+        return self

@@ -38,7 +38,11 @@ ADMIN_PATHS = ("/admin/", "/metrics")
 CLOSE = {"connection": "close"}
 
 
-def check_admin_key(settings: Settings, given: str | None) -> None:
+def check_admin_key(settings: Settings, given: str | None, path: str = "/admin/") -> None:
+    """The admin key, or for /metrics also the metrics key."""
+    if path.startswith("/metrics") and settings.metrics_key and hmac.compare_digest(
+            (given or "").encode(), settings.metrics_key.encode()):
+        return
     expected = settings.admin_key
     if not expected:
         raise GatewayError(401, "The admin API is disabled: set GATEWAY_ADMIN_KEY",
@@ -63,7 +67,7 @@ class Edge:
         headers = header_map(scope["headers"])
         try:
             if scope["path"].startswith(ADMIN_PATHS):
-                check_admin_key(self.settings, api_key(headers))
+                check_admin_key(self.settings, api_key(headers), scope["path"])
             check_declared_length(headers, self.settings)
         except GatewayError as exc:
             await send_error(send, exc, scope["state"]["request_id"])

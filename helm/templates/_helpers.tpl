@@ -42,10 +42,38 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-worker-key" (include "fwg.fullname" .)) .Values.worker.apiKey.existingSecret -}}
 {{- end -}}
 
+{{- define "fwg.metricsKeySecret" -}}
+{{- default (printf "%s-metrics-key" (include "fwg.fullname" .)) .Values.serviceMonitor.existingSecret -}}
+{{- end -}}
+
 {{- define "fwg.keysSecret" -}}
 {{- default (printf "%s-keys" (include "fwg.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
 
 {{- define "fwg.image" -}}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{/* A pod that runs as user `uid`, with the runtime's seccomp profile and no service-account
+token (nothing in the chart talks to the Kubernetes API). */}}
+{{- define "fwg.podSecurity" -}}
+automountServiceAccountToken: false
+securityContext:
+  runAsNonRoot: true
+  runAsUser: {{ .uid }}
+  runAsGroup: {{ .uid }}
+  fsGroup: {{ .uid }}
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* A container that cannot gain privileges, holds no capabilities and writes only to its
+volumes. */}}
+{{- define "fwg.containerSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
 {{- end -}}

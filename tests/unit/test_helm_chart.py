@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -250,24 +251,34 @@ def test_schema_rejects_malformed_values(change: Any) -> None:
         helm.Chart.load(CHART).render(values, name="rel", namespace="prod")
 
 
-def test_admin_key_comes_from_its_own_secret_and_settings_parse(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_admin_and_metrics_keys_come_from_their_own_secrets_as_files_and_settings_parse(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from gateway.config import Settings
 
     objects = render(THREE)
     gateway = find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0]
     env = {e["name"]: e for e in container(gateway)["env"]}
-    ref = env["GATEWAY_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
-    admin = find(objects, "Secret", ref["name"])[0]
-    assert admin["stringData"][ref["key"]] == "test-admin-key"
+    assert not any("valueFrom" in e for e in env.values())  # no secret in the environment
+    mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    for name, entry in (("admin-key", "admin-key"), ("metrics-key", "metrics-key")):
+        setting = f"GATEWAY_{name.upper().replace('-', '_')}_FILE"
+        assert env[setting]["value"] == f"{mounts[name]}/{entry}"
+        secret = find(objects, "Secret", volumes[name]["secret"]["secretName"])[0]
+        value = secret.get("stringData", {}).get(entry) or base64.b64decode(
+            secret["data"][entry]).decode()
+        (tmp_path / entry).write_text(value + "\n")  # as the container sees the file
+        monkeypatch.setenv(setting, str(tmp_path / entry))
     for name in ("GATEWAY_PUBLIC_ACCOUNTS", "GATEWAY_REDIS_URL"):
         monkeypatch.setenv(name, env[name]["value"])  # as the container gets them
     settings = Settings()
+    assert settings.admin_key == "test-admin-key"
+    assert settings.metrics_key and settings.metrics_key != settings.admin_key
     assert settings.public_accounts == ["fireworks"]
     assert settings.redis_url == "redis://redis.shared.svc:6379/2"
     defaults = render()  # no admin key configured: no admin Secret, no admin API
     bundled = find(defaults, "Deployment", "rel-fireworks-gateway-gateway")[0]
-    assert "GATEWAY_ADMIN_KEY" not in {e["name"] for e in container(bundled)["env"]}
+    assert "GATEWAY_ADMIN_KEY_FILE" not in {e["name"] for e in container(bundled)["env"]}
 
 
 def test_edge_limits_reach_the_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,17 +300,15 @@ def test_edge_limits_reach_the_gateway_settings(monkeypatch: pytest.MonkeyPatch)
     assert defaults["GATEWAY_MAX_CONNECTIONS"] == "4096"
 
 
-def test_the_service_monitor_scrapes_with_the_admin_key() -> None:
+def test_the_service_monitor_scrapes_with_the_metrics_key_not_the_admin_key() -> None:
     values = yaml.safe_load(yaml.safe_dump(THREE))
     values["serviceMonitor"] = {"enabled": True, "interval": "30s", "labels": {}}
+    values["admin"] = {"key": "", "existingSecret": ""}  # no admin API at all
     objects = render(values)
     monitor = find(objects, "ServiceMonitor")[0]
     credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
-    secret = find(objects, "Secret", credentials["name"])[0]
-    assert credentials["key"] in secret["stringData"]
-    values["admin"] = {"key": "", "existingSecret": ""}
-    with pytest.raises(Exception, match=r"admin\.key"):
-        render(values)
+    assert credentials == {"name": "rel-fireworks-gateway-metrics-key", "key": "metrics-key"}
+    assert find(objects, "Secret", credentials["name"])[0]["data"]["metrics-key"]
 
 
 def test_worker_autoscaling_is_a_keda_scaled_object_on_the_workers_load() -> None:
@@ -329,13 +338,18 @@ def test_helm_test_sends_a_chat_completion_to_the_default_deployment() -> None:
     env = {e["name"]: e for e in test["env"]}
     assert env["GATEWAY_URL"]["value"] == "http://rel-fireworks-gateway-gateway:8000"
     assert env["MODEL"]["value"] == "accounts/acme/models/llama-8b"  # the first default
-    ref = env["API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert find(objects, "Secret", ref["name"])[0]["stringData"][ref["key"]] == \
-        "fw-test-plaintext-key"
+    # The key as a file (a secret in the environment leaks into crash dumps and child
+    # processes): the Secret's entry, mounted where API_KEY_FILE says.
+    (mount,) = test["volumeMounts"]
+    assert env["API_KEY_FILE"]["value"] == mount["mountPath"] + "/api-key"
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["name"] == mount["name"]
+    secret = find(objects, "Secret", volume["secret"]["secretName"])[0]
+    assert secret["stringData"]["api-key"] == "fw-test-plaintext-key"
     compile(test["args"][0], "helm-test", "exec")  # the script is valid Python
     assert "/inference/v1/chat/completions" in test["args"][0]
-    (plain,) = find(render(), "Pod")  # no key configured: no API_KEY
-    assert "API_KEY" not in {e["name"] for e in plain["spec"]["containers"][0]["env"]}
+    (plain,) = find(render(), "Pod")  # no key configured: nothing mounted
+    assert "volumes" not in plain["spec"]
 
 
 def test_the_dashboard_queries_only_metrics_that_exist() -> None:
@@ -398,6 +412,35 @@ def test_only_the_gateway_reaches_the_workers_and_redis_and_holds_their_key() ->
     (redis_rule,) = bundled["rel-fireworks-gateway-redis"]["ingress"]
     assert gateway_pods.items() <= redis_rule["from"][0]["podSelector"]["matchLabels"].items()
     assert redis_rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
-    # No policy selects the gateway: clients reach it from anywhere.
-    assert all(p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] != "gateway"
-               for p in bundled.values())
+    # Clients reach the gateway from anywhere, on its HTTP port; the test pod takes nothing.
+    (gateway_rule,) = bundled["rel-fireworks-gateway-gateway"]["ingress"]
+    assert gateway_rule == {"ports": [{"port": "http", "protocol": "TCP"}]}
+    assert "ingress" not in bundled["rel-fireworks-gateway-test"]
+
+
+CHECKOV = ROOT / ".tools" / "checkov" / "bin" / "checkov"  # installed by `make test`
+
+
+@pytest.mark.parametrize("values", [None, THREE], ids=["defaults", "three-deployments"])
+def test_checkov_finds_nothing_in_the_rendered_chart(values: dict[str, Any] | None,
+                                                     tmp_path: Path) -> None:
+    """A well-kept scanner (checkov, its Kubernetes checks) on the chart as rendered: no
+    failed check. The skips are helm/.checkov.yaml's (the installer's choices, each with its
+    reason) and the `helm test` pod's two annotations (a one-shot pod has no probes)."""
+    assert CHECKOV.exists(), "checkov is installed by `make test` (.tools/checkov)"
+    manifests = helm.Chart.load(CHART).render(values, name="rel", namespace="prod",
+                                              is_install=True)
+    for path, text in manifests.items():
+        if not path.endswith("NOTES.txt"):
+            (tmp_path / path.replace("/", "_")).write_text(text)
+    run = subprocess.run([str(CHECKOV), "-d", str(tmp_path), "--framework", "kubernetes",
+                          "--config-file", str(CHART / ".checkov.yaml"),
+                          "--compact", "-o", "json"], capture_output=True, text=True,
+                         timeout=300)
+    report = json.loads(run.stdout)
+    report = report if isinstance(report, dict) else report[0]
+    failed = [(r["check_id"], r["resource"]) for r in report["results"]["failed_checks"]]
+    assert failed == [], failed
+    assert report["summary"]["passed"] > 300
+    skipped = {r["check_id"] for r in report["results"]["skipped_checks"]}
+    assert skipped <= {"CKV_K8S_8", "CKV_K8S_9"}, skipped  # the test pod's annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,19 @@ def test_the_protocol_refuses_an_app_without_settings() -> None:
         raise AssertionError("never called")
     with pytest.raises(RuntimeError):
         served_settings(bare)
+
+
+async def test_the_metrics_key_opens_metrics_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "admin").write_text("admin-secret\n")
+    (tmp_path / "metrics").write_text("scrape-only\n")
+    h = build(tmp_path, admin_key_file=tmp_path / "admin", metrics_key_file=tmp_path / "metrics")
+    async with h.running() as client:
+        def get(path: str, key: str | None) -> Any:
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            return client.get(path, headers=headers)
+
+        assert (await get("/metrics", "scrape-only")).status_code == 200
+        assert (await get("/metrics", "admin-secret")).status_code == 200
+        assert (await get("/metrics", None)).status_code == 401
+        assert (await get("/admin/v1/registry", "scrape-only")).status_code == 401
+        assert (await get("/admin/v1/registry", "admin-secret")).status_code == 200
