@@ -26,7 +26,7 @@ from gateway.dataplane.health import ReplicaHealth
 from gateway.dataplane.kv_events import KvEvents, PodEvents, endpoints
 from gateway.dataplane.kv_index import DECODER, BlockIndex, CacheHint, cache_hint, prompt_keys
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet
-from tests.conftest import free_port
+from tests.conftest import free_port_pair
 
 BS = 4
 ENCODE = msgspec.msgpack.Encoder().encode
@@ -257,7 +257,7 @@ class Publisher:
     """A scripted vLLM publisher: numbered batches on PUB, a replay buffer on ROUTER."""
 
     def __init__(self, context: zmq.asyncio.Context) -> None:
-        self.port = free_port()
+        self.port = free_port_pair()  # (the next port, the replay's, may be taken otherwise)
         self.replay_port = self.port + 1
         self.pub = context.socket(zmq.PUB)
         self.pub.bind(f"tcp://127.0.0.1:{self.port}")
