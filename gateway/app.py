@@ -97,7 +97,9 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
     if settings.redis_url:
         # Short timeouts: a Redis outage must cost requests milliseconds, not seconds.
         client = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5,
-                                   socket_timeout=1.0)
+                                   socket_timeout=1.0,
+                                   **({"password": settings.redis_password}
+                                      if settings.redis_password else {}))
         store = RedisStore(client, load_yaml(settings.registry_path, settings.keys_path),
                            prefix=settings.redis_prefix,
                            poll_interval=settings.registry_poll_interval,

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Shared state for several gateway replicas (registry, limits, usage); None runs on the
     # YAML registry and in-process state.
     redis_url: str | None = None
+    # Redis' password (AUTH), or a file holding it (the chart mounts its Secret); a password
+    # in redis_url itself wins.
+    redis_password: str | None = None
+    redis_password_file: Path | None = None
     redis_prefix: str = "fwgw:"
     # How often each gateway looks for registry changes in Redis (seconds).
     registry_poll_interval: float = 0.25
@@ -125,8 +129,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> Settings:
-        """Keys given as files (mounted Secrets) are read once, at start."""
-        for name in ("admin_key", "metrics_key"):
+        """Keys and passwords given as files (mounted Secrets) are read once, at start."""
+        for name in ("admin_key", "metrics_key", "redis_password"):
             path: Path | None = getattr(self, f"{name}_file")
             if path is not None:
                 key = path.read_text().strip()

@@ -38,6 +38,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret with Redis' password (`password`): the bundled Redis' (made by the chart
+unless redis.existingSecret), or an external one's (redis.existingSecret; none: no AUTH). */}}
+{{- define "fwg.redisSecret" -}}
+{{- default (printf "%s-redis" (include "fwg.fullname" .)) .Values.redis.existingSecret -}}
+{{- end -}}
+
 {{- define "fwg.workerKeySecret" -}}
 {{- default (printf "%s-worker-key" (include "fwg.fullname" .)) .Values.worker.apiKey.existingSecret -}}
 {{- end -}}

@@ -444,3 +444,41 @@ def test_checkov_finds_nothing_in_the_rendered_chart(values: dict[str, Any] | No
     assert report["summary"]["passed"] > 300
     skipped = {r["check_id"] for r in report["results"]["skipped_checks"]}
     assert skipped <= {"CKV_K8S_8", "CKV_K8S_9"}, skipped  # the test pod's annotations
+
+
+def test_the_bundled_redis_takes_a_password_only_the_gateways_hold_and_bounds_its_memory(
+        ) -> None:
+    objects = render()
+    (secret,) = find(objects, "Secret", "rel-fireworks-gateway-redis")
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    assert len(password) == 48
+    assert base64.b64decode(secret["data"]["redis.conf"]).decode() == \
+        f"requirepass {password}\n"
+    (redis,) = find(objects, "StatefulSet")
+    server = container(redis)
+    args = server["args"]
+    assert args[0] == "/etc/redis/auth/redis.conf"  # the password, not on the command line
+    assert args[args.index("--maxmemory") + 1] == "320mb"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "REDISCLI_AUTH" in server["readinessProbe"]["exec"]["command"][-1]
+    volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["auth"]["secret"]["secretName"] == secret["metadata"]["name"]
+    gateway = find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    gateway_volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
+    assert env["GATEWAY_REDIS_PASSWORD_FILE"] == mounts["redis"] + "/password"
+    assert gateway_volumes["redis"]["secret"] == {
+        "secretName": secret["metadata"]["name"], "items": [{"key": "password",
+                                                             "path": "password"}]}
+    workers = [w for w in find(objects, "Deployment") if w is not gateway]
+    assert all("redis" not in {v["name"] for v in w["spec"]["template"]["spec"]["volumes"]}
+               for w in workers)
+    # An external Redis: the password from its Secret when given, none otherwise.
+    external = render(THREE)
+    assert not find(external, "Secret", "rel-fireworks-gateway-redis")
+    values = yaml.safe_load(yaml.safe_dump(THREE))
+    values["redis"]["existingSecret"] = "shared-redis-auth"
+    gateway = find(render(values), "Deployment", "rel-fireworks-gateway-gateway")[0]
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["redis"]["secret"]["secretName"] == "shared-redis-auth"

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -26,6 +27,7 @@ from gateway.controlplane.store import RedisStore
 from gateway.controlplane.usage import RedisLedger, UsageRecord, read_records, totals_of
 from gateway.errors import GatewayError
 from tests.redis_server import RedisServer
+from tests.unit.harness import build
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the loop the client fixture uses
 
@@ -439,3 +441,28 @@ async def test_a_stored_registry_that_does_not_validate_never_stops_a_gateway(
     finally:
         await running.stop()
 
+
+
+async def test_a_gateway_authenticates_to_a_redis_that_requires_a_password(
+        tmp_path: Path) -> None:
+    """GATEWAY_REDIS_PASSWORD_FILE: the gateway AUTHs to a Redis that refuses anyone else
+    (a real redis-server with requirepass)."""
+    server = RedisServer()
+    server.start()
+    try:
+        admin = server.client()
+        admin.config_set("requirepass", "r3dis-pass")
+        admin.close()
+        (tmp_path / "password").write_text("r3dis-pass\n")
+        h = build(tmp_path, redis_url=server.url, redis_password_file=tmp_path / "password")
+        async with h.running():
+            pass  # the gateway wrote its registry to Redis at start
+        authed = aioredis.from_url(server.url, password="r3dis-pass")
+        assert await authed.get("fwgw:registry:version") is not None
+        await authed.aclose()
+        anonymous = aioredis.from_url(server.url)
+        with pytest.raises(RedisError):
+            await anonymous.get("fwgw:registry:version")
+        await anonymous.aclose()
+    finally:
+        server.stop()
