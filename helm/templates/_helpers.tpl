@@ -44,6 +44,18 @@ unless redis.existingSecret), or an external one's (redis.existingSecret; none: 
 {{- default (printf "%s-redis" (include "fwg.fullname" .)) .Values.redis.existingSecret -}}
 {{- end -}}
 
+{{/* A secret value the chart makes once: the entry `key` of the Secret `name` as the
+cluster holds it, else 48 random characters (so an upgrade keeps it; `helm template` and a
+first install make one). */}}
+{{- define "fwg.keptRandom" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- if and $existing (hasKey ($existing.data | default dict) .key) -}}
+{{- index $existing.data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 48 -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "fwg.workerKeySecret" -}}
 {{- default (printf "%s-worker-key" (include "fwg.fullname" .)) .Values.worker.apiKey.existingSecret -}}
 {{- end -}}
