@@ -131,7 +131,7 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                                    account_bytes=settings.responses_account_bytes)
     workers = WorkerClient(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                            str(settings.upstream_ca_file) if settings.upstream_ca_file else None,
-                           worker_api_key(settings))
+                           settings.worker_api_key)
     discovery = Discovery(
         lambda: [r.url for d in store.current.data.deployments for r in d.replicas],
         make_resolver(settings.dns_server), settings.discovery_interval)
@@ -167,16 +167,6 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.propagate = False
-
-
-def worker_api_key(settings: Settings) -> str | None:
-    """The workers' key (a mounted Secret), read once at start."""
-    if settings.worker_api_key_file is None:
-        return None
-    key = settings.worker_api_key_file.read_text().strip()
-    if not key:
-        raise ValueError(f"{settings.worker_api_key_file} holds no key")
-    return key
 
 
 def create_app(settings: Settings | None = None,

@@ -103,8 +103,9 @@ class Settings(BaseSettings):
     # Workers reached over https are verified against the system's CAs, or against the
     # certificates in this PEM file when set (e.g. a cluster's own CA).
     upstream_ca_file: Path | None = None
-    # A file holding the workers' key (engine_plugins/worker_auth.py; the chart's Secret),
-    # sent on every request to them; None: the workers take requests without one.
+    # The workers' key (engine_plugins/worker_auth.py), or a file holding it (the chart's
+    # Secret), sent on every request to them; None: the workers take requests without one.
+    worker_api_key: str | None = None
     worker_api_key_file: Path | None = None
     # repetition_penalty through vLLM's native field instead of the engine plugin.
     repetition_penalty_native: bool = False
@@ -130,7 +131,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_from_files(self) -> Settings:
         """Keys and passwords given as files (mounted Secrets) are read once, at start."""
-        for name in ("admin_key", "metrics_key", "redis_password"):
+        for name in ("admin_key", "metrics_key", "redis_password", "worker_api_key"):
             path: Path | None = getattr(self, f"{name}_file")
             if path is not None:
                 key = path.read_text().strip()

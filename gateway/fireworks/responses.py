@@ -232,12 +232,11 @@ class ResponsesCall(Call):
                 raise GatewayError(404, f"Response {self.previous_id} not found",
                                    param="previous_response_id")
             self.history = previous.next_input()
-        if self.history is None and self.adapter and not self.store:
-            return encoded
-        body = self.body | {"input": self.conversation}
-        if not self.adapter:
-            body["model"] = await worker.served_model()
-        encoded = orjson.dumps(body)
+        if self.history is not None or not self.adapter:  # else: the body as encoded
+            body = self.body | {"input": self.conversation}
+            if not self.adapter:
+                body["model"] = await worker.served_model()
+            encoded = orjson.dumps(body)
         if self.store and len(encoded) > self.responses.max_bytes:
             # (checked before generating: what is stored is this conversation and more)
             raise GatewayError(400, f"This conversation is {len(encoded)} bytes, past the "

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.config import Settings
-from gateway.controlplane.registry import Deployment, Route
+from gateway.controlplane.registry import Deployment, Lora, Route
 from gateway.controlplane.responses import LocalResponses, RedisResponses, StoredResponse
 from gateway.dataplane.isolation import isolate
 from gateway.errors import GatewayError
@@ -423,3 +423,29 @@ def test_known_input_items_pass() -> None:
     request = parse_body(orjson.dumps({"model": MODEL, "input": items}), ResponsesRequest,
                          Settings())
     assert request.input == items
+
+
+async def test_an_adapters_first_turn_goes_as_encoded_within_the_stored_size() -> None:
+    """A LoRA adapter's request names the adapter already and has no history: the body the
+    data plane encoded goes as it is (no second encoding, no served-model lookup), and a
+    conversation too large to store is refused all the same."""
+    adapter = Route(Deployment(id="d", account="fireworks", model=MODEL), MODEL,
+                    lora=Lora(id="l", account="fireworks", deployment="d", source="s"))
+    api = ResponsesApi(LocalResponses(60, max_bytes=2000))
+
+    class NoLookups:
+        async def served_model(self) -> str:
+            raise AssertionError("an adapter's request names its model already")
+
+    for text, store, refused in (("hi", True, False), ("x" * 3000, False, False),
+                                 ("x" * 3000, True, True)):
+        parsed = ResponsesRequest.model_validate({"model": MODEL, "input": text,
+                                                  "store": store})
+        call = api.translate(parsed, adapter, Settings(), account="a", nonce=NONCE)
+        encoded = orjson.dumps(call.body)
+        if refused:
+            with pytest.raises(GatewayError) as error:
+                await call.prepare(NoLookups(), encoded)  # type: ignore[arg-type]
+            assert error.value.param == "store"
+        else:
+            assert await call.prepare(NoLookups(), encoded) is encoded  # type: ignore[arg-type]
