@@ -29,10 +29,12 @@ from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
 from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
+from gateway.controlplane.redis_ledger import RedisLedger
+from gateway.controlplane.redis_memory import MemoryWatch
 from gateway.controlplane.registry import Deployment, load_yaml
 from gateway.controlplane.responses import LocalResponses, RedisResponses, ResponseStore
 from gateway.controlplane.store import RedisStore, RegistryStore, YamlStore
-from gateway.controlplane.usage import Backlog, Ledger, LocalLedger, RedisLedger
+from gateway.controlplane.usage import Backlog, Ledger, LocalLedger
 from gateway.dataplane.adapters import Adapters
 from gateway.dataplane.discovery import Discovery, make_resolver
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
@@ -79,7 +81,7 @@ def _error_response(request: Request, error: GatewayError) -> Response:
                     media_type="application/json", headers=error.headers)
 
 
-def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
+def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
     metrics = GatewayMetrics()
 
     def on_health(url: str, healthy: bool | None) -> None:
@@ -89,17 +91,17 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
             metrics.replica_healthy.labels(url).set(1 if healthy else 0)
 
     public = tuple(settings.public_accounts)
-    client: aioredis.Redis | None = None
+    instances: dict[str, aioredis.Redis] = {}  # Redis: "state" (and "bulk" when apart)
     store: RegistryStore
     limiter: Limiter
     ledger: Ledger
     responses: ResponseStore
     if settings.redis_url:
-        # Short timeouts: a Redis outage must cost requests milliseconds, not seconds.
-        client = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5,
-                                   socket_timeout=1.0,
-                                   **({"password": settings.redis_password}
-                                      if settings.redis_password else {}))
+        client = _redis(settings.redis_url, settings)
+        bulk = _redis(settings.redis_bulk_url, settings) if settings.redis_bulk_url else client
+        instances["state"] = client
+        if bulk is not client:
+            instances["bulk"] = bulk
         store = RedisStore(client, load_yaml(settings.registry_path, settings.keys_path),
                            prefix=settings.redis_prefix,
                            poll_interval=settings.registry_poll_interval,
@@ -113,14 +115,18 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
             metrics.usage_pending.set(backlog.records)
             metrics.usage_oldest.set(backlog.oldest_seconds)
 
-        ledger = RedisLedger(client, settings.redis_prefix, limiter=limiter,
+        def on_refused(data: str) -> None:
+            metrics.redis_refused.labels(data).inc()
+
+        ledger = RedisLedger(bulk, settings.redis_prefix, limiter=limiter,
                              on_backlog=on_backlog,
                              max_length=settings.usage_stream_max_length,
-                             marker_ttl=settings.usage_marker_ttl)
-        responses = RedisResponses(client, settings.redis_prefix, settings.responses_ttl,
+                             marker_ttl=settings.usage_marker_ttl, state=client,
+                             on_refused=on_refused)
+        responses = RedisResponses(bulk, settings.redis_prefix, settings.responses_ttl,
                                    settings.responses_max_bytes,
                                    settings.responses_per_account,
-                                   settings.responses_account_bytes)
+                                   settings.responses_account_bytes, on_refused)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
         limiter = LocalLimiter()
@@ -154,7 +160,14 @@ def _build(settings: Settings) -> tuple[Gateway, aioredis.Redis | None]:
                       adapters=adapters, queues=queues, responses=responses,
                       kv_index=BlockIndex(), started_at=time.time(),
                       tracing=tracing_from_env())
-    return gateway, client
+    return gateway, instances
+
+
+def _redis(url: str, settings: Settings) -> aioredis.Redis:
+    # Short timeouts: a Redis outage must cost requests milliseconds, not seconds.
+    return aioredis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0,
+                             **({"password": settings.redis_password}
+                                if settings.redis_password else {}))
 
 
 def configure_logging(level: str) -> None:
@@ -175,7 +188,7 @@ def create_app(settings: Settings | None = None,
     """The gateway: the inference endpoints (one per API that `apis` gives) in front of the
     FastAPI app for the rest."""
     settings = settings or Settings()
-    gateway, redis_client = _build(settings)
+    gateway, redis_instances = _build(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -217,6 +230,9 @@ def create_app(settings: Settings | None = None,
 
         kv_events = KvEvents(gateway.kv_index, publishing, settings.discovery_interval)
         kv_events.start()
+        watching = every(settings.redis_memory_interval,
+                         MemoryWatch(redis_instances, gateway.metrics.redis_seen).check,
+                         "Redis memory watch", logger) if redis_instances else None
         # What was loaded at start-up lives as long as the process: keep it out of the
         # collector's way, so that full collections under load stay short.
         gc.freeze()
@@ -233,8 +249,9 @@ def create_app(settings: Settings | None = None,
             await gateway.store.stop()
             await gateway.workers.aclose()
             gateway.tracing.shutdown()  # the spans still batched are sent
-            if redis_client is not None:
-                await redis_client.aclose()
+            await cancel(watching)
+            for client in redis_instances.values():
+                await client.aclose()
             gateway.metrics.close()
 
     app = FastAPI(title="Fireworks-compatible gateway", lifespan=lifespan,

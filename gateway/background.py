@@ -21,6 +21,11 @@ def every(seconds: float, step: Callable[[], Awaitable[None]], name: str,
                 await step()
             except Exception:
                 logger.exception("%s failed; trying again", name)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled inside the step, which swallowed it (redis-py may turn a
+                # cancelled read into its own connection error): stop all the same.
+                raise asyncio.CancelledError
             await asyncio.sleep(seconds)
     return asyncio.create_task(run(), name=name)
 

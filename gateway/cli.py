@@ -74,11 +74,13 @@ def hash_key_command(api_key: str) -> None:
 
 @app.command()
 def usage(
-    redis_url: str = typer.Option(..., envvar="GATEWAY_REDIS_URL", help="the gateways' Redis"),
+    redis_url: str = typer.Option(..., envvar=["GATEWAY_REDIS_BULK_URL", "GATEWAY_REDIS_URL"],
+                                  help="the gateways' Redis (the bulk one where apart)"),
     prefix: str = typer.Option("fwgw:", envvar="GATEWAY_REDIS_PREFIX"),
+    password: str | None = typer.Option(None, envvar="GATEWAY_REDIS_PASSWORD"),
 ) -> None:
     """Sum the usage records in Redis per account."""
-    print(usage_table(redis_url, prefix))
+    print(usage_table(redis_url, prefix, password))
 
 
 @app.command()

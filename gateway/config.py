@@ -26,8 +26,12 @@ class Settings(BaseSettings):
     # Shared state for several gateway replicas (registry, limits, usage); None runs on the
     # YAML registry and in-process state.
     redis_url: str | None = None
-    # Redis' password (AUTH), or a file holding it (the chart mounts its Secret); a password
-    # in redis_url itself wins.
+    # A second Redis for the bulk data (usage records, stored responses), so that it can
+    # never fill the registry's and limits' memory (docs/operations.md, "Redis"); None:
+    # everything in redis_url's.
+    redis_bulk_url: str | None = None
+    # Redis' password (AUTH) for both, or a file holding it (the chart mounts its Secret);
+    # a password in a URL itself wins.
     redis_password: str | None = None
     redis_password_file: Path | None = None
     redis_prefix: str = "fwgw:"
@@ -81,6 +85,8 @@ class Settings(BaseSettings):
     # record's idempotency marker (exactly-once across retries) lives this many seconds.
     usage_stream_max_length: int = Field(default=10_000_000, gt=0)
     usage_marker_ttl: int = Field(default=3600, gt=0)
+    # How often each gateway reads Redis' memory (used, bound, evicted keys) into its metrics.
+    redis_memory_interval: float = Field(default=15.0, gt=0)
     # Read each replica's load from its worker's /metrics in the health checks (every
     # gateway then sees the requests of all of them).
     load_from_workers: bool = True

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from gateway.controlplane.redis_memory import Memory
+
 PREFIX = "fwgw"
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set: values are shared by the processes
 GaugeMode = Literal["livesum", "livemin", "livemax"]
@@ -107,6 +109,25 @@ class GatewayMetrics:
             f"{PREFIX}_usage_oldest_pending_seconds", "Age of the oldest usage record not "
             "yet written to Redis (0 when none waits)", registry=r,
             multiprocess_mode="livemax")
+
+        self.redis_refused = counter(
+            "redis_refused_writes", "Writes Redis refused at its memory bound (maxmemory), by "
+            "what was written: usage (a batch of records, sent again until taken), limits "
+            "(a batch of settlements, the same), responses (a response, not stored)", "data")
+        self.redis_used = gauge("redis_memory_used_bytes", "Memory each Redis instance uses "
+                                "(state: registry and limits; bulk: usage and responses)",
+                                "instance", mode="livemax")
+        self.redis_bound = gauge("redis_memory_max_bytes", "Each Redis instance's maxmemory "
+                                 "(0: unbounded)", "instance", mode="livemax")
+        self.redis_evicted = counter("redis_evicted_keys", "Keys a Redis instance evicted "
+                                     "at its memory bound, as this process saw them",
+                                     "instance")
+
+    def redis_seen(self, instance: str, memory: Memory, evicted: int) -> None:
+        self.redis_used.labels(instance).set(memory.used)
+        self.redis_bound.labels(instance).set(memory.bound)
+        if evicted:
+            self.redis_evicted.labels(instance).inc(evicted)
 
     def render(self) -> bytes:
         if self.shared_dir is None:

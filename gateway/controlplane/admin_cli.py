@@ -195,14 +195,15 @@ def set_limits(
         "concurrent_requests": concurrent_requests})
 
 
-def usage_table(redis_url: str, prefix: str) -> str:
-    """Usage per account from the totals in Redis, as a table."""
+def usage_table(redis_url: str, prefix: str, password: str | None = None) -> str:
+    """Usage per account from the totals in Redis (the bulk instance), as a table."""
     import redis.asyncio as aioredis
 
-    from gateway.controlplane.usage import read_totals
+    from gateway.controlplane.redis_ledger import read_totals
+    from gateway.controlplane.usage import UsageTotals
 
-    async def read() -> dict[str, Any]:
-        client = aioredis.from_url(redis_url)
+    async def read() -> dict[str, UsageTotals]:
+        client = aioredis.from_url(redis_url, password=password)
         try:
             return await read_totals(client, prefix)
         finally:

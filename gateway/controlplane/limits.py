@@ -5,13 +5,13 @@ With Redis, admission is one Lua script, so any number of gateway replicas toget
 exactly the limit. Windows slide over the last 60 seconds in one-second buckets (a hash per
 account and kind: second -> amount) on Redis' own clock, so gateway clocks do not matter.
 Token limits reserve on admission (an estimate of the prompt, and max_tokens x n) and are
-settled with the real usage when the request ends (usage.py's finish script, atomically with
-the usage record). Concurrency is a sorted set of admitted requests scored by a deadline,
-which the gateway holding the slot pushes forward while the request runs (`slot_lifetime`,
-refreshed every third of it), so a long stream keeps its slot and a gateway that dies holding
-slots frees them within one lifetime. The slot is freed as the request ends, by the limiter
-itself, not with the usage record: after an outage the records wait in a backlog, and an
-account must not be refused for requests that have ended.
+settled with the real usage when the request ends (redis_ledger.py's settlement, in the same
+Redis instance as the windows). Concurrency is a sorted set of admitted requests scored by a
+deadline, which the gateway holding the slot pushes forward while the request runs
+(`slot_lifetime`, refreshed every third of it), so a long stream keeps its slot and a gateway
+that dies holding slots frees them within one lifetime. The slot is freed as the request
+ends, by the limiter itself, not with the usage record: after an outage the records wait in a
+backlog, and an account must not be refused for requests that have ended.
 
 Without Redis the same rules run in process (`LocalLimiter`). When Redis cannot be reached
 (connection refused or lost) the gateway admits without limits (availability first); when
@@ -111,7 +111,7 @@ class Limiter(Protocol):
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
         """In-process settlement at the request's end (the Redis limiter settles in
-        usage.py's finish script; here it stops refreshing the slot)."""
+        redis_ledger.py's settlement; here it stops refreshing the slot)."""
 
 
 # KEYS: requests, prompt, generated (hashes second -> amount), concurrent (zset)

@@ -17,20 +17,28 @@ bytes (its oldest go first: an account crowds out only its own).
 With Redis, one key per response (`<prefix>response:<account>:<id>`) with a TTL
 (`responses_ttl`), shared by every gateway replica, and per account an index of its
 responses by time and their sizes (`<prefix>responses:<account>` and `...:size`) that
-enforce the caps. Without Redis, in this process only, with the same TTL and bounds, and at
-most LOCAL_MAX responses and LOCAL_MAX_BYTES in all, past which the account holding the most
-loses its oldest, so that memory stays bounded.
+enforce the caps. In the bulk Redis instance (docs/operations.md, "Redis"): every key
+expires, so at its memory bound Redis evicts the responses unread the longest to make room,
+and a save it refuses all the same is answered with `store: false`. Without Redis, in this
+process only, with the same TTL and bounds, and at most LOCAL_MAX responses and
+LOCAL_MAX_BYTES in all, past which the account holding the most loses its oldest, so that
+memory stays bounded.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
+
+logger = logging.getLogger("gateway.responses")
 
 LOCAL_MAX = 10_000  # responses one gateway process keeps without Redis
 LOCAL_MAX_BYTES = 256 << 20  # and their encoded size in all
@@ -173,8 +181,10 @@ class RedisResponses:
 
     def __init__(self, client: aioredis.Redis, prefix: str, ttl: float,
                  max_bytes: int = 1 << 20, per_account: int = 1000,
-                 account_bytes: int = 64 << 20) -> None:
+                 account_bytes: int = 64 << 20,
+                 on_refused: Callable[[str], None] = lambda data: None) -> None:
         self.client = client
+        self.on_refused = on_refused  # a save Redis refused at its memory bound
         self.prefix = prefix
         self.ttl = max(1, int(ttl))
         self.max_bytes = min(max_bytes, account_bytes)
@@ -192,9 +202,15 @@ class RedisResponses:
         raw = stored.encode()
         if len(raw) > self.max_bytes:
             return False
-        await self._save(keys=[self._key(account, response_id), *self._index(account)],
-                         args=[raw, self.ttl, response_id, self.per_account,
-                               self.account_bytes, self._key(account, "")])
+        try:
+            await self._save(keys=[self._key(account, response_id), *self._index(account)],
+                             args=[raw, self.ttl, response_id, self.per_account,
+                                   self.account_bytes, self._key(account, "")])
+        except OutOfMemoryError as exc:  # at its bound with nothing it may evict
+            logger.warning("response %s not stored: Redis is full (maxmemory): %s",
+                           response_id, exc)
+            self.on_refused("responses")
+            return False
         return True
 
     async def load(self, account: str, response_id: str) -> StoredResponse | None:

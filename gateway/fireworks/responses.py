@@ -263,8 +263,9 @@ class ResponsesCall(Call):
             if not await self.responses.save(self.account, response["id"],
                                              StoredResponse(response, self.conversation)):
                 response["store"] = False  # larger than a stored response may be
-        except Exception as exc:  # Redis unreachable: answer anyway
+        except Exception as exc:  # Redis unreachable: answer anyway, saying so
             logger.warning("response %s not stored: %r", response["id"], exc)
+            response["store"] = False
 
     async def reply(self, raw: bytes, worker: Worker, served: Served) -> Reply:
         data = worker_json(raw)

@@ -30,11 +30,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-%s" (include "fwg.fullname" .root) $id | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The bundled Redis instances' names: `state` (registry, limits), `bulk` (usage records,
+stored responses). */}}
+{{- define "fwg.redisName" -}}
+{{- printf "%s-redis%s" (include "fwg.fullname" .root) (ternary "" "-bulk" (eq .role "state")) -}}
+{{- end -}}
+
 {{- define "fwg.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-{{- printf "redis://%s-redis:6379/0" (include "fwg.fullname" .) -}}
+{{- printf "redis://%s:6379/0" (include "fwg.redisName" (dict "root" . "role" "state")) -}}
 {{- else -}}
 {{- .Values.redis.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where usage records and stored responses go; empty: with the registry (redisUrl). */}}
+{{- define "fwg.redisBulkUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s:6379/0" (include "fwg.redisName" (dict "root" . "role" "bulk")) -}}
+{{- else -}}
+{{- .Values.redis.bulkUrl -}}
 {{- end -}}
 {{- end -}}
 

@@ -25,8 +25,9 @@ import redis.asyncio as aioredis
 import yaml
 
 from bench.raw_client import Connection, completion
+from gateway.controlplane.redis_ledger import read_records
 from gateway.controlplane.registry import hash_key
-from gateway.controlplane.usage import UsageRecord, read_records
+from gateway.controlplane.usage import UsageRecord
 from gateway.local_stack import Child, wait_healthy
 from tests.conftest import free_port
 from tests.e2e.processes import _child, log_tails, start_gateway

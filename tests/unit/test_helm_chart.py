@@ -375,7 +375,8 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
     assert any(n.startswith("vllm:") for n in named) and len(named) >= 12
     titles = {p["title"] for p in dashboard["panels"]}
     assert {"Requests by status", "Time to first token", "Replicas",
-            "Workers: KV-cache usage", "Usage records waiting for Redis"} <= titles
+            "Workers: KV-cache usage", "Usage records waiting for Redis",
+            "Redis memory: used, bound, evictions, refusals"} <= titles
     assert not find(render({"grafanaDashboard": {"enabled": False}}), "ConfigMap",
                     "rel-fireworks-gateway-dashboard")
 
@@ -454,17 +455,32 @@ def test_the_bundled_redis_takes_a_password_only_the_gateways_hold_and_bounds_it
     assert len(password) == 48
     assert base64.b64decode(secret["data"]["redis.conf"]).decode() == \
         f"requirepass {password}\n"
-    (redis,) = find(objects, "StatefulSet")
-    server = container(redis)
-    args = server["args"]
-    assert args[0] == "/etc/redis/auth/redis.conf"  # the password, not on the command line
-    assert args[args.index("--maxmemory") + 1] == "320mb"
-    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
-    assert "REDISCLI_AUTH" in server["readinessProbe"]["exec"]["command"][-1]
-    volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["auth"]["secret"]["secretName"] == secret["metadata"]["name"]
+    # Two instances: the registry and limits never evicted, the bulk data apart from them.
+    instances = {s["metadata"]["name"]: s for s in find(objects, "StatefulSet")}
+    assert set(instances) == {"rel-fireworks-gateway-redis", "rel-fireworks-gateway-redis-bulk"}
+    for name, maxmemory, policy, limit in (
+            ("rel-fireworks-gateway-redis", "96mb", "noeviction", "192Mi"),
+            ("rel-fireworks-gateway-redis-bulk", "320mb", "volatile-lru", "512Mi")):
+        server = container(instances[name])
+        args = server["args"]
+        assert args[0] == "/etc/redis/auth/redis.conf"  # the password, not on the command line
+        assert args[args.index("--maxmemory") + 1] == maxmemory
+        assert args[args.index("--maxmemory-policy") + 1] == policy
+        assert server["resources"]["limits"]["memory"] == limit
+        assert "REDISCLI_AUTH" in server["readinessProbe"]["exec"]["command"][-1]
+        volumes = {v["name"]: v for v in instances[name]["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["auth"]["secret"]["secretName"] == secret["metadata"]["name"]
+        (service,) = find(objects, "Service", name)  # each Service selects its own pods
+        labels = instances[name]["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert instances[name]["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    selectors = [find(objects, "Service", n)[0]["spec"]["selector"] for n in instances]
+    assert selectors[0] != selectors[1]
     gateway = find(objects, "Deployment", "rel-fireworks-gateway-gateway")[0]
     env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    assert env["GATEWAY_REDIS_URL"] == "redis://rel-fireworks-gateway-redis:6379/0"
+    assert env["GATEWAY_REDIS_BULK_URL"] == "redis://rel-fireworks-gateway-redis-bulk:6379/0"
+    assert env["GATEWAY_USAGE_STREAM_MAX_LENGTH"] == "500000"
     gateway_volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container(gateway)["volumeMounts"]}
     assert env["GATEWAY_REDIS_PASSWORD_FILE"] == mounts["redis"] + "/password"
@@ -482,3 +498,9 @@ def test_the_bundled_redis_takes_a_password_only_the_gateways_hold_and_bounds_it
     gateway = find(render(values), "Deployment", "rel-fireworks-gateway-gateway")[0]
     volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
     assert volumes["redis"]["secret"]["secretName"] == "shared-redis-auth"
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    assert "GATEWAY_REDIS_BULK_URL" not in env  # one external Redis for both, unless given
+    values["redis"]["bulkUrl"] = "rediss://bulk.shared.svc:6380/0"
+    gateway = find(render(values), "Deployment", "rel-fireworks-gateway-gateway")[0]
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    assert env["GATEWAY_REDIS_BULK_URL"] == "rediss://bulk.shared.svc:6380/0"

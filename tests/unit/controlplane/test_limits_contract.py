@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.controlplane.limits import Admission, Limiter, LocalLimiter, RedisLimiter
+from gateway.controlplane.redis_ledger import RedisLedger
 from gateway.controlplane.registry import Account, Limits
-from gateway.controlplane.usage import Ledger, LocalLedger, RedisLedger, UsageRecord
+from gateway.controlplane.usage import Ledger, LocalLedger, UsageRecord
 from gateway.errors import GatewayError
 from tests.redis_server import RedisServer
 

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.controlplane.limits import Admission, RedisLimiter, limit_keys
+from gateway.controlplane.redis_ledger import RedisLedger, read_records
 from gateway.controlplane.registry import (
     Account,
     Deployment,
@@ -24,7 +25,7 @@ from gateway.controlplane.registry import (
     hash_key,
 )
 from gateway.controlplane.store import RedisStore
-from gateway.controlplane.usage import RedisLedger, UsageRecord, read_records, totals_of
+from gateway.controlplane.usage import UsageRecord, totals_of
 from gateway.errors import GatewayError
 from tests.redis_server import RedisServer
 from tests.unit.harness import build
@@ -257,15 +258,19 @@ async def test_each_record_is_appended_once_even_when_sent_again(
 async def test_what_usage_keeps_in_redis_is_bounded_by_settings(
         client: aioredis.Redis, prefix: str) -> None:
     """The stream keeps about max_length records (Redis trims whole nodes of 100 at most),
-    and each record's done marker lives marker_ttl seconds."""
-    ledger = RedisLedger(client, prefix, max_length=10, marker_ttl=7)
+    and each record's id (exactly once) is kept marker_ttl seconds."""
+    ledger = RedisLedger(client, prefix, max_length=10, marker_ttl=1)
     await ledger.start()
     for n in range(1000):
         ledger.finish(record(f"r{n}", "acme", 1, 1), Admission(f"r{n}", "acme"))
     await wait_empty(ledger)
     assert 10 <= await client.xlen(f"{prefix}usage") <= 10 + 100
-    assert 0 < await client.ttl(f"{prefix}usage:done:r999") <= 7
-    assert (await ledger.totals())["acme"].requests == 1000  # the totals count them all
+    assert await client.zcard(f"{prefix}usage:written") == 1000
+    await asyncio.sleep(1.1)
+    ledger.finish(record("last", "acme", 1, 1), Admission("last", "acme"))
+    await wait_empty(ledger)
+    assert await client.zrange(f"{prefix}usage:written", 0, -1) == [b"last"]
+    assert (await ledger.totals())["acme"].requests == 1001  # the totals count them all
     await ledger.stop()
 
 
@@ -278,10 +283,10 @@ async def test_records_wait_while_redis_is_unreachable(client: aioredis.Redis,
         ledger.finish(record(f"x{n}", "acme", 1, 1), Admission(f"x{n}", "acme"))
     await asyncio.sleep(0.3)
     assert ledger.pending == 5 and ledger.backlogged
-    await ledger.redis.aclose()
-    ledger.redis = client
-    ledger._script = client.register_script(ledger._script.script)
-    ledger._wake.set()
+    await ledger.records.client.aclose()
+    ledger.records.client = client
+    ledger._record = client.register_script(ledger._record.script)
+    ledger.records.wake.set()
     await wait_empty(ledger)
     assert [r.record_id for r in await read_records(client, f"{prefix}usage")] == \
         [f"x{n}" for n in range(5)]
