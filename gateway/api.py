@@ -14,7 +14,7 @@ plane, errors, config.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -111,6 +111,33 @@ class StreamFraming(Protocol):
         """The API's own mid-stream failure event (and end marker)."""
         ...
 
+    def continuation(self) -> Continuation:
+        """After the worker failed mid-stream: the request that continues the generation,
+        token-exactly, on another worker, with this framing switched to read its answer as
+        the rest of the stream (dataplane/request.py sends it). NotContinued when it cannot
+        be continued exactly."""
+        ...
+
+
+@dataclass
+class Continuation:
+    """The worker request that continues a stream elsewhere."""
+
+    worker_path: str
+    body: dict[str, Any]
+    generated: int  # tokens the client has already (for the trace and the log)
+    # Told the worker the continuation is sent to (what the framing asks from here).
+    sent_to: Callable[[Worker], None]
+
+
+class NotContinued(Exception):
+    """A stream that is not continued on another worker, and why (a feature's name, or
+    what is missing)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
 
 class Framing:
     """What a StreamFraming inherits: not ready nor done yet, no headers of its own, nothing
@@ -124,6 +151,9 @@ class Framing:
 
     def drain(self) -> list[bytes]:
         return []
+
+    def continuation(self) -> Continuation:
+        raise NotContinued("api")  # (an API whose streams are continued overrides it)
 
 
 @dataclass

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     # Routing on the workers' KV caches tokenizes a text prompt on a worker first: at most
     # this many seconds, after which the request routes on its prefix hash instead.
     kv_tokenize_timeout: float = Field(default=0.5, gt=0)
+    # A stream whose worker fails after its first token goes on on another replica this many
+    # times at most (dataplane/request.py, migrate; 0: never).
+    stream_migrations: int = Field(default=2, ge=0)
     # Seconds to wait for a worker to connect, and for each read from it.
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0

@@ -110,6 +110,10 @@ class GatewayMetrics:
             "yet written to Redis (0 when none waits)", registry=r,
             multiprocess_mode="livemax")
 
+        self.stream_migrations = counter(
+            "stream_migrations", "Streams whose worker failed mid-stream, by what followed: "
+            "continued on another replica, failed there, or not continued (declined: the "
+            "feature that stops it, no replica, limit)", "deployment", "outcome")
         self.redis_refused = counter(
             "redis_refused_writes", "Writes Redis refused at its memory bound (maxmemory), by "
             "what was written: usage (a batch of records, sent again until taken), limits "

@@ -76,6 +76,12 @@ class RequestTrace:
                 span.set_status(Status(StatusCode.ERROR, error))
             span.end()
 
+    def continued(self, failed: str, replica: str, generated: int) -> None:
+        """A stream continued on `replica` after `failed` failed, `generated` tokens in."""
+        self.root.add_event("stream continued", attributes={
+            "fireworks.failed_replica": failed, "fireworks.replica": replica,
+            "fireworks.generated_tokens": generated})
+
     def end(self, status: str, http_status: int, first_token_at: float | None) -> None:
         self.attempt_ended()
         if first_token_at is not None:
@@ -110,6 +116,9 @@ class NoTrace(RequestTrace):
         return None
 
     def attempt_ended(self, error: str | None = None) -> None:
+        return None
+
+    def continued(self, failed: str, replica: str, generated: int) -> None:
         return None
 
     def end(self, status: str, http_status: int, first_token_at: float | None) -> None:

@@ -44,6 +44,7 @@ class Tally:
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     started: float = field(default_factory=time.monotonic)  # reset at admission
     replica: str = ""  # of the attempt the request ended on
+    replica_judged: bool = False  # its failure was already told (a stream's continuation)
     first_token_at: float | None = None  # ... and its first token
     usage: object = None  # the latest usage any attempt reported, as sent
 
@@ -147,7 +148,7 @@ def _health(gateway: Gateway, tally: Tally, status: str, http_status: int) -> No
     or failed when its stream broke after the first token (failures before that were judged
     attempt by attempt: `judged`)."""
     health = gateway.replicas.health
-    if not tally.replica:
+    if not tally.replica or tally.replica_judged:
         return
     if status == "ok":
         health.success(tally.replica)

@@ -26,13 +26,14 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.api import Call, InferenceApi, Served
+from gateway.api import Call, InferenceApi, NotContinued, Served, StreamFraming
 from gateway.config import Settings
 from gateway.controlplane.limits import Admission, RateLimited
 from gateway.controlplane.registry import Account, Route
@@ -43,7 +44,13 @@ from gateway.dataplane.isolation import isolate
 from gateway.dataplane.kv_index import CacheHint, cache_hint
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
-from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
+from gateway.dataplane.relay import (
+    HeldStream,
+    PlainReply,
+    expect_type,
+    open_stream,
+    read_plain,
+)
 from gateway.dataplane.replicas import Lease
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault, bytes_headers, error_headers
@@ -142,6 +149,7 @@ class RequestLife:
         self.tally, self.account = tally, account
         self.request_id = client.request_id
         self.attempt: Attempt | None = None
+        self.migration: Migration | None = None  # once a stream's attempt has opened
 
     async def run(self, raw: bytes) -> tuple[str, int]:
         """-> how the request ended, once the reply was sent."""
@@ -221,6 +229,7 @@ class RequestLife:
         prefer = None if lora is None else (lambda url: gateway.adapters.holds(url, lora))
         tried: set[str] = set()
         blame = Blame()
+        self.migration = Migration(route, call, affinity, prefer, tried)
         try:
             for number in range(1, ATTEMPTS + 1):
                 lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint,
@@ -254,11 +263,12 @@ class RequestLife:
                 judged(gateway, tally, Verdict(suspect, retry=False, request_caused=False))
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def begin(self, lease: Lease, route: Route) -> Attempt:
-        served = Served(deployment=route.deployment.name,
-                        backend_host=urlsplit(lease.replica.url).netloc,
-                        concurrent=lease.concurrent, started=self.tally.started,
-                        routing=lease.routing)
+    def begin(self, lease: Lease, route: Route, served: Served | None = None) -> Attempt:
+        """An attempt on the leased replica (`served`: a stream's, continued there)."""
+        served = served or Served(deployment=route.deployment.name,
+                                  backend_host=urlsplit(lease.replica.url).netloc,
+                                  concurrent=lease.concurrent, started=self.tally.started,
+                                  routing=lease.routing)
         worker = ReplicaWorker(lease.replica.url.rstrip("/"), self.gateway.queries)
         self.attempt = Attempt(lease, served, worker)
         return self.attempt
@@ -287,9 +297,77 @@ class RequestLife:
         admission = self.tally.admission
         headers = bytes_headers(admission.headers) if admission is not None else []
         if call.stream:
-            return await open_stream(attempt.answer, call.framing(worker, served), headers,
-                                     self.request_id)
+            assert self.migration is not None
+            self.migration.framing = framing = call.framing(worker, served)
+            return await open_stream(attempt.answer, framing, headers, self.request_id,
+                                     self.migrate)
         return await read_plain(attempt.answer, call, worker, served, headers)
+
+    async def migrate(self, exc: GatewayError) -> WorkerAnswer | None:
+        """The worker of a started stream failed (`exc`): the generation goes on on another
+        replica of the deployment, token-exactly, when the API and the request allow it
+        (the framing's `continuation`), up to GATEWAY_STREAM_MIGRATIONS times per request.
+        The failed replica is charged as for any fault mid-stream. -> the new worker's
+        answer, read on as the rest of the stream; None: the stream ends with the error."""
+        gateway, tally, migration, failed = self.gateway, self.tally, self.migration, self.attempt
+        if migration is None or migration.framing is None or failed is None \
+                or not exc.replica_fault:
+            return None
+        deployment, framing = migration.route.deployment, migration.framing
+        outcome = migration.blocked(gateway)
+        if outcome is None:
+            try:
+                continuation = framing.continuation()
+            except NotContinued as declined:
+                outcome = f"declined: {declined.reason}"
+        if outcome is not None:  # it ends here, as without continuation
+            gateway.metrics.stream_migrations.labels(deployment.name, outcome).inc()
+            return None
+        served, failed_url = failed.served, failed.lease.replica.url
+        while outcome is None:
+            # The replica just failed: charged now (the request ends elsewhere).
+            url = self.attempt.lease.replica.url if self.attempt is not None else failed_url
+            judged(gateway, tally, Verdict(url, retry=False, request_caused=False))
+            tally.trace.attempt_ended(f"{exc.status}: {exc.message}")
+            self.drop()
+            tally.replica, tally.first_token_at = url, served.first_token_at
+            tally.replica_judged = True  # (unless an attempt below ends the request)
+            migration.count += 1
+            lease = gateway.replicas.acquire(deployment, migration.affinity, migration.tried,
+                                             migration.prefer, None, migration.call.sequences)
+            attempt = self.begin(lease, migration.route, served)
+            url = lease.replica.url
+            migration.tried.add(url)
+            tally.trace.routed(url, len(migration.tried), "continued")
+            headers = {"x-request-id": self.request_id}
+            tally.trace.propagate(headers)
+            try:
+                attempt.answer = await gateway.workers.open(
+                    url + continuation.worker_path, orjson.dumps(continuation.body), headers)
+                expect_type(attempt.answer, "text/event-stream")
+            except GatewayError as again:
+                gateway.metrics.stream_migrations.labels(deployment.name, "failed").inc()
+                if not again.replica_fault:  # the worker judged the continuation itself
+                    return None
+                exc = again
+                outcome = migration.blocked(gateway)
+                continue
+            tally.replica_judged = False
+            continuation.sent_to(attempt.worker)
+            gateway.metrics.stream_migrations.labels(deployment.name, "continued").inc()
+            tally.trace.continued(failed_url, url, continuation.generated)
+            logger.warning("request %s: stream continued on %s after %d tokens (%s failed)",
+                           self.request_id, url, continuation.generated, failed_url)
+            return attempt.answer
+        # The last one tried failed too: charged, and the stream ends with the error.
+        assert self.attempt is not None
+        judged(gateway, tally, Verdict(self.attempt.lease.replica.url, retry=False,
+                                       request_caused=False))
+        tally.trace.attempt_ended(f"{exc.status}: {exc.message}")
+        tally.replica = self.attempt.lease.replica.url
+        self.drop()
+        gateway.metrics.stream_migrations.labels(deployment.name, outcome).inc()
+        return None
 
     async def open(self, attempt: Attempt, route: Route, body: bytes) -> None:
         """Send the request to the attempt's replica. With a LoRA adapter: the replica gets
@@ -314,6 +392,27 @@ class RequestLife:
             if not exc.replica_fault:  # the worker judged the request: its message goes out
                 await name_the_asked_model(exc, route, attempt.worker)
             raise
+
+
+@dataclass
+class Migration:
+    """What continuing a stream on another replica needs of its request (`migrate`)."""
+
+    route: Route
+    call: Call
+    affinity: str | None
+    prefer: Callable[[str], bool] | None
+    tried: set[str]  # replicas this request went to
+    framing: StreamFraming | None = None
+    count: int = 0  # continuations tried
+
+    def blocked(self, gateway: Gateway) -> str | None:
+        """Why the stream cannot move (again) now; None: it can."""
+        if self.count >= gateway.settings.stream_migrations:
+            return "limit"
+        if not gateway.replicas.candidates(self.route.deployment, self.tried):
+            return "no replica"
+        return None
 
 
 def bounded(call: Call, settings: Settings) -> bytes:

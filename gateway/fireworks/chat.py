@@ -14,6 +14,7 @@ from gateway.api import Api
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError
+from gateway.fireworks.continuation import continuable
 from gateway.fireworks.generation import GenerationCall
 from gateway.fireworks.protocol import ChatCompletionRequest, ChatMessage
 from gateway.fireworks.sampling import Plan, cache_scope, logprobs_plan, sampling_body
@@ -116,9 +117,10 @@ def chat_body(request: ChatCompletionRequest, deployment: Deployment,
             body["tool_choice"] = tool_choice
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
-    return body, sampled.plan(chat=True, logprobs=fmt, return_token_ids=return_token_ids,
-                              raw_output=raw_output, echo=echo, n=request.n or 1,
-                              prompt_fragments=[m.content for m in request.messages])
+    plan = sampled.plan(chat=True, logprobs=fmt, return_token_ids=return_token_ids,
+                        raw_output=raw_output, echo=echo, n=request.n or 1,
+                        prompt_fragments=[m.content for m in request.messages])
+    return continuable(body, plan, deployment), plan
 
 
 def chat_history(messages: list[ChatMessage], mode: str | None) -> list[dict[str, Any]]:

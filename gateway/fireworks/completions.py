@@ -13,6 +13,7 @@ from gateway.api import Api
 from gateway.config import Settings
 from gateway.controlplane.registry import Deployment, Route
 from gateway.errors import GatewayError
+from gateway.fireworks.continuation import continuable
 from gateway.fireworks.generation import GenerationCall
 from gateway.fireworks.protocol import CompletionRequest, prompt_list_estimate, prompts_of
 from gateway.fireworks.sampling import Plan, cache_scope, logprobs_plan, sampling_body
@@ -75,6 +76,7 @@ def completion_body(request: CompletionRequest, deployment: Deployment,
         body["logprobs"] = top
         body["return_tokens_as_token_ids"] = True
     fragments = request.prompt if isinstance(request.prompt, list) else [request.prompt]
-    return body, sampled.plan(chat=False, logprobs=fmt, return_token_ids=return_token_ids,
-                              raw_output=raw_output, echo=echo, echo_last=request.echo_last,
-                              n=request.n or 1, prompt_fragments=fragments)
+    plan = sampled.plan(chat=False, logprobs=fmt, return_token_ids=return_token_ids,
+                        raw_output=raw_output, echo=echo, echo_last=request.echo_last,
+                        n=request.n or 1, prompt_fragments=fragments)
+    return continuable(body, plan, deployment), plan

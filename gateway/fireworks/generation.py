@@ -16,10 +16,21 @@ from typing import Any
 
 import orjson
 
-from gateway.api import CacheQuery, Call, Reply, Served, Worker, worker_json
+from gateway.api import (
+    CacheQuery,
+    Call,
+    Continuation,
+    NotContinued,
+    Reply,
+    Served,
+    Worker,
+    worker_json,
+)
 from gateway.controlplane.registry import Route
 from gateway.errors import GatewayError, WorkerFault, stream_error_event
 from gateway.fireworks.choices import token_ids_in
+from gateway.fireworks.continuation import WORKER_PATH as CONTINUATION_PATH
+from gateway.fireworks.continuation import as_first_worker, continuation_body, whole_usage
 from gateway.fireworks.perf import metric_headers, perf_metrics
 from gateway.fireworks.plain import shape_completion
 from gateway.fireworks.protocol import prompts_of
@@ -150,6 +161,32 @@ class GenerationCall(Call):
         return ChunkFraming(self, worker, served)
 
 
+def prompt_ids_of(chunk: dict[str, Any]) -> list[int] | None:
+    """The prompt's token ids a worker sends with its first chunk (return_token_ids): chat
+    at the top, completions in the choice."""
+    ids = chunk.get("prompt_token_ids")
+    if ids is None and chunk["choices"]:
+        ids = chunk["choices"][0].get("prompt_token_ids")
+    return ids if isinstance(ids, list) and all(type(i) is int for i in ids) else None
+
+
+@dataclass
+class Seam:
+    """A stream continued on another worker: what its chunks are rebased on."""
+
+    prompt_tokens: int  # the first worker's prompt, billed once
+    cached_tokens: int
+    generated: int = 0  # tokens generated before the latest seam
+
+    def rebase(self, chunk: dict[str, Any], chat: bool, response_id: str,
+               created: int) -> dict[str, Any]:
+        out = as_first_worker(chunk, chat, response_id, created)
+        if out.get("usage") is not None:
+            out["usage"] = whole_usage(out["usage"], self.prompt_tokens, self.cached_tokens,
+                                       self.generated)
+        return out
+
+
 class ChunkFraming:
     """A worker's chunk stream -> Fireworks chunks (with the worker's token texts when
     logprobs need them)."""
@@ -162,10 +199,13 @@ class ChunkFraming:
             call.echo_texts)
         self.ready = False  # the engine produced something: a token, a finish, usage
         self.done = False  # [DONE] came
+        self.prompt_ids: list[int] | None = None  # as the first worker tokenized the prompt
+        self.seam: Seam | None = None  # continued elsewhere (continuation.py)
 
     async def take(self, events: list[tuple[str, bytes]]) -> list[bytes]:
         parts: list[bytes] = []
         chat, logprobs = self.call.plan.chat, self.call.plan.logprobs
+        seam = self.seam
         for _, data in events:
             if not data:
                 continue  # an event without data (a keep-alive): nothing to relay
@@ -174,7 +214,13 @@ class ChunkFraming:
                 parts += self.reframer.end()
                 parts.append(DONE)
                 break
-            chunk = check_chunk(worker_json(data), chat)
+            if seam is None:
+                chunk = check_chunk(worker_json(data), chat)
+                if self.prompt_ids is None:
+                    self.prompt_ids = prompt_ids_of(chunk)
+            else:  # a continuation's chunk, as the first worker would have sent it
+                chunk = seam.rebase(check_chunk(worker_json(data), chat=False), chat,
+                                    self.reframer.response_id, self.reframer.created)
             if not self.ready and (not chunk["choices"] or carries_token(chunk)):
                 self.ready = True
                 self.served.first_token()
@@ -196,3 +242,30 @@ class ChunkFraming:
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         return stream_error_event(exc.status, f"{exc.message} (request {request_id})",
                                   self.reframer.response_id or request_id)
+
+    def continuation(self) -> Continuation:
+        """The rest of the generation: the prompt's token ids and those generated so far
+        (every one the client has), the rest of max_tokens."""
+        plan, reframer = self.call.plan, self.reframer
+        if plan.not_continued is not None:
+            raise NotContinued(plan.not_continued)
+        if self.done or reframer.saw_finish:
+            raise NotContinued("finished")  # (its end is what failed; nothing to continue)
+        state = reframer.states.get(0)
+        generated = (state.token_ids or []) if state is not None else []
+        usage = reframer.last_usage
+        if self.prompt_ids is None or usage is None \
+                or (state is not None and state.token_ids is None and state.text):
+            raise NotContinued("token ids")  # the worker did not say them
+        body = continuation_body(self.call.body, self.prompt_ids, generated,
+                                 self.call.route.deployment.context_length)
+        if body is None:
+            raise NotContinued("max_tokens")  # nothing remains to generate
+        if self.seam is None:  # the prompt as the client is billed for it: the first's
+            self.seam = Seam(usage["prompt_tokens"],
+                             usage["prompt_tokens_details"]["cached_tokens"])
+        self.seam.generated = len(generated)
+        return Continuation(CONTINUATION_PATH, body, len(generated), self.sent_to)
+
+    def sent_to(self, worker: Worker) -> None:
+        self.worker = worker  # (the token texts of logprobs, from here)

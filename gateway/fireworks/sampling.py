@@ -64,6 +64,9 @@ class Plan:
     prompt_fragments: list[Any] = field(default_factory=list)  # for raw_output
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     priority: bool = False  # service_tier "priority"
+    # Why a stream of it would not be continued on another worker after its worker failed
+    # (a feature's name; continuation.py); None: it would be.
+    not_continued: str | None = None
 
 
 @dataclass

@@ -1,0 +1,222 @@
+"""A stream whose worker fails after its first token goes on on another replica, token-exactly
+(dataplane/request.py `migrate`, fireworks/continuation.py), with scripted workers on real
+sockets: `bad` (listed first, so chosen first) fails after five tokens in each way a worker
+can fail; `good` continues from the token ids it is given. The client's text and token ids
+equal an uninterrupted answer's, one usage record bills the prompt once and every token
+once, and what is not continued ends as before, with the error event."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.unit.fake_worker import KEY, MODEL, RESET, Pause, Stream
+from tests.unit.harness import ADMIN, Harness, build, registry
+
+PROMPT = [1, 2, 3, 4]  # the prompt's token ids, as the scripted workers tokenize it
+WHOLE = 12  # tokens in a whole answer (max_tokens)
+CUT = 5  # tokens `bad` sends before it fails
+
+
+def token(i: int) -> int:
+    return 100 + i  # the i-th generated token
+
+
+def text(i: int) -> str:
+    return f"w{token(i)} "
+
+
+EXPECTED_TEXT = "".join(text(i) for i in range(WHOLE))
+EXPECTED_IDS = [token(i) for i in range(WHOLE)]
+
+
+def event(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def chunks(chat: bool, prompt: list[int], start: int, stop: int) -> list[bytes | Pause]:
+    """What vLLM streams with return_token_ids and continuous usage: tokens start..stop-1
+    (counted from the first prompt's answer), one per chunk."""
+    head = {"id": "cmpl-x", "created": 1, "model": "served",
+            "object": "chat.completion.chunk" if chat else "text_completion"}
+    out: list[bytes | Pause] = []
+    if chat:
+        out.append(event(head | {"prompt_token_ids": prompt, "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""},
+             "finish_reason": None}]}))
+    for n, i in enumerate(range(start, stop)):
+        choice: dict[str, Any] = {"index": 0, "token_ids": [token(i)], "finish_reason": None,
+                                  "logprobs": None}
+        choice |= {"delta": {"content": text(i)}} if chat else {"text": text(i)}
+        if not chat and n == 0:
+            choice["prompt_token_ids"] = prompt
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": n + 1,
+                 "total_tokens": len(prompt) + n + 1}
+        out.append(event(head | {"choices": [choice], "usage": usage}))
+    finish: dict[str, Any] = {"index": 0, "finish_reason": "length", "token_ids": []}
+    finish |= {"delta": {}} if chat else {"text": ""}
+    usage = {"prompt_tokens": len(prompt), "completion_tokens": stop - start,
+             "total_tokens": len(prompt) + stop - start}
+    out += [event(head | {"choices": [finish], "usage": usage}),
+            event(head | {"choices": [], "usage": usage}), b"data: [DONE]\n\n"]
+    return out
+
+
+def answer(request: httpx.Request, failure: list[bytes | Pause | Exception] | None
+           ) -> httpx.Response:
+    """The scripted engine: an original request from the start, a continuation (token ids
+    that start with the prompt's) from where its prompt ends; `failure` after CUT tokens."""
+    body = orjson.loads(request.content)
+    chat = request.url.path.endswith("/chat/completions")
+    prompt = body["prompt"] if isinstance(body.get("prompt"), list) else PROMPT
+    start = len(prompt) - len(PROMPT)
+    parts: list[bytes | Pause | Exception] = list(
+        chunks(chat, prompt, start, start + body["max_tokens"]))
+    if failure is not None:
+        parts = [*parts[:CUT + (1 if chat else 0)], Pause(0.05), *failure]
+    return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                          stream=Stream(parts))
+
+
+ERROR_EVENT = event({"error": {"message": "engine died", "code": 500}})
+FAILURES = {
+    "reset": [RESET],
+    "error event": [ERROR_EVENT],
+    "read timeout": [Pause(3)],
+    "malformed event": [b"data: [1, 2]\n\n"],
+    "eof without [DONE]": [],
+}
+
+
+def app(tmp_path: Path, failure: list[bytes | Pause | Exception], good_fails: bool = False,
+        **settings: Any) -> Harness:
+    def handler(request: httpx.Request) -> httpx.Response:
+        fails = request.url.host == "bad" or good_fails
+        return answer(request, failure if fails else None)
+
+    return build(tmp_path, handler, hosts=("bad", "good"),
+                 registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+                 listed_order=True, upstream_read_timeout=1.0, eject_after_failures=100,
+                 admin_key=ADMIN, **settings)
+
+
+async def stream(h: Harness, chat: bool, **fields: Any) -> tuple[list[dict[str, Any]], str]:
+    """The client's chunks, and the whole body as sent."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": MODEL, "stream": True, "max_tokens": WHOLE, "return_token_ids": True}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    async with h.running() as client:
+        response = await client.post(path, json=body | fields,
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, response.text
+    blocks = [b for b in response.text.split("\n\n") if b]
+    assert blocks[-1] == "data: [DONE]", blocks[-3:]
+    return [orjson.loads(b[6:]) for b in blocks[:-1] if b.startswith("data: ")], \
+        response.text
+
+
+def text_and_ids(chunks: list[dict[str, Any]], chat: bool) -> tuple[str, list[int]]:
+    out, ids = "", []
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            out += (choice["delta"].get("content") or "") if chat else choice["text"]
+            ids += choice.get("token_ids") or []
+    return out, ids
+
+
+def counted(h: Harness, outcome: str) -> float:
+    return h.gateway.metrics.registry.get_sample_value(
+        "fwgw_stream_migrations_total", {"deployment": "accounts/fireworks/deployments/d",
+                                         "outcome": outcome}) or 0.0
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+@pytest.mark.parametrize("failure", list(FAILURES), ids=list(FAILURES))
+async def test_a_stream_whose_worker_fails_goes_on_on_another_token_exactly(
+        tmp_path: Path, failure: str, chat: bool) -> None:
+    h = app(tmp_path, FAILURES[failure])
+    sent, raw = await stream(h, chat)
+    assert "event: error" not in raw
+    assert text_and_ids(sent, chat) == (EXPECTED_TEXT, EXPECTED_IDS)
+    ids = {chunk["id"] for chunk in sent}
+    assert len(ids) == 1  # one response, whatever served it
+    final = sent[-1]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["usage"]["prompt_tokens"] == len(PROMPT)  # billed once
+    assert final["usage"]["completion_tokens"] == WHOLE
+    if chat:
+        roles = [c for c in sent if c["choices"] and c["choices"][0]["delta"].get("role")]
+        assert len(roles) == 1  # no second role chunk at the seam
+    # What `good` was asked: the prompt's ids and the five tokens sent, for the rest.
+    asked = [r for r in h.workers.served.requests if r.url.host == "good"]
+    assert [r.url.path for r in asked] == ["/v1/completions"]
+    continuation = orjson.loads(asked[0].content)
+    assert continuation["prompt"] == PROMPT + EXPECTED_IDS[:CUT]
+    assert continuation["max_tokens"] == WHOLE - CUT
+    assert continuation["stream"] is True and continuation["return_token_ids"] is True
+    # One record, of the whole request; the failed replica charged, the counter and the log.
+    (record,) = h.gateway.ledger.kept
+    assert (record.status, record.http_status, record.replica) == ("ok", 200,
+                                                                   h.workers.urls["good"])
+    assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), WHOLE)
+    assert h.gateway.replicas.health.states[h.workers.urls["bad"]].failures == 1
+    assert counted(h, "continued") == 1
+
+
+async def test_a_declined_feature_ends_the_stream_as_before(tmp_path: Path) -> None:
+    h = app(tmp_path, [RESET])
+    sent, raw = await stream(h, False, seed=7)
+    assert "event: error" in raw
+    assert text_and_ids(sent, False) == ("".join(text(i) for i in range(CUT)),
+                                         EXPECTED_IDS[:CUT])
+    assert [r.url.host for r in h.workers.served.requests] == ["bad"]
+    (record,) = h.gateway.ledger.kept
+    assert (record.status, record.replica) == ("error", h.workers.urls["bad"])
+    assert h.gateway.replicas.health.states[h.workers.urls["bad"]].failures == 1
+    assert counted(h, "declined: seed") == 1 and counted(h, "continued") == 0
+
+
+async def test_no_continuation_past_the_limit(tmp_path: Path) -> None:
+    h = app(tmp_path, [RESET], stream_migrations=0)
+    _, raw = await stream(h, True)
+    assert "event: error" in raw
+    assert [r.url.host for r in h.workers.served.requests] == ["bad"]
+    assert counted(h, "limit") == 1
+
+
+async def test_a_continuation_that_fails_too_ends_with_the_error_once(tmp_path: Path) -> None:
+    """Both replicas fail mid-stream: `good` continues, then fails; no replica is left, so
+    the client gets what both sent, then the error event; each replica is charged once."""
+    h = app(tmp_path, [RESET], good_fails=True)
+    sent, raw = await stream(h, False)
+    assert raw.count("event: error") == 1
+    assert text_and_ids(sent, False) == ("".join(text(i) for i in range(2 * CUT)),
+                                         EXPECTED_IDS[:2 * CUT])
+    (record,) = h.gateway.ledger.kept
+    assert (record.status, record.http_status) == ("error", 502)
+    assert record.completion_tokens == 2 * CUT and record.prompt_tokens == len(PROMPT)
+    states = h.gateway.replicas.health.states
+    assert [states[h.workers.urls[host]].failures for host in ("bad", "good")] == [1, 1]
+    assert counted(h, "continued") == 1 and counted(h, "no replica") == 1
+
+
+async def test_nothing_is_left_behind(tmp_path: Path) -> None:
+    """After a continued stream: no request in flight, no replica lease outstanding (each
+    replica was leased once)."""
+    h = app(tmp_path, [RESET])
+    async with h.running() as client:
+        response = await client.post("/v1/completions", json={
+            "model": MODEL, "prompt": "hi", "stream": True, "max_tokens": WHOLE},
+            headers={"Authorization": f"Bearer {KEY}"})
+        assert "event: error" not in response.text
+        metrics = (await client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+                   ).text
+    assert not re.search(r"fwgw_requests_in_flight\{[^}]*\} (?!0\.0)", metrics), metrics
+    outstanding = h.gateway.replicas.outstanding
+    assert set(outstanding) == set(h.workers.urls.values())  # both were leased
+    assert all(count == 0 for count in outstanding.values())
