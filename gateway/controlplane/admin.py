@@ -184,6 +184,29 @@ async def add_replica(request: Request, account_id: str, deployment_id: str,
     return _shown(_find(registry.data, account_id, deployment_id))
 
 
+class Drain(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    draining: bool = True
+
+
+@router.put("/accounts/{account_id}/deployments/{deployment_id}/replicas/drain")
+async def drain_replica(request: Request, account_id: str, deployment_id: str,
+                        drain: Drain) -> dict[str, Any]:
+    """Drain a replica (no new requests; its streams finish there, or move when its
+    worker stops), or (`draining: false`) put it back in rotation."""
+    def change(data: RegistryData) -> RegistryData:
+        deployment = _find(data, account_id, deployment_id)
+        found = [r for r in deployment.replicas if r.url == drain.url]
+        if not found:
+            raise GatewayError(404, f"No replica {drain.url} in {deployment.name}")
+        found[0].draining = drain.draining
+        return data
+
+    registry = await _parts(request).store.change(change)
+    return _shown(_find(registry.data, account_id, deployment_id))
+
+
 @router.delete("/accounts/{account_id}/deployments/{deployment_id}/replicas")
 async def remove_replica(request: Request, account_id: str, deployment_id: str,
                          url: str) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class Replica(Record):
     # The worker's KV-cache event endpoint ("tcp://host:port"; its replay endpoint is
     # port + 1), when it differs from the deployment's kv_events_port on the URL's host.
     kv_events: str | None = Field(default=None, pattern=r"^tcp://[^\s/]+:[0-9]{1,5}$")
+    # Drained (admin API): no new request goes to it; its streams finish there, or move
+    # to another replica if its worker stops first (docs/operations.md, "Draining").
+    draining: bool = False
 
     @field_validator("url")
     @classmethod

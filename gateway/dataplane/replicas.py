@@ -157,8 +157,9 @@ class ReplicaSet:
 
     def in_rotation(self, deployment: Deployment) -> list[Replica]:
         """The healthy replicas, and the ejected ones beyond the deployment's ejection cap
-        (the latest ejected first); all of them when none is left (panic)."""
-        replicas = self.replicas(deployment)
+        (the latest ejected first); all of them when none is left (panic). Never one that
+        is draining."""
+        replicas = [r for r in self.replicas(deployment) if not r.draining]
         ejected = [r for r in replicas if not self.health.is_healthy(r.url)]
         if ejected:
             cap = len(replicas) * self.max_ejection_percent // 100
@@ -196,8 +197,8 @@ class ReplicaSet:
         exclude = exclude or set()
         hint = None if hint is None else hint.now()
         routing = None  # why, when the pods' KV caches had a say (the fireworks-routing header)
-        trial = next((r for r in self.replicas(deployment)
-                      if r.url not in exclude and self.health.trial_due(r.url)), None)
+        trial = next((r for r in self.replicas(deployment) if r.url not in exclude
+                      and not r.draining and self.health.trial_due(r.url)), None)
         if trial is not None:
             self.health.start_trial(trial.url)
             replica = trial
