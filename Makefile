@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-hostile bench-affinity bench-soak clean help
+.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-hostile bench-affinity bench-soak bench-seam clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -97,6 +97,10 @@ bench-tenancy: $(STAMP)
 bench-hostile: $(STAMP)
 	@$(PY) -m bench.hostile
 	@$(if $(BEFORE),$(PY) -m bench.hostile --src $(BEFORE),true)
+
+# The seam of a stream continued on another worker, over two real workers (bench/seam.py)
+bench-seam: $(STAMP) model
+	@$(PY) -m bench.seam
 
 # KV_EVENTS=tcp://a:port,tcp://b:port (workers started with --kv-events-port); bench/affinity.py
 bench-affinity: $(STAMP)

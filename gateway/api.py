@@ -111,6 +111,10 @@ class StreamFraming(Protocol):
         """The API's own mid-stream failure event (and end marker)."""
         ...
 
+    def continuable(self) -> bool:
+        """Whether a failure of the worker now would be followed by a continuation."""
+        ...
+
     def continuation(self) -> Continuation:
         """After the worker failed mid-stream: the request that continues the generation,
         token-exactly, on another worker, with this framing switched to read its answer as
@@ -151,6 +155,9 @@ class Framing:
 
     def drain(self) -> list[bytes]:
         return []
+
+    def continuable(self) -> bool:
+        return False
 
     def continuation(self) -> Continuation:
         raise NotContinued("api")  # (an API whose streams are continued overrides it)

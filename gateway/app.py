@@ -89,6 +89,8 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
             metrics.replica_healthy.remove(url)
         else:
             metrics.replica_healthy.labels(url).set(1 if healthy else 0)
+        if healthy is False:  # ejected: its streams go on on other replicas
+            replicas.move_streams(url)
 
     public = tuple(settings.public_accounts)
     instances: dict[str, aioredis.Redis] = {}  # Redis: "state" (and "bulk" when apart)

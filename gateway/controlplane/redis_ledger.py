@@ -5,7 +5,8 @@ A request's end is two writes, to two Redis instances that may be one (docs/oper
 - the **settlement** (state instance, beside the limit windows): the request's token
   reservations corrected to the real counts; `SETTLE_LUA`, made idempotent by a marker that
   lives two windows (a reservation older than the window no longer counts, so settling it
-  again changes nothing);
+  again changes nothing; a request admitted while Redis was unreachable is counted "now",
+  so a retry more than two windows after a lost reply would count it twice);
 - the **record** (bulk instance): `RECORD_LUA` adds the record id to the set of records
   written (a sorted set trimmed to `marker_ttl` seconds, with no TTL of its own, so a bulk
   Redis that evicts expiring keys never evicts it), XADDs the record to the `<prefix>usage`

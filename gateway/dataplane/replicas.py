@@ -151,6 +151,16 @@ class ReplicaSet:
         self.expand = expand  # discovered replicas in place of dns+ ones (discovery.py)
         self.outstanding: dict[str, int] = defaultdict(int)  # this gateway's, in flight
         self.load = ReplicaLoad(self.outstanding)
+        # The streams on each replica that could go on elsewhere: how to move each
+        # (request.py registers them).
+        self.streams: dict[str, set[Callable[[], None]]] = defaultdict(set)
+
+    def move_streams(self, url: str) -> None:
+        """The replica failed its health check (vLLM may keep a stream's connection open
+        with nothing more to send, e.g. past its drain timeout): its streams that can go on
+        elsewhere are cut, and so continued there."""
+        for move in list(self.streams.pop(url, ())):
+            move()
 
     def replicas(self, deployment: Deployment) -> list[Replica]:
         return self.expand(deployment.replicas)

@@ -26,28 +26,27 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.api import Call, InferenceApi, NotContinued, Served, StreamFraming
+from gateway.api import Call, InferenceApi, Served
 from gateway.config import Settings
 from gateway.controlplane.limits import Admission, RateLimited
 from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.accounting import Tally, admitted, judged, new_record_id, record_end
 from gateway.dataplane.affinity import affinity_key
+from gateway.dataplane.attempt import Attempt
 from gateway.dataplane.blame import Blame, Failure, Verdict
 from gateway.dataplane.isolation import isolate
 from gateway.dataplane.kv_index import CacheHint, cache_hint
+from gateway.dataplane.migration import Migration
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.relay import (
     HeldStream,
     PlainReply,
-    expect_type,
     open_stream,
     read_plain,
 )
@@ -119,24 +118,6 @@ async def serve(gateway: Gateway, api: InferenceApi[Any], client: Client) -> Non
 async def _send_error(client: Client, error: GatewayError, api: InferenceApi[Any]) -> None:
     await client.whole(error.status, error_headers(error),
                        orjson.dumps(api.error_body(error, client.request_id)))
-
-
-@dataclass
-class Attempt:
-    """One try on one replica."""
-
-    lease: Lease
-    served: Served
-    worker: ReplicaWorker
-    answer: WorkerAnswer | None = None
-
-    def close(self) -> None:
-        """Abort the worker request if it is still open, and give the replica back."""
-        try:
-            if self.answer is not None:
-                self.answer.close()
-        finally:
-            self.lease.release()
 
 
 class RequestLife:
@@ -299,75 +280,17 @@ class RequestLife:
         if call.stream:
             assert self.migration is not None
             self.migration.framing = framing = call.framing(worker, served)
-            return await open_stream(attempt.answer, framing, headers, self.request_id,
-                                     self.migrate)
+            stream = await open_stream(attempt.answer, framing, headers, self.request_id,
+                                       self.migrate)
+            attempt.movable(self.gateway.replicas, framing)
+            return stream
         return await read_plain(attempt.answer, call, worker, served, headers)
 
     async def migrate(self, exc: GatewayError) -> WorkerAnswer | None:
-        """The worker of a started stream failed (`exc`): the generation goes on on another
-        replica of the deployment, token-exactly, when the API and the request allow it
-        (the framing's `continuation`), up to GATEWAY_STREAM_MIGRATIONS times per request.
-        The failed replica is charged as for any fault mid-stream. -> the new worker's
-        answer, read on as the rest of the stream; None: the stream ends with the error."""
-        gateway, tally, migration, failed = self.gateway, self.tally, self.migration, self.attempt
-        if migration is None or migration.framing is None or failed is None \
-                or not exc.replica_fault:
+        """The stream's worker failed mid-stream: migration.py goes on elsewhere, or not."""
+        if self.migration is None:
             return None
-        deployment, framing = migration.route.deployment, migration.framing
-        outcome = migration.blocked(gateway)
-        if outcome is None:
-            try:
-                continuation = framing.continuation()
-            except NotContinued as declined:
-                outcome = f"declined: {declined.reason}"
-        if outcome is not None:  # it ends here, as without continuation
-            gateway.metrics.stream_migrations.labels(deployment.name, outcome).inc()
-            return None
-        served, failed_url = failed.served, failed.lease.replica.url
-        while outcome is None:
-            # The replica just failed: charged now (the request ends elsewhere).
-            url = self.attempt.lease.replica.url if self.attempt is not None else failed_url
-            judged(gateway, tally, Verdict(url, retry=False, request_caused=False))
-            tally.trace.attempt_ended(f"{exc.status}: {exc.message}")
-            self.drop()
-            tally.replica, tally.first_token_at = url, served.first_token_at
-            tally.replica_judged = True  # (unless an attempt below ends the request)
-            migration.count += 1
-            lease = gateway.replicas.acquire(deployment, migration.affinity, migration.tried,
-                                             migration.prefer, None, migration.call.sequences)
-            attempt = self.begin(lease, migration.route, served)
-            url = lease.replica.url
-            migration.tried.add(url)
-            tally.trace.routed(url, len(migration.tried), "continued")
-            headers = {"x-request-id": self.request_id}
-            tally.trace.propagate(headers)
-            try:
-                attempt.answer = await gateway.workers.open(
-                    url + continuation.worker_path, orjson.dumps(continuation.body), headers)
-                expect_type(attempt.answer, "text/event-stream")
-            except GatewayError as again:
-                gateway.metrics.stream_migrations.labels(deployment.name, "failed").inc()
-                if not again.replica_fault:  # the worker judged the continuation itself
-                    return None
-                exc = again
-                outcome = migration.blocked(gateway)
-                continue
-            tally.replica_judged = False
-            continuation.sent_to(attempt.worker)
-            gateway.metrics.stream_migrations.labels(deployment.name, "continued").inc()
-            tally.trace.continued(failed_url, url, continuation.generated)
-            logger.warning("request %s: stream continued on %s after %d tokens (%s failed)",
-                           self.request_id, url, continuation.generated, failed_url)
-            return attempt.answer
-        # The last one tried failed too: charged, and the stream ends with the error.
-        assert self.attempt is not None
-        judged(gateway, tally, Verdict(self.attempt.lease.replica.url, retry=False,
-                                       request_caused=False))
-        tally.trace.attempt_ended(f"{exc.status}: {exc.message}")
-        tally.replica = self.attempt.lease.replica.url
-        self.drop()
-        gateway.metrics.stream_migrations.labels(deployment.name, outcome).inc()
-        return None
+        return await self.migration.migrate(self, exc)
 
     async def open(self, attempt: Attempt, route: Route, body: bytes) -> None:
         """Send the request to the attempt's replica. With a LoRA adapter: the replica gets
@@ -392,27 +315,6 @@ class RequestLife:
             if not exc.replica_fault:  # the worker judged the request: its message goes out
                 await name_the_asked_model(exc, route, attempt.worker)
             raise
-
-
-@dataclass
-class Migration:
-    """What continuing a stream on another replica needs of its request (`migrate`)."""
-
-    route: Route
-    call: Call
-    affinity: str | None
-    prefer: Callable[[str], bool] | None
-    tried: set[str]  # replicas this request went to
-    framing: StreamFraming | None = None
-    count: int = 0  # continuations tried
-
-    def blocked(self, gateway: Gateway) -> str | None:
-        """Why the stream cannot move (again) now; None: it can."""
-        if self.count >= gateway.settings.stream_migrations:
-            return "limit"
-        if not gateway.replicas.candidates(self.route.deployment, self.tried):
-            return "no replica"
-        return None
 
 
 def bounded(call: Call, settings: Settings) -> bytes:

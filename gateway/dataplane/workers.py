@@ -151,6 +151,11 @@ class WorkerAnswer:
         except (*TRANSPORT_ERRORS, TimeoutError):
             pass  # close() will close the connection
 
+    def cut(self) -> None:
+        """Close the connection now: whoever reads the answer gets the fault of a broken
+        connection (how a stream is moved off a replica that failed its health check)."""
+        self.connection.close()
+
     def close(self) -> None:
         """Keep the connection when the answer was read to its end; otherwise close it, which
         aborts the request on the worker."""

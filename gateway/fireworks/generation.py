@@ -170,6 +170,10 @@ def prompt_ids_of(chunk: dict[str, Any]) -> list[int] | None:
     return ids if isinstance(ids, list) and all(type(i) is int for i in ids) else None
 
 
+def aborted(chunk: dict[str, Any]) -> bool:
+    return any(choice.get("finish_reason") == "abort" for choice in chunk["choices"])
+
+
 @dataclass
 class Seam:
     """A stream continued on another worker: what its chunks are rebased on."""
@@ -221,6 +225,11 @@ class ChunkFraming:
             else:  # a continuation's chunk, as the first worker would have sent it
                 chunk = seam.rebase(check_chunk(worker_json(data), chat=False), chat,
                                     self.reframer.response_id, self.reframer.created)
+            if self.call.plan.not_continued is None and aborted(chunk):
+                # The worker stopped it (it is shutting down, or drained past its
+                # timeout): a fault of the replica's, so that the stream moves.
+                raise WorkerFault("the worker aborted the generation", status=503,
+                                  message="The worker stopped the generation")
             if not self.ready and (not chunk["choices"] or carries_token(chunk)):
                 self.ready = True
                 self.served.first_token()
@@ -242,6 +251,10 @@ class ChunkFraming:
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         return stream_error_event(exc.status, f"{exc.message} (request {request_id})",
                                   self.reframer.response_id or request_id)
+
+    def continuable(self) -> bool:
+        return self.call.plan.not_continued is None and not self.done \
+            and not self.reframer.saw_finish
 
     def continuation(self) -> Continuation:
         """The rest of the generation: the prompt's token ids and those generated so far

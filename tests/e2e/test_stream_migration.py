@@ -5,12 +5,13 @@ drawn to the pod that is killed by caching their prompts there first (KV-event r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Pods:
     doomed_child: Child
     redis_url: str
     prefix: str
+    restart: Callable[..., None]  # the doomed pod started again (with these flags)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,13 @@ def pods(smollm2_worker: str, smollm2_dir: Path, redis_server: RedisServer,
         pytest.fail("the session worker publishes no KV events (E2E_REUSE_WORKER?)")
     port, events = free_port(), free_port_pair()
     doomed = f"http://127.0.0.1:{port}"
-    child = start_worker(smollm2_dir, port, "--max-model-len", "2048", "--served-model-name",
-                         "smollm2", "--kv-events-port", str(events))
+
+    def start(*flags: str) -> Child:
+        return start_worker(smollm2_dir, port, "--max-model-len", "2048",
+                            "--served-model-name", "smollm2", "--kv-events-port", str(events),
+                            *flags)
+
+    child = start()
     registry = tmp_path_factory.mktemp("migration") / "registry.yaml"
     registry.write_text(yaml.safe_dump({
         "accounts": [{"id": "fireworks", "api_keys": [hash_key(API_KEY)]}],
@@ -67,10 +74,17 @@ def pods(smollm2_worker: str, smollm2_dir: Path, redis_server: RedisServer,
     gateway = start_gateway(registry, gateway_port, health_check_interval="0.5",
                             redis_url=redis_server.url, redis_prefix=prefix)
     time.sleep(1.5)  # the gateway has subscribed to both pods' KV events
-    yield Pods(f"http://127.0.0.1:{gateway_port}", smollm2_worker, doomed, child,
-               redis_server.url, prefix)
+    found = Pods(f"http://127.0.0.1:{gateway_port}", smollm2_worker, doomed, child,
+                 redis_server.url, prefix, lambda *flags: None)
+
+    def restart(*flags: str) -> None:
+        found.doomed_child.stop()
+        found.doomed_child = start(*flags)
+
+    found.restart = restart
+    yield found
     gateway.stop()
-    child.stop()
+    found.doomed_child.stop()
 
 
 def body(chat: bool, topic: str) -> dict[str, Any]:
@@ -129,17 +143,26 @@ def read(gateway: str, chat: bool, topic: str, out: Streamed,
                 first.set()
 
 
-async def records(pods: Pods) -> list[Any]:
+async def records(pods: Pods, at_least: int = 0) -> list[Any]:
+    """The usage records in Redis (waiting a little for `at_least` of them: the gateway
+    writes them in the background)."""
     client = aioredis.from_url(pods.redis_url)
     try:
-        return await read_records(client, f"{pods.prefix}usage")
+        for _ in range(50):
+            found = await read_records(client, f"{pods.prefix}usage")
+            if len(found) >= at_least:
+                break
+            await asyncio.sleep(0.1)
+        return found
     finally:
         await client.aclose()
 
 
-async def test_a_killed_workers_streams_go_on_on_the_other_byte_for_byte(pods: Pods) -> None:
-    cases = [(True, "lighthouse"), (False, "glacier")]
-    # Drawn to the doomed pod (their prompts cached there), which is killed 40 pieces in.
+def streams_cut(pods: Pods, cases: list[tuple[bool, str]], cut: Callable[[], None]
+                ) -> dict[bool, Streamed]:
+    """The cases' streams, drawn to the doomed pod (their prompts cached there), cut by
+    `cut` 40 pieces into both; then each compared with an uninterrupted run on the pod
+    left."""
     migrated = {chat: Streamed() for chat, _ in cases}
     started = {chat: threading.Event() for chat, _ in cases}
     for chat, topic in cases:
@@ -151,10 +174,9 @@ async def test_a_killed_workers_streams_go_on_on_the_other_byte_for_byte(pods: P
         thread.start()
     for chat, _ in cases:
         assert started[chat].wait(120), log_tails(pods.gateway, pods.doomed)
-    os.killpg(pods.doomed_child.process.pid, signal.SIGKILL)
+    cut()
     for thread in threads:
         thread.join(180)
-    # The same requests uninterrupted, on the pod left.
     reference = {chat: Streamed() for chat, _ in cases}
     for chat, topic in cases:
         read(pods.gateway, chat, topic, reference[chat])
@@ -170,7 +192,27 @@ async def test_a_killed_workers_streams_go_on_on_the_other_byte_for_byte(pods: P
         counts = ("prompt_tokens", "completion_tokens", "total_tokens")
         assert streamed.usage and reference[chat].usage
         assert [streamed.usage[k] for k in counts] == [reference[chat].usage[k] for k in counts]
+    return migrated
+
+
+async def test_a_killed_workers_streams_go_on_on_the_other_byte_for_byte(pods: Pods) -> None:
+    streams_cut(pods, [(True, "lighthouse"), (False, "glacier")],
+                lambda: os.killpg(pods.doomed_child.process.pid, signal.SIGKILL))
     assert "stream continued on" in log_tails(pods.gateway, lines=400)
-    mine = await records(pods)
+    mine = await records(pods, 4)
     assert len(mine) == 4  # one per request: two continued, two references
     assert all(r.status == "ok" and r.replica == pods.kept for r in mine)
+
+
+async def test_a_terminated_pods_streams_go_on_on_the_other_after_its_drain(
+        pods: Pods) -> None:
+    """SIGTERM to the server process, as Kubernetes stops a pod (its main process only):
+    vLLM drains for its --shutdown-timeout (1 s here), then stops what still runs; those
+    streams go on on the other pod."""
+    pods.restart("--shutdown-timeout", "1")
+    time.sleep(3)  # health checks put it back in rotation
+    before = len(await records(pods))
+    streams_cut(pods, [(True, "orchard"), (False, "harbour")],
+                lambda: os.kill(pods.doomed_child.process.pid, signal.SIGTERM))
+    mine = (await records(pods, before + 4))[before:]
+    assert len(mine) == 4 and all(r.status == "ok" and r.replica == pods.kept for r in mine)

@@ -504,3 +504,21 @@ def test_the_bundled_redis_takes_a_password_only_the_gateways_hold_and_bounds_it
     gateway = find(render(values), "Deployment", "rel-fireworks-gateway-gateway")[0]
     env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
     assert env["GATEWAY_REDIS_BULK_URL"] == "rediss://bulk.shared.svc:6380/0"
+
+
+def test_a_terminating_worker_drains_before_vllm_exits() -> None:
+    """preStop (out of the Service first), vLLM's drain timeout, and a grace period that
+    covers both: streams finish on the pod, or the gateways continue them elsewhere."""
+    for values in (None, THREE):
+        objects = render(values)
+        workers = [d for d in find(objects, "Deployment") if not
+                   d["metadata"]["name"].endswith("-gateway")]
+        assert workers
+        for worker in workers:
+            pod = worker["spec"]["template"]["spec"]
+            vllm = container(worker)
+            args = vllm["args"]
+            timeout = int(args[args.index("--shutdown-timeout") + 1])
+            sleep = vllm["lifecycle"]["preStop"]["sleep"]["seconds"]
+            assert (sleep, timeout) == (5, 60)
+            assert pod["terminationGracePeriodSeconds"] > sleep + timeout

@@ -8,6 +8,7 @@ once, and what is not continued ends as before, with the error event."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,11 @@ def answer(request: httpx.Request, failure: list[bytes | Pause | Exception] | No
 
 
 ERROR_EVENT = event({"error": {"message": "engine died", "code": 500}})
+# vLLM aborting the request (shutting down past its drain timeout): chat and completions alike
+ABORTED = event({"id": "cmpl-x", "created": 1, "model": "served", "choices": [
+    {"index": 0, "text": "", "delta": {}, "finish_reason": "abort"}]})
 FAILURES = {
+    "abort": [ABORTED, b"data: [DONE]\n\n"],
     "reset": [RESET],
     "error event": [ERROR_EVENT],
     "read timeout": [Pause(3)],
@@ -220,3 +225,32 @@ async def test_nothing_is_left_behind(tmp_path: Path) -> None:
     outstanding = h.gateway.replicas.outstanding
     assert set(outstanding) == set(h.workers.urls.values())  # both were leased
     assert all(count == 0 for count in outstanding.values())
+
+
+async def test_a_stream_on_a_replica_that_fails_its_health_check_moves_at_once(
+        tmp_path: Path) -> None:
+    """vLLM past its drain timeout keeps a stream's connection open with nothing more to
+    send. Once its replica fails the health checks (ejected), the stream is moved: long
+    before the read timeout, and as exactly as after any other failure."""
+    hung = [False]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(503 if request.url.host == "bad" and hung[0] else 200)
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        if request.url.host == "bad":
+            hung[0] = True  # from here its health check fails
+            return answer(request, [Pause(30)])
+        return answer(request, None)
+
+    h = build(tmp_path, handler, hosts=("bad", "good"),
+              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+              listed_order=True, upstream_read_timeout=60.0, health_check_interval=0.2,
+              eject_after_failures=2)
+    started = time.monotonic()
+    sent, raw = await stream(h, True)
+    assert time.monotonic() - started < 10  # not the read timeout's 60 s
+    assert "event: error" not in raw
+    assert text_and_ids(sent, True) == (EXPECTED_TEXT, EXPECTED_IDS)
+    assert counted(h, "continued") == 1
