@@ -207,6 +207,11 @@ def create_app(settings: Settings | None = None,
             return {r.url for d in gateway.store.current.data.deployments
                     for r in gateway.replicas.replicas(d)}
 
+        def checked() -> set[str]:
+            # ... and those still holding streams that could move (a pod that left DNS to
+            # terminate): their health says when to move them.
+            return listed() | {url for url, moves in gateway.replicas.streams.items() if moves}
+
         async def prune() -> None:
             gateway.workers.prune(listed())
 
@@ -214,7 +219,7 @@ def create_app(settings: Settings | None = None,
         pruning = every(max(settings.discovery_interval, 1.0), prune, "connection pruning",
                         logger)
         checker = HealthChecker(
-            gateway.replicas.health, listed, gateway.workers.get, settings.health_check_interval,
+            gateway.replicas.health, checked, gateway.workers.get, settings.health_check_interval,
             settings.health_check_timeout,
             gateway.replicas.load if settings.load_from_workers else None,
             after=gateway.queues.dispatch_all)  # new load readings may free room

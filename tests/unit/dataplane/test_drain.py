@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway.server.protocol import EdgeProtocol
 from tests.unit.fake_worker import KEY, MODEL, Pause, Stream, chunk
-from tests.unit.harness import ADMIN, Harness, auth, build, registry
+from tests.unit.harness import ADMIN, Harness, auth, build, registry, serving
 
 USAGE = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 DRAIN = "/admin/v1/accounts/fireworks/deployments/d/replicas/drain"
@@ -59,7 +60,8 @@ async def test_a_drained_replica_gets_no_new_request_and_comes_back(tmp_path: Pa
 
 async def test_a_stream_on_a_replica_being_drained_finishes_there(tmp_path: Path) -> None:
     h = app(tmp_path)
-    async with h.running() as client:
+    async with serving(h, EdgeProtocol) as (host, port), httpx.AsyncClient(
+            base_url=f"http://{host}:{port}") as client:
         async with client.stream("POST", "/v1/completions", headers=auth(KEY), json={
                 "model": MODEL, "prompt": "x", "stream": True}) as response:
             lines = response.aiter_lines()

@@ -16,8 +16,9 @@ import httpx
 import orjson
 import pytest
 
+from gateway.server.protocol import EdgeProtocol
 from tests.unit.fake_worker import KEY, MODEL, RESET, Pause, Stream
-from tests.unit.harness import ADMIN, Harness, build, registry
+from tests.unit.harness import ADMIN, Harness, build, registry, serving
 
 PROMPT = [1, 2, 3, 4]  # the prompt's token ids, as the scripted workers tokenize it
 WHOLE = 12  # tokens in a whole answer (max_tokens)
@@ -253,4 +254,43 @@ async def test_a_stream_on_a_replica_that_fails_its_health_check_moves_at_once(
     assert time.monotonic() - started < 10  # not the read timeout's 60 s
     assert "event: error" not in raw
     assert text_and_ids(sent, True) == (EXPECTED_TEXT, EXPECTED_IDS)
+    assert counted(h, "continued") == 1
+
+
+async def test_a_replica_that_left_the_registry_is_watched_while_it_holds_streams(
+        tmp_path: Path) -> None:
+    """A pod that left DNS to terminate (here: removed through the admin API) keeps being
+    health-checked while streams run on it, so that they still move when it stops."""
+    hung = [False]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(503 if request.url.host == "bad" and hung[0] else 200)
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        if request.url.host == "bad":
+            return answer(request, [Pause(30)])
+        return answer(request, None)
+
+    h = build(tmp_path, handler, hosts=("bad", "good"),
+              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+              listed_order=True, upstream_read_timeout=60.0, health_check_interval=0.2,
+              eject_after_failures=2, admin_key=ADMIN, registry_poll_interval=0.05)
+    body = {"model": MODEL, "stream": True, "max_tokens": WHOLE, "prompt": "hi"}
+    started = time.monotonic()
+    async with serving(h, EdgeProtocol) as (host, port), httpx.AsyncClient(
+            base_url=f"http://{host}:{port}", timeout=60) as client, client.stream(
+            "POST", "/v1/completions", json=body,
+            headers={"Authorization": f"Bearer {KEY}"}) as response:
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")
+        removed = await client.delete(
+            "/admin/v1/accounts/fireworks/deployments/d/replicas",
+            params={"url": h.workers.urls["bad"]},
+            headers={"Authorization": f"Bearer {ADMIN}"})
+        assert removed.status_code == 200, removed.text
+        hung[0] = True  # it stops: from here its health check fails
+        rest = "\n".join([line async for line in lines])
+    assert time.monotonic() - started < 10
+    assert "event: error" not in rest and "data: [DONE]" in rest
     assert counted(h, "continued") == 1
