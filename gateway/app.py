@@ -214,8 +214,12 @@ def create_app(settings: Settings | None = None,
 
         async def prune() -> None:
             gateway.workers.prune(listed())
+            draining = {r.url for d in gateway.store.current.data.deployments
+                        for r in d.replicas if r.draining}
+            gateway.replicas.move_drained(draining, settings.drain_seconds)
 
-        # Pooled connections to replicas that left (and idle ones past their time) close.
+        # Pooled connections to replicas that left (and idle ones past their time) close;
+        # streams still on a replica drained drain_seconds ago move.
         pruning = every(max(settings.discovery_interval, 1.0), prune, "connection pruning",
                         logger)
         checker = HealthChecker(

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     # A stream whose worker fails after its first token goes on on another replica this many
     # times at most (dataplane/request.py, migrate; 0: never).
     stream_migrations: int = Field(default=2, ge=0)
+    # A replica drained through the admin API keeps its streams this many seconds; then those
+    # that can go on elsewhere move.
+    drain_seconds: float = Field(default=60.0, ge=0)
     # Seconds to wait for a worker to connect, and for each read from it.
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0

@@ -278,7 +278,17 @@ async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | Non
             tokens = answer["tokens"]
         except (GatewayError, TimeoutError):
             return None
-    if not tokens:
+    return cache_hint_now(index, followed, CacheQuery(token_ids=tokens, salt=query.salt), lora,
+                          context=context)
+
+
+def cache_hint_now(index: BlockIndex, pods: list[str], query: CacheQuery, lora: str | None,
+                   *, context: int | None = None) -> CacheHint | None:
+    """cache_hint for a prompt given as token ids (nothing to ask a worker)."""
+    followed = [pod for pod in pods if pod in index.known]
+    block_size = index.block_size(followed)
+    tokens = query.token_ids
+    if not tokens or not followed or block_size is None:
         return None
-    keys = prompt_keys(tokens[:context], block_size, lora, query.salt)
+    keys = prompt_keys(tokens[:context or DEFAULT_CONTEXT], block_size, lora, query.salt)
     return CacheHint(index.cached(keys, followed), len(keys), tuple(keys), index, index.version)

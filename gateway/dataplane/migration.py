@@ -11,11 +11,12 @@ from typing import Protocol
 
 import orjson
 
-from gateway.api import Call, NotContinued, Served, StreamFraming
+from gateway.api import CacheQuery, Call, Continuation, NotContinued, Served, StreamFraming
 from gateway.controlplane.registry import Route
 from gateway.dataplane.accounting import Tally, judged
 from gateway.dataplane.attempt import Attempt
 from gateway.dataplane.blame import Verdict
+from gateway.dataplane.kv_index import CacheHint, cache_hint_now
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.relay import expect_type
 from gateway.dataplane.replicas import Lease
@@ -49,6 +50,20 @@ class Migration:
     tried: set[str]  # replicas this request went to
     framing: StreamFraming | None = None
     count: int = 0  # continuations tried
+
+    def cached(self, gateway: Gateway, continuation: Continuation) -> CacheHint | None:
+        """Which pods already hold the continuation's prompt (the request's prompt and the
+        tokens so far), from their KV events: the seam is far shorter on one of them
+        (docs/benchmarks.md, "The seam")."""
+        prompt = continuation.body.get("prompt")
+        if not gateway.kv_index.known or not isinstance(prompt, list):
+            return None
+        pods = [r.url for r in gateway.replicas.candidates(self.route.deployment, self.tried)]
+        lora = self.route.lora
+        return cache_hint_now(gateway.kv_index, pods, CacheQuery(
+            token_ids=prompt, salt=continuation.body.get("cache_salt")),
+            None if lora is None else lora.worker_name,
+            context=self.route.deployment.context_length)
 
     def blocked(self, gateway: Gateway) -> str | None:
         """Why the stream cannot move (again) now; None: it can."""
@@ -88,7 +103,9 @@ class Migration:
             tally.replica_judged = True  # (unless an attempt below ends the request)
             migration.count += 1
             lease = gateway.replicas.acquire(deployment, migration.affinity, migration.tried,
-                                             migration.prefer, None, migration.call.sequences)
+                                             migration.prefer,
+                                             migration.cached(gateway, continuation),
+                                             migration.call.sequences)
             attempt = life.begin(lease, migration.route, served)
             url = lease.replica.url
             migration.tried.add(url)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Protocol
@@ -154,6 +155,17 @@ class ReplicaSet:
         # The streams on each replica that could go on elsewhere: how to move each
         # (request.py registers them).
         self.streams: dict[str, set[Callable[[], None]]] = defaultdict(set)
+        self.draining_since: dict[str, float] = {}  # replicas drained, since (monotonic)
+
+    def move_drained(self, draining: set[str], seconds: float) -> None:
+        """Called every second or so with the replicas drained through the admin API: the
+        streams still on one drained `seconds` ago move (move_streams)."""
+        now = time.monotonic()
+        for url in set(self.draining_since) - draining:
+            del self.draining_since[url]
+        for url in draining:
+            if now - self.draining_since.setdefault(url, now) >= seconds:
+                self.move_streams(url)
 
     def move_streams(self, url: str) -> None:
         """The replica failed its health check (vLLM may keep a stream's connection open

@@ -15,8 +15,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from gateway.dataplane.isolation import account_salt
 from gateway.server.protocol import EdgeProtocol
+from gateway.tracing import Tracing
+from tests.unit.dataplane.test_kv_index import apply, stored
 from tests.unit.fake_worker import KEY, MODEL, RESET, Pause, Stream
 from tests.unit.harness import ADMIN, Harness, build, registry, serving
 
@@ -294,3 +300,99 @@ async def test_a_replica_that_left_the_registry_is_watched_while_it_holds_stream
     assert time.monotonic() - started < 10
     assert "event: error" not in rest and "data: [DONE]" in rest
     assert counted(h, "continued") == 1
+
+
+async def test_streams_on_a_drained_replica_move_after_the_drain_time(tmp_path: Path) -> None:
+    """Drained through the admin API: a stream still on it after GATEWAY_DRAIN_SECONDS goes
+    on on another replica, with nothing lost or repeated."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path in ("/health", "/metrics"):
+            return httpx.Response(200, text="")
+        return answer(request, [Pause(30)] if request.url.host == "bad" else None)
+
+    h = build(tmp_path, handler, hosts=("bad", "good"),
+              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+              listed_order=True, upstream_read_timeout=60.0, admin_key=ADMIN,
+              registry_poll_interval=0.05, drain_seconds=0.5, discovery_interval=0.2)
+    body = {"model": MODEL, "stream": True, "max_tokens": WHOLE, "prompt": "hi",
+            "return_token_ids": True}
+    started = time.monotonic()
+    async with serving(h, EdgeProtocol) as (host, port), httpx.AsyncClient(
+            base_url=f"http://{host}:{port}", timeout=60) as client, client.stream(
+            "POST", "/v1/completions", json=body,
+            headers={"Authorization": f"Bearer {KEY}"}) as response:
+        lines = response.aiter_lines()
+        first = await anext(lines)
+        drained = await client.put(
+            "/admin/v1/accounts/fireworks/deployments/d/replicas/drain",
+            json={"url": h.workers.urls["bad"]}, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert drained.status_code == 200, drained.text
+        rest = [line async for line in lines]
+    assert time.monotonic() - started < 10
+    chunks = [orjson.loads(line[6:]) for line in [first, *rest] if line.startswith("data: {")]
+    assert text_and_ids(chunks, False) == (EXPECTED_TEXT, EXPECTED_IDS)
+    assert counted(h, "continued") == 1
+
+
+async def test_a_continued_stream_is_one_trace_with_an_event_at_the_seam(
+        tmp_path: Path) -> None:
+    h = app(tmp_path, [RESET])
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    h.gateway.tracing = Tracing(provider)
+    await stream(h, False)
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "POST /v1/completions"]
+    (seam,) = [e for e in root.events if e.name == "stream continued"]
+    assert seam.attributes == {"fireworks.failed_replica": h.workers.urls["bad"],
+                               "fireworks.replica": h.workers.urls["good"],
+                               "fireworks.generated_tokens": CUT}
+    routes = [s.attributes for s in spans if s.name == "route" and s.attributes is not None]
+    assert [r["fireworks.replica"] for r in routes] == [h.workers.urls["bad"],
+                                                        h.workers.urls["good"]]
+    assert routes[1]["fireworks.routing"] == "continued"
+
+
+# Features that decline a continuation, as a client sends them (the table in
+# tests/unit/fireworks/test_continuation.py has every one; these through the data plane).
+DECLINING = [({"seed": 7}, "seed"), ({"n": 2}, "n"),
+             ({"presence_penalty": 0.5}, "presence_penalty"),
+             ({"frequency_penalty": 0.5}, "frequency_penalty"),
+             ({"mirostat_target": 3.0}, "mirostat_target"),
+             ({"response_format": {"type": "json_object"}}, "response_format"),
+             ({"stop": ["\n"]}, "stop")]
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+@pytest.mark.parametrize(("fields", "feature"), DECLINING, ids=[f for _, f in DECLINING])
+async def test_each_declined_feature_ends_the_stream_as_before(
+        tmp_path: Path, fields: dict[str, Any], feature: str, chat: bool) -> None:
+    h = app(tmp_path, [RESET])
+    sent, raw = await stream(h, chat, **fields)
+    assert raw.count("event: error") == 1
+    assert text_and_ids(sent, chat)[0] == "".join(text(i) for i in range(CUT))
+    assert {r.url.host for r in h.workers.served.requests} == {"bad"}
+    assert counted(h, f"declined: {feature}") == 1
+
+
+async def test_the_continuation_goes_where_its_prefix_is_cached(tmp_path: Path) -> None:
+    """Of two replicas left, the one whose KV events say it holds the prompt and the tokens
+    so far continues the stream (the seam is far shorter there: docs/benchmarks.md)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answer(request, [RESET] if request.url.host == "bad" else None)
+
+    h = build(tmp_path, handler, hosts=("bad", "cold", "warm"), listed_order=True,
+              registry_of=lambda urls: registry([urls["bad"], urls["cold"], urls["warm"]]),
+              eject_after_failures=100)
+    urls = h.workers.urls
+    index = h.gateway.kv_index
+    index.known |= set(urls.values())
+    salt = account_salt("fireworks", "")
+    seen = PROMPT + EXPECTED_IDS[:CUT]  # what the continuation's prompt starts with
+    apply(index, urls["bad"], stored([b"p"], None, seen[:4], [(salt,)]))
+    apply(index, urls["warm"], stored([b"p", b"q"], None, seen[:8], [(salt,), None]))
+    sent, raw = await stream(h, False, prompt=PROMPT)
+    assert "event: error" not in raw
+    assert text_and_ids(sent, False) == (EXPECTED_TEXT, EXPECTED_IDS)
+    assert [r.url.host for r in h.workers.served.requests] == ["bad", "warm"]
