@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,27 +235,33 @@ async def test_nothing_is_left_behind(tmp_path: Path) -> None:
     assert all(count == 0 for count in outstanding.values())
 
 
-async def test_a_stream_on_a_replica_that_fails_its_health_check_moves_at_once(
-        tmp_path: Path) -> None:
-    """vLLM past its drain timeout keeps a stream's connection open with nothing more to
-    send. Once its replica fails the health checks (ejected), the stream is moved: long
-    before the read timeout, and as exactly as after any other failure."""
-    hung = [False]
-
+def hanging(tmp_path: Path, hung: list[bool], fails_when_asked: bool = False,
+            **settings: Any) -> Harness:
+    """`bad` sends CUT tokens, then nothing more for 30 s (the read timeout: 60 s); its
+    health check fails once hung[0] is set (by its first request when `fails_when_asked`).
+    Health checks every 0.2 s, two failures eject."""
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
             return httpx.Response(503 if request.url.host == "bad" and hung[0] else 200)
         if request.url.path == "/metrics":
             return httpx.Response(200, text="")
         if request.url.host == "bad":
-            hung[0] = True  # from here its health check fails
+            hung[0] = hung[0] or fails_when_asked
             return answer(request, [Pause(30)])
         return answer(request, None)
 
-    h = build(tmp_path, handler, hosts=("bad", "good"),
-              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
-              listed_order=True, upstream_read_timeout=60.0, health_check_interval=0.2,
-              eject_after_failures=2)
+    return build(tmp_path, handler, hosts=("bad", "good"),
+                 registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+                 listed_order=True, upstream_read_timeout=60.0, health_check_interval=0.2,
+                 eject_after_failures=2, **settings)
+
+
+async def test_a_stream_on_a_replica_that_fails_its_health_check_moves_at_once(
+        tmp_path: Path) -> None:
+    """vLLM past its drain timeout keeps a stream's connection open with nothing more to
+    send. Once its replica fails the health checks (ejected), the stream is moved: long
+    before the read timeout, and as exactly as after any other failure."""
+    h = hanging(tmp_path, [False], fails_when_asked=True)
     started = time.monotonic()
     sent, raw = await stream(h, True)
     assert time.monotonic() - started < 10  # not the read timeout's 60 s
@@ -263,57 +270,10 @@ async def test_a_stream_on_a_replica_that_fails_its_health_check_moves_at_once(
     assert counted(h, "continued") == 1
 
 
-async def test_a_replica_that_left_the_registry_is_watched_while_it_holds_streams(
-        tmp_path: Path) -> None:
-    """A pod that left DNS to terminate (here: removed through the admin API) keeps being
-    health-checked while streams run on it, so that they still move when it stops."""
-    hung = [False]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health":
-            return httpx.Response(503 if request.url.host == "bad" and hung[0] else 200)
-        if request.url.path == "/metrics":
-            return httpx.Response(200, text="")
-        if request.url.host == "bad":
-            return answer(request, [Pause(30)])
-        return answer(request, None)
-
-    h = build(tmp_path, handler, hosts=("bad", "good"),
-              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
-              listed_order=True, upstream_read_timeout=60.0, health_check_interval=0.2,
-              eject_after_failures=2, admin_key=ADMIN, registry_poll_interval=0.05)
-    body = {"model": MODEL, "stream": True, "max_tokens": WHOLE, "prompt": "hi"}
-    started = time.monotonic()
-    async with serving(h, EdgeProtocol) as (host, port), httpx.AsyncClient(
-            base_url=f"http://{host}:{port}", timeout=60) as client, client.stream(
-            "POST", "/v1/completions", json=body,
-            headers={"Authorization": f"Bearer {KEY}"}) as response:
-        lines = response.aiter_lines()
-        assert (await anext(lines)).startswith("data: ")
-        removed = await client.delete(
-            "/admin/v1/accounts/fireworks/deployments/d/replicas",
-            params={"url": h.workers.urls["bad"]},
-            headers={"Authorization": f"Bearer {ADMIN}"})
-        assert removed.status_code == 200, removed.text
-        hung[0] = True  # it stops: from here its health check fails
-        rest = "\n".join([line async for line in lines])
-    assert time.monotonic() - started < 10
-    assert "event: error" not in rest and "data: [DONE]" in rest
-    assert counted(h, "continued") == 1
-
-
-async def test_streams_on_a_drained_replica_move_after_the_drain_time(tmp_path: Path) -> None:
-    """Drained through the admin API: a stream still on it after GATEWAY_DRAIN_SECONDS goes
-    on on another replica, with nothing lost or repeated."""
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path in ("/health", "/metrics"):
-            return httpx.Response(200, text="")
-        return answer(request, [Pause(30)] if request.url.host == "bad" else None)
-
-    h = build(tmp_path, handler, hosts=("bad", "good"),
-              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
-              listed_order=True, upstream_read_timeout=60.0, admin_key=ADMIN,
-              registry_poll_interval=0.05, drain_seconds=0.5, discovery_interval=0.2)
+async def streamed_while(h: Harness, act: Callable[[httpx.AsyncClient], Awaitable[None]]
+                         ) -> tuple[list[str], float]:
+    """A completions stream through a real server (the in-process client would buffer it
+    whole), `act` done once its first line came: every line, and how long it all took."""
     body = {"model": MODEL, "stream": True, "max_tokens": WHOLE, "prompt": "hi",
             "return_token_ids": True}
     started = time.monotonic()
@@ -323,13 +283,49 @@ async def test_streams_on_a_drained_replica_move_after_the_drain_time(tmp_path: 
             headers={"Authorization": f"Bearer {KEY}"}) as response:
         lines = response.aiter_lines()
         first = await anext(lines)
+        assert first.startswith("data: ")
+        await act(client)
+        rest = [line async for line in lines]
+    return [first, *rest], time.monotonic() - started
+
+
+async def test_a_replica_that_left_the_registry_is_watched_while_it_holds_streams(
+        tmp_path: Path) -> None:
+    """A pod that left DNS to terminate (here: removed through the admin API) keeps being
+    health-checked while streams run on it, so that they still move when it stops."""
+    hung = [False]
+    h = hanging(tmp_path, hung, admin_key=ADMIN, registry_poll_interval=0.05)
+
+    async def remove(client: httpx.AsyncClient) -> None:
+        removed = await client.delete(
+            "/admin/v1/accounts/fireworks/deployments/d/replicas",
+            params={"url": h.workers.urls["bad"]},
+            headers={"Authorization": f"Bearer {ADMIN}"})
+        assert removed.status_code == 200, removed.text
+        hung[0] = True  # it stops: from here its health check fails
+
+    lines, took = await streamed_while(h, remove)
+    assert took < 10
+    assert not any(line.startswith("event: error") for line in lines)
+    assert "data: [DONE]" in lines
+    assert counted(h, "continued") == 1
+
+
+async def test_streams_on_a_drained_replica_move_after_the_drain_time(tmp_path: Path) -> None:
+    """Drained through the admin API: a stream still on it after GATEWAY_DRAIN_SECONDS goes
+    on on another replica, with nothing lost or repeated."""
+    h = hanging(tmp_path, [False], admin_key=ADMIN, registry_poll_interval=0.05,
+                drain_seconds=0.5, discovery_interval=0.2)
+
+    async def drain(client: httpx.AsyncClient) -> None:
         drained = await client.put(
             "/admin/v1/accounts/fireworks/deployments/d/replicas/drain",
             json={"url": h.workers.urls["bad"]}, headers={"Authorization": f"Bearer {ADMIN}"})
         assert drained.status_code == 200, drained.text
-        rest = [line async for line in lines]
-    assert time.monotonic() - started < 10
-    chunks = [orjson.loads(line[6:]) for line in [first, *rest] if line.startswith("data: {")]
+
+    lines, took = await streamed_while(h, drain)
+    assert took < 10
+    chunks = [orjson.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert text_and_ids(chunks, False) == (EXPECTED_TEXT, EXPECTED_IDS)
     assert counted(h, "continued") == 1
 
