@@ -89,8 +89,6 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
             metrics.replica_healthy.remove(url)
         else:
             metrics.replica_healthy.labels(url).set(1 if healthy else 0)
-        if healthy is False:  # ejected: its streams go on on other replicas
-            replicas.move_streams(url)
 
     public = tuple(settings.public_accounts)
     instances: dict[str, aioredis.Redis] = {}  # Redis: "state" (and "bulk" when apart)
@@ -153,6 +151,7 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
                           settings.max_ejection_percent,
                           lambda deployment: metrics.panics.labels(deployment.name).inc(),
                           lambda: queues.dispatch_all(), saturated_at)
+    replicas.health.on_eject = replicas.move_streams  # its streams go on elsewhere
     queues = Queues(replicas.room, metrics, settings.queue_max_length, settings.queue_timeout,
                     settings.queue_reserve)
     adapters = Adapters(workers, lambda: store.current.data, replicas)
@@ -215,7 +214,7 @@ def create_app(settings: Settings | None = None,
         async def prune() -> None:
             gateway.workers.prune(listed())
             draining = {r.url for d in gateway.store.current.data.deployments
-                        for r in d.replicas if r.draining}
+                        for r in gateway.replicas.replicas(d) if r.draining}
             gateway.replicas.move_drained(draining, settings.drain_seconds)
 
         # Pooled connections to replicas that left (and idle ones past their time) close;

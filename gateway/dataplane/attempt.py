@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.api import Served, StreamFraming
+from gateway.api import Served
 from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.replicas import Lease, ReplicaSet
 from gateway.dataplane.workers import WorkerAnswer
@@ -23,15 +23,18 @@ class Attempt:
     # Its stream's way off its replica, and the replica's set it is registered in.
     move: Callable[[], None] | None = None
     moves: set[Callable[[], None]] | None = None
+    moved: bool = False  # the gateway cut it to move its stream
 
-    def movable(self, replicas: ReplicaSet, framing: StreamFraming) -> None:
-        """Its stream may be moved off its replica (ReplicaSet.move_streams) while it could
-        go on elsewhere."""
+    def movable(self, replicas: ReplicaSet, can_move: Callable[[], bool]) -> None:
+        """Its stream is moved off its replica (ReplicaSet.move_streams: the replica was
+        ejected, or drained past its time) when `can_move` says it could go on elsewhere;
+        the connection is cut, which the relay reads as the worker's failure."""
         answer = self.answer
         assert answer is not None
 
         def move() -> None:
-            if framing.continuable():
+            if can_move():
+                self.moved = True  # (not the replica's failure: nobody is charged)
                 answer.cut()
 
         self.move, self.moves = move, replicas.streams[self.lease.replica.url]

@@ -69,7 +69,13 @@ class Discovery:
             return replicas
         out: list[Replica] = []
         for replica in replicas:
-            out += self.found.get(replica.url, []) if is_discovered(replica.url) else [replica]
+            if not is_discovered(replica.url):
+                out.append(replica)
+            elif replica.draining:  # a drained name drains every pod of it
+                out += [pod.model_copy(update={"draining": True})
+                        for pod in self.found.get(replica.url, [])]
+            else:
+                out += self.found.get(replica.url, [])
         return out
 
     def start(self) -> None:

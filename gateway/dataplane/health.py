@@ -44,6 +44,8 @@ class ReplicaHealth:
         self.ejection_seconds = ejection_seconds
         self.states: dict[str, ReplicaState] = {}
         self._on_change = on_change
+        # Told once as a replica is ejected (its streams move: ReplicaSet.move_streams).
+        self.on_eject: Callable[[str], None] = lambda url: None
 
     def is_healthy(self, url: str) -> bool:
         state = self.states.get(url)
@@ -79,6 +81,7 @@ class ReplicaHealth:
             self._set(url, state, False)
 
     def _set(self, url: str, state: ReplicaState, healthy: bool) -> None:
+        ejected = state.healthy and not healthy
         if state.healthy != healthy:
             logger.warning("replica %s %s", url, "readmitted" if healthy else "ejected")
             if not healthy:
@@ -86,6 +89,8 @@ class ReplicaHealth:
         state.healthy = healthy
         if self._on_change is not None:
             self._on_change(url, healthy)
+        if ejected:
+            self.on_eject(url)
 
     def forget_except(self, urls: set[str]) -> None:
         for url in set(self.states) - urls:

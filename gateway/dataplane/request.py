@@ -259,6 +259,8 @@ class RequestLife:
         request's end, when it is the one the request ended on. What it reported goes to the
         Tally; its worker request is closed and its replica given back."""
         attempt, self.attempt = self.attempt, None
+        if ended and self.migration is not None:
+            self.migration.settle(self)  # a stream's failures, judged (migration.py)
         if attempt is None:
             return
         tally = self.tally
@@ -282,7 +284,8 @@ class RequestLife:
             self.migration.framing = framing = call.framing(worker, served)
             stream = await open_stream(attempt.answer, framing, headers, self.request_id,
                                        self.migrate)
-            attempt.movable(self.gateway.replicas, framing)
+            migration = self.migration
+            attempt.movable(self.gateway.replicas, lambda: migration.movable(self.gateway))
             return stream
         return await read_plain(attempt.answer, call, worker, served, headers)
 

@@ -97,16 +97,25 @@ def continuation_body(body: dict[str, Any], prompt_ids: list[int], generated: li
     return out
 
 
-def as_first_worker(chunk: dict[str, Any], chat: bool, response_id: str,
-                    created: int) -> dict[str, Any]:
+def as_first_worker(chunk: dict[str, Any], chat: bool, response_id: str, created: int,
+                    top: int | None = None) -> dict[str, Any]:
     """A continuation's chunk (completions shape) as the first worker's would be: its id,
-    its shape (a chat delta for chat), no prompt ids (they are the first worker's)."""
+    its shape (a chat delta for chat), no prompt ids (they are the first worker's), and for
+    chat at most `top` alternatives per token (completions' logprobs may add the sampled
+    token as one more)."""
     choices = []
     for choice in chunk["choices"]:
         shaped = {key: value for key, value in choice.items() if key != "prompt_token_ids"}
         if chat:
             shaped.pop("text", None)
             shaped["delta"] = {"content": choice.get("text") or ""}
+            logprobs = choice.get("logprobs")
+            if top is not None and isinstance(logprobs, dict) \
+                    and isinstance(logprobs.get("top_logprobs"), list):
+                shaped["logprobs"] = logprobs | {"top_logprobs": [
+                    dict(sorted(alternatives.items(), key=lambda kv: -kv[1])[:top])
+                    if isinstance(alternatives, dict) else alternatives
+                    for alternatives in logprobs["top_logprobs"]]}
         choices.append(shaped)
     out = {key: value for key, value in chunk.items() if key != "prompt_token_ids"}
     out |= {"id": response_id, "created": created, "choices": choices,

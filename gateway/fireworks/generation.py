@@ -180,11 +180,12 @@ class Seam:
 
     prompt_tokens: int  # the first worker's prompt, billed once
     cached_tokens: int
+    top: int | None = None  # chat's top_logprobs (completions' may name one more)
     generated: int = 0  # tokens generated before the latest seam
 
     def rebase(self, chunk: dict[str, Any], chat: bool, response_id: str,
                created: int) -> dict[str, Any]:
-        out = as_first_worker(chunk, chat, response_id, created)
+        out = as_first_worker(chunk, chat, response_id, created, self.top)
         if out.get("usage") is not None:
             out["usage"] = whole_usage(out["usage"], self.prompt_tokens, self.cached_tokens,
                                        self.generated)
@@ -205,9 +206,20 @@ class ChunkFraming:
         self.done = False  # [DONE] came
         self.prompt_ids: list[int] | None = None  # as the first worker tokenized the prompt
         self.seam: Seam | None = None  # continued elsewhere (continuation.py)
+        # What events of a batch produced before a later one of it failed: sent first, after
+        # the error (drain) or before what a continuation sends (the next take).
+        self.carried: list[bytes] = []
 
     async def take(self, events: list[tuple[str, bytes]]) -> list[bytes]:
-        parts: list[bytes] = []
+        parts, self.carried = self.carried, []
+        try:
+            await self._take(events, parts)
+        except GatewayError:
+            self.carried = parts
+            raise
+        return parts
+
+    async def _take(self, events: list[tuple[str, bytes]], parts: list[bytes]) -> None:
         chat, logprobs = self.call.plan.chat, self.call.plan.logprobs
         seam = self.seam
         for _, data in events:
@@ -239,14 +251,14 @@ class ChunkFraming:
             except SHAPE_ERRORS as exc:
                 raise WorkerFault(f"malformed chunk: {exc!r}") from exc
             self.served.usage = self.reframer.raw_usage
-        return parts
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return self.call.headers(perf_metrics(self.served, self.reframer.last_usage, None,
                                               complete=False))
 
     def drain(self) -> list[bytes]:
-        return self.reframer.drain()
+        carried, self.carried = self.carried, []
+        return carried + self.reframer.drain()
 
     def error_event(self, exc: GatewayError, request_id: str) -> bytes:
         return stream_error_event(exc.status, f"{exc.message} (request {request_id})",
@@ -276,7 +288,8 @@ class ChunkFraming:
             raise NotContinued("max_tokens")  # nothing remains to generate
         if self.seam is None:  # the prompt as the client is billed for it: the first's
             self.seam = Seam(usage["prompt_tokens"],
-                             usage["prompt_tokens_details"]["cached_tokens"])
+                             usage["prompt_tokens_details"]["cached_tokens"],
+                             self.call.body.get("top_logprobs") if plan.chat else None)
         self.seam.generated = len(generated)
         return Continuation(CONTINUATION_PATH, body, len(generated), self.sent_to)
 

@@ -191,3 +191,21 @@ async def test_conversations_stay_on_their_pod_without_a_key(tmp_path: Path,
         pod.stop()
     assert all(len(where) == 1 for where in placed.values()), placed  # each on one pod
     assert len(set().union(*placed.values())) > 1  # and the conversations spread
+
+
+def test_a_drained_name_drains_every_pod_it_resolves_to() -> None:
+    from gateway.controlplane.registry import Replica
+    from gateway.dataplane.discovery import Discovery, make_resolver
+
+    discovery = Discovery(lambda: [], make_resolver(None))
+    name = "dns+http://workers.prod.svc:8000"
+    pods = [Replica(url="http://10.0.0.1:8000"), Replica(url="http://10.0.0.2:8000")]
+    discovery.found[name] = pods
+    listed = Replica(url="http://10.0.9.9:8000")
+    assert [r.draining for r in discovery.expand([Replica(url=name), listed])] == \
+        [False, False, False]
+    drained = discovery.expand([Replica(url=name, draining=True), listed])
+    assert [(r.url, r.draining) for r in drained] == [
+        ("http://10.0.0.1:8000", True), ("http://10.0.0.2:8000", True),
+        ("http://10.0.9.9:8000", False)]
+    assert not any(p.draining for p in pods)  # the resolved pods themselves are unchanged

@@ -204,7 +204,8 @@ async def test_no_continuation_past_the_limit(tmp_path: Path) -> None:
 
 async def test_a_continuation_that_fails_too_ends_with_the_error_once(tmp_path: Path) -> None:
     """Both replicas fail mid-stream: `good` continues, then fails; no replica is left, so
-    the client gets what both sent, then the error event; each replica is charged once."""
+    the client gets what both sent, then the error event. The same failure on both is the
+    request's (blame.py): neither replica is charged."""
     h = app(tmp_path, [RESET], good_fails=True)
     sent, raw = await stream(h, False)
     assert raw.count("event: error") == 1
@@ -214,7 +215,11 @@ async def test_a_continuation_that_fails_too_ends_with_the_error_once(tmp_path: 
     assert (record.status, record.http_status) == ("error", 502)
     assert record.completion_tokens == 2 * CUT and record.prompt_tokens == len(PROMPT)
     states = h.gateway.replicas.health.states
-    assert [states[h.workers.urls[host]].failures for host in ("bad", "good")] == [1, 1]
+    assert all(states.get(url) is None or states[url].failures == 0
+               for url in h.workers.urls.values())
+    assert h.gateway.metrics.registry.get_sample_value(
+        "fwgw_request_caused_failures_total",
+        {"deployment": "accounts/fireworks/deployments/d"}) == 1
     assert counted(h, "continued") == 1 and counted(h, "no replica") == 1
 
 
@@ -325,6 +330,8 @@ async def test_streams_on_a_drained_replica_move_after_the_drain_time(tmp_path: 
 
     lines, took = await streamed_while(h, drain)
     assert took < 10
+    bad = h.gateway.replicas.health.states.get(h.workers.urls["bad"])
+    assert bad is None or bad.failures == 0  # moved by the gateway: not the replica's fault
     chunks = [orjson.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert text_and_ids(chunks, False) == (EXPECTED_TEXT, EXPECTED_IDS)
     assert counted(h, "continued") == 1
@@ -392,3 +399,49 @@ async def test_the_continuation_goes_where_its_prefix_is_cached(tmp_path: Path) 
     assert "event: error" not in raw
     assert text_and_ids(sent, False) == (EXPECTED_TEXT, EXPECTED_IDS)
     assert [r.url.host for r in h.workers.served.requests] == ["bad", "warm"]
+
+
+async def test_a_token_in_the_same_read_as_the_failure_is_not_lost(tmp_path: Path) -> None:
+    """A worker's last token and its abort arrive together: the token reaches the client
+    before the continuation's first, and the continuation starts after it."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        response = answer(request, None)
+        if request.url.host == "bad":
+            parts = list(response.stream.parts)  # type: ignore[attr-defined]
+            last = parts[CUT - 1]
+            assert isinstance(last, bytes)
+            response.stream.parts = [*parts[:CUT - 1], Pause(0.05),  # type: ignore[attr-defined]
+                                     last + ABORTED, b"data: [DONE]\n\n"]
+        return response
+
+    h = build(tmp_path, handler, hosts=("bad", "good"),
+              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+              listed_order=True)
+    sent, raw = await stream(h, False)
+    assert "event: error" not in raw
+    assert text_and_ids(sent, False) == (EXPECTED_TEXT, EXPECTED_IDS)
+    (asked,) = [r for r in h.workers.served.requests if r.url.host == "good"]
+    assert orjson.loads(asked.content)["prompt"] == PROMPT + EXPECTED_IDS[:CUT]
+
+
+async def test_a_stream_with_nowhere_to_go_is_not_cut_when_its_replica_is_ejected(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One replica: its health checks fail while it still generates (an overloaded pod).
+    Ejection would move its streams, but there is no other replica: the stream is left to
+    finish there."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(503)
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        response = answer(request, None)
+        parts = list(response.stream.parts)  # type: ignore[attr-defined]
+        response.stream.parts = [*parts[:CUT], Pause(1.0), *parts[CUT:]]  # type: ignore[attr-defined]
+        return response
+
+    h = build(tmp_path, handler, hosts=("solo",), health_check_interval=0.1,
+              eject_after_failures=2)
+    sent, raw = await stream(h, False)
+    assert "event: error" not in raw
+    assert text_and_ids(sent, False) == (EXPECTED_TEXT, EXPECTED_IDS)
+    assert f"replica {h.workers.urls['solo']} ejected" in caplog.text  # while it ran

@@ -147,3 +147,20 @@ def test_the_whole_requests_usage_bills_the_prompt_once() -> None:
         "prompt_tokens": 8, "completion_tokens": 7, "total_tokens": 15,
         "prompt_tokens_details": {"cached_tokens": 0}}
     assert whole_usage(None, 8, 0, 4) is None
+
+
+def test_chat_keeps_its_number_of_alternatives_after_the_seam() -> None:
+    """Completions' logprobs may name the sampled token as one alternative more than chat's
+    top_logprobs asked for: a chat stream's positions keep `top` after the seam."""
+    chunk = {"id": "c", "choices": [{"index": 0, "text": "a", "finish_reason": None,
+                                     "logprobs": {"tokens": ["token_id:5"],
+                                                  "token_logprobs": [-0.1],
+                                                  "top_logprobs": [{"token_id:5": -0.1,
+                                                                    "token_id:6": -2.0,
+                                                                    "token_id:7": -3.0}]}}]}
+    chat = as_first_worker(chunk, True, "chatcmpl-1", 5, top=2)
+    assert chat["choices"][0]["logprobs"]["top_logprobs"] == [{"token_id:5": -0.1,
+                                                               "token_id:6": -2.0}]
+    assert chunk["choices"][0]["logprobs"]["top_logprobs"][0]["token_id:7"] == -3.0
+    completion = as_first_worker(chunk, False, "cmpl-1", 5, top=None)
+    assert len(completion["choices"][0]["logprobs"]["top_logprobs"][0]) == 3
