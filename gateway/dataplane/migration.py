@@ -148,10 +148,9 @@ class Migration:
             except GatewayError as again:
                 metric.labels(deployment.name, "failed").inc()
                 if not again.replica_fault:  # the worker judged the continuation itself
+                    self.judge(life, attempt, again)  # (which clears a suspect: blame.py)
                     return None
-                exc, outcome = again, self.blocked(gateway) or "failed"
-                if outcome == "failed":
-                    outcome = None  # another replica is left: on to it
+                exc, outcome = again, self.blocked(gateway)  # None: on to the next one
                 continue
             tally.replica_judged = False
             continuation.sent_to(attempt.worker)

@@ -445,3 +445,25 @@ async def test_a_stream_with_nowhere_to_go_is_not_cut_when_its_replica_is_ejecte
     assert "event: error" not in raw
     assert text_and_ids(sent, False) == (EXPECTED_TEXT, EXPECTED_IDS)
     assert f"replica {h.workers.urls['solo']} ejected" in caplog.text  # while it ran
+
+
+async def test_a_continuation_the_worker_refuses_charges_no_replica(tmp_path: Path) -> None:
+    """The replica asked to continue refuses the request itself (a 400): the stream ends with
+    the error event, and the first failure, followed by a refusal of the request, is the
+    request's (blame.py): no replica is charged."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "good":
+            return httpx.Response(400, json={"error": {"message": "too long", "code": 400}})
+        return answer(request, [RESET])
+
+    h = build(tmp_path, handler, hosts=("bad", "good"),
+              registry_of=lambda urls: registry([urls["bad"], urls["good"]]),
+              listed_order=True)
+    sent, raw = await stream(h, False)
+    assert raw.count("event: error") == 1
+    assert text_and_ids(sent, False)[1] == EXPECTED_IDS[:CUT]
+    states = h.gateway.replicas.health.states
+    assert all(states.get(url) is None or states[url].failures == 0
+               for url in h.workers.urls.values())
+    (record,) = h.gateway.ledger.kept
+    assert record.status == "error" and counted(h, "failed") == 1
