@@ -278,8 +278,7 @@ async def cache_hint(index: BlockIndex, pods: list[str], query: CacheQuery | Non
             tokens = answer["tokens"]
         except (GatewayError, TimeoutError):
             return None
-    return cache_hint_now(index, followed, CacheQuery(token_ids=tokens, salt=query.salt), lora,
-                          context=context)
+    return _hint(index, followed, block_size, tokens, lora, query.salt, context)
 
 
 def cache_hint_now(index: BlockIndex, pods: list[str], query: CacheQuery, lora: str | None,
@@ -287,8 +286,15 @@ def cache_hint_now(index: BlockIndex, pods: list[str], query: CacheQuery, lora: 
     """cache_hint for a prompt given as token ids (nothing to ask a worker)."""
     followed = [pod for pod in pods if pod in index.known]
     block_size = index.block_size(followed)
-    tokens = query.token_ids
-    if not tokens or not followed or block_size is None:
+    if not followed or block_size is None:
         return None
-    keys = prompt_keys(tokens[:context or DEFAULT_CONTEXT], block_size, lora, query.salt)
+    return _hint(index, followed, block_size, query.token_ids, lora, query.salt,
+                 context or DEFAULT_CONTEXT)
+
+
+def _hint(index: BlockIndex, followed: list[str], block_size: int, tokens: list[int] | None,
+          lora: str | None, salt: str | None, context: int) -> CacheHint | None:
+    if not tokens:
+        return None
+    keys = prompt_keys(tokens[:context], block_size, lora, salt)
     return CacheHint(index.cached(keys, followed), len(keys), tuple(keys), index, index.version)

@@ -96,9 +96,10 @@ class HeldStream:
                 if isinstance(exc, WorkerFault):
                     logger.warning("request %s: worker %s failed mid-stream: %s",
                                    self.request_id, self.answer.url, exc.detail)
-                if framing.done:  # (its end failed to read: as before it, no retry)
-                    parts = []
-                answer = await self.resume(exc) if not framing.done else None
+                if framing.done:  # its end failed to read: as before, nothing more
+                    answer, parts = None, []
+                else:
+                    answer = await self.resume(exc)
                 if answer is None:
                     await client.last(b"".join([*parts, *framing.drain(),
                                                 framing.error_event(exc, self.request_id)]))

@@ -44,12 +44,7 @@ from gateway.dataplane.kv_index import CacheHint, cache_hint
 from gateway.dataplane.migration import Migration
 from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
-from gateway.dataplane.relay import (
-    HeldStream,
-    PlainReply,
-    open_stream,
-    read_plain,
-)
+from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
 from gateway.dataplane.replicas import Lease
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault, bytes_headers, error_headers

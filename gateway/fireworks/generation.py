@@ -272,10 +272,8 @@ class ChunkFraming:
         """The rest of the generation: the prompt's token ids and those generated so far
         (every one the client has), the rest of max_tokens."""
         plan, reframer = self.call.plan, self.reframer
-        if plan.not_continued is not None:
-            raise NotContinued(plan.not_continued)
-        if self.done or reframer.saw_finish:
-            raise NotContinued("finished")  # (its end is what failed; nothing to continue)
+        if not self.continuable():  # declined, or finished (its end is what failed)
+            raise NotContinued(plan.not_continued or "finished")
         state = reframer.states.get(0)
         generated = (state.token_ids or []) if state is not None else []
         usage = reframer.last_usage
