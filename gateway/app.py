@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,6 +27,13 @@ from starlette.types import ASGIApp
 from gateway.anthropic.api import CountTokensApi, MessagesApi
 from gateway.api import InferenceApi
 from gateway.background import cancel, every
+from gateway.batch.engine import Engine
+from gateway.batch.files import FileStore
+from gateway.batch.fireworks_routes import router as fireworks_batch_router
+from gateway.batch.http import BatchParts
+from gateway.batch.jobs import Jobs
+from gateway.batch.openai_routes import router as openai_batch_router
+from gateway.batch.runner import Runner
 from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
@@ -79,6 +88,19 @@ def _error_response(request: Request, error: GatewayError) -> Response:
         logger.warning("request %s failed: %s %s", request_id, error.status, error.message)
     return Response(orjson.dumps(error.envelope(request_id)), status_code=error.status,
                     media_type="application/json", headers=error.headers)
+
+
+def _batch(settings: Settings, bulk: aioredis.Redis) -> BatchParts:
+    """Batch inference's parts: files on the volume, jobs in the bulk Redis."""
+    root = settings.batch_dir or Path(tempfile.gettempdir()) / "fwgw-batch"
+    files = FileStore(bulk, settings.redis_prefix, root,
+                      file_max=settings.batch_file_max_bytes,
+                      account_max=settings.batch_account_max_bytes)
+    engine = Engine(Jobs(bulk, settings.redis_prefix), files,
+                    max_lines=settings.batch_file_max_lines,
+                    max_jobs=settings.batch_account_max_jobs,
+                    prefix_chars=settings.batch_prefix_chars)
+    return BatchParts(engine, files)
 
 
 def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
@@ -153,7 +175,7 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
                           lambda: queues.dispatch_all(), saturated_at)
     replicas.health.on_eject = replicas.move_streams  # its streams go on elsewhere
     queues = Queues(replicas.room, metrics, settings.queue_max_length, settings.queue_timeout,
-                    settings.queue_reserve)
+                    settings.queue_reserve, settings.batch_headroom)
     adapters = Adapters(workers, lambda: store.current.data, replicas)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,
@@ -190,6 +212,11 @@ def create_app(settings: Settings | None = None,
     FastAPI app for the rest."""
     settings = settings or Settings()
     gateway, redis_instances = _build(settings)
+    bulk = redis_instances.get("bulk", redis_instances.get("state"))
+    batch = _batch(settings, bulk) if bulk is not None else None
+    api_table = tuple(apis(gateway.responses))
+    runner = None if batch is None else Runner(
+        gateway, batch.engine, {api.path: api for api in api_table}, PREFIXES[0])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -243,12 +270,16 @@ def create_app(settings: Settings | None = None,
         watching = every(settings.redis_memory_interval,
                          MemoryWatch(redis_instances, gateway.metrics.redis_seen).check,
                          "Redis memory watch", logger) if redis_instances else None
+        if runner is not None:
+            runner.start()
         # What was loaded at start-up lives as long as the process: keep it out of the
         # collector's way, so that full collections under load stay short.
         gc.freeze()
         try:
             yield
         finally:
+            if runner is not None:  # lines running finish first, and their records go out
+                await runner.stop()
             await checker.stop()
             await kv_events.stop()
             await cancel(pruning)
@@ -268,8 +299,11 @@ def create_app(settings: Settings | None = None,
                   docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     app.state.admin = AdminParts(gateway.store, gateway.ledger, gateway.adapters)
+    app.state.batch = batch
     for prefix in PREFIXES:
         app.include_router(read_router, prefix=prefix)
+        app.include_router(openai_batch_router, prefix=prefix)
+        app.include_router(fireworks_batch_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
 
     @app.get("/metrics")
@@ -315,7 +349,7 @@ def create_app(settings: Settings | None = None,
 
     # The route table: each API under every prefix, served by the data plane.
     direct: dict[str, Serve] = {prefix + api.path: functools.partial(serve, gateway, api)
-                                for api in apis(gateway.responses) for prefix in PREFIXES}
+                                for api in api_table for prefix in PREFIXES}
     routes = InferenceRoutes(Edge(app, settings), direct, settings.client_write_timeout)
     return GatewayApp(RequestIdMiddleware(routes), app, settings, direct)
 

@@ -72,6 +72,27 @@ class Settings(BaseSettings):
     queue_reserve: int = Field(default=0, ge=0)
     queue_timeout: float = Field(default=30.0, gt=0)
     queue_max_length: int = Field(default=1000, ge=0)
+    # Batch inference (gateway/batch/, docs/batch.md). Its lines take only the room past
+    # batch_headroom requests per replica (kept for interactive ones, of queue_replica_load);
+    # each gateway runs at most batch_concurrency lines at once.
+    batch_headroom: int = Field(default=8, ge=0)
+    batch_concurrency: int = Field(default=32, ge=1)
+    # Where files live (a volume every gateway replica mounts: the chart's
+    # PersistentVolumeClaim); None: in a directory of the system's temporary one.
+    batch_dir: Path | None = None
+    # The largest file, and what one account may keep in all (bytes); the most lines in one
+    # file, and the most jobs one account may have running.
+    batch_file_max_bytes: int = Field(default=100 << 20, gt=0)
+    batch_account_max_bytes: int = Field(default=1 << 30, gt=0)
+    batch_file_max_lines: int = Field(default=50_000, gt=0)
+    batch_account_max_jobs: int = Field(default=16, gt=0)
+    # A line a gateway took and has not confirmed for this many seconds (the gateway died)
+    # is taken by another; each gateway confirms the lines it runs well within it.
+    batch_claim_timeout: float = Field(default=60.0, gt=0)
+    # Lines that share this many leading characters of their prompt run together, the first
+    # one alone before the others (so the others find its prefix cached); 0: each line alone,
+    # in the file's order.
+    batch_prefix_chars: int = Field(default=512, ge=0)
     # How long stored responses (the Responses API's `store: true`) are kept, in seconds
     # (30 days): in Redis with redis_url, else in process (at most 10,000).
     responses_ttl: float = Field(default=30 * 86400, gt=0)

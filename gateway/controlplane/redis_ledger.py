@@ -184,6 +184,10 @@ class RedisLedger:
                                                   self.settlements.then) if lane]
         return Backlog(self.pending, max(time.time() - min(ends), 0.0) if ends else 0.0)
 
+    def unwritten(self, record_id: str) -> bool:
+        return any(ending.record.record_id == record_id
+                   for ending in itertools.chain(self.records.first, self.records.then))
+
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._send(lane), name=f"usage-ledger-{lane.name}")
                        for lane in (self.records, self.settlements)]

@@ -46,6 +46,7 @@ class UsageRecord:
     duration_ms: float = 0.0
     time: float  # unix seconds at the end
     metadata: dict[str, str] | None = None  # the request's `metadata`, as the client sent it
+    batch: str = ""  # the batch job the request was a line of ("": a client's own request)
 
 
 # Validates and converts what is read back (a Redis stream's fields are all text).
@@ -104,6 +105,10 @@ class Ledger(Protocol):
     def backlogged(self) -> bool:
         """Too many records wait for Redis: new requests are refused until they are in."""
 
+    def unwritten(self, record_id: str) -> bool:
+        """The record is still waiting to be written (a batch line is confirmed only once
+        its record is in: gateway/batch/runner.py)."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -133,6 +138,9 @@ class LocalLedger:
 
     def backlog(self) -> Backlog:
         return Backlog()
+
+    def unwritten(self, record_id: str) -> bool:
+        return False  # written as it is made
 
     async def start(self) -> None:
         return None

@@ -38,6 +38,7 @@ class Tally:
     endpoint: str  # the API's worker path: the metrics' and usage records' label
     request_id: str
     trace: RequestTrace
+    batch: str = ""  # the batch job it is a line of (gateway/batch/), if any
     account: Account | None = None
     route: Route | None = None  # once resolved
     admission: Admission | None = None  # once admitted: from here a usage record is owed
@@ -136,7 +137,7 @@ def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, usage: d
             completion_tokens=usage.get("completion_tokens", 0),
             ttft_ms=(first_token - tally.started) * 1000 if first_token else None,
             duration_ms=(time.monotonic() - tally.started) * 1000, time=time.time(),
-            metadata=tally.metadata)
+            metadata=tally.metadata, batch=tally.batch)
         gateway.ledger.finish(record, admission)
     except Exception:
         logger.exception("request %s: usage record failed", tally.request_id)

@@ -17,6 +17,12 @@ while the deployment is saturated, an occasional request of a light account star
 in the reserve, where it would otherwise wait for the next request to end; the accounts
 whose requests wait cannot use it, as their requests wait behind their own.
 
+Batch lines (gateway/batch/) wait in a band below every interactive request: they go only
+while no interactive request waits, and only into the room past `batch_headroom` per replica
+(kept for interactive requests), however long that takes; an interactive request never waits
+behind one, and a full queue never sheds one (each gateway runs a bounded number of lines at
+once, so the band is bounded by that).
+
 Bounded in time and length: a request waits at most `queue_timeout` seconds, then gets a 503
 with `retry-after`; a deployment holds at most `queue_max_length` waiting requests, and when
 full one is shed (503 with `retry-after`): in the lowest priority present, the newest request
@@ -38,6 +44,7 @@ from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 
 Priority = tuple[int, int]  # (service tier, account priority): higher goes first
+BATCH: Priority = (-1, 0)  # batch lines: below every interactive tier
 
 
 @dataclass(eq=False)
@@ -133,8 +140,17 @@ class DeploymentQueue:
         self.bands.setdefault(waiter.priority, Band()).push(waiter)
         self.length += 1
 
+    @property
+    def interactive(self) -> int:
+        """Requests waiting, batch lines apart."""
+        batch = self.bands.get(BATCH)
+        return self.length - (batch.size if batch is not None else 0)
+
+    def next_priority(self) -> Priority:
+        return max(p for p, band in self.bands.items() if band.size)
+
     def pop(self) -> Waiter:
-        priority = max(p for p, band in self.bands.items() if band.size)
+        priority = self.next_priority()
         self.length -= 1
         return self.bands[priority].pop()
 
@@ -153,7 +169,10 @@ class DeploymentQueue:
         """Whom a full queue sheds for a request arriving: the newest request of the account
         with the most waiting in the lowest priority present (so a flood pays for itself,
         not the others); None when that is the arriving request."""
-        lowest = min(p for p, band in self.bands.items() if band.size)
+        present = [p for p, band in self.bands.items() if band.size and p != BATCH]
+        if not present:  # only batch lines wait, and they are not shed: the arriving one is
+            return None
+        lowest = min(present)
         if arriving < lowest:
             return None
         band = self.bands[lowest]
@@ -169,9 +188,10 @@ Free = Callable[[Deployment, int], int]
 
 class Queues:
     def __init__(self, free: Free, metrics: GatewayMetrics, max_length: int = 1000,
-                 timeout: float = 30.0, reserve: int = 0) -> None:
+                 timeout: float = 30.0, reserve: int = 0, batch_headroom: int = 0) -> None:
         self.free = free
         self.reserve = reserve  # per replica, for accounts with nothing waiting
+        self.batch_headroom = batch_headroom  # per replica, kept from batch lines
         self.metrics = metrics
         self.max_length = max_length
         self.timeout = timeout
@@ -179,26 +199,32 @@ class Queues:
         self.deployments: dict[str, Deployment] = {}
 
     async def turn(self, deployment: Deployment, account: Account, priority: bool,
-                   cost: int = 1) -> bool:
+                   cost: int = 1, *, batch: bool = False) -> bool:
         """Returns when the request may take a replica (True when it waited for that);
         raises 503 when it is shed. `cost`: the sequences it asks for, which it takes of
-        the replicas' room and of its account's turns."""
+        the replicas' room and of its account's turns. `batch`: a batch line (the band
+        below every other; no timeout, never shed)."""
         queue = self.queues.get(deployment.name)
         promised = 0 if queue is None else queue.dispatched
         # Straight on only with room for all its sequences (a batch larger than the room
         # queues, and goes at its turn as soon as there is any room: it never starves).
-        if (queue is None or queue.length == 0) \
+        # Batch lines waiting do not hold interactive requests back.
+        if batch:
+            if (queue is None or queue.length == 0) \
+                    and self.free(deployment, -self.batch_headroom) - promised >= cost:
+                return False
+        elif (queue is None or queue.interactive == 0) \
                 and self.free(deployment, 0) - promised >= cost:
             return False  # nothing waits and there is room: go on
-        if self.reserve and (queue is None or not queue.has(account.id)) \
+        elif self.reserve and (queue is None or not queue.has(account.id)) \
                 and self.free(deployment, self.reserve) - promised >= cost:
             return False  # an account with nothing waiting takes the reserve: no wait
         queue = self.queues.setdefault(deployment.name, DeploymentQueue())
         self.deployments[deployment.name] = deployment
-        tier = (1 if priority else 0, account.priority)
+        tier = BATCH if batch else (1 if priority else 0, account.priority)
         waiter = Waiter(account.id, account.weight, tier,
                         asyncio.get_running_loop().create_future(), cost)
-        if queue.length >= self.max_length:
+        if not batch and queue.interactive >= self.max_length:
             victim = queue.victim(tier, account.id)
             if victim is None:
                 self._count_shed(deployment, tier, "full")
@@ -211,7 +237,8 @@ class Queues:
         self._gauge(deployment, tier, queue)
         self.dispatch(deployment.name)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.turn), self.timeout)
+            await asyncio.wait_for(asyncio.shield(waiter.turn),
+                                   None if batch else self.timeout)
         except TimeoutError:
             self._count_shed(deployment, tier, "timeout")
             raise _overloaded(deployment, f"no replica freed up in {self.timeout:g} s")\
@@ -235,6 +262,10 @@ class Queues:
             return
         room = self.free(deployment, 0) - queue.dispatched
         while queue.length and room > 0:
+            if queue.next_priority() == BATCH:  # only batch lines left: past the headroom
+                batch_room = self.free(deployment, -self.batch_headroom) - queue.dispatched
+                if batch_room <= 0:
+                    return
             waiter = queue.pop()
             queue.dispatched += waiter.cost
             room -= waiter.cost
@@ -257,6 +288,8 @@ class Queues:
 
 
 def _label(tier: Priority) -> str:
+    if tier == BATCH:
+        return "batch"
     return f"{'priority' if tier[0] else 'standard'}/{tier[1]}"
 
 

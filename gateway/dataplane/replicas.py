@@ -206,6 +206,14 @@ class ReplicaSet:
         return sum(max(0, limit + extra - self.load.of(r.url))
                    for r in self.in_rotation(deployment))
 
+    def crowded(self, deployment: Deployment, extra: int) -> set[str]:
+        """The replicas in rotation whose load reached saturation (plus `extra`)."""
+        limit = self.saturated_at(deployment)
+        if not limit:
+            return set()
+        return {r.url for r in self.in_rotation(deployment)
+                if self.load.of(r.url) >= limit + extra}
+
     def candidates(self, deployment: Deployment, exclude: set[str]) -> list[Replica]:
         return [r for r in self.in_rotation(deployment) if r.url not in exclude]
 

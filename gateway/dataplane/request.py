@@ -53,6 +53,9 @@ from gateway.validation import check_metadata, parse_body
 
 logger = logging.getLogger("gateway.request")
 ATTEMPTS = 2  # the first try and one retry on another replica
+# vLLM's priority scheduler runs a lower value first: interactive requests are 0 (or the
+# priority tier's, below it), batch lines this.
+BATCH_PRIORITY = 100
 # Pins the deployment while the body keeps the model id (as `<model>#<deployment>` does).
 DEPLOYMENT_HEADER = "fireworks-deployment"
 ClientReply = PlainReply | HeldStream  # what goes back to the client
@@ -62,11 +65,12 @@ async def serve(gateway: Gateway, api: InferenceApi[Any], client: Client) -> Non
     """POST <prefix><api.path>: the request's whole life (see the module's docstring)."""
     headers, request_id = client.headers, client.request_id
     tally = Tally(api.worker_path, request_id,
-                  gateway.tracing.start(f"POST {client.path}", headers, request_id))
+                  gateway.tracing.start(f"POST {client.path}", headers, request_id),
+                  batch=client.batch.job if client.batch is not None else "")
     # The key and the declared size are checked before the body is read: a client without
     # a key costs a bounded amount, whatever it sends.
     try:
-        tally.account = gateway.store.current.authenticate(api_key(headers))
+        tally.account = _account(gateway, client)
         check_declared_length(headers, gateway.settings)
         raw = await client.read_body(gateway.settings)
     except asyncio.CancelledError:  # the client left while sending its request
@@ -110,6 +114,18 @@ async def serve(gateway: Gateway, api: InferenceApi[Any], client: Client) -> Non
             await _send_error(client, error, api)
 
 
+def _account(gateway: Gateway, client: Client) -> Account:
+    """The client's account, by its key; a batch line's is its job's (authorized when the
+    job was made), which must still exist."""
+    registry, line = gateway.store.current, client.batch
+    if line is None:
+        return registry.authenticate(api_key(client.headers))
+    account = registry.account(line.account)
+    if account is None:
+        raise GatewayError(401, f"The account {line.account} no longer exists")
+    return account
+
+
 async def _send_error(client: Client, error: GatewayError, api: InferenceApi[Any]) -> None:
     await client.whole(error.status, error_headers(error),
                        orjson.dumps(api.error_body(error, client.request_id)))
@@ -144,7 +160,7 @@ class RequestLife:
             if gateway.kv_index.known else None
         queued_at = time.monotonic()
         if await gateway.queues.turn(route.deployment, self.account, call.priority,
-                                     call.sequences):
+                                     call.sequences, batch=self.client.batch is not None):
             tally.trace.waited("queue", queued_at)
         affinity = affinity_key(self.client.headers, call,
                                 gateway.settings.prefix_affinity_bytes)
@@ -154,16 +170,20 @@ class RequestLife:
     async def admit(self, request: Any, route: Route) -> tuple[Call, bytes]:
         """Translate, encode once, reserve against the account's limits."""
         gateway, account, deployment = self.gateway, self.account, route.deployment
-        record_id = new_record_id()
+        line = self.client.batch  # a batch line's record id is the line's, on every run
+        record_id = new_record_id() if line is None else line.record_id
         call = self.api.translate(request, route, gateway.settings, account=account.id,
                                   nonce=record_id)
         if route.lora is not None:  # the adapter, by the name its workers know it
             call.body["model"] = route.lora.worker_name
         isolate(call, account.id, record_id)
         check_metadata(call.metadata)  # it goes into the usage record
-        if not account.priority_tier:  # the registry's entitlement, whatever the API made
+        if not account.priority_tier or line is not None:
+            # The registry's entitlement, whatever the API made; a batch line never has it.
             call.priority = False
             call.body.pop("priority", None)
+        if line is not None and deployment.priority_scheduling:
+            call.body["priority"] = BATCH_PRIORITY  # behind every interactive one there too
         encoded = bounded(call, gateway.settings)
         if gateway.ledger.backlogged:
             raise GatewayError(503, "Usage records cannot be written at the moment; new "
@@ -208,8 +228,8 @@ class RequestLife:
         self.migration = Migration(route, call, affinity, prefer, tried)
         try:
             for number in range(1, ATTEMPTS + 1):
-                lease = gateway.replicas.acquire(deployment, affinity, tried, prefer, hint,
-                                                 call.sequences)
+                lease = gateway.replicas.acquire(deployment, affinity, self.avoid(route, tried),
+                                                 prefer, hint, call.sequences)
                 attempt = self.begin(lease, route)
                 url = lease.replica.url
                 tried.add(url)
@@ -238,6 +258,15 @@ class RequestLife:
             if suspect is not None:
                 judged(gateway, tally, Verdict(suspect, retry=False, request_caused=False))
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def avoid(self, route: Route, tried: set[str]) -> set[str]:
+        """The replicas an attempt does not go to: those tried; for a batch line also those
+        past the headroom kept for interactive requests, while another is not."""
+        if self.client.batch is None:
+            return tried
+        replicas, deployment = self.gateway.replicas, route.deployment
+        avoid = tried | replicas.crowded(deployment, -self.gateway.settings.batch_headroom)
+        return avoid if replicas.candidates(deployment, avoid) else tried
 
     def begin(self, lease: Lease, route: Route, served: Served | None = None) -> Attempt:
         """An attempt on the leased replica (`served`: a stream's, continued there)."""

@@ -28,6 +28,7 @@ from gateway.server.client import (
     Headers,
     Serve,
     api_key,
+    body_limit,
     check_declared_length,
     header_map,
     request_id,
@@ -65,24 +66,25 @@ class Edge:
             await self.app(scope, receive, send)
             return
         headers = header_map(scope["headers"])
+        limit = body_limit(self.settings, scope["method"], scope["path"])
         try:
             if scope["path"].startswith(ADMIN_PATHS):
                 check_admin_key(self.settings, api_key(headers), scope["path"])
-            check_declared_length(headers, self.settings)
+            check_declared_length(headers, self.settings, limit)
         except GatewayError as exc:
             await send_error(send, exc, scope["state"]["request_id"])
             return
-        await self.app(scope, self._bounded(receive), send)
+        await self.app(scope, self._bounded(receive, limit), send)
 
-    def _bounded(self, receive: Receive) -> Receive:
-        limit, size = self.settings.max_body_bytes, 0
+    def _bounded(self, receive: Receive, limit: int) -> Receive:
+        size = 0
 
         async def bounded_receive() -> Message:
             nonlocal size
             message = await receive()
             size += len(message.get("body", b""))
             if size > limit:
-                raise too_large(self.settings)
+                raise too_large(self.settings, limit)
             return message
         return bounded_receive
 
@@ -91,6 +93,8 @@ class Edge:
 class AsgiClient:
     """A request that came through ASGI; `scope["state"]["request_id"]` is set by
     RequestIdMiddleware, which also adds the x-request-id header to every reply."""
+
+    batch = None  # a client's own request, never a batch line
 
     def __init__(self, scope: Scope, receive: Receive, send: Send,
                  write_timeout: float = 5.0) -> None:

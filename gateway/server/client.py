@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.config import Settings
@@ -16,9 +17,24 @@ from gateway.errors import GatewayError
 Headers = list[tuple[bytes, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """A request that is one line of a batch job (gateway/batch/), not a client's: it was
+    authorized when its job was made, it waits in the queue's batch band, and its usage
+    record's id is the line's own, so that a line run twice is counted once."""
+
+    job: str
+    account: str
+    record_id: str
+
+
 class Client(Protocol):
     @property
     def path(self) -> str: ...
+
+    @property
+    def batch(self) -> BatchLine | None:
+        """The batch line this request is; None for a client's own request."""
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -84,9 +100,10 @@ def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 
-def too_large(settings: Settings) -> GatewayError:
-    return GatewayError(413, f"The request body is larger than {settings.max_body_bytes} "
-                             "bytes", headers={"connection": "close"})
+def too_large(settings: Settings, limit: int | None = None) -> GatewayError:
+    limit = settings.max_body_bytes if limit is None else limit
+    return GatewayError(413, f"The request body is larger than {limit} bytes",
+                        headers={"connection": "close"})
 
 
 
@@ -99,8 +116,20 @@ def api_key(headers: Mapping[str, str]) -> str | None:
 
 
 
-def check_declared_length(headers: Mapping[str, str], settings: Settings) -> None:
+def check_declared_length(headers: Mapping[str, str], settings: Settings,
+                          limit: int | None = None) -> None:
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise too_large(settings)
+    if declared.isdigit() and int(declared) > (limit or settings.max_body_bytes):
+        raise too_large(settings, limit)
+
+
+# Uploads (a batch job's file, a dataset) are bounded by the file limit instead.
+UPLOAD_ENDINGS = ("/files", ":upload")
+FORM_SLACK = 64 << 10  # what a multipart body may add to its file
+
+
+def body_limit(settings: Settings, method: str, path: str) -> int:
+    if method == "POST" and path.endswith(UPLOAD_ENDINGS):
+        return settings.batch_file_max_bytes + FORM_SLACK
+    return settings.max_body_bytes
 

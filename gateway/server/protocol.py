@@ -52,6 +52,8 @@ class ConnectionClient:
     `response_started`, `response_complete`): pipelining, flow control, keep-alive and
     graceful shutdown stay uvicorn's."""
 
+    batch = None  # a client's own request, never a batch line
+
     def __init__(self, transport: asyncio.Transport, flow: FlowControl,
                  on_response: Callable[[], None], default_headers: Headers, path: str,
                  headers: dict[str, str], keep_alive: bool, write_timeout: float) -> None:

@@ -201,7 +201,8 @@ async def test_a_killed_workers_streams_go_on_on_the_other_byte_for_byte(pods: P
     assert "stream continued on" in log_tails(pods.gateway, lines=400)
     mine = await records(pods, 4)
     assert len(mine) == 4  # one per request: two continued, two references
-    assert all(r.status == "ok" and r.replica == pods.kept for r in mine)
+    assert all(r.status == "ok" and r.replica == pods.kept for r in mine), \
+        (mine, log_tails(pods.gateway, lines=400))
 
 
 async def test_a_terminated_pods_streams_go_on_on_the_other_after_its_drain(
@@ -215,4 +216,5 @@ async def test_a_terminated_pods_streams_go_on_on_the_other_after_its_drain(
     streams_cut(pods, [(True, "orchard"), (False, "harbour")],
                 lambda: os.kill(pods.doomed_child.process.pid, signal.SIGTERM))
     mine = (await records(pods, before + 4))[before:]
-    assert len(mine) == 4 and all(r.status == "ok" and r.replica == pods.kept for r in mine)
+    assert len(mine) == 4 and all(r.status == "ok" and r.replica == pods.kept for r in mine), \
+        (mine, log_tails(pods.gateway, lines=400))
