@@ -172,10 +172,11 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
                                         settings.ejection_seconds), discovery.expand,
                           settings.max_ejection_percent,
                           lambda deployment: metrics.panics.labels(deployment.name).inc(),
-                          lambda: queues.dispatch_all(), saturated_at)
+                          lambda: queues.dispatch_all(), saturated_at,
+                          settings.batch_headroom)
     replicas.health.on_eject = replicas.move_streams  # its streams go on elsewhere
     queues = Queues(replicas.room, metrics, settings.queue_max_length, settings.queue_timeout,
-                    settings.queue_reserve, settings.batch_headroom)
+                    settings.queue_reserve, replicas.headroom)
     adapters = Adapters(workers, lambda: store.current.data, replicas)
     gateway = Gateway(settings=settings, store=store, replicas=replicas, limiter=limiter,
                       ledger=ledger, metrics=metrics, workers=workers,

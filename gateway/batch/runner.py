@@ -143,6 +143,11 @@ class Runner:
                     self._run(job, *claimed)
             except Exception:
                 logger.exception("batch runner: looking for lines failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py may swallow a cancelled read, or turn it into its own error:
+                # stop all the same
+                raise asyncio.CancelledError
             if self.taken >= self.concurrency:
                 self.room.clear()
                 await self.room.wait()

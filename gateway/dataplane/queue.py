@@ -18,8 +18,9 @@ in the reserve, where it would otherwise wait for the next request to end; the a
 whose requests wait cannot use it, as their requests wait behind their own.
 
 Batch lines (gateway/batch/) wait in a band below every interactive request: they go only
-while no interactive request waits, and only into the room past `batch_headroom` per replica
-(kept for interactive requests), however long that takes; an interactive request never waits
+while no interactive request waits, and only into the room past the deployment's headroom per
+replica (kept for interactive requests: `batch_headroom`, and at least one request short of
+saturation, so that an idle deployment runs them), however long that takes; an interactive request never waits
 behind one, and a full queue never sheds one (each gateway runs a bounded number of lines at
 once, so the band is bounded by that).
 
@@ -188,10 +189,11 @@ Free = Callable[[Deployment, int], int]
 
 class Queues:
     def __init__(self, free: Free, metrics: GatewayMetrics, max_length: int = 1000,
-                 timeout: float = 30.0, reserve: int = 0, batch_headroom: int = 0) -> None:
+                 timeout: float = 30.0, reserve: int = 0,
+                 headroom: Callable[[Deployment], int] = lambda deployment: 0) -> None:
         self.free = free
         self.reserve = reserve  # per replica, for accounts with nothing waiting
-        self.batch_headroom = batch_headroom  # per replica, kept from batch lines
+        self.headroom = headroom  # per replica, kept from batch lines
         self.metrics = metrics
         self.max_length = max_length
         self.timeout = timeout
@@ -211,7 +213,7 @@ class Queues:
         # Batch lines waiting do not hold interactive requests back.
         if batch:
             if (queue is None or queue.length == 0) \
-                    and self.free(deployment, -self.batch_headroom) - promised >= cost:
+                    and self.free(deployment, -self.headroom(deployment)) - promised >= cost:
                 return False
         elif (queue is None or queue.interactive == 0) \
                 and self.free(deployment, 0) - promised >= cost:
@@ -263,7 +265,7 @@ class Queues:
         room = self.free(deployment, 0) - queue.dispatched
         while queue.length and room > 0:
             if queue.next_priority() == BATCH:  # only batch lines left: past the headroom
-                batch_room = self.free(deployment, -self.batch_headroom) - queue.dispatched
+                batch_room = self.free(deployment, -self.headroom(deployment)) - queue.dispatched
                 if batch_room <= 0:
                     return
             waiter = queue.pop()

@@ -140,8 +140,10 @@ class ReplicaSet:
                  max_ejection_percent: int = 50,
                  on_panic: Callable[[Deployment], None] = lambda deployment: None,
                  on_release: Callable[[], None] = lambda: None,
-                 saturated_at: Callable[[Deployment], int] = lambda deployment: 0) -> None:
+                 saturated_at: Callable[[Deployment], int] = lambda deployment: 0,
+                 batch_headroom: int = 0) -> None:
         self.policy = policy or AffinityOrLeastOutstanding()
+        self.batch_headroom = batch_headroom  # per replica, kept from batch lines
         self.health = health or ReplicaHealth()
         self.max_ejection_percent = max_ejection_percent
         self.on_panic = on_panic  # called when a deployment enters panic mode
@@ -205,6 +207,11 @@ class ReplicaSet:
             return sys.maxsize
         return sum(max(0, limit + extra - self.load.of(r.url))
                    for r in self.in_rotation(deployment))
+
+    def headroom(self, deployment: Deployment) -> int:
+        """The load per replica batch lines leave to interactive requests: batch_headroom,
+        and at least one request short of saturation (an idle deployment runs them)."""
+        return min(self.batch_headroom, max(self.saturated_at(deployment) - 1, 0))
 
     def crowded(self, deployment: Deployment, extra: int) -> set[str]:
         """The replicas in rotation whose load reached saturation (plus `extra`)."""

@@ -265,7 +265,7 @@ class RequestLife:
         if self.client.batch is None:
             return tried
         replicas, deployment = self.gateway.replicas, route.deployment
-        avoid = tried | replicas.crowded(deployment, -self.gateway.settings.batch_headroom)
+        avoid = tried | replicas.crowded(deployment, -replicas.headroom(deployment))
         return avoid if replicas.candidates(deployment, avoid) else tried
 
     def begin(self, lease: Lease, route: Route, served: Served | None = None) -> Attempt:

@@ -133,6 +133,7 @@ def read(gateway: str, chat: bool, topic: str, out: Streamed,
                 continue
             chunk = orjson.loads(line[6:])
             if "error" in chunk:
+                out.errors += 1
                 continue
             out.usage = chunk.get("usage") or out.usage
             for choice in chunk["choices"]:

@@ -1,93 +1,31 @@
-"""Both batch APIs over scripted workers and a real redis-server: files, jobs, output lines,
-per-account isolation and bounds, and every line an ordinary request (its usage record)."""
+"""OpenAI's Files and Batches over scripted workers and a real redis-server: output lines,
+per-account isolation, and every line an ordinary request (its usage record)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
 from pathlib import Path
-from typing import Any
 
-import httpx
-import orjson
 import pytest
 
-from gateway.controlplane.redis_ledger import read_records
 from tests.redis_server import RedisServer
-from tests.unit.fake_worker import MODEL
-from tests.unit.harness import Harness, auth, build, registry
-
-OTHER_KEY = "k-other"
-
-
-def answer(request: httpx.Request) -> httpx.Response:
-    """A chat or completions answer that repeats the prompt's last words."""
-    body = orjson.loads(request.content)
-    if request.url.path.endswith("/chat/completions"):
-        said = body["messages"][-1]["content"]
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": f"re: {said}"}}
-        kind = "chat.completion"
-    elif request.url.path.endswith("/completions"):
-        choice = {"index": 0, "finish_reason": "stop", "text": f"re: {body['prompt']}"}
-        kind = "text_completion"
-    else:
-        return httpx.Response(404, json={"error": {"message": "no such path"}})
-    return httpx.Response(200, json={
-        "id": "x", "object": kind, "created": 1, "model": "served", "choices": [choice],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
-                  "prompt_tokens_details": {"cached_tokens": 2}}})
+from tests.unit.batch.scene import (
+    MODEL,
+    OTHER_KEY,
+    auth,
+    chat_line,
+    content,
+    finished,
+    harness,
+    jsonl,
+    new_prefix,
+    upload,
+    usage,
+)
 
 
 @pytest.fixture
 def prefix() -> str:
-    return f"b{uuid.uuid4().hex[:6]}:"
-
-
-def harness(tmp_path: Path, redis_server: RedisServer, prefix: str, **settings: Any
-            ) -> Harness:
-    return build(tmp_path, answer,
-                 registry_of=lambda urls: registry(urls.values(), accounts={
-                     "fireworks": "k-test", "other": OTHER_KEY}),
-                 redis_url=redis_server.url, redis_prefix=prefix,
-                 batch_dir=tmp_path / "volume", **settings)
-
-
-def jsonl(items: list[dict[str, Any]]) -> bytes:
-    return b"".join(orjson.dumps(item) + b"\n" for item in items)
-
-
-def chat_line(custom_id: str, text: str) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": [{"role": "user", "content": text}],
-                     "max_tokens": 5}}
-
-
-async def upload(http: httpx.AsyncClient, data: bytes, key: str = "k-test") -> str:
-    response = await http.post("/v1/files", headers=auth(key), data={"purpose": "batch"},
-                               files={"file": ("in.jsonl", data, "application/jsonl")})
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
-
-
-async def finished(http: httpx.AsyncClient, batch_id: str, key: str = "k-test"
-                   ) -> dict[str, Any]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        batch = (await http.get(f"/v1/batches/{batch_id}", headers=auth(key))).json()
-        if batch["status"] in ("completed", "failed", "cancelled", "expired"):
-            return dict(batch)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"batch {batch_id} did not finish: {batch}")
-
-
-async def content(http: httpx.AsyncClient, file_id: str | None) -> list[dict[str, Any]]:
-    if file_id is None:
-        return []
-    response = await http.get(f"/v1/files/{file_id}/content", headers=auth())
-    assert response.status_code == 200
-    return [orjson.loads(line) for line in response.content.splitlines()]
+    return new_prefix()
 
 
 async def test_a_batch_runs_every_line_as_a_request_with_one_record_each(
@@ -119,15 +57,10 @@ async def test_a_batch_runs_every_line_as_a_request_with_one_record_each(
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
         ("bad", "invalid_request"), ("q0", "invalid_request")]
     assert "is not the batch's endpoint" in errors[0]["error"]["message"]
-    records = await read_records(_async(redis_server), f"{prefix}usage")
+    records = await usage(redis_server, prefix)
     assert len(records) == 6 and all(r.batch == created.json()["id"] for r in records)
     assert len({r.record_id for r in records}) == 6
     assert all(r.status == "ok" and r.prompt_tokens == 7 for r in records)
-
-
-def _async(redis_server: RedisServer) -> Any:
-    import redis.asyncio as aioredis
-    return aioredis.from_url(redis_server.url)
 
 
 async def test_another_accounts_files_and_batches_are_not_found(
