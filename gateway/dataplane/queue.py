@@ -20,9 +20,9 @@ whose requests wait cannot use it, as their requests wait behind their own.
 Batch lines (gateway/batch/) wait in a band below every interactive request: they go only
 while no interactive request waits, and only into the room past the deployment's headroom per
 replica (kept for interactive requests: `batch_headroom`, and at least one request short of
-saturation, so that an idle deployment runs them), however long that takes; an interactive request never waits
-behind one, and a full queue never sheds one (each gateway runs a bounded number of lines at
-once, so the band is bounded by that).
+saturation, so that an idle deployment runs them), however long that takes; an interactive
+request never waits behind one, and a full queue never sheds one (each gateway runs a bounded
+number of lines at once, so the band is bounded by that).
 
 Bounded in time and length: a request waits at most `queue_timeout` seconds, then gets a 503
 with `retry-after`; a deployment holds at most `queue_max_length` waiting requests, and when
