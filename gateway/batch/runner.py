@@ -21,6 +21,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ from gateway.server.client import BatchLine, Headers, too_large
 
 logger = logging.getLogger("gateway.batch")
 POLL = 0.2  # seconds between looks for lines when there were none
+SWEEP = 2.0  # seconds between looks for jobs to expire or close (engine.sweep)
 
 
 class LineClient:
@@ -112,7 +114,7 @@ class Runner:
         interval = self.claim_ms / 3000
         self.tasks = [asyncio.create_task(self._take(), name="batch runner"),
                       every(interval, self._hold, "batch claims", logger),
-                      every(max(interval, 1.0), self._sweep, "batch sweep", logger)]
+                      every(SWEEP, self._sweep, "batch sweep", logger)]
 
     async def stop(self, grace: float = 10.0) -> None:
         """Take no more lines; give those running `grace` seconds, then stop them (their
@@ -135,6 +137,9 @@ class Runner:
                         break
                     job = await self.jobs.find(account, job_id)
                     if job is None or job.status != "in_progress":
+                        continue
+                    if time.time() > job.spec["expires_at"]:  # no line starts past it
+                        await self.engine.sweep(job)
                         continue
                     claimed = await self.jobs.claim(job, self.consumer, self.claim_ms)
                     if claimed is None:

@@ -300,3 +300,50 @@ async def test_the_priority_tier_is_an_entitlement(tmp_path: Path, priority_tier
         assert queued == ["standard", "flood"] * 3
         assert all("priority" not in body for body in floods)
         assert "service_tier" in ignored
+
+
+async def test_batch_lines_take_only_the_room_past_the_headroom_and_never_hold_back() -> None:
+    """Batch lines wait below every interactive request: an interactive one goes on while
+    they wait, they go only into the room past the headroom, never time out, and a full
+    queue never sheds them."""
+    room = Room()
+    room.free = 2  # two requests of room on the one replica; headroom 2: none for batch
+    queues = Queues(room, GatewayMetrics(), max_length=1, timeout=0.05,
+                    headroom=lambda deployment: 2)
+    lines = [asyncio.create_task(queues.turn(DEPLOYMENT, account("nightly"), False,
+                                             batch=True)) for _ in range(3)]
+    await asyncio.sleep(0.1)  # past the timeout: batch lines do not time out
+    assert not any(line.done() for line in lines)
+    # Interactive requests go straight on: lines waiting do not count as waiting.
+    assert await queues.turn(DEPLOYMENT, account("a"), False) is False
+    # Saturated: an interactive request waits, and is let go first when room comes.
+    room.free = 0
+    waiting = asyncio.create_task(queues.turn(DEPLOYMENT, account("b"), False))
+    await asyncio.sleep(0.01)
+    # The queue holds max_length interactive requests: the lines are not shed for them.
+    with pytest.raises(GatewayError):
+        await queues.turn(DEPLOYMENT, account("c"), False)
+    assert not any(line.done() for line in lines)
+    room.free = 4  # the interactive one, then one past the headroom: one line goes
+    queues.dispatch_all()
+    await asyncio.sleep(0.01)
+    assert waiting.done() and waiting.exception() is None
+    assert sum(line.done() for line in lines) == 1
+    assert queues.queues[DEPLOYMENT.name].interactive == 0
+    for line in lines:
+        line.cancel()
+    await asyncio.gather(*lines, return_exceptions=True)
+
+
+async def test_a_batch_line_goes_straight_on_only_when_nothing_waits() -> None:
+    room = Room()
+    room.free = 5
+    queues = Queues(room, GatewayMetrics(), headroom=lambda deployment: 1)
+    assert await queues.turn(DEPLOYMENT, account("n"), False, batch=True) is False
+    room.free = 1  # nothing past the headroom
+    line = asyncio.create_task(queues.turn(DEPLOYMENT, account("n"), False, batch=True))
+    await asyncio.sleep(0.01)
+    assert not line.done()
+    room.free = 2
+    queues.dispatch_all()
+    assert await asyncio.wait_for(line, 1) is True
