@@ -522,3 +522,24 @@ def test_a_terminating_worker_drains_before_vllm_exits() -> None:
             sleep = vllm["lifecycle"]["preStop"]["sleep"]["seconds"]
             assert (sleep, timeout) == (5, 60)
             assert pod["terminationGracePeriodSeconds"] > sleep + timeout
+
+
+def test_every_gateway_pod_mounts_the_batch_volume_with_its_bounds() -> None:
+    objects = render()
+    claim = find(objects, "PersistentVolumeClaim", "rel-fireworks-gateway-batch") \
+        or find(objects, "PersistentVolumeClaim")
+    assert len(claim) == 1 and claim[0]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim[0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    gateway = next(d for d in find(objects, "Deployment") if d["metadata"]["name"].endswith(
+        "-gateway"))
+    spec = gateway["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "batch")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim[0]["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in container(gateway)["env"]}
+    mount = next(m for m in container(gateway)["volumeMounts"] if m["name"] == "batch")
+    assert env["GATEWAY_BATCH_DIR"] == mount["mountPath"]
+    assert env["GATEWAY_BATCH_FILE_MAX_BYTES"] == "104857600"
+    assert env["GATEWAY_BATCH_ACCOUNT_MAX_BYTES"] == "1073741824"
+    off = render({"batch": {"persistence": {"enabled": False, "size": "1Gi"}}})
+    assert find(off, "PersistentVolumeClaim") == [] or all(
+        "batch" not in c["metadata"]["name"] for c in find(off, "PersistentVolumeClaim"))
