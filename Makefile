@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-hostile bench-affinity bench-soak bench-seam clean help
+.PHONY: run test test-langchain lint lock model tiny-model redis bench bench-gateway bench-throughput bench-plugins bench-lora bench-tenancy bench-hostile bench-affinity bench-soak bench-seam bench-batch clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -105,6 +105,11 @@ bench-seam: $(STAMP) model
 # KV_EVENTS=tcp://a:port,tcp://b:port (workers started with --kv-events-port); bench/affinity.py
 bench-affinity: $(STAMP)
 	@$(PY) -m bench.affinity --workers "$(WORKERS)" --kv-events "$(KV_EVENTS)"
+
+# Batch beside interactive traffic: TTFT alone and with a 1,000-line job, the job's
+# throughput, its cached share with and without prefix grouping (bench/batch.py)
+bench-batch: $(STAMP) redis
+	@$(PY) -m bench.batch
 
 # The gateway's memory over 200,000 requests, without Redis and with it (bench/soak.py)
 bench-soak: $(STAMP) redis

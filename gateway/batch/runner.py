@@ -22,7 +22,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -161,26 +161,40 @@ class Runner:
 
     def _run(self, job: Job, entry: str, group: list[list[int]]) -> None:
         self.taken += len(group)
+        left = [len(group)]  # the group's lines not yet ended: each gives its place back
         self.held.setdefault(job.key, set()).add(entry)
-        task = asyncio.create_task(self._group(job, entry, group), name=f"batch {job.id}")
+
+        def line_ended() -> None:
+            left[0] -= 1
+            self.taken -= 1
+            self.room.set()
+        task = asyncio.create_task(self._group(job, entry, group, line_ended),
+                                   name=f"batch {job.id}")
         self.groups.add(task)
 
         def ended(done: asyncio.Task[None]) -> None:
             self.groups.discard(done)
-            self.taken -= len(group)
+            self.taken -= left[0]
             self.held.get(job.key, set()).discard(entry)
             self.room.set()
         task.add_done_callback(ended)
 
-    async def _group(self, job: Job, entry: str, group: list[list[int]]) -> None:
-        """The group's first line alone (its prefix is then cached), then the others."""
+    async def _group(self, job: Job, entry: str, group: list[list[int]],
+                     line_ended: Callable[[], None]) -> None:
+        """The group's first line alone (its prefix is then cached), then the others; as
+        each line ends, this gateway may take more (`line_ended`)."""
+        async def line(place: list[int]) -> int:
+            try:
+                return await self._line(current, *place)
+            finally:
+                line_ended()
         try:
-            current = await self.jobs.find(job.account, job.id)
-            if current is not None and current.status == "in_progress":
+            found = await self.jobs.find(job.account, job.id)
+            current = found or job
+            if found is not None and found.status == "in_progress":
                 first, *rest = group
-                left = [await self._line(current, *first)]
-                left += await asyncio.gather(*(self._line(current, *place)
-                                               for place in rest))
+                left = [await line(first)]
+                left += await asyncio.gather(*(line(place) for place in rest))
                 if 0 in left:  # the job's last line: this gateway writes its output
                     await self.engine.finalize(current)
             await self.jobs.acknowledge(job, entry)
