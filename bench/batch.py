@@ -302,6 +302,7 @@ def run(args: argparse.Namespace) -> None:
 
         url, gw = gateway(fresh_workers(), redis.url, args.slots, args.headroom, 512)
         try:
+            asyncio.run(interactive(url, rate, 3.0))  # a warm gateway, as in the other case
             alone = asyncio.run(interactive(url, rate, args.seconds))
             rows.append(("interactive alone", f"{percentile(alone, .5) * 1000:.0f}",
                          f"{percentile(alone, .99) * 1000:.0f}", f"{len(alone)}"))

@@ -28,6 +28,7 @@ from gateway.errors import GatewayError
 from gateway.server.client import FORM_SLACK
 
 # KEYS: the account's bytes; ARGV: size, bound (0: none) -> 1 reserved, 0 past the bound
+MAX_FILES = 10_000  # files one account keeps (each also counts against its bytes)
 RESERVE_LUA = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local size, bound = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -80,6 +81,8 @@ class FileStore:
         if declared is not None and declared > self.file_max + FORM_SLACK:
             raise too_large(self.file_max)
         reserved = min(declared, self.file_max) if declared is not None else self.file_max
+        if await self.client.zcard(f"{self.prefix}files:{account}") >= MAX_FILES:
+            raise GatewayError(429, f"The account keeps {MAX_FILES} files; delete some first")
         await self.reserve(account, reserved)
         file_id = file_id or "file-" + secrets.token_hex(12)
         temporary = self.folder(account) / f".{file_id}.{secrets.token_hex(4)}.part"

@@ -4,6 +4,7 @@ key's is not found, as everything of another account."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from gateway.dataplane.parts import Gateway
 from gateway.errors import GatewayError
 
 router = APIRouter()
+LISTED = 200  # the newest, in a listing
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # inferenceParameters -> the request's own fields
 PARAMETERS = {"maxTokens": "max_tokens", "temperature": "temperature", "topP": "top_p",
@@ -106,7 +108,7 @@ async def get_dataset(request: Request, account_id: str, dataset_id: str) -> dic
 @router.get("/accounts/{account_id}/datasets")
 async def list_datasets(request: Request, account_id: str) -> dict[str, Any]:
     account, batch = _account(request, account_id)
-    found = await batch.files.listed(account.id, "dataset")
+    found = await batch.files.listed(account.id, "dataset", LISTED)
     return {"datasets": [fireworks_dataset(f) for f in found], "nextPageToken": "",
             "totalSize": len(found)}
 
@@ -195,7 +197,7 @@ async def _succeeded(batch: BatchParts, account: Account,
     found: dict[str, dict[str, Any]] = {}
     if stored is None:
         return found
-    for raw in batch.files.read(stored).splitlines():
+    for raw in (await asyncio.to_thread(batch.files.read, stored)).splitlines():
         line = orjson.loads(raw)
         if isinstance(line.get("response"), dict):
             found[line["custom_id"]] = line["response"]
@@ -219,7 +221,7 @@ async def get_job(request: Request, account_id: str, job_id: str) -> dict[str, A
 @router.get("/accounts/{account_id}/batchInferenceJobs")
 async def list_jobs(request: Request, account_id: str) -> dict[str, Any]:
     account, batch = _account(request, account_id)
-    jobs = [j for j in await batch.engine.jobs.listed(account.id)
+    jobs = [j for j in await batch.engine.jobs.listed(account.id, LISTED)
             if j.spec["shape"] == "fireworks"]
     return {"batchInferenceJobs": [fireworks_job(j) for j in jobs], "nextPageToken": "",
             "totalSize": len(jobs)}

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 GROUP = "runners"
+KEPT = 10_000  # jobs one account keeps (the oldest finished ones are forgotten)
 RUNNING = ("in_progress", "cancelling", "expiring")  # lines may still be running
 FINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -135,6 +136,19 @@ class Jobs:
             if job.status in RUNNING:
                 pipe.sadd(self._k("active", ""), job.key)
             await pipe.execute()
+        await self._trim(job.account)
+
+    async def _trim(self, account: str) -> None:
+        """An account keeps its newest KEPT jobs: the oldest finished ones are forgotten."""
+        index = self._k("jobs", account)
+        excess = await self.client.zcard(index) - KEPT
+        if excess <= 0:
+            return
+        oldest: Any = await self.client.zrange(index, 0, excess - 1)
+        for raw in oldest:
+            job = await self.find(account, raw.decode())
+            if job is not None and job.status in FINAL:
+                await self.forget(job)
 
     async def find(self, account: str, job_id: str) -> Job | None:
         raw: Any = await self.client.hgetall(self._k("job", f"{account}:{job_id}"))

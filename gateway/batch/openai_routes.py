@@ -121,5 +121,5 @@ async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
 async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
                        after: str | None = None) -> dict[str, Any]:
     account, batch = parts(request)
-    jobs = await batch.engine.jobs.listed(account.id, 10000, after)
+    jobs = await batch.engine.jobs.listed(account.id, limit + 1, after)
     return _page([openai_batch(j) for j in jobs if j.spec["shape"] == "openai"], limit)

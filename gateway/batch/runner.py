@@ -104,7 +104,7 @@ class Runner:
         self.claim_ms = int(settings.batch_claim_timeout * 1000)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.slots = asyncio.Semaphore(self.concurrency)
-        self.taken = 0  # lines of the groups this gateway holds, not yet confirmed
+        self.taken = 0  # lines this gateway holds that may run now, not yet confirmed
         self.held: dict[str, set[str]] = {}  # job key -> entries held
         self.groups: set[asyncio.Task[None]] = set()
         self.tasks: list[asyncio.Task[None]] = []
@@ -160,15 +160,18 @@ class Runner:
                 await asyncio.sleep(POLL)
 
     def _run(self, job: Job, entry: str, group: list[list[int]]) -> None:
-        self.taken += len(group)
-        left = [len(group)]  # the group's lines not yet ended: each gives its place back
+        # The lines that may run now take a place each: the group's first, then (once it
+        # ended) the others; another group is taken while a first line runs alone.
+        self.taken += 1
+        left = [1]  # the group's places not yet given back
         self.held.setdefault(job.key, set()).add(entry)
 
-        def line_ended() -> None:
-            left[0] -= 1
-            self.taken -= 1
-            self.room.set()
-        task = asyncio.create_task(self._group(job, entry, group, line_ended),
+        def places(count: int) -> None:  # +n: lines ready to run; -1: a line ended
+            left[0] += count
+            self.taken += count
+            if count < 0:
+                self.room.set()
+        task = asyncio.create_task(self._group(job, entry, group, places),
                                    name=f"batch {job.id}")
         self.groups.add(task)
 
@@ -180,20 +183,21 @@ class Runner:
         task.add_done_callback(ended)
 
     async def _group(self, job: Job, entry: str, group: list[list[int]],
-                     line_ended: Callable[[], None]) -> None:
+                     places: Callable[[int], None]) -> None:
         """The group's first line alone (its prefix is then cached), then the others; as
-        each line ends, this gateway may take more (`line_ended`)."""
+        each line ends, this gateway may take more (`places`)."""
         async def line(place: list[int]) -> int:
             try:
                 return await self._line(current, *place)
             finally:
-                line_ended()
+                places(-1)
         try:
             found = await self.jobs.find(job.account, job.id)
             current = found or job
             if found is not None and found.status == "in_progress":
                 first, *rest = group
                 left = [await line(first)]
+                places(len(rest))
                 left += await asyncio.gather(*(line(place) for place in rest))
                 if 0 in left:  # the job's last line: this gateway writes its output
                     await self.engine.finalize(current)

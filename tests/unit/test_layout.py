@@ -122,3 +122,15 @@ def test_only_the_servers_protocol_touches_uvicorns_internals() -> None:
         _module(path) for path in PACKAGE.rglob("*.py")
         if "uvicorn.protocols" in path.read_text())
     assert touching == ["gateway.server.protocol"]
+
+
+def test_batch_rides_the_data_plane_and_nothing_below_knows_it() -> None:
+    """Batch lines are requests of whatever API the route table holds: batch/ names no API
+    package, and neither plane, nor the APIs, nor the server imports batch/."""
+    graph = imports()
+    for api_package in ("gateway.fireworks", "gateway.anthropic"):
+        assert arrows(graph, "gateway.batch", api_package) == []
+    for lower in ("gateway.dataplane", "gateway.controlplane", "gateway.fireworks",
+                  "gateway.anthropic", "gateway.api", "gateway.server"):
+        assert arrows(graph, lower, "gateway.batch") == []
+    assert "gateway.dataplane.request" in graph["gateway.batch.runner"]
