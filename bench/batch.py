@@ -40,6 +40,7 @@ import orjson
 import yaml
 
 from bench.gateway import start, wait
+from bench.slots import Slots
 from gateway.controlplane.registry import hash_key
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
@@ -58,29 +59,8 @@ def worker_app(slots: int, prefill: float, per_kchar: float, tokens: int, rate: 
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    state = {"running": 0, "waiting": 0}
-    queue: deque[asyncio.Future[None]] = deque()
+    slot = Slots(slots)
     cached: set[bytes] = set()  # the prefix cache: hashes of block chains
-
-    async def take_slot() -> None:
-        if state["running"] < slots and not queue:
-            state["running"] += 1
-            return
-        turn = asyncio.get_running_loop().create_future()
-        queue.append(turn)
-        state["waiting"] += 1
-        try:
-            await turn
-        finally:
-            state["waiting"] -= 1
-
-    def give_slot() -> None:
-        while queue:
-            turn = queue.popleft()
-            if not turn.done():
-                turn.set_result(None)
-                return
-        state["running"] -= 1
 
     def blocks(prompt: str) -> list[bytes]:
         chain, found = hashlib.blake2b(digest_size=16), []
@@ -105,7 +85,7 @@ def worker_app(slots: int, prefill: float, per_kchar: float, tokens: int, rate: 
         usage: dict[str, Any] = {}
 
         async def events() -> AsyncIterator[bytes]:
-            await take_slot()
+            await slot.take()
             try:
                 prompt_tokens, hit = await generate(prompt)
                 for index in range(tokens):
@@ -122,7 +102,7 @@ def worker_app(slots: int, prefill: float, per_kchar: float, tokens: int, rate: 
                     "model": "shared", "choices": [], "usage": usage}) + b"\n\n"
                 yield b"data: [DONE]\n\n"
             finally:
-                give_slot()
+                slot.give()
 
         if body.get("stream"):
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -134,8 +114,7 @@ def worker_app(slots: int, prefill: float, per_kchar: float, tokens: int, rate: 
                                      "role": "assistant", "content": "t" * tokens}}]})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(f"vllm:num_requests_running {state['running']}\n"
-                                 f"vllm:num_requests_waiting {state['waiting']}\n")
+        return PlainTextResponse(slot.metrics())
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("")
@@ -269,7 +248,7 @@ async def one_job(url: str, by_document: bool) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
-    redis = RedisServer()
+    redis = RedisServer(appendfsync="everysec")  # Redis' default, as in production
     redis.start()
     ports = [free_port(), free_port()]
     workers: list[subprocess.Popen[bytes]] = []

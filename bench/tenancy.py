@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import orjson
 import yaml
 
 from bench.gateway import start, wait
+from bench.slots import Slots
 from gateway.controlplane.registry import hash_key
 from tests.conftest import free_port
 
@@ -49,40 +49,13 @@ def worker_app(slots: int, prefill: float, tokens: int, rate: float, pad: int = 
     from starlette.responses import PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    state = {"running": 0, "waiting": 0}
-    queue: deque[asyncio.Future[None]] = deque()  # arrival order, as vLLM's waiting queue
-
-    async def take_slot() -> None:
-        if state["running"] < slots and not queue:
-            state["running"] += 1
-            return
-        turn = asyncio.get_running_loop().create_future()
-        queue.append(turn)
-        state["waiting"] += 1
-        try:
-            await turn  # the slot is handed over by the request that ends
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                give_slot()  # handed over just as the client left: pass it on
-            else:
-                queue.remove(turn)
-            raise
-        finally:
-            state["waiting"] -= 1
-
-    def give_slot() -> None:
-        while queue:
-            turn = queue.popleft()
-            if not turn.done():
-                turn.set_result(None)
-                return
-        state["running"] -= 1
+    slot = Slots(slots)
 
     async def completions(request: Request) -> Response:
         await request.body()
 
         async def events() -> AsyncIterator[bytes]:
-            await take_slot()
+            await slot.take()
             # Answers of different lengths (as real ones are), `tokens` on average: requests
             # that start together do not all end together.
             length = random.randint(1, 2 * tokens - 1)
@@ -102,15 +75,12 @@ def worker_app(slots: int, prefill: float, tokens: int, rate: float, pad: int = 
                         await asyncio.sleep(1 / rate)
                 yield b"data: [DONE]\n\n"
             finally:
-                give_slot()
+                slot.give()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(
-            f"vllm:num_requests_running {state['running']}\n"
-            f"vllm:num_requests_waiting {state['waiting']}\n"
-            f"vllm:kv_cache_usage_perc 0.0\n")
+        return PlainTextResponse(slot.metrics() + "vllm:kv_cache_usage_perc 0.0\n")
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("")

@@ -17,7 +17,8 @@ class RedisServer:
     """Append-only persistence on, so a restart keeps the data, as a real deployment's
     Redis (a StatefulSet with a volume) does."""
 
-    def __init__(self) -> None:
+    def __init__(self, appendfsync: str = "always") -> None:
+        self.appendfsync = appendfsync  # "everysec" as a production Redis (benchmarks)
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed (make test installs it)")
@@ -33,7 +34,7 @@ class RedisServer:
     def start(self) -> None:
         self.child = Child("redis", [self.executable, "--port", str(self.port), "--bind",
                                      "127.0.0.1", "--dir", str(self.dir), "--save", "",
-                                     "--appendonly", "yes", "--appendfsync", "always"],
+                                     "--appendonly", "yes", "--appendfsync", self.appendfsync],
                            self.dir / "redis.log")
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10

@@ -196,9 +196,15 @@ class Runner:
             current = found or job
             if found is not None and found.status == "in_progress":
                 first, *rest = group
-                left = [await line(first)]
+                left: list[int | BaseException] = [await line(first)]
                 places(len(rest))
-                left += await asyncio.gather(*(line(place) for place in rest))
+                # Every line runs to its end even if another fails (Redis, the volume): the
+                # group is then left unacknowledged, and its lines not counted run again.
+                left += await asyncio.gather(*(line(place) for place in rest),
+                                             return_exceptions=True)
+                failed = [e for e in left if isinstance(e, BaseException)]
+                if failed:
+                    raise failed[0]
                 if 0 in left:  # the job's last line: this gateway writes its output
                     await self.engine.finalize(current)
             await self.jobs.acknowledge(job, entry)
@@ -211,16 +217,18 @@ class Runner:
     async def _line(self, job: Job, number: int, offset: int, length: int) -> int:
         """Run one line, write its result, count it -> lines left in the job (-1: it was
         counted before)."""
-        if await self.jobs.is_done(job, number):
-            return -1
-        line = await asyncio.to_thread(self.engine.line, job, number, offset, length)
+        # A line holds its place from its first look in Redis to its confirmation: at
+        # most batch_concurrency lines are looked up, read, run or written at once.
         async with self.slots:
+            if await self.jobs.is_done(job, number):
+                return -1
+            line = await asyncio.to_thread(self.engine.line, job, number, offset, length)
             result = await self.request(job, line)
-        record_id = line_record_id(job, number)
-        while self.gateway.ledger.unwritten(record_id):  # the usage record first
-            await asyncio.sleep(0.05)
-        await asyncio.to_thread(self.engine.append, job, self.consumer, [result])
-        return await self.jobs.line_done(job, number, result.ok, result.usage())
+            record_id = line_record_id(job, number)
+            while self.gateway.ledger.unwritten(record_id):  # the usage record first
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(self.engine.append, job, self.consumer, [result])
+            return await self.jobs.line_done(job, number, result.ok, result.usage())
 
     async def request(self, job: Job, line: Line) -> Result:
         """The line through the data plane, as a client's request; a line refused for the
