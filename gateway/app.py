@@ -99,7 +99,8 @@ def _batch(settings: Settings, bulk: aioredis.Redis) -> BatchParts:
     engine = Engine(Jobs(bulk, settings.redis_prefix), files,
                     max_lines=settings.batch_file_max_lines,
                     max_jobs=settings.batch_account_max_jobs,
-                    prefix_chars=settings.batch_prefix_chars)
+                    prefix_chars=settings.batch_prefix_chars,
+                    claim_ms=int(settings.batch_claim_timeout * 1000))
     return BatchParts(engine, files)
 
 

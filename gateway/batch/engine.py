@@ -33,13 +33,14 @@ CLOSING_LOCK = 120  # seconds one gateway has to write a job's output
 
 class Engine:
     def __init__(self, jobs: Jobs, files: FileStore, *, max_lines: int, max_jobs: int,
-                 prefix_chars: int) -> None:
+                 prefix_chars: int, claim_ms: int = 60_000) -> None:
+        self.claim_ms = claim_ms  # a line not confirmed for this long: its gateway died
         self.jobs, self.files = jobs, files
         self.max_lines, self.max_jobs = max_lines, max_jobs
         self.prefix_chars = prefix_chars
 
     def folder(self, job: Job) -> Path:
-        folder = self.files.folder(job.account) / "jobs" / job.id
+        folder = self.files.folder(job.account) / ".jobs" / job.id
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -67,7 +68,12 @@ class Engine:
             job.times["failed"] = int(time.time())
             await self.jobs.create(job, [], {})
             return job
-        os.link(self.files.path(source), self.input(job))
+        try:
+            os.link(self.files.path(source), self.input(job))
+        except FileExistsError:  # the same id made at once by another request
+            raise GatewayError(409, f"A job {job.id} is being made") from None
+        except FileNotFoundError:  # the file was deleted meanwhile
+            raise GatewayError(404, f"No such file: {source.id}") from None
         decided: dict[int, bool] = {}
         results: list[Result] = []
         for line in lines:
@@ -137,6 +143,8 @@ class Engine:
         if job.status == "in_progress" and time.time() > job.spec["expires_at"]:
             await self.jobs.move(job, ("in_progress",), "expiring")
             job.status = "expiring"
+        if job.status in ("cancelling", "expiring"):
+            await self.jobs.drop_idle(job, self.claim_ms)  # held by gateways that died
         if job.status == "finalizing" or (job.status in RUNNING and (
                 job.left <= 0 or (job.status != "in_progress"
                                   and not await self.jobs.in_flight(job)))):

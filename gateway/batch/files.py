@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,9 @@ from gateway.errors import GatewayError
 from gateway.server.client import FORM_SLACK
 
 # KEYS: the account's bytes; ARGV: size, bound (0: none) -> 1 reserved, 0 past the bound
+# A file's or a job's id: never ':' (Redis keys are `<account>:<id>`), '/' or a leading dot
+# (job folders and temporary files are `.<name>` beside the files).
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 MAX_FILES = 10_000  # files one account keeps (each also counts against its bytes)
 RESERVE_LUA = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -69,6 +73,10 @@ class FileStore:
     def path(self, stored: StoredFile) -> Path:
         return self.folder(stored.account) / stored.id
 
+    async def check_count(self, account: str) -> None:
+        if await self.client.zcard(f"{self.prefix}files:{account}") >= MAX_FILES:
+            raise GatewayError(429, f"The account keeps {MAX_FILES} files; delete some first")
+
     def _key(self, account: str, file_id: str) -> str:
         return f"{self.prefix}file:{account}:{file_id}"
 
@@ -81,8 +89,7 @@ class FileStore:
         if declared is not None and declared > self.file_max + FORM_SLACK:
             raise too_large(self.file_max)
         reserved = min(declared, self.file_max) if declared is not None else self.file_max
-        if await self.client.zcard(f"{self.prefix}files:{account}") >= MAX_FILES:
-            raise GatewayError(429, f"The account keeps {MAX_FILES} files; delete some first")
+        await self.check_count(account)
         await self.reserve(account, reserved)
         file_id = file_id or "file-" + secrets.token_hex(12)
         temporary = self.folder(account) / f".{file_id}.{secrets.token_hex(4)}.part"
@@ -153,6 +160,8 @@ class FileStore:
         return int(await self.client.get(self._bytes(account)) or 0)
 
     async def find(self, account: str, file_id: str) -> StoredFile | None:
+        if not ID.fullmatch(file_id):
+            return None
         raw = await self.client.get(self._key(account, file_id))
         return None if raw is None else StoredFile(**orjson.loads(raw))
 
@@ -185,7 +194,9 @@ class FileStore:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(account, file_id))
             pipe.zrem(f"{self.prefix}files:{account}", file_id)
-            await pipe.execute()
+            deleted, _ = await pipe.execute()
+        if not deleted:  # another delete of it came first, and gave its bytes back
+            raise GatewayError(404, f"No such file: {file_id}")
         self.path(stored).unlink(missing_ok=True)
         await self.release(account, stored.bytes)
         return stored

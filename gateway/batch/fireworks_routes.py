@@ -25,6 +25,7 @@ from gateway.errors import GatewayError
 
 router = APIRouter()
 LISTED = 200  # the newest, in a listing
+PARAMETERS_MAX = 16 << 10  # bytes of a job's inferenceParameters, extraBody included
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # inferenceParameters -> the request's own fields
 PARAMETERS = {"maxTokens": "max_tokens", "temperature": "temperature", "topP": "top_p",
@@ -63,6 +64,7 @@ async def create_dataset(request: Request, account_id: str,
         raise GatewayError(400, "datasetId must be lower-case letters, digits and dashes")
     if await batch.files.find(account.id, body.dataset_id) is not None:
         raise GatewayError(409, f"Dataset {body.dataset_id} exists")
+    await batch.files.check_count(account.id)
     name = str(body.dataset.get("displayName") or body.dataset_id)[:255]
     stored = await batch.files.write(account.id, "dataset", f"{body.dataset_id}.jsonl", b"",
                                      body.dataset_id)
@@ -180,6 +182,10 @@ async def create_job(request: Request, account_id: str, body: JobRequest,
             raise GatewayError(400, "The job continued from must have finished")
         continued = f"accounts/{account.id}/batchInferenceJobs/{earlier.id}"
         done_before = await _succeeded(batch, account, earlier.spec["output_dataset"])
+    if len(orjson.dumps(body.inference_parameters)) > PARAMETERS_MAX \
+            or len(body.precision or "") > 64:
+        raise GatewayError(400, f"inferenceParameters are larger than {PARAMETERS_MAX} "
+                                "bytes")
     job = Job(job_id, account.id, {
         "shape": "fireworks", "model": body.model, "input_file": source.id,
         "output_dataset": output, "parameters": request_fields(body.inference_parameters),
@@ -198,8 +204,12 @@ async def _succeeded(batch: BatchParts, account: Account,
     if stored is None:
         return found
     for raw in (await asyncio.to_thread(batch.files.read, stored)).splitlines():
-        line = orjson.loads(raw)
-        if isinstance(line.get("response"), dict):
+        try:  # (the dataset may have been replaced by the account since)
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("custom_id"), str) \
+                and isinstance(line.get("response"), dict):
             found[line["custom_id"]] = line["response"]
     return found
 

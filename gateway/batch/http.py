@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.batch.engine import Engine
@@ -89,11 +90,15 @@ async def upload(request: Request, files: FileStore, account: Account,
         "on_part_data": on_part_data, "on_part_end": on_part_end})
 
     async def chunks() -> AsyncIterator[bytes]:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            while pending:
-                yield pending.pop(0)
-        parser.finalize()
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                while pending:
+                    yield pending.pop(0)
+            parser.finalize()
+        except MultipartParseError as exc:
+            raise GatewayError(400, f"The upload is not valid multipart/form-data: {exc}"
+                               ) from None
         while pending:
             yield pending.pop(0)
         if not seen_file:

@@ -26,6 +26,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from gateway.batch.files import ID
+
 GROUP = "runners"
 KEPT = 10_000  # jobs one account keeps (the oldest finished ones are forgotten)
 RUNNING = ("in_progress", "cancelling", "expiring")  # lines may still be running
@@ -107,6 +109,7 @@ class Jobs:
         """Store the job with its groups of lines ((number, offset, length) each) and the
         lines already decided (`refused`: number -> ok) counted; then it is active."""
         now = int(time.time())
+        job.spec.setdefault("nonce", secrets.token_hex(8))  # the lines' record ids: runner.py
         job.times.setdefault("created", now)
         if job.status == "in_progress":
             job.times.setdefault("in_progress", now)
@@ -151,6 +154,8 @@ class Jobs:
                 await self.forget(job)
 
     async def find(self, account: str, job_id: str) -> Job | None:
+        if not ID.fullmatch(job_id):
+            return None
         raw: Any = await self.client.hgetall(self._k("job", f"{account}:{job_id}"))
         if not raw:
             return None
@@ -239,6 +244,18 @@ class Jobs:
         except ResponseError:
             return 0
         return int(summary["pending"])
+
+    async def drop_idle(self, job: Job, idle_ms: int) -> None:
+        """A cancelled or expiring job's lines that gateways took and stopped confirming
+        (they died): no one runs them now, so they no longer hold the job's end."""
+        stream = self._k("lines", job.key)
+        try:
+            ids: Any = await self.client.xautoclaim(stream, GROUP, "sweep", idle_ms, "0-0",
+                                                    count=1000, justid=True)
+        except ResponseError:
+            return
+        if ids:  # (redis-py gives just the ids with justid)
+            await self.client.xack(stream, GROUP, *ids)
 
     async def is_done(self, job: Job, number: int) -> bool:
         return bool(await self.client.hexists(self._k("done", job.key), str(number)))

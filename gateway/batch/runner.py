@@ -90,7 +90,7 @@ class LineClient:
 
 def line_record_id(job: Job, number: int) -> str:
     """The same on every run of the line (32 hex digits, as every record id)."""
-    return hashlib.blake2b(f"{job.account}\0{job.id}\0{number}".encode(),
+    return hashlib.blake2b(f"{job.account}\0{job.id}\0{job.spec['nonce']}\0{number}".encode(),
                            digest_size=16).hexdigest()
 
 

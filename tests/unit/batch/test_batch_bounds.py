@@ -19,6 +19,7 @@ from tests.unit.batch.scene import (
     KEY,
     MODEL,
     OTHER_KEY,
+    answer,
     auth,
     chat_line,
     content,
@@ -28,7 +29,7 @@ from tests.unit.batch.scene import (
     new_prefix,
     upload,
 )
-from tests.unit.harness import serving
+from tests.unit.harness import build, registry, serving
 
 
 async def raw_request(host: str, port: int, head: bytes, body: bytes = b"") -> bytes:
@@ -147,3 +148,45 @@ async def test_a_line_past_the_requests_bounds_is_an_error_line_like_the_request
     sent = [orjson.loads(r.content) for r in h.workers.served.requests]  # type: ignore[union-attr]
     assert [body["messages"][0]["content"] for body in sent] == ["hello"]
     assert MODEL
+
+
+async def test_an_id_cannot_reach_into_an_account_whose_id_extends_ones_own(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Redis keys are `<account>:<id>`: with accounts `fireworks` and `fireworks:eu`, the
+    first asking for `eu:<id>` would name the second's keys. Ids with ':' are not found."""
+    h = build(tmp_path, answer, registry_of=lambda urls: registry(
+        urls.values(), accounts={"fireworks": KEY, "fireworks:eu": "k-eu"}),
+        redis_url=redis_server.url, redis_prefix=new_prefix(), batch_dir=tmp_path / "v")
+    async with h.running() as http:
+        theirs = await http.post("/v1/files", headers=auth("k-eu"), data={"purpose": "batch"},
+                                 files={"file": ("a.jsonl", jsonl([chat_line("a", "x")]))})
+        file_id = theirs.json()["id"]
+        for method, path in (("GET", f"/v1/files/eu:{file_id}"),
+                             ("GET", f"/v1/files/eu:{file_id}/content"),
+                             ("DELETE", f"/v1/files/eu:{file_id}")):
+            response = await http.request(method, path, headers=auth())
+            assert response.status_code == 404, (method, path, response.text)
+        assert (await http.get(f"/v1/files/{file_id}", headers=auth("k-eu"))).status_code \
+            == 200
+
+
+async def test_deleting_a_file_twice_at_once_gives_its_bytes_back_once(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    h = harness(tmp_path, redis_server, new_prefix())
+    async with h.running() as http:
+        file_id = await upload(http, jsonl([chat_line("a", "x" * 500)]))
+        answers = await asyncio.gather(*(http.delete(f"/v1/files/{file_id}", headers=auth())
+                                         for _ in range(4)))
+        used = await h.app.state.batch.files.used("fireworks")
+    assert sorted(a.status_code for a in answers).count(200) == 1
+    assert used == 0
+
+
+async def test_a_malformed_upload_is_a_400(tmp_path: Path, redis_server: RedisServer) -> None:
+    h = harness(tmp_path, redis_server, new_prefix())
+    async with h.running() as http:
+        bad = await http.post("/v1/files", content=b"garbage", headers=auth() | {
+            "content-type": "multipart/form-data; boundary=x"})
+        used = await h.app.state.batch.files.used("fireworks")
+    assert bad.status_code == 400, bad.text
+    assert used == 0

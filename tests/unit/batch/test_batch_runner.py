@@ -119,3 +119,19 @@ async def test_lines_sharing_a_prompts_head_run_after_their_groups_first(
     assert arrivals.index("question 1") < arrivals.index("question 3")
     assert arrivals.index("question 1") < arrivals.index("question 5")
     assert set(arrivals[:4]) == {"question 0", "question 1", "question 2", "question 4"}
+
+
+async def test_a_cancelled_job_does_not_wait_for_lines_a_dead_gateway_held(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    h = harness(tmp_path, redis_server, new_prefix(), slow(0.3), batch_concurrency=1,
+                batch_prefix_chars=0, batch_claim_timeout=0.5)
+    async with h.running() as http:
+        batch_id = await create(http, [chat_line(f"c{i}", "q") for i in range(10)])
+        jobs = h.app.state.batch.engine.jobs
+        job = await jobs.find("fireworks", batch_id)
+        # A gateway takes a group and dies: the entry is never confirmed.
+        assert await jobs.claim(job, "a-gateway-that-died", 60_000) is not None
+        cancelled = await http.post(f"/v1/batches/{batch_id}/cancel", headers=auth())
+        assert cancelled.json()["status"] == "cancelling"
+        batch = await finished(http, batch_id)
+    assert batch["status"] == "cancelled"

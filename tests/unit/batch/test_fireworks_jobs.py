@@ -14,7 +14,16 @@ import orjson
 import pytest
 
 from tests.redis_server import RedisServer
-from tests.unit.batch.scene import MODEL, OTHER_KEY, answer, auth, harness, jsonl, new_prefix
+from tests.unit.batch.scene import (
+    MODEL,
+    OTHER_KEY,
+    answer,
+    auth,
+    harness,
+    jsonl,
+    new_prefix,
+    usage,
+)
 from tests.unit.fake_worker import Served
 
 BASE = "/v1/accounts/fireworks"
@@ -162,3 +171,22 @@ async def test_another_accounts_datasets_and_jobs_are_not_found(
         assert not any(own_path.json()[key] for key in own_path.json()
                        if isinstance(own_path.json()[key], list))
     assert mine.status_code == 200
+
+
+async def test_a_job_id_used_again_bills_its_lines_again(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    h = harness(tmp_path, redis_server, prefix)
+    async with h.running() as http:
+        await dataset(http, "in", [{"custom_id": "a", "body": {
+            "messages": [{"role": "user", "content": "hi"}]}}])
+        for run in range(2):
+            made = await http.post(f"{BASE}/batchInferenceJobs?batchInferenceJobId=again",
+                                   headers=auth(), json={"model": MODEL, "inputDatasetId": "in",
+                                                         "outputDatasetId": f"out-{run}"})
+            assert made.status_code == 200, made.text
+            assert (await done(http, "again"))["state"] == "JOB_STATE_COMPLETED"
+            deleted = await http.delete(f"{BASE}/batchInferenceJobs/again", headers=auth())
+            assert deleted.status_code == 200
+    records = await usage(redis_server, prefix)
+    assert len(records) == 2 and len({r.record_id for r in records}) == 2
