@@ -21,13 +21,17 @@ def every(seconds: float, step: Callable[[], Awaitable[None]], name: str,
                 await step()
             except Exception:
                 logger.exception("%s failed; trying again", name)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled inside the step, which swallowed it (redis-py may turn a
-                # cancelled read into its own connection error): stop all the same.
-                raise asyncio.CancelledError
+            stop_if_cancelled()
             await asyncio.sleep(seconds)
     return asyncio.create_task(run(), name=name)
+
+
+def stop_if_cancelled() -> None:
+    """A loop's task cancelled inside a step that swallowed it (redis-py may turn a
+    cancelled read into its own connection error, or return): stop all the same."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def cancel(task: asyncio.Task[None] | None) -> None:

@@ -40,9 +40,7 @@ class Engine:
         self.prefix_chars = prefix_chars
 
     def folder(self, job: Job) -> Path:
-        folder = self.files.folder(job.account) / ".jobs" / job.id
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        return self.files.folder(job.account) / ".jobs" / job.id
 
     def input(self, job: Job) -> Path:
         return self.folder(job) / "input.jsonl"
@@ -69,6 +67,7 @@ class Engine:
             await self.jobs.create(job, [], {})
             return job
         try:
+            self.folder(job).mkdir(parents=True)  # (a job's id is new, or being made)
             os.link(self.files.path(source), self.input(job))
         except FileExistsError:  # the same id made at once by another request
             raise GatewayError(409, f"A job {job.id} is being made") from None

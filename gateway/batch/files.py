@@ -17,10 +17,10 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -32,6 +32,7 @@ from gateway.server.client import FORM_SLACK
 # A file's or a job's id: never ':' (Redis keys are `<account>:<id>`), '/' or a leading dot
 # (job folders and temporary files are `.<name>` beside the files).
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+T = TypeVar("T")
 MAX_FILES = 10_000  # files one account keeps (each also counts against its bytes)
 RESERVE_LUA = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -65,10 +66,13 @@ class FileStore:
 
     def folder(self, account: str) -> Path:
         """The account's folder on the volume (its id hashed: any id is a safe name)."""
-        name = hashlib.blake2b(account.encode(), digest_size=12).hexdigest()
-        folder = self.root / name
+        return self.root / hashlib.blake2b(account.encode(), digest_size=12).hexdigest()
+
+    def _temporary(self, account: str, file_id: str) -> Path:
+        """Where a file is written before it is renamed into place (its folder made)."""
+        folder = self.folder(account)
         folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        return folder / f".{file_id}.{secrets.token_hex(4)}.part"
 
     def path(self, stored: StoredFile) -> Path:
         return self.folder(stored.account) / stored.id
@@ -92,7 +96,7 @@ class FileStore:
         await self.check_count(account)
         await self.reserve(account, reserved)
         file_id = file_id or "file-" + secrets.token_hex(12)
-        temporary = self.folder(account) / f".{file_id}.{secrets.token_hex(4)}.part"
+        temporary = self._temporary(account, file_id)
         size, lines, last = 0, 0, b"\n"
         try:
             with temporary.open("wb") as out:
@@ -128,7 +132,7 @@ class FileStore:
         stored = StoredFile(file_id, account, purpose, filename, len(data), int(time.time()),
                             data.count(b"\n"))
         previous = await self.find(account, file_id)
-        temporary = self.folder(account) / f".{file_id}.{secrets.token_hex(4)}.part"
+        temporary = self._temporary(account, file_id)
         temporary.write_bytes(data)
         temporary.rename(self.path(stored))
         await self.client.incrby(self._bytes(account),
@@ -173,21 +177,12 @@ class FileStore:
 
     async def listed(self, account: str, purpose: str | None = None, limit: int = 10000,
                      after: str | None = None, newest_first: bool = True) -> list[StoredFile]:
-        ids: Any = await self.client.zrange(f"{self.prefix}files:{account}", 0, -1,
-                                       desc=newest_first)
-        found: list[StoredFile] = []
-        started = after is None
-        for raw in ids:
-            file_id = raw.decode() if isinstance(raw, bytes) else raw
-            if not started:
-                started = file_id == after
-                continue
+        async def wanted(file_id: str) -> StoredFile | None:
             stored = await self.find(account, file_id)
-            if stored is not None and (purpose is None or stored.purpose == purpose):
-                found.append(stored)
-                if len(found) >= limit:
-                    break
-        return found
+            return stored if stored is not None and purpose in (None, stored.purpose) \
+                else None
+        return await page(self.client, f"{self.prefix}files:{account}", wanted, limit, after,
+                          newest_first)
 
     async def delete(self, account: str, file_id: str) -> StoredFile:
         stored = await self.get(account, file_id)
@@ -203,6 +198,26 @@ class FileStore:
 
     def read(self, stored: StoredFile) -> bytes:
         return self.path(stored).read_bytes()
+
+
+async def page(client: aioredis.Redis, index: str, find: Callable[[str], Awaitable[T | None]],
+               limit: int, after: str | None, newest_first: bool = True) -> list[T]:
+    """Up to `limit` of the things an index (a sorted set of ids by time) names, after the
+    id `after`, each read with `find` (None: skipped)."""
+    ids: Any = await client.zrange(index, 0, -1, desc=newest_first)
+    found: list[T] = []
+    started = after is None
+    for raw in ids:
+        name = raw.decode()
+        if not started:
+            started = name == after
+            continue
+        thing = await find(name)
+        if thing is not None:
+            found.append(thing)
+            if len(found) >= limit:
+                break
+    return found
 
 
 def too_large(limit: int) -> GatewayError:

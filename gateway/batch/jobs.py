@@ -26,7 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from gateway.batch.files import ID
+from gateway.batch.files import ID, page
 
 GROUP = "runners"
 KEPT = 10_000  # jobs one account keeps (the oldest finished ones are forgotten)
@@ -172,20 +172,8 @@ class Jobs:
 
     async def listed(self, account: str, limit: int = 10000, after: str | None = None
                      ) -> list[Job]:
-        ids: Any = await self.client.zrange(self._k("jobs", account), 0, -1, desc=True)
-        found: list[Job] = []
-        started = after is None
-        for raw in ids:
-            job_id = raw.decode()
-            if not started:
-                started = job_id == after
-                continue
-            job = await self.find(account, job_id)
-            if job is not None:
-                found.append(job)
-                if len(found) >= limit:
-                    break
-        return found
+        return await page(self.client, self._k("jobs", account),
+                          lambda job_id: self.find(account, job_id), limit, after)
 
     async def running(self, account: str) -> int:
         """The account's jobs not finished."""

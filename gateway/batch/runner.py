@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from gateway.api import InferenceApi
-from gateway.background import cancel, every
+from gateway.background import cancel, every, stop_if_cancelled
 from gateway.batch.engine import Engine
 from gateway.batch.jobs import Job
 from gateway.batch.lines import Line, Result
@@ -148,11 +148,7 @@ class Runner:
                     self._run(job, *claimed)
             except Exception:
                 logger.exception("batch runner: looking for lines failed")
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py may swallow a cancelled read, or turn it into its own error:
-                # stop all the same
-                raise asyncio.CancelledError
+            stop_if_cancelled()
             if self.taken >= self.concurrency:
                 self.room.clear()
                 await self.room.wait()

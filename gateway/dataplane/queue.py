@@ -213,7 +213,7 @@ class Queues:
         # Batch lines waiting do not hold interactive requests back.
         if batch:
             if (queue is None or queue.length == 0) \
-                    and self.free(deployment, -self.headroom(deployment)) - promised >= cost:
+                    and self._batch_room(deployment, promised) >= cost:
                 return False
         elif (queue is None or queue.interactive == 0) \
                 and self.free(deployment, 0) - promised >= cost:
@@ -264,15 +264,18 @@ class Queues:
             return
         room = self.free(deployment, 0) - queue.dispatched
         while queue.length and room > 0:
-            if queue.next_priority() == BATCH:  # only batch lines left: past the headroom
-                batch_room = self.free(deployment, -self.headroom(deployment)) - queue.dispatched
-                if batch_room <= 0:
-                    return
+            if queue.next_priority() == BATCH \
+                    and self._batch_room(deployment, queue.dispatched) <= 0:
+                return  # only batch lines left, and no room past the headroom
             waiter = queue.pop()
             queue.dispatched += waiter.cost
             room -= waiter.cost
             waiter.turn.set_result(None)
             self._gauge(deployment, waiter.priority, queue)
+
+    def _batch_room(self, deployment: Deployment, promised: int) -> int:
+        """Requests batch lines may still start: the room past the headroom."""
+        return self.free(deployment, -self.headroom(deployment)) - promised
 
     def dispatch_all(self) -> None:
         """After a lease is released or the workers' load is read again."""
