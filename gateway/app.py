@@ -37,7 +37,9 @@ from gateway.batch.runner import Runner
 from gateway.config import Settings
 from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
-from gateway.controlplane.limits import Limiter, LocalLimiter, RedisLimiter
+from gateway.controlplane.admin_traffic import router as admin_traffic_router
+from gateway.controlplane.budgets import Budget
+from gateway.controlplane.limits import BudgetReport, Limiter, LocalLimiter, RedisLimiter
 from gateway.controlplane.redis_ledger import RedisLedger
 from gateway.controlplane.redis_memory import MemoryWatch
 from gateway.controlplane.registry import Deployment, load_yaml
@@ -133,7 +135,7 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
         limiter = RedisLimiter(
             client, settings.redis_prefix,
             degraded=lambda reason, outcome: metrics.limiter_degraded.labels(
-                reason, outcome).inc())
+                reason, outcome).inc(), report=budget_report(metrics))
         def on_backlog(backlog: Backlog) -> None:
             metrics.usage_pending.set(backlog.records)
             metrics.usage_oldest.set(backlog.oldest_seconds)
@@ -152,7 +154,7 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
                                    settings.responses_account_bytes, on_refused)
     else:
         store = YamlStore(settings.registry_path, settings.keys_path, public_accounts=public)
-        limiter = LocalLimiter()
+        limiter = LocalLimiter(budget_report(metrics))
         ledger = LocalLedger(limiter)
         responses = LocalResponses(settings.responses_ttl,
                                    max_bytes=settings.responses_max_bytes,
@@ -186,6 +188,28 @@ def _build(settings: Settings) -> tuple[Gateway, dict[str, aioredis.Redis]]:
                       kv_index=BlockIndex(), started_at=time.time(),
                       tracing=tracing_from_env())
     return gateway, instances
+
+
+def budget_report(metrics: GatewayMetrics) -> BudgetReport:
+    """Budgets' outcomes as metrics; what a shadow budget would have refused also in the
+    log, once a minute per account and budget."""
+    logged: dict[tuple[str, str], float] = {}
+
+    def report(account: str, budget: Budget, used: int, outcome: str) -> None:
+        metrics.budget_spent.labels(account, budget.name, budget.window).set(used)
+        if outcome == "admitted":
+            return
+        metrics.budget_refused.labels(account, budget.name,
+                                      "shadow" if outcome == "shadow" else "enforce").inc()
+        if outcome == "shadow" and time.monotonic() >= logged.get((account, budget.name), 0):
+            if len(logged) > 10_000:
+                logged.clear()
+            logged[(account, budget.name)] = time.monotonic() + 60
+            logger.warning("account %s: budget %s (shadow) would refuse requests: %d of %d "
+                           "tokens spent this %s", account, budget.name, used, budget.tokens,
+                           budget.window)
+
+    return report
 
 
 def _redis(url: str, settings: Settings) -> aioredis.Redis:
@@ -300,13 +324,15 @@ def create_app(settings: Settings | None = None,
     app = FastAPI(title="Fireworks-compatible gateway", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.gateway = gateway
-    app.state.admin = AdminParts(gateway.store, gateway.ledger, gateway.adapters)
+    app.state.admin = AdminParts(gateway.store, gateway.ledger, gateway.adapters,
+                                  gateway.limiter)
     app.state.batch = batch
     for prefix in PREFIXES:
         app.include_router(read_router, prefix=prefix)
         app.include_router(openai_batch_router, prefix=prefix)
         app.include_router(fireworks_batch_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
+    app.include_router(admin_traffic_router, prefix="/admin/v1")
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -74,6 +74,17 @@ class WorkerFault(GatewayError):
         self.worker_status = worker_status  # the worker's HTTP status, when it sent one
 
 
+class TargetUnavailable(GatewayError):
+    """The request's target cannot take it, where a fallback target may
+    (dataplane/targets.py): `reason` "shed" (its queue is full), "disabled", "no_replica"
+    (none in rotation) or "context_length" (the prompt is longer than its context)."""
+
+    def __init__(self, status: int, message: str, reason: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, param=param, headers=headers)
+        self.reason = reason
+
+
 def error_envelope(
     status: int, message: str, *, param: str | None = None, request_id: str | None = None
 ) -> dict[str, Any]:

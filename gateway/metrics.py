@@ -94,6 +94,16 @@ class GatewayMetrics:
                                      "replica", mode="livemin")
         self.rate_limited = counter("rate_limit_rejections", "Requests refused by a rate limit",
                                     "deployment", "limit")
+        self.fallbacks = counter(
+            "fallbacks", "Requests passed from a target (deployment or router) to its next "
+            "fallback before any byte was sent, by why", "target", "reason")
+        self.budget_spent = gauge(
+            "budget_spent_tokens", "Tokens an account's budget has spent in its current "
+            "window (reservations in flight included), as the latest admission saw it",
+            "account", "budget", "window", mode="livemax")
+        self.budget_refused = counter(
+            "budget_refusals", "Requests a budget refused (mode enforce) or would have "
+            "refused (mode shadow)", "account", "budget", "mode")
         self.limiter_degraded = counter(
             "limiter_degraded", "Admissions whose rate limits could not be checked in Redis, "
             "by reason and what was done (admitted or refused)", "reason", "outcome")

@@ -1,6 +1,7 @@
 """The admin API (`/admin/v1`): deployments and their replicas, API keys, account limits,
-usage. Only the admin key (GATEWAY_ADMIN_KEY) opens it; an account's key never does. The key
-is checked at the edge (gateway/server/asgi.py), before the body is read.
+usage (routers and budgets: admin_traffic.py). Only the admin key (GATEWAY_ADMIN_KEY) opens
+it; an account's key never does. The key is checked at the edge (gateway/server/asgi.py),
+before the body is read.
 
 Every change is one `store.change(fn)`: with Redis it is visible to every gateway replica
 within `registry_poll_interval`.
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 
+from gateway.controlplane.limits import Limiter
 from gateway.controlplane.registry import (
     Account,
     Deployment,
@@ -48,6 +50,7 @@ class AdminParts:
     store: RegistryStore
     ledger: Ledger
     adapters: AdapterPlacement
+    limiter: Limiter  # budgets' spend
 
 
 def _parts(request: Request) -> AdminParts:

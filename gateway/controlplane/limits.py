@@ -13,6 +13,10 @@ that dies holding slots frees them within one lifetime. The slot is freed as the
 ends, by the limiter itself, not with the usage record: after an outage the records wait in a
 backlog, and an account must not be refused for requests that have ended.
 
+An account's token budgets over a UTC day or month (budgets.py) are checked in the same
+script, after the per-minute limits: a request is admitted only when both admit it, and its
+budget reservation is settled with the rest.
+
 Without Redis the same rules run in process (`LocalLimiter`). When Redis cannot be reached
 (connection refused or lost) the gateway admits without limits (availability first); when
 Redis is reachable but the check fails (a script error, or no answer in time twice) the
@@ -37,6 +41,15 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.background import cancel, every
+from gateway.controlplane.budgets import (
+    WINDOW_LUA,
+    Budget,
+    Hold,
+    LocalBudgets,
+    Refusal,
+    budget_key,
+    window,
+)
 from gateway.controlplane.registry import Account, Limits
 from gateway.errors import GatewayError
 
@@ -62,6 +75,7 @@ class Admission:
     generated_reserved: int = 0
     bucket: int | None = None  # the reservation's second; None when nothing was reserved
     headers: dict[str, str] = field(default_factory=dict)
+    holds: list[Hold] = field(default_factory=list)  # one per budget of the account
 
 
 def limit_headers(limits: Limits, used: dict[str, int]) -> dict[str, str]:
@@ -82,13 +96,37 @@ def limit_headers(limits: Limits, used: dict[str, int]) -> dict[str, str]:
 
 
 class RateLimited(GatewayError):
-    def __init__(self, kind: str, retry_after: int, headers: dict[str, str]) -> None:
+    def __init__(self, kind: str, retry_after: int, headers: dict[str, str],
+                 message: str = "") -> None:
         what = {"requests": "requests per minute", "prompt_tokens": "prompt tokens per minute",
                 "generated_tokens": "generated tokens per minute",
-                "concurrent_requests": "concurrent requests"}[kind]
-        super().__init__(429, f"Rate limit exceeded: {what} for this account",
+                "concurrent_requests": "concurrent requests"}.get(kind, kind)
+        super().__init__(429, message or f"Rate limit exceeded: {what} for this account",
                          headers=headers | {"retry-after": str(max(retry_after, 1))})
         self.kind = kind
+
+
+class BudgetSpent(RateLimited):
+    """429 until the window's end: the request's reservation does not fit what is left of
+    one of the account's budgets."""
+
+    def __init__(self, budget: Budget, used: int, reserve: int, retry_after: int,
+                 headers: dict[str, str] | None = None) -> None:
+        left = max(budget.tokens - used, 0)
+        super().__init__("budget", retry_after, headers or {}, (
+            f"Token budget exceeded: this account's {budget.window} budget '{budget.name}' "
+            f"has {left} of {budget.tokens} tokens left, and this request may cost "
+            f"{reserve}; it renews at the start of the next UTC {budget.window}"))
+        self.budget = budget
+
+
+# (account, budget, the window's spend, what happened: "admitted", "refused" or "shadow":
+# admitted, where the budget alone would have refused it), for the metrics and the log.
+BudgetReport = Callable[[str, Budget, int, str], None]
+
+
+def budget_reserves(budgets: list[Budget], prompt: int, generated: int) -> list[int]:
+    return [min(b.reservation(prompt, generated), MAX_RESERVATION) for b in budgets]
 
 
 def exceeds(used: int, reserve: int, limit: int, *, counts: bool) -> bool:
@@ -109,20 +147,29 @@ class Limiter(Protocol):
                     record_id: str) -> Admission:
         """For an account with limits (dataplane/request.py skips the others)."""
 
-    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
+    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int,
+               cached_tokens: int = 0) -> None:
         """In-process settlement at the request's end (the Redis limiter settles in
         redis_ledger.py's settlement; here it stops refreshing the slot)."""
 
+    async def spent(self, account: str, budgets: list[Budget]) -> list[Spent]:
+        """Each budget's current window (the admin API)."""
 
-# KEYS: requests, prompt, generated (hashes second -> amount), concurrent (zset)
+
+# KEYS: requests, prompt, generated (hashes second -> amount), concurrent (zset), then each
+#       budget's key prefix (budgets.budget_key; + the window's id)
 # ARGV: rpm, prompt tpm, generated tpm, concurrency (0 = unlimited), prompt reserve,
-#       generated reserve, record id, concurrency slot lifetime (s)
-# Returns {admitted, rejected kind index (0 none), retry after s, bucket, used x 4}.
-ADMIT_LUA = """
+#       generated reserve, record id, concurrency slot lifetime (s), the time ('' = Redis'
+#       own; tests only), then per budget: window kind, tokens, reserve, shadow (1/0)
+# Returns {admitted, rejected kind index (0 none, 5 a budget), retry after s, bucket,
+#   used x 4, then admitted: per budget its window id and spend; refused by a budget: its
+#   index and spend}.
+ADMIT_LUA = WINDOW_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1])
 local nowf = now + tonumber(t[2]) / 1e6
-local function window(key)
+if ARGV[9] ~= '' then now = tonumber(ARGV[9]); nowf = now end
+local function sliding(key)
   local items = redis.call('HGETALL', key)
   local sum, oldest = 0, now
   for i = 1, #items, 2 do
@@ -140,9 +187,9 @@ local rpm, ptpm, gtpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARG
   tonumber(ARGV[4])
 local preserve, greserve = tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', nowf)
-local requests, rwait = window(KEYS[1])
-local prompt, pwait = window(KEYS[2])
-local generated, gwait = window(KEYS[3])
+local requests, rwait = sliding(KEYS[1])
+local prompt, pwait = sliding(KEYS[2])
+local generated, gwait = sliding(KEYS[3])
 local concurrent = redis.call('ZCARD', KEYS[4])
 local reject, wait = 0, 0
 if conc > 0 and concurrent >= conc then reject, wait = 4, 1
@@ -150,15 +197,46 @@ elseif rpm > 0 and requests >= rpm then reject, wait = 1, rwait
 elseif ptpm > 0 and prompt > 0 and prompt + preserve > ptpm then reject, wait = 2, pwait
 elseif gtpm > 0 and generated > 0 and generated + greserve > gtpm then reject, wait = 3, gwait
 end
+local bkeys, bused, bends, bids, refused = {}, {}, {}, {}, 0
+if reject == 0 then
+  for i = 1, #KEYS - 4 do
+    local a = 9 + (i - 1) * 4
+    bids[i], bends[i] = window(ARGV[a + 1], now)
+    bkeys[i] = KEYS[4 + i] .. bids[i]
+    bused[i] = tonumber(redis.call('HGET', bkeys[i], 'used') or '0')
+    if refused == 0 and ARGV[a + 4] ~= '1'
+        and bused[i] + tonumber(ARGV[a + 3]) > tonumber(ARGV[a + 2]) then
+      refused = i
+    end
+  end
+  if refused > 0 then
+    redis.call('HINCRBY', bkeys[refused], 'refused', 1)
+    redis.call('EXPIREAT', bkeys[refused], bends[refused] + 86400)
+    reject, wait = 5, bends[refused] - now
+  end
+end
 if reject > 0 then
-  return {0, reject, wait, now, requests, prompt, generated, concurrent}
+  return {0, reject, wait, now, requests, prompt, generated, concurrent, refused,
+          bused[refused] or 0}
 end
 redis.call('HINCRBY', KEYS[1], now, 1)
 redis.call('HINCRBY', KEYS[2], now, preserve)
 redis.call('HINCRBY', KEYS[3], now, greserve)
 if conc > 0 then redis.call('ZADD', KEYS[4], nowf + tonumber(ARGV[8]), ARGV[7]) end
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], 3600) end
-return {1, 0, 0, now, requests + 1, prompt + preserve, generated + greserve, concurrent + 1}
+local out = {1, 0, 0, now, requests + 1, prompt + preserve, generated + greserve,
+             concurrent + 1}
+for i = 1, #KEYS - 4 do
+  local a = 9 + (i - 1) * 4
+  local reserve = tonumber(ARGV[a + 3])
+  if bused[i] + reserve > tonumber(ARGV[a + 2]) then
+    redis.call('HINCRBY', bkeys[i], 'shadow', 1)
+  end
+  out[#out + 1] = bids[i]
+  out[#out + 1] = redis.call('HINCRBY', bkeys[i], 'used', reserve)
+  redis.call('EXPIREAT', bkeys[i], bends[i] + 86400)
+end
+return out
 """
 
 
@@ -169,6 +247,27 @@ local deadline = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
 for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', deadline, ARGV[i + 1]) end
 return #KEYS
 """
+
+
+@dataclass
+class Spent:
+    """A budget's current window, for the admin API."""
+
+    budget: Budget
+    window: str  # its id: YYYYMMDD or YYYYMM
+    resets_at: int  # unix seconds
+    used: int  # spent, with the reservations of requests in flight
+    refused: int  # requests it refused
+    shadow: int  # requests it would have refused (shadow mode)
+
+    @classmethod
+    def of(cls, budget: Budget, window_id: str, ends: int, values: dict[str, int]) -> Spent:
+        return cls(budget, window_id, ends, values.get("used", 0), values.get("refused", 0),
+                   values.get("shadow", 0))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def limit_keys(prefix: str, account: str) -> list[str]:
@@ -184,10 +283,13 @@ def limits_unchecked(reason: str) -> GatewayError:
 class RedisLimiter:
     def __init__(self, client: aioredis.Redis, prefix: str = "fwgw:",
                  slot_lifetime: float = 120.0,
-                 degraded: Callable[[str, str], None] = lambda reason, outcome: None) -> None:
+                 degraded: Callable[[str, str], None] = lambda reason, outcome: None,
+                 report: BudgetReport = lambda account, budget, used, outcome: None) -> None:
         self.prefix = prefix
         self.slot_lifetime = slot_lifetime
         self.degraded = degraded  # (reason, outcome) for the metric
+        self.report = report  # budgets' outcomes, for the metrics and the log
+        self.now = ""  # Redis' clock; tests set a time ("" when not)
         self.client = client
         self._script = client.register_script(ADMIT_LUA)
         self._refresh = client.register_script(REFRESH_LUA)
@@ -244,15 +346,19 @@ class RedisLimiter:
 
     async def admit(self, account: Account, prompt_tokens: int, generated_tokens: int,
                     record_id: str) -> Admission:
-        limits = account.limits
+        limits, budgets = account.limits, account.budgets
         admission = Admission(record_id, account.id, limited=True)
         prompt_tokens = min(prompt_tokens, MAX_RESERVATION)
         generated_tokens = min(generated_tokens, MAX_RESERVATION)
+        reserves = budget_reserves(budgets, prompt_tokens, generated_tokens)
         args: list[int | float | str] = [
             limits.requests_per_minute, limits.prompt_tokens_per_minute,
             limits.generated_tokens_per_minute, limits.concurrent_requests,
-            prompt_tokens, generated_tokens, record_id, self.slot_lifetime]
-        keys = limit_keys(self.prefix, account.id)
+            prompt_tokens, generated_tokens, record_id, self.slot_lifetime, self.now]
+        for budget, reserve in zip(budgets, reserves, strict=True):
+            args += [budget.window, budget.tokens, reserve, int(budget.shadow)]
+        keys = limit_keys(self.prefix, account.id) + [
+            budget_key(self.prefix, account.id, budget.name) for budget in budgets]
         for attempt in (1, 2):
             try:
                 result = await self._script(keys=keys, args=args)
@@ -278,6 +384,8 @@ class RedisLimiter:
                     # The script may have taken the slot before the connection broke: it is
                     # freed at the end like any other (freeing one never taken is harmless).
                     self.held[record_id] = account.id
+                # Budgets count the request's cost when it settles, in the window then.
+                admission.holds = [Hold(budget, "") for budget in budgets]
                 return admission
             except RedisError as exc:
                 logger.error("rate limits unchecked, request refused: %r", exc)
@@ -285,19 +393,40 @@ class RedisLimiter:
                 raise limits_unchecked("an error in the check") from exc
         self._reachable.set()
         admitted, reject, wait, bucket = (int(v) for v in result[:4])
-        used = dict(zip(KINDS, (int(v) for v in result[4:]), strict=True))
+        used = dict(zip(KINDS, (int(v) for v in result[4:8]), strict=True))
         headers = limit_headers(limits, used)
+        if reject == 5:
+            index, spent = int(result[8]) - 1, int(result[9])
+            self.report(account.id, budgets[index], spent, "refused")
+            raise BudgetSpent(budgets[index], spent, reserves[index], wait, headers)
         if not admitted:
             raise RateLimited(KINDS[reject - 1], wait, headers)
         admission.prompt_reserved = prompt_tokens
         admission.generated_reserved = generated_tokens
         admission.bucket = bucket
         admission.headers = headers
+        for i, (budget, reserve) in enumerate(zip(budgets, reserves, strict=True)):
+            window_id, spent = _text(result[8 + 2 * i]), int(result[9 + 2 * i])
+            admission.holds.append(Hold(budget, window_id, reserve, spent))
+            self.report(account.id, budget, spent,
+                        "shadow" if spent > budget.tokens else "admitted")
         if limits.concurrent_requests:
             self.held[record_id] = account.id
         return admission
 
-    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
+    async def spent(self, account: str, budgets: list[Budget]) -> list[Spent]:
+        """Each budget's current window as Redis holds it."""
+        windows = [window(b.window, time.time()) for b in budgets]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for budget, (window_id, _) in zip(budgets, windows, strict=True):
+                pipe.hgetall(budget_key(self.prefix, account, budget.name) + window_id)
+            found = await pipe.execute()
+        return [Spent.of(budget, window_id, ends, {_text(k): int(v) for k, v in values.items()})
+                for budget, (window_id, ends), values in zip(budgets, windows, found,
+                                                              strict=True)]
+
+    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int,
+               cached_tokens: int = 0) -> None:
         account = self.held.pop(admission.record_id, None)
         if account is not None and len(self.ended) < MAX_ENDED:  # (past it: they expire)
             self.ended.append((account, admission.record_id))
@@ -313,7 +442,10 @@ class LocalLimiter:
     async def stop(self) -> None:
         return None
 
-    def __init__(self) -> None:
+    def __init__(self,
+                 report: BudgetReport = lambda account, budget, used, outcome: None) -> None:
+        self.budgets = LocalBudgets()
+        self.report = report
         # account -> deque of [time, prompt, generated] per admitted request, and the
         # window's sums of prompt and generated (kept, not summed per request: a window can
         # hold a minute of requests)
@@ -346,6 +478,16 @@ class LocalLimiter:
             if limit and exceeds(used[kind], reserve, limit, counts=reserve == 0):
                 raise RateLimited(kind, 1 if kind == "concurrent_requests" else wait,
                                 limit_headers(limits, used))
+        reserves = budget_reserves(account.budgets, prompt_tokens, generated_tokens)
+        holds = self.budgets.admit(account.id, account.budgets, reserves, time.time())
+        if isinstance(holds, Refusal):
+            self.report(account.id, holds.budget, holds.used, "refused")
+            raise BudgetSpent(holds.budget, holds.used, holds.reserve, holds.retry_after,
+                              limit_headers(limits, used))
+        for hold in holds:
+            self.report(account.id, hold.budget, hold.used,
+                        "shadow" if hold.used > hold.budget.tokens else "admitted")
+        admission.holds = holds
         entry = [now, float(prompt_tokens), float(generated_tokens)]
         window.append(entry)
         sums[0] += entry[1]
@@ -359,7 +501,10 @@ class LocalLimiter:
         admission.headers = limit_headers(limits, used)
         return admission
 
-    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int) -> None:
+    def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int,
+               cached_tokens: int = 0) -> None:
+        self.budgets.settle(admission.account, admission.holds, prompt_tokens, cached_tokens,
+                            generated_tokens)
         self.concurrent.get(admission.account, set()).discard(admission.record_id)
         entry = self._entries.pop(admission.record_id, None)
         if entry is not None:
@@ -368,3 +513,8 @@ class LocalLimiter:
                 sums[0] += prompt_tokens - entry[1]
                 sums[1] += generated_tokens - entry[2]
             entry[1], entry[2] = float(prompt_tokens), float(generated_tokens)
+
+    async def spent(self, account: str, budgets: list[Budget]) -> list[Spent]:
+        now = time.time()
+        return [Spent(budget, *window(budget.window, now),
+                      *self.budgets.spent(account, budget, now)) for budget in budgets]

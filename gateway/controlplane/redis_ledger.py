@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
 from gateway.background import cancel
+from gateway.controlplane.budgets import WINDOW_LUA, budget_key
 from gateway.controlplane.limits import WINDOW, Admission, Limiter, limit_keys
 from gateway.controlplane.usage import (
     RECORD_FIELDS,
@@ -51,11 +52,14 @@ from gateway.controlplane.usage import (
 
 logger = logging.getLogger("gateway.usage")
 
-# KEYS: the settlement's marker, prompt, generated (limits.py)
+# KEYS: the settlement's marker, prompt, generated (limits.py), then each budget's key
+#       prefix (budgets.budget_key)
 # ARGV: bucket (-1: nothing reserved), prompt reserved, used, generated reserved, used,
-#       the marker's lifetime (s)
-SETTLE_LUA = """
+#       the marker's lifetime (s), then per budget: window kind, window id ('': admitted
+#       without Redis), reserved, the request's cost
+SETTLE_LUA = WINDOW_LUA + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[6]) then return 0 end
+local now = tonumber(redis.call('TIME')[1])
 local bucket = tonumber(ARGV[1])
 if bucket >= 0 then
   if redis.call('HEXISTS', KEYS[2], bucket) == 1 then
@@ -66,11 +70,21 @@ if bucket >= 0 then
   end
 else
   -- admitted while Redis was unreachable: count what it used, now
-  local now = redis.call('TIME')[1]
   redis.call('HINCRBY', KEYS[2], now, ARGV[3])
   redis.call('HINCRBY', KEYS[3], now, ARGV[5])
   redis.call('EXPIRE', KEYS[2], 3600)
   redis.call('EXPIRE', KEYS[3], 3600)
+end
+for i = 4, #KEYS do
+  local a = 6 + (i - 4) * 4
+  local id, reserved, cost = ARGV[a + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  if id == '' then  -- admitted while Redis was unreachable: its cost counts now
+    local current, ends = window(ARGV[a + 1], now)
+    redis.call('HINCRBY', KEYS[i] .. current, 'used', cost)
+    redis.call('EXPIREAT', KEYS[i] .. current, ends + 86400)
+  elseif redis.call('EXISTS', KEYS[i] .. id) == 1 then
+    redis.call('HINCRBY', KEYS[i] .. id, 'used', cost - reserved)
+  end
 end
 return 1
 """
@@ -161,7 +175,8 @@ class RedisLedger:
 
     def finish(self, record: UsageRecord, admission: Admission) -> None:
         if self.limiter is not None:  # in-process bookkeeping; Redis settles in the script
-            self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
+            self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens,
+                               record.cached_tokens)
         # Holding reservations: settled first; admitted without Redis: its usage is counted
         # now; no limits: nothing to settle.
         settle = (self.settlements.first if admission.bucket is not None
@@ -260,12 +275,20 @@ class RedisLedger:
     async def _settle_one(self, ending: Ending, pipe: aioredis.client.Pipeline) -> None:
         record, admission = ending.record, ending.admission
         bucket = admission.bucket if admission.bucket is not None else -1
+        args: list[int | str] = [bucket, admission.prompt_reserved, record.prompt_tokens,
+                                 admission.generated_reserved, record.completion_tokens,
+                                 2 * WINDOW]
+        for hold in admission.holds:
+            budget = hold.budget
+            args += [budget.window, hold.window, hold.reserved,
+                     budget.cost(record.prompt_tokens, record.cached_tokens,
+                                 record.completion_tokens)]
         await self._settle(
             keys=[f"{self.prefix}usage:settled:{record.record_id}",
-                  *limit_keys(self.prefix, record.account)[1:3]],
-            args=[bucket, admission.prompt_reserved, record.prompt_tokens,
-                  admission.generated_reserved, record.completion_tokens, 2 * WINDOW],
-            client=pipe)
+                  *limit_keys(self.prefix, record.account)[1:3],
+                  *(budget_key(self.prefix, record.account, hold.budget.name)
+                    for hold in admission.holds)],
+            args=args, client=pipe)
 
     async def totals(self) -> dict[str, UsageTotals]:
         return await read_totals(self.records.client, self.prefix)

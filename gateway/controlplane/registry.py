@@ -1,8 +1,10 @@
-"""The registry: accounts with their API keys, and deployments with their replicas.
+"""The registry: accounts with their API keys, limits and budgets; deployments with their
+replicas; routers over deployments; LoRA adapters.
 
 This module holds the data model and the embedded YAML backend. A request's model id is
-resolved here to a Route (the deployment that serves it); which replica serves it is
-dataplane/replicas.py's choice.
+resolved here to its Targets (the deployment or router it names, then their fallbacks, in
+order); which deployment of a router serves it is dataplane/targets.py's choice, and which
+replica dataplane/replicas.py's.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.controlplane.budgets import Budget, named_once
 from gateway.errors import GatewayError
 
 PUBLIC_ACCOUNT = "fireworks"
@@ -76,6 +79,11 @@ class Limits(Record):
                     self.generated_tokens_per_minute, self.concurrent_requests))
 
 
+# A target's name: `accounts/<a>/deployments/<d>` or `accounts/<a>/routers/<r>`.
+TARGET_NAME = r"^accounts/[A-Za-z0-9][A-Za-z0-9._-]{0,62}/(deployments|routers)/[^/#\s]{1,128}$"
+Fallbacks = list[Annotated[str, Field(pattern=TARGET_NAME)]]
+
+
 class DeploymentSettings(Record):
     """Everything about a deployment but its name: the one schema, with its validation and
     defaults, for the registry file, the admin API (whose path names the deployment) and the
@@ -111,6 +119,10 @@ class DeploymentSettings(Record):
     replicas: list[Replica] = Field(default_factory=list)
     # "ready" serves; "disabled" answers 503 (kept, e.g. while its workers are replaced).
     state: Literal["ready", "disabled"] = "ready"
+    # Targets (deployments or routers) that serve its requests, in order, when it sheds,
+    # is disabled, has no replica in rotation or refuses a prompt as too long for its
+    # context (dataplane/targets.py).
+    fallbacks: Fallbacks = Field(default_factory=list, max_length=8)
 
 
 class Deployment(DeploymentSettings):
@@ -126,6 +138,8 @@ class Account(Record):
     id: str
     api_keys: list[str] = Field(default_factory=list)  # "sha256:<hex>"
     limits: Limits = Field(default_factory=Limits)
+    # Token budgets over a UTC day or month (controlplane/budgets.py), names unique.
+    budgets: list[Budget] = Field(default_factory=list, max_length=8)
     # In the gateway's queue: a higher priority goes first; within one priority, accounts
     # take turns in proportion to their weight.
     priority: int = 0
@@ -134,6 +148,8 @@ class Account(Record):
     # scheduler where they run one): an entitlement given here, never the client's to take;
     # without it the request is served at the standard tier, the tier reported as ignored.
     priority_tier: bool = False
+
+    _budgets_named_once = field_validator("budgets")(named_once)
 
 
 class Lora(Record):
@@ -160,10 +176,42 @@ class Lora(Record):
 LORA_PREFIX = "fwlora."
 
 
+class RouterDeployment(Record):
+    deployment: str = Field(pattern=r"^[^/#\s]{1,128}$")  # a deployment id of its account
+    weight: int = Field(default=1, ge=1, le=1_000_000)  # for weighted-random
+
+
+class RouterSettings(Record):
+    """Everything about a router but its name (the admin API's path names it)."""
+
+    model: str  # the model it serves, e.g. accounts/<a>/models/<m>
+    deployments: list[RouterDeployment] = Field(min_length=1, max_length=64)
+    # weighted-random: at random by weight; even-load: the deployment whose replicas carry
+    # the least load (the workers' reported load, dataplane/load.py).
+    strategy: Literal["weighted-random", "even-load"] = "weighted-random"
+    default: bool = False  # the model's default target (before any default deployment)
+    fallbacks: Fallbacks = Field(default_factory=list, max_length=8)
+
+
+class Router(RouterSettings):
+    """`accounts/<account>/routers/<id>`: one of its deployments serves each request."""
+
+    id: str = Field(pattern=r"^[^/#\s]{1,128}$")
+    account: str
+
+    @cached_property
+    def name(self) -> str:
+        return f"accounts/{self.account}/routers/{self.id}"
+
+
+Target = Deployment | Router
+
+
 class RegistryData(Record):
     accounts: list[Account] = Field(default_factory=list)
     deployments: list[Deployment] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list)
+    routers: list[Router] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -175,11 +223,30 @@ class Route:
     requested_model: str
     lora: Lora | None = None
     priority_tier: bool = False  # the account may ask for the priority tier (Account)
+    router: Router | None = None  # the router that chose the deployment, if any
+    # The targets passed over before this one, as "<reason>:<target name>", comma-separated.
+    fallback: str = ""
 
     @property
     def model(self) -> str:
         """The model served: the adapter's, or the deployment's."""
         return self.lora.model if self.lora is not None else self.deployment.model
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a request's model id names: the target it goes to first, then that target's
+    fallbacks the account can see, in order, each once (a fallback's own fallbacks are not
+    followed: no chains, no loops). A LoRA adapter has none: only its base serves it."""
+
+    requested_model: str
+    order: tuple[Target, ...]
+    lora: Lora | None = None
+    priority_tier: bool = False
+
+    @property
+    def first(self) -> Target:
+        return self.order[0]
 
 
 class Registry:
@@ -190,10 +257,12 @@ class Registry:
         self.data = data
         self.public_accounts = public_accounts
         self._keys = {key: account for account in data.accounts for key in account.api_keys}
+        self._named: dict[str, Target] = {d.name: d for d in data.deployments}
+        self._named.update((r.name, r) for r in data.routers)
         # What was found for recent keys and models (this snapshot never changes; a change
         # makes a new Registry): a request skips the hashing and the search.
         self._known_keys: dict[str, Account] = {}
-        self._routes: dict[tuple[str, str, str | None], Route] = {}
+        self._routes: dict[tuple[str, str, str | None], Targets] = {}
 
     @classmethod
     def from_yaml(cls, path: Path, keys_path: Path | None = None) -> Registry:
@@ -213,34 +282,49 @@ class Registry:
         _keep(self._known_keys, api_key, account)
         return account
 
+    def visible(self, account: Account, owner: str) -> bool:
+        return owner == account.id or owner in self.public_accounts
+
     def visible_deployments(self, account: Account) -> list[Deployment]:
-        return [d for d in self.data.deployments
-                if d.account == account.id or d.account in self.public_accounts]
+        return [d for d in self.data.deployments if self.visible(account, d.account)]
+
+    def visible_routers(self, account: Account) -> list[Router]:
+        return [r for r in self.data.routers if self.visible(account, r.account)]
 
     def visible_loras(self, account: Account) -> list[Lora]:
-        return [lora for lora in self.data.loras
-                if lora.account == account.id or lora.account in self.public_accounts]
+        return [lora for lora in self.data.loras if self.visible(account, lora.account)]
 
     def base_of(self, lora: Lora) -> Deployment | None:
         return next((d for d in self.data.deployments
                      if d.account == lora.account and d.id == lora.deployment), None)
 
+    def deployments_of(self, router: Router) -> list[tuple[Deployment, int]]:
+        """The router's deployments that exist, with their weights."""
+        out = []
+        for member in router.deployments:
+            found = self._named.get(f"accounts/{router.account}/deployments/"
+                                    f"{member.deployment}")
+            if isinstance(found, Deployment):
+                out.append((found, member.weight))
+        return out
+
     def account(self, account_id: str) -> Account | None:
         return next((a for a in self.data.accounts if a.id == account_id), None)
 
-    def resolve(self, model_ref: str, account: Account, pin: str | None = None) -> Route:
-        """Resolve `accounts/<a>/models/<m>`, `accounts/<a>/deployments/<d>` and
-        `<model>#<deployment>`; `pin` (the `fireworks-deployment` header) names the
-        deployment as `#` does, and must agree with the model. Anything the account may not
-        use is reported exactly like something that does not exist."""
+    def resolve(self, model_ref: str, account: Account, pin: str | None = None) -> Targets:
+        """Resolve `accounts/<a>/models/<m>`, `accounts/<a>/deployments/<d>`,
+        `accounts/<a>/routers/<r>` and `<model>#<deployment>`; `pin` (the
+        `fireworks-deployment` header) names the deployment as `#` does, and must agree with
+        the model. Anything the account may not use is reported exactly like something that
+        does not exist."""
         key = (model_ref, account.id, pin)
-        route = self._routes.get(key)
-        if route is None:
-            route = self._resolve(model_ref, account, pin)
-            _keep(self._routes, key, route)  # only what resolved: bounded by the registry
-        return route
+        targets = self._routes.get(key)
+        if targets is None:
+            targets = self._resolve(model_ref, account, pin)
+            _keep(self._routes, key, targets)  # only what resolved: bounded by the registry
+        return targets
 
-    def _resolve(self, model_ref: str, account: Account, pin: str | None) -> Route:
+    def _resolve(self, model_ref: str, account: Account, pin: str | None) -> Targets:
         base, _, pinned = model_ref.partition("#")
         base = self._expand(base)
         visible = self.visible_deployments(account)
@@ -260,23 +344,35 @@ class Registry:
         lora = next((x for x in self.visible_loras(account) if x.model == base), None)
         if pinned:
             pinned = self._expand(pinned, kind="deployments")
+        router = next((r for r in self.visible_routers(account) if r.name == base), None)
+        match: list[Target]
         if lora is not None:
             deployment = self.base_of(lora)
             match = [deployment] if deployment is not None and (
                 not pinned or deployment.name == pinned) else []
+        elif router is not None:  # pinned: one of the router's deployments
+            match = [d for d, _ in self.deployments_of(router) if d.name == pinned] \
+                if pinned else [router]
         elif pinned:
             match = [d for d in visible if d.name == pinned and d.model == base]
         elif "/deployments/" in base:
             match = [d for d in visible if d.name == base]
         else:
-            serving = [d for d in visible if d.model == base]
-            match = [d for d in serving if d.default] or serving[:1]
+            serving: list[Target] = [d for d in visible if d.model == base]
+            defaults: list[Target] = [r for r in self.visible_routers(account)
+                                      if r.default and r.model == base]
+            match = defaults or [d for d in serving if d.default] or serving[:1]
         if not match:
             raise not_found
-        if match[0].state != "ready":
-            raise GatewayError(503, f"Deployment {match[0].name} is {match[0].state}")
-        return Route(deployment=match[0], requested_model=model_ref, lora=lora,
-                     priority_tier=account.priority_tier)
+        order: list[Target] = [match[0]]
+        if lora is None:
+            for name in match[0].fallbacks:
+                found = self._named.get(name)
+                if found is not None and self.visible(account, found.account) \
+                        and found not in order:
+                    order.append(found)
+        return Targets(requested_model=model_ref, order=tuple(order), lora=lora,
+                       priority_tier=account.priority_tier)
 
     @staticmethod
     def _expand(ref: str, kind: str = "models") -> str:

@@ -47,6 +47,9 @@ class UsageRecord:
     time: float  # unix seconds at the end
     metadata: dict[str, str] | None = None  # the request's `metadata`, as the client sent it
     batch: str = ""  # the batch job the request was a line of ("": a client's own request)
+    router: str = ""  # the router that chose the deployment, if any
+    # The targets passed over before the one that served it: "<reason>:<name>", comma-separated
+    fallback: str = ""
 
 
 # Validates and converts what is read back (a Redis stream's fields are all text).
@@ -123,7 +126,8 @@ class LocalLedger:
         self._totals: dict[str, UsageTotals] = {}
 
     def finish(self, record: UsageRecord, admission: Admission) -> None:
-        self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens)
+        self.limiter.settle(admission, record.prompt_tokens, record.completion_tokens,
+                            record.cached_tokens)
         self.kept.append(record)
         totals = self._totals.get(record.account)
         if totals is None:

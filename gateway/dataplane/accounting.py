@@ -44,6 +44,7 @@ class Tally:
     admission: Admission | None = None  # once admitted: from here a usage record is owed
     metadata: dict[str, str] | None = None  # the client's, kept with the usage record
     started: float = field(default_factory=time.monotonic)  # reset at admission
+    in_flight: str = ""  # the deployment counted in flight (admitted on: a fallback moves on)
     replica: str = ""  # of the attempt the request ended on
     replica_judged: bool = False  # its failure was already told (a stream's continuation)
     first_token_at: float | None = None  # ... and its first token
@@ -59,7 +60,8 @@ def admitted(gateway: Gateway, tally: Tally, admission: Admission,
     """The request holds its reservation from here; call with no await since it was made."""
     tally.admission, tally.metadata = admission, metadata
     tally.started = time.monotonic()
-    gateway.metrics.in_flight.labels(tally.deployment).inc()
+    tally.in_flight = tally.deployment
+    gateway.metrics.in_flight.labels(tally.in_flight).inc()
 
 
 def judged(gateway: Gateway, tally: Tally, verdict: Verdict) -> None:
@@ -88,7 +90,7 @@ def _admitted_end(gateway: Gateway, tally: Tally, admission: Admission, status: 
                   http_status: int) -> None:
     usage = coerce_usage(tally.usage) or {}
     try:
-        gateway.metrics.in_flight.labels(tally.deployment).dec()
+        gateway.metrics.in_flight.labels(tally.in_flight).dec()
     finally:
         try:
             _usage_record(gateway, tally, admission, usage, status, http_status)
@@ -126,18 +128,21 @@ def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, usage: d
     """The usage record, which also settles the limits; settled with what is known when
     the record cannot be made (the slot must not leak)."""
     try:
-        assert tally.account is not None and tally.route is not None  # admitted
+        route = tally.route
+        assert tally.account is not None and route is not None  # admitted
         first_token = tally.first_token_at
         record = UsageRecord(
             record_id=admission.record_id, request_id=tally.request_id,
-            account=tally.account.id, deployment=tally.deployment, model=tally.route.model,
+            account=tally.account.id, deployment=tally.deployment, model=route.model,
             replica=tally.replica, endpoint=tally.endpoint, status=status,
             http_status=http_status, prompt_tokens=usage.get("prompt_tokens", 0),
             cached_tokens=usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
             ttft_ms=(first_token - tally.started) * 1000 if first_token else None,
             duration_ms=(time.monotonic() - tally.started) * 1000, time=time.time(),
-            metadata=tally.metadata, batch=tally.batch)
+            metadata=tally.metadata, batch=tally.batch,
+            router=route.router.name if route.router is not None else "",
+            fallback=route.fallback)
         gateway.ledger.finish(record, admission)
     except Exception:
         logger.exception("request %s: usage record failed", tally.request_id)

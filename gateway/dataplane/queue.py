@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.controlplane.registry import Account, Deployment
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, TargetUnavailable
 from gateway.metrics import GatewayMetrics
 
 Priority = tuple[int, int]  # (service tier, account priority): higher goes first
@@ -230,10 +230,10 @@ class Queues:
             victim = queue.victim(tier, account.id)
             if victim is None:
                 self._count_shed(deployment, tier, "full")
-                raise _overloaded(deployment, "its queue is full")
+                raise _full(deployment)
             queue.remove(victim)
             self._count_shed(deployment, victim.priority, "full")
-            victim.turn.set_exception(_overloaded(deployment, "its queue is full"))
+            victim.turn.set_exception(_full(deployment))
             self._gauge(deployment, victim.priority, queue)
         queue.push(waiter)
         self._gauge(deployment, tier, queue)
@@ -296,6 +296,12 @@ def _label(tier: Priority) -> str:
     if tier == BATCH:
         return "batch"
     return f"{'priority' if tier[0] else 'standard'}/{tier[1]}"
+
+
+def _full(deployment: Deployment) -> GatewayError:
+    """Shed: a fallback target may take the request (dataplane/targets.py)."""
+    return TargetUnavailable(503, f"Deployment {deployment.name} is overloaded: its queue is "
+                                  "full; retry later", "shed", headers={"retry-after": "1"})
 
 
 def _overloaded(deployment: Deployment, why: str) -> GatewayError:

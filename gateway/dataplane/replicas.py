@@ -32,7 +32,7 @@ from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.health import ReplicaHealth
 from gateway.dataplane.kv_index import CacheHint
 from gateway.dataplane.load import ReplicaLoad
-from gateway.errors import GatewayError
+from gateway.errors import TargetUnavailable
 
 
 class ReplicaPolicy(Protocol):
@@ -243,8 +243,9 @@ class ReplicaSet:
         else:
             candidates = self.candidates(deployment, exclude)
             if not candidates:
-                raise GatewayError(503, f"No healthy replica for deployment {deployment.name}",
-                                   headers={"retry-after": "1"})
+                raise TargetUnavailable(503, f"No healthy replica for deployment "
+                                             f"{deployment.name}", "no_replica",
+                                        headers={"retry-after": "1"})
             limit = self.saturated_at(deployment)
             if limit:  # the queue let this request go for a replica with room: that one
                 candidates = [r for r in candidates if self.load.of(r.url) < limit] \

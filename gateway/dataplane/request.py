@@ -34,7 +34,7 @@ import orjson
 from gateway.api import Call, InferenceApi, Served
 from gateway.config import Settings
 from gateway.controlplane.limits import Admission, RateLimited
-from gateway.controlplane.registry import Account, Route
+from gateway.controlplane.registry import Account, Route, Targets
 from gateway.dataplane.accounting import Tally, admitted, judged, new_record_id, record_end
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.attempt import Attempt
@@ -46,6 +46,7 @@ from gateway.dataplane.parts import Gateway
 from gateway.dataplane.queries import ReplicaWorker
 from gateway.dataplane.relay import HeldStream, PlainReply, open_stream, read_plain
 from gateway.dataplane.replicas import Lease
+from gateway.dataplane.targets import passes_over, route_headers, route_to
 from gateway.dataplane.workers import WorkerAnswer
 from gateway.errors import GatewayError, WorkerFault, bytes_headers, error_headers
 from gateway.server.client import Client, api_key, check_declared_length
@@ -140,19 +141,50 @@ class RequestLife:
         self.gateway, self.api, self.client = gateway, api, client
         self.tally, self.account = tally, account
         self.request_id = client.request_id
+        line = client.batch  # a batch line's record id is the line's, on every run
+        self.record_id = new_record_id() if line is None else line.record_id
         self.attempt: Attempt | None = None
         self.migration: Migration | None = None  # once a stream's attempt has opened
 
     async def run(self, raw: bytes) -> tuple[str, int]:
         """-> how the request ended, once the reply was sent."""
-        gateway, tally = self.gateway, self.tally
-        request: Any = parse_body(raw, self.api.request_model, gateway.settings)
-        route = tally.route = gateway.store.current.resolve(
+        request: Any = parse_body(raw, self.api.request_model, self.gateway.settings)
+        targets = self.gateway.store.current.resolve(
             request.model, self.account, self.client.headers.get(DEPLOYMENT_HEADER))
+        reply = await self.on_targets(request, targets)
+        return await reply.send(self.client)
+
+    async def on_targets(self, request: Any, targets: Targets) -> ClientReply:
+        """Its targets in turn, until one answers up to the first byte; the next one only
+        after a failure targets.py passes over (before any byte, each target once)."""
+        gateway, passed = self.gateway, list[str]()
+        for number, target in enumerate(targets.order, 1):
+            try:
+                route = route_to(target, targets, gateway.store.current, gateway.replicas,
+                                 ",".join(passed))
+                return await self.on_route(request, route)
+            except GatewayError as exc:
+                reason = passes_over(exc)
+                if reason is None or number == len(targets.order):
+                    raise
+                passed.append(f"{reason}:{target.name}")
+                gateway.metrics.fallbacks.labels(target.name, reason).inc()
+                self.tally.trace.attempt_ended(f"{exc.status}: {exc.message}; next target")
+        raise AssertionError("unreachable")  # the last target returns or raises
+
+    async def on_route(self, request: Any, route: Route) -> ClientReply:
+        """The request on one deployment: admitted on the first (once, whatever follows),
+        translated for each, its turn in the deployment's queue, its attempts."""
+        gateway, tally = self.gateway, self.tally
+        tally.route = route
         tally.trace.describe(account=self.account.id, deployment=route.deployment.name,
                              model=route.model)
-        with tally.trace.phase("admission"):
-            call, encoded = await self.admit(request, route)
+        if tally.admission is None:
+            with tally.trace.phase("admission"):
+                call, encoded = self.translate(request, route)
+                await self.admit(call, route)
+        else:  # a fallback target: its own defaults, the admission made on the first
+            call, encoded = self.translate(request, route)
         # The pods' caches are looked up before the queue turn (the lease is taken right
         # after it, with no await between: the room the queue let it go for is still there;
         # the hint is counted again then).
@@ -164,19 +196,17 @@ class RequestLife:
             tally.trace.waited("queue", queued_at)
         affinity = affinity_key(self.client.headers, call,
                                 gateway.settings.prefix_affinity_bytes)
-        reply = await self.attempts(route, call, encoded, affinity, hint)
-        return await reply.send(self.client)
+        return await self.attempts(route, call, encoded, affinity, hint)
 
-    async def admit(self, request: Any, route: Route) -> tuple[Call, bytes]:
-        """Translate, encode once, reserve against the account's limits."""
+    def translate(self, request: Any, route: Route) -> tuple[Call, bytes]:
+        """The API's Call for the route's deployment, isolated, encoded once and bounded."""
         gateway, account, deployment = self.gateway, self.account, route.deployment
-        line = self.client.batch  # a batch line's record id is the line's, on every run
-        record_id = new_record_id() if line is None else line.record_id
+        line = self.client.batch
         call = self.api.translate(request, route, gateway.settings, account=account.id,
-                                  nonce=record_id)
+                                  nonce=self.record_id)
         if route.lora is not None:  # the adapter, by the name its workers know it
             call.body["model"] = route.lora.worker_name
-        isolate(call, account.id, record_id)
+        isolate(call, account.id, self.record_id)
         check_metadata(call.metadata)  # it goes into the usage record
         if not account.priority_tier or line is not None:
             # The registry's entitlement, whatever the API made; a batch line never has it.
@@ -184,23 +214,27 @@ class RequestLife:
             call.body.pop("priority", None)
         if line is not None and deployment.priority_scheduling:
             call.body["priority"] = BATCH_PRIORITY  # behind every interactive one there too
-        encoded = bounded(call, gateway.settings)
+        return call, bounded(call, gateway.settings)
+
+    async def admit(self, call: Call, route: Route) -> None:
+        """Reserve against the account's limits and budgets: from here a record is owed."""
+        gateway, account, deployment = self.gateway, self.account, route.deployment
         if gateway.ledger.backlogged:
             raise GatewayError(503, "Usage records cannot be written at the moment; new "
                                     "requests are refused until they can",
                                headers={"retry-after": "5"})
-        admission = Admission(record_id, account.id)  # unlimited: nothing to reserve
-        if account.limits.any():
+        admission = Admission(self.record_id, account.id)  # unlimited: nothing to reserve
+        if account.limits.any() or account.budgets:
             try:
                 # No choice generates past the context length, whatever max_tokens says.
                 generated = min(call.max_tokens, deployment.context_length or call.max_tokens)
                 admission = await gateway.limiter.admit(account, call.prompt_estimate(),
-                                                        generated * call.sequences, record_id)
+                                                        generated * call.sequences,
+                                                        self.record_id)
             except RateLimited as exc:
                 gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
                 raise
         admitted(gateway, self.tally, admission, call.metadata)
-        return call, encoded
 
     async def cache_hint(self, route: Route, call: Call, size: int) -> CacheHint | None:
         """What each pod in rotation holds of the request's prompt, from the pods' KV-cache
@@ -303,6 +337,7 @@ class RequestLife:
         # The limits' headers (remaining tokens and requests) go on every reply.
         admission = self.tally.admission
         headers = bytes_headers(admission.headers) if admission is not None else []
+        headers += route_headers(route)
         if call.stream:
             assert self.migration is not None
             self.migration.framing = framing = call.framing(worker, served)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.dataplane.http1 import ConnectFailed, Connection, HttpError, Pool
-from gateway.errors import GatewayError, WorkerFault
+from gateway.errors import GatewayError, TargetUnavailable, WorkerFault
 
 logger = logging.getLogger("gateway.workers")
 
@@ -31,6 +32,9 @@ MAX_ANSWER_BYTES = 64 << 20  # a non-streaming answer, or one streamed event
 END_GRACE = 0.5  # seconds to wait for the end of a body after its last event
 # Worker statuses that judge the client's request, not the replica.
 CLIENT_STATUSES = {400: 400, 413: 413, 422: 400}
+# vLLM's 400 for a prompt longer than its context (the wording of its two checks): another
+# deployment with a longer context may serve it (dataplane/targets.py).
+CONTEXT_REFUSED = re.compile(r"maximum context length|longer than the maximum model length")
 
 
 def _worker_message(body: bytes) -> str:
@@ -50,6 +54,9 @@ def check_status(status: int, body: bytes) -> None:
         return
     if status in CLIENT_STATUSES:
         message = _worker_message(body) or "The worker rejected the request"
+        if status == 400 and CONTEXT_REFUSED.search(message):
+            raise TargetUnavailable(400, message, "context_length",
+                                    headers={"x-should-retry": "false"})
         raise GatewayError(CLIENT_STATUSES[status], message,
                            headers={"x-should-retry": "false"})
     detail = f"worker answered HTTP {status}: {body[:500]!r}"

@@ -27,7 +27,7 @@ from gateway.api import (
     worker_json,
 )
 from gateway.controlplane.registry import Route
-from gateway.errors import GatewayError, WorkerFault, stream_error_event
+from gateway.errors import GatewayError, TargetUnavailable, WorkerFault, stream_error_event
 from gateway.fireworks.choices import token_ids_in
 from gateway.fireworks.continuation import WORKER_PATH as CONTINUATION_PATH
 from gateway.fireworks.continuation import as_first_worker, continuation_body, whole_usage
@@ -62,10 +62,10 @@ async def check_context(worker: Worker, body: dict[str, Any], max_tokens: int,
         count, context = int(counted["count"]), int(counted["max_model_len"])
         if count + max_tokens > context:
             # "prompt is too long" is what clients (LiteLLM) read as a context overflow.
-            raise GatewayError(400, f"The prompt is too long: it is {count} tokens and "
-                                    f"max_tokens is {max_tokens}, which exceeds the model's "
-                                    f"maximum context length of {context} tokens",
-                               param=param)
+            raise TargetUnavailable(400, f"The prompt is too long: it is {count} tokens and "
+                                         f"max_tokens is {max_tokens}, which exceeds the "
+                                         f"model's maximum context length of {context} "
+                                         "tokens", "context_length", param=param)
 
 
 async def echo_texts(worker: Worker, prompt: Any, last: int | None) -> list[str]:

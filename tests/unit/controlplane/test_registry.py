@@ -41,22 +41,22 @@ def test_keys_are_checked_against_hashes() -> None:
 
 def test_model_goes_to_its_default_deployment() -> None:
     alice = registry().authenticate("k-alice")
-    assert registry().resolve(MODEL, alice).deployment.id == "llama-b"
+    assert registry().resolve(MODEL, alice).first.id == "llama-b"
 
 
 def test_short_forms_expand_to_public_models() -> None:
     alice = registry().authenticate("k-alice")
-    assert registry().resolve("llama", alice).deployment.id == "llama-b"
-    assert registry().resolve("fireworks/llama", alice).deployment.id == "llama-b"
+    assert registry().resolve("llama", alice).first.id == "llama-b"
+    assert registry().resolve("fireworks/llama", alice).first.id == "llama-b"
 
 
 def test_deployment_and_pinned_forms() -> None:
     alice = registry().authenticate("k-alice")
     assert registry().resolve("accounts/fireworks/deployments/llama-a",
-                              alice).deployment.id == "llama-a"
+                              alice).first.id == "llama-a"
     pinned = f"{MODEL}#accounts/fireworks/deployments/llama-a"
     route = registry().resolve(pinned, alice)
-    assert route.deployment.id == "llama-a" and route.requested_model == pinned
+    assert route.first.id == "llama-a" and route.requested_model == pinned
 
 
 def test_pinning_checks_the_deployment_serves_the_model() -> None:
@@ -77,7 +77,7 @@ def test_other_accounts_are_invisible() -> None:
         errors.append((info.value.status, info.value.param))
     assert errors == [(404, "model")] * 3
     alice = registry().authenticate("k-alice")
-    assert registry().resolve("accounts/alice/models/tuned", alice).deployment.id == "mine"
+    assert registry().resolve("accounts/alice/models/tuned", alice).first.id == "mine"
 
 
 def test_keys_file_is_merged_into_accounts(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -127,7 +127,7 @@ def test_the_deployment_header_pins(model: str, pin: str, expected: str | None) 
         assert info.value.status == 404 and pin in info.value.message
         return
     route = registry().resolve(model, alice, pin)
-    assert route.deployment.id == expected and route.requested_model == model
+    assert route.first.id == expected and route.requested_model == model
 
 
 def test_a_pin_to_another_accounts_deployment_is_not_found() -> None:
@@ -146,7 +146,7 @@ def test_what_a_snapshot_keeps_answers_as_a_fresh_lookup_would() -> None:
     alice = reg.authenticate("k-alice")
     assert reg.authenticate("k-alice") is alice
     first = reg.resolve(MODEL, alice)
-    assert reg.resolve(MODEL, alice) is first and first.deployment.id == "llama-b"
+    assert reg.resolve(MODEL, alice) is first and first.first.id == "llama-b"
     with pytest.raises(GatewayError):
         reg.resolve("accounts/bob/models/x", alice)
     with pytest.raises(GatewayError):  # the failure is not kept: still refused

@@ -76,8 +76,8 @@ def test_a_lora_resolves_to_its_base_deployment_for_its_account_only() -> None:
     registry = Registry(data, public_accounts=())
     acme, other = Account(id="acme"), Account(id="other")
     route = registry.resolve(TUNED, acme)
-    assert route.deployment.id == "base-d" and route.lora is not None
-    assert route.model == TUNED and route.lora.worker_name == "fwlora.acme:tuned"
+    assert route.first.id == "base-d" and route.lora is not None
+    assert route.lora.model == TUNED and route.lora.worker_name == "fwlora.acme:tuned"
     pinned = registry.resolve(f"{TUNED}#accounts/acme/deployments/base-d", acme)
     assert pinned.lora == route.lora
     assert registry.resolve(BASE, acme).lora is None  # the base model itself

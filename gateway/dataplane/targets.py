@@ -1,0 +1,88 @@
+"""Which deployment serves a request's target, and when its next target takes over.
+
+A model id resolves to Targets (controlplane/registry.py): the deployment or router it names,
+then that target's fallbacks. `route_to` makes one target a Route: a deployment as it is, if
+it is ready and has a replica in rotation; a router's deployment chosen by the router's
+strategy among those that are. `passes_over` says whether a failure hands the request to the
+next target: request.py asks only before any byte reached the client, and the answer is yes
+only for what this target cannot do and another may (errors.TargetUnavailable): it shed the
+request (its queue is full), it is disabled, it has no replica in rotation, or it refuses
+the prompt as longer than its context. Never a client's 4xx, a rate limit or a budget, and
+never a worker's failure (retried on another replica of the same deployment instead).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from gateway.controlplane.registry import Deployment, Registry, Route, Router, Target, Targets
+from gateway.dataplane.replicas import ReplicaSet
+from gateway.errors import GatewayError, TargetUnavailable
+
+Members = list[tuple[Deployment, int]]  # a router's deployments, with their weights
+
+
+def choose(strategy: str, members: Members, load: Callable[[Deployment], float],
+           rng: random.Random | None = None) -> Deployment:
+    """weighted-random: at random in proportion to the weights; even-load: the deployment
+    with the least load per replica (the fewest requests running and waiting), ties at
+    random."""
+    pick = rng or random
+    if strategy == "even-load":
+        loads = [(load(deployment), deployment) for deployment, _ in members]
+        lowest = min(value for value, _ in loads)
+        return pick.choice([deployment for value, deployment in loads if value == lowest])
+    return pick.choices([d for d, _ in members], weights=[w for _, w in members])[0]
+
+
+def load_per_replica(replicas: ReplicaSet, deployment: Deployment) -> float:
+    """What a deployment's replicas in rotation carry, on average (dataplane/load.py)."""
+    pods = replicas.in_rotation(deployment)
+    return sum(replicas.load.of(r.url) for r in pods) / len(pods) if pods else float("inf")
+
+
+def route_to(target: Target, targets: Targets, registry: Registry, replicas: ReplicaSet,
+             fallback: str = "") -> Route:
+    """The Route of one target, or TargetUnavailable when it can serve nothing now."""
+    router = target if isinstance(target, Router) else None
+    if router is not None:
+        ready = [(d, w) for d, w in registry.deployments_of(router) if d.state == "ready"]
+        members = [(d, w) for d, w in ready if replicas.in_rotation(d)]
+        if not members:
+            raise _unavailable(router.name, "disabled" if not ready else "no_replica")
+        deployment = choose(router.strategy, members,
+                            lambda d: load_per_replica(replicas, d))
+    else:
+        assert isinstance(target, Deployment)
+        deployment = target
+        if deployment.state != "ready":
+            raise _unavailable(deployment.name, "disabled", deployment.state)
+        if not replicas.in_rotation(deployment):
+            raise _unavailable(deployment.name, "no_replica")
+    return Route(deployment, targets.requested_model, targets.lora, targets.priority_tier,
+                 router=router, fallback=fallback)
+
+
+def _unavailable(name: str, reason: str, state: str = "disabled") -> TargetUnavailable:
+    kind = "Deployment" if "/deployments/" in name else "Router"
+    message = (f"{kind} {name} is {state}" if reason == "disabled" and kind == "Deployment"
+               else f"{kind} {name} has no deployment ready" if reason == "disabled"
+               else f"{kind} {name} has no replica in rotation")
+    return TargetUnavailable(503, message, reason, headers={"retry-after": "1"})
+
+
+def passes_over(exc: GatewayError) -> str | None:
+    """The reason a failure hands the request to the next target; None when it does not."""
+    return exc.reason if isinstance(exc, TargetUnavailable) else None
+
+
+def route_headers(route: Route) -> list[tuple[bytes, bytes]]:
+    """What the response says of where it was served: the deployment; the router that
+    chose it; the targets passed over, each as `<reason>:<name>`."""
+    headers = [(b"fireworks-served-deployment", route.deployment.name.encode("latin-1", "replace"))]
+    if route.router is not None:
+        headers.append((b"fireworks-router", route.router.name.encode("latin-1", "replace")))
+    if route.fallback:
+        headers.append((b"fireworks-fallback", route.fallback.encode("latin-1", "replace")))
+    return headers
