@@ -26,6 +26,12 @@ app.add_typer(deployments, name="deployments")
 app.add_typer(loras, name="loras")
 app.add_typer(replicas, name="replicas")
 app.add_typer(keys, name="keys")
+routers = typer.Typer(no_args_is_help=True,
+                      help="Routers of an account: one of its deployments serves each request.")
+budgets = typer.Typer(no_args_is_help=True,
+                      help="Token budgets of an account over a UTC day or month.")
+app.add_typer(routers, name="routers")
+app.add_typer(budgets, name="budgets")
 
 URL = typer.Option("http://127.0.0.1:8000", envvar="GATEWAY_ADMIN_URL",
                    help="a gateway's base URL")
@@ -60,6 +66,11 @@ def list_deployments(account: str, url: str = URL, admin_key: str = KEY) -> None
     call("GET", url, admin_key, f"/accounts/{account}/deployments")
 
 
+FALLBACK = ("a target for when this one sheds, is disabled, has no replica or refuses a "
+            "prompt as too long: accounts/<a>/deployments/<d> or accounts/<a>/routers/<r>; "
+            "repeat, in order")
+
+
 def _default(field: str) -> str:
     return f"default {DeploymentSettings.model_fields[field].default}"
 
@@ -84,6 +95,7 @@ def put_deployment(
     reasoning_parser: str | None = typer.Option(None, help="the workers' --reasoning-parser"),
     priority_scheduling: bool = typer.Option(
         False, help="the workers run --scheduling-policy priority"),
+    fallback: list[str] = typer.Option([], help=FALLBACK),
     url: str = URL, admin_key: str = KEY,
 ) -> None:
     """Create a deployment, or replace it."""
@@ -91,7 +103,8 @@ def put_deployment(
         "model": model, "replicas": [{"url": u} for u in replica], "default": default,
         "context_length": context_length, "max_tokens_chat": max_tokens_chat,
         "max_tokens_completion": max_tokens_completion, "tool_parser": tool_parser,
-        "reasoning_parser": reasoning_parser, "priority_scheduling": priority_scheduling}))
+        "reasoning_parser": reasoning_parser, "priority_scheduling": priority_scheduling,
+        "fallbacks": fallback}))
 
 
 @deployments.command("update")
@@ -106,6 +119,7 @@ def update_deployment(
     reasoning_parser: str | None = typer.Option(None),
     priority_scheduling: bool | None = typer.Option(
         None, "--priority-scheduling/--no-priority-scheduling"),
+    fallback: list[str] | None = typer.Option(None, help=FALLBACK + " (replaces them)"),
     url: str = URL, admin_key: str = KEY,
 ) -> None:
     """Change some fields of a deployment."""
@@ -113,7 +127,7 @@ def update_deployment(
         "default": default, "state": state, "context_length": context_length,
         "max_tokens_chat": max_tokens_chat, "max_tokens_completion": max_tokens_completion,
         "tool_parser": tool_parser, "reasoning_parser": reasoning_parser,
-        "priority_scheduling": priority_scheduling}))
+        "priority_scheduling": priority_scheduling, "fallbacks": fallback}))
 
 
 @loras.command("list")
@@ -193,6 +207,79 @@ def set_limits(
         "prompt_tokens_per_minute": prompt_tokens_per_minute,
         "generated_tokens_per_minute": generated_tokens_per_minute,
         "concurrent_requests": concurrent_requests})
+
+
+@routers.command("list")
+def list_routers(account: str, url: str = URL, admin_key: str = KEY) -> None:
+    call("GET", url, admin_key, f"/accounts/{account}/routers")
+
+
+@routers.command("put")
+def put_router(
+    account: str, router: str,
+    model: str = typer.Option(..., help="the model it serves"),
+    deployment: list[str] = typer.Option(
+        ..., help="a deployment id of the account, optionally =weight (d1=3); repeat"),
+    strategy: str = typer.Option("weighted-random", help="weighted-random or even-load"),
+    default: bool = typer.Option(False, help="the model's default target"),
+    fallback: list[str] = typer.Option([], help=FALLBACK),
+    url: str = URL, admin_key: str = KEY,
+) -> None:
+    """Create a router accounts/<account>/routers/<router>, or replace it."""
+    members = []
+    for given in deployment:
+        name, _, weight = given.partition("=")
+        members.append({"deployment": name, "weight": int(weight or 1)})
+    call("PUT", url, admin_key, f"/accounts/{account}/routers/{router}", {
+        "model": model, "deployments": members, "strategy": strategy, "default": default,
+        "fallbacks": fallback})
+
+
+@routers.command("delete")
+def delete_router(account: str, router: str, url: str = URL, admin_key: str = KEY) -> None:
+    call("DELETE", url, admin_key, f"/accounts/{account}/routers/{router}")
+
+
+@budgets.command("get")
+def get_budgets(account: str, url: str = URL, admin_key: str = KEY) -> None:
+    """The account's budgets and what each spent in its current window."""
+    call("GET", url, admin_key, f"/accounts/{account}/budgets")
+
+
+@budgets.command("put")
+def put_budget(
+    account: str, name: str,
+    window: str = typer.Option(..., help="day or month (UTC)"),
+    tokens: int = typer.Option(..., help="what the window may spend, weighted"),
+    input_weight: float = typer.Option(1.0, help="per prompt token not cached"),
+    cached_weight: float = typer.Option(1.0, help="per cached prompt token"),
+    output_weight: float = typer.Option(1.0, help="per generated token"),
+    shadow: bool = typer.Option(False, help="only count what it would refuse"),
+    url: str = URL, admin_key: str = KEY,
+) -> None:
+    """Add the budget, or replace the one of that name (its window's spend is kept)."""
+    current = _budgets(url, admin_key, account)
+    made = {"name": name, "window": window, "tokens": tokens, "input_weight": input_weight,
+            "cached_weight": cached_weight, "output_weight": output_weight, "shadow": shadow}
+    kept = [b for b in current if b["name"] != name]
+    call("PUT", url, admin_key, f"/accounts/{account}/budgets", {"budgets": [*kept, made]})
+
+
+@budgets.command("delete")
+def delete_budget(account: str, name: str, url: str = URL, admin_key: str = KEY) -> None:
+    kept = [b for b in _budgets(url, admin_key, account) if b["name"] != name]
+    call("PUT", url, admin_key, f"/accounts/{account}/budgets", {"budgets": kept})
+
+
+BUDGET_FIELDS = ("name", "window", "tokens", "input_weight", "cached_weight", "output_weight",
+                 "shadow")
+
+
+def _budgets(url: str, admin_key: str, account: str) -> list[dict[str, Any]]:
+    response = httpx.get(url.rstrip("/") + f"/admin/v1/accounts/{account}/budgets",
+                         headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+    response.raise_for_status()
+    return [{k: b[k] for k in BUDGET_FIELDS} for b in response.json()["budgets"]]
 
 
 def usage_table(redis_url: str, prefix: str, password: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """The account listing, read-only, in Fireworks' control-plane shape: an account's models
-(`GET /v1/accounts/<a>/models`, `.../models/<m>`) and deployments
-(`GET /v1/accounts/<a>/deployments`), as `fireworks-ai`'s `models.list(account_id=...)` reads
+(`GET /v1/accounts/<a>/models`, `.../models/<m>`), deployments
+(`GET /v1/accounts/<a>/deployments`) and routers (`GET /v1/accounts/<a>/routers`,
+`.../routers/<r>`), as `fireworks-ai`'s `models.list(account_id=...)` reads
 them. Pure: the registry and the caller's account in, pages out.
 
 What a key sees is what it may use: its own account's, and public accounts'. Any other
@@ -13,7 +14,7 @@ import base64
 import binascii
 from typing import Any
 
-from gateway.controlplane.registry import Account, Deployment, Registry
+from gateway.controlplane.registry import Account, Deployment, Registry, Router
 from gateway.errors import GatewayError
 
 DEFAULT_PAGE_SIZE = 50
@@ -104,6 +105,33 @@ def deployments_of(registry: Registry, caller: Account,
             entry["maxContextLength"] = deployment.context_length
         out.append(entry)
     return out
+
+
+def routers_of(registry: Registry, caller: Account, account_id: str) -> list[dict[str, Any]]:
+    """The account's routers the caller can see, sorted by name, each with its deployments
+    (weights, strategy) as the registry holds them."""
+    _visible_account(registry, caller, account_id)
+    return [_router(r) for r in sorted(registry.visible_routers(caller), key=lambda r: r.name)
+            if r.account == account_id]
+
+
+def router_of(registry: Registry, caller: Account, account_id: str,
+              router_id: str) -> dict[str, Any]:
+    name = f"accounts/{account_id}/routers/{router_id}"
+    found = next((r for r in routers_of(registry, caller, account_id) if r["name"] == name),
+                 None)
+    if found is None:
+        raise GatewayError(404, f"Router not found: {name}")
+    return found
+
+
+def _router(router: Router) -> dict[str, Any]:
+    return {"name": router.name, "displayName": router.id, "model": router.model,
+            "strategy": router.strategy.upper().replace("-", "_"), "default": router.default,
+            "deployments": [{"deployment": f"accounts/{router.account}/deployments/"
+                                           f"{m.deployment}", "weight": m.weight}
+                            for m in router.deployments],
+            "fallbacks": list(router.fallbacks)}
 
 
 def page(items: list[dict[str, Any]], key: str, page_size: int | None,

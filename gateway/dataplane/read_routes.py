@@ -41,6 +41,10 @@ async def models(request: Request) -> dict[str, Any]:
             if deployment.context_length is not None:  # legacy clients reject a null
                 entry["context_length"] = deployment.context_length
             data.append(entry)
+    for found in registry.visible_routers(account):
+        data.append({"id": found.name, "object": "model", "owned_by": found.account,
+                     "created": created, "kind": "ROUTER", "supports_chat": True,
+                     "parent": found.model})
     for lora in registry.visible_loras(account):
         base = registry.base_of(lora)
         if base is not None:
@@ -76,6 +80,21 @@ async def account_deployments(request: Request, account_id: str,
     registry = request.app.state.gateway.store.current
     return listing.page(listing.deployments_of(registry, authenticate(request), account_id),
                         "deployments", page_size, page_token)
+
+
+@router.get("/accounts/{account_id}/routers")
+async def account_routers(request: Request, account_id: str,
+                          page_size: int | None = PageSize,
+                          page_token: str | None = PageToken) -> dict[str, Any]:
+    registry = request.app.state.gateway.store.current
+    return listing.page(listing.routers_of(registry, authenticate(request), account_id),
+                        "routers", page_size, page_token)
+
+
+@router.get("/accounts/{account_id}/routers/{router_id}")
+async def account_router(request: Request, account_id: str, router_id: str) -> dict[str, Any]:
+    registry = request.app.state.gateway.store.current
+    return listing.router_of(registry, authenticate(request), account_id, router_id)
 
 
 # Stored responses (the Responses API's `store`): the account's own only; others 404.

@@ -27,12 +27,13 @@ class Pair:
     limiter: Limiter
     ledger: Ledger
 
-    async def end(self, admission: Admission, prompt: int, completion: int) -> None:
+    async def end(self, admission: Admission, prompt: int, completion: int,
+                  cached: int = 0) -> None:
         self.ledger.finish(UsageRecord(
             record_id=admission.record_id, request_id="q", account=admission.account,
             deployment="d", model="m", endpoint="/v1/completions", status="ok",
-            http_status=200, prompt_tokens=prompt, completion_tokens=completion,
-            time=time.time()), admission)
+            http_status=200, prompt_tokens=prompt, cached_tokens=cached,
+            completion_tokens=completion, time=time.time()), admission)
         if isinstance(self.ledger, RedisLedger):  # records and ends reach Redis in the
             assert isinstance(self.limiter, RedisLimiter)  # background
             for _ in range(200):
