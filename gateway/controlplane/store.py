@@ -264,9 +264,10 @@ def seed_keys(seed: RegistryData) -> bytes:
 
 def merge_seed(data: RegistryData, seed: RegistryData,
                previous: dict[str, list[str]] | None = None) -> RegistryData:
-    """The seed's accounts, keys and deployments merged into the registry: what the seed
-    declares wins; keys the previous seed declared and this one does not are revoked (keys
-    added through the admin API stay until deleted there)."""
+    """The seed's accounts, keys, deployments and routers merged into the registry: what the
+    seed declares wins (limits and budgets where it declares any); keys the previous seed
+    declared and this one does not are revoked (keys added through the admin API stay until
+    deleted there)."""
     declared_keys = {a.id: set(a.api_keys) for a in seed.accounts}
     for account in data.accounts:
         dropped = set((previous or {}).get(account.id, ())) \
@@ -275,6 +276,9 @@ def merge_seed(data: RegistryData, seed: RegistryData,
     declared = {(d.account, d.id) for d in seed.deployments}
     data.deployments = [d for d in data.deployments if (d.account, d.id) not in declared]
     data.deployments += [d.model_copy(deep=True) for d in seed.deployments]
+    routers = {(r.account, r.id) for r in seed.routers}
+    data.routers = [r for r in data.routers if (r.account, r.id) not in routers]
+    data.routers += [r.model_copy(deep=True) for r in seed.routers]
     accounts = {a.id: a for a in data.accounts}
     for account in seed.accounts:
         if account.id not in accounts:
@@ -284,6 +288,8 @@ def merge_seed(data: RegistryData, seed: RegistryData,
         known.api_keys += [k for k in account.api_keys if k not in known.api_keys]
         if account.limits.any():
             known.limits = account.limits
+        if account.budgets:
+            known.budgets = [b.model_copy() for b in account.budgets]
     return data
 
 

@@ -48,7 +48,7 @@ def route_to(target: Target, targets: Targets, registry: Registry, replicas: Rep
     router = target if isinstance(target, Router) else None
     if router is not None:
         ready = [(d, w) for d, w in registry.deployments_of(router) if d.state == "ready"]
-        members = [(d, w) for d, w in ready if replicas.in_rotation(d)]
+        members = [(d, w) for d, w in ready if _any_in_rotation(replicas, d)]
         if not members:
             raise _unavailable(router.name, "disabled" if not ready else "no_replica")
         deployment = choose(router.strategy, members,
@@ -58,10 +58,16 @@ def route_to(target: Target, targets: Targets, registry: Registry, replicas: Rep
         deployment = target
         if deployment.state != "ready":
             raise _unavailable(deployment.name, "disabled", deployment.state)
-        if not replicas.in_rotation(deployment):
+        if not _any_in_rotation(replicas, deployment):
             raise _unavailable(deployment.name, "no_replica")
     return Route(deployment, targets.requested_model, targets.lora, targets.priority_tier,
                  router=router, fallback=fallback)
+
+
+def _any_in_rotation(replicas: ReplicaSet, deployment: Deployment) -> bool:
+    """ReplicaSet.in_rotation is never empty while a replica is not draining (with every
+    one ejected, all take traffic): this says so without judging each one's health."""
+    return any(not r.draining for r in replicas.replicas(deployment))
 
 
 def _unavailable(name: str, reason: str, state: str = "disabled") -> TargetUnavailable:
@@ -78,9 +84,9 @@ def passes_over(exc: GatewayError) -> str | None:
 
 
 def route_headers(route: Route) -> list[tuple[bytes, bytes]]:
-    """What the response says of where it was served: the deployment; the router that
-    chose it; the targets passed over, each as `<reason>:<name>`."""
-    headers = [(b"fireworks-served-deployment", route.deployment.name.encode("latin-1", "replace"))]
+    """What the response says of where it was served, whatever the API: the deployment; the
+    router that chose it; the targets passed over, each as `<reason>:<name>`."""
+    headers = [(b"fireworks-deployment", route.deployment.name.encode("latin-1", "replace"))]
     if route.router is not None:
         headers.append((b"fireworks-router", route.router.name.encode("latin-1", "replace")))
     if route.fallback:

@@ -55,6 +55,8 @@ def fireworks_headers(metrics: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     replaced). Formatted straight to bytes: a dozen of these per request."""
     headers = []
     for key, value in metrics.items():
+        if key == "deployment":  # a header of every API's reply (dataplane/targets.py)
+            continue
         name = _HEADER_NAMES.get(key)
         if name is None:  # (the keys are perf_metrics' few)
             name = _HEADER_NAMES[key] = b"fireworks-" + key.encode()

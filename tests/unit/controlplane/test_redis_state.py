@@ -24,7 +24,7 @@ from gateway.controlplane.registry import (
     Replica,
     hash_key,
 )
-from gateway.controlplane.store import RedisStore
+from gateway.controlplane.store import RedisStore, merge_seed
 from gateway.controlplane.usage import UsageRecord, totals_of
 from gateway.errors import GatewayError
 from tests.redis_server import RedisServer
@@ -471,3 +471,23 @@ async def test_a_gateway_authenticates_to_a_redis_that_requires_a_password(
         await anonymous.aclose()
     finally:
         server.stop()
+
+
+def test_a_seeds_routers_and_budgets_win_and_admin_ones_stay() -> None:
+    def router(name: str, weight: int) -> dict[str, object]:
+        return {"id": name, "account": "acme", "model": "m",
+                "deployments": [{"deployment": "d", "weight": weight}]}
+
+    budget = {"name": "daily", "window": "day", "tokens": 10}
+    stored = RegistryData.model_validate({
+        "accounts": [{"id": "acme", "budgets": [budget | {"tokens": 99}]}, {"id": "kept",
+                     "budgets": [budget]}],
+        "routers": [router("seeded", 1), router("admin-made", 1)]})
+    seed = RegistryData.model_validate({
+        "accounts": [{"id": "acme", "budgets": [budget]}, {"id": "kept"}],
+        "routers": [router("seeded", 5)]})
+    merged = merge_seed(stored, seed)
+    assert {(r.id, r.deployments[0].weight) for r in merged.routers} == {
+        ("seeded", 5), ("admin-made", 1)}
+    budgets = {a.id: [b.tokens for b in a.budgets] for a in merged.accounts}
+    assert budgets == {"acme": [10], "kept": [10]}  # a seed without budgets changes none

@@ -161,3 +161,78 @@ def test_what_a_snapshot_keeps_answers_as_a_fresh_lookup_would() -> None:
     with pytest.raises(GatewayError) as info:
         Registry(data).authenticate("k-alice")
     assert info.value.status == 401
+
+
+def routed() -> Registry:
+    """alice: deployments a, b (a falls back to b, to bob's c, to the public p), router r
+    over a and b (the model's default, falling back to p); bob: deployment c, router s."""
+    replica = [Replica(url="http://w:1")]
+    tuned = "accounts/alice/models/m"
+
+    def made(name: str, account: str = "alice", **fields: object) -> Deployment:
+        return Deployment.model_validate({"id": name, "account": account, "model": tuned,
+                                          "replicas": replica} | fields)
+
+    return Registry(RegistryData.model_validate({
+        "accounts": [{"id": "alice", "api_keys": [hash_key("k-alice")]},
+                     {"id": "bob", "api_keys": [hash_key("k-bob")]}],
+        "deployments": [
+            made("a", fallbacks=["accounts/bob/deployments/c", "accounts/alice/deployments/b",
+                                 "accounts/fireworks/deployments/p",
+                                 "accounts/alice/deployments/a",
+                                 "accounts/alice/deployments/gone"]).model_dump(),
+            made("b", default=True).model_dump(), made("c", "bob").model_dump(),
+            made("p", "fireworks").model_dump()],
+        "routers": [
+            {"id": "r", "account": "alice", "model": tuned, "default": True,
+             "deployments": [{"deployment": "a", "weight": 2}, {"deployment": "b"},
+                             {"deployment": "missing"}],
+             "fallbacks": ["accounts/fireworks/deployments/p"]},
+            {"id": "s", "account": "bob", "model": tuned,
+             "deployments": [{"deployment": "c"}]}]}))
+
+
+A, B, P, R = ("accounts/alice/deployments/a", "accounts/alice/deployments/b",
+              "accounts/fireworks/deployments/p", "accounts/alice/routers/r")
+
+
+@pytest.mark.parametrize(("model", "pin", "order"), [
+    ("accounts/alice/models/m", None, [R, P]),  # the default router before the default b
+    (R, None, [R, P]),
+    (A, None, [A, B, P]),  # bob's c unseen, a itself and a missing one skipped
+    (B, None, [B]),
+    (f"{R}#{A}", None, [A, B, P]),  # a pin within the router: that deployment
+    (R, B, [B]),
+    ("accounts/bob/routers/s", None, None),  # another account's router
+    (f"{R}#accounts/bob/deployments/c", None, None),  # a pin outside the router
+])
+def test_targets_of_routers_pins_and_fallbacks(model: str, pin: str | None,
+                                               order: list[str] | None) -> None:
+    alice = routed().authenticate("k-alice")
+    if order is None:
+        with pytest.raises(GatewayError) as missing:
+            routed().resolve(model, alice, pin)
+        assert missing.value.status == 404
+        return
+    assert [t.name for t in routed().resolve(model, alice, pin).order] == order
+
+
+def test_a_routers_missing_deployments_are_left_out() -> None:
+    registry_ = routed()
+    router = next(r for r in registry_.data.routers if r.id == "r")
+    assert [(d.name, w) for d, w in registry_.deployments_of(router)] == [(A, 2), (B, 1)]
+
+
+def test_bad_routers_and_budgets_are_refused() -> None:
+    for bad in ({"deployments": []}, {"strategy": "round-robin"},
+                {"fallbacks": ["accounts/a/models/m"]},
+                {"deployments": [{"deployment": "a", "weight": 0}]}):
+        with pytest.raises(ValueError):
+            RegistryData.model_validate({"routers": [
+                {"id": "r", "account": "a", "model": "m",
+                 "deployments": [{"deployment": "a"}]} | bad]})
+    twice = {"name": "d", "window": "day", "tokens": 5}
+    for budgets in ([twice, twice], [twice | {"tokens": 0}], [twice | {"window": "week"}],
+                    [twice | {"output_weight": -1}], [twice | {"name": "Has Space"}]):
+        with pytest.raises(ValueError):
+            Account.model_validate({"id": "a", "budgets": budgets})

@@ -143,7 +143,7 @@ async def test_a_router_serves_by_its_weights_and_names_the_deployment(
                                      json={"model": CANARY, "prompt": "x"})
                    for _ in range(400)]
     assert all(a.status_code == 200 for a in answers)
-    names = Counter(a.headers["fireworks-served-deployment"] for a in answers)
+    names = Counter(a.headers["fireworks-deployment"] for a in answers)
     assert abs(names[BLUE] / 400 - 0.75) < 0.1, names  # 3:1 (the exact share: e2e, unit)
     assert Counter(seen) == {"w1": names[BLUE], "w2": names[GREEN]}
     assert {a.headers["fireworks-router"] for a in answers} == {CANARY}
@@ -171,7 +171,7 @@ async def test_even_load_sends_to_the_deployment_with_less_load(tmp_path: Path) 
                                      json={"model": CANARY, "prompt": "x"})
                    for _ in range(10)]
         await asyncio.gather(*held)
-    assert {a.headers["fireworks-served-deployment"] for a in answers} == {GREEN}
+    assert {a.headers["fireworks-deployment"] for a in answers} == {GREEN}
 
 
 async def test_a_shed_request_goes_to_the_fallback(tmp_path: Path) -> None:
@@ -193,7 +193,7 @@ async def test_a_shed_request_goes_to_the_fallback(tmp_path: Path) -> None:
         await holder
         metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
     assert answer.status_code == 200, answer.text
-    assert answer.headers["fireworks-served-deployment"] == GREEN
+    assert answer.headers["fireworks-deployment"] == GREEN
     assert answer.headers["fireworks-fallback"] == f"shed:{BLUE}"
     fell_back = [r for r in h.gateway.ledger.kept if r.fallback]
     assert [(r.deployment, r.fallback, r.status) for r in fell_back] == [
