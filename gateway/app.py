@@ -39,8 +39,9 @@ from gateway.controlplane.admin import AdminParts
 from gateway.controlplane.admin import router as admin_router
 from gateway.controlplane.admin_traffic import router as admin_traffic_router
 from gateway.controlplane.budgets import Budget
-from gateway.controlplane.limits import BudgetReport, Limiter, LocalLimiter, RedisLimiter
+from gateway.controlplane.limits import BudgetReport, Limiter, LocalLimiter
 from gateway.controlplane.redis_ledger import RedisLedger
+from gateway.controlplane.redis_limits import RedisLimiter
 from gateway.controlplane.redis_memory import MemoryWatch
 from gateway.controlplane.registry import Deployment, load_yaml
 from gateway.controlplane.responses import LocalResponses, RedisResponses, ResponseStore

@@ -41,6 +41,7 @@ from gateway.server.client import BatchLine, Headers, too_large
 logger = logging.getLogger("gateway.batch")
 POLL = 0.2  # seconds between looks for lines when there were none
 SWEEP = 2.0  # seconds between looks for jobs to expire or close (engine.sweep)
+RETRY_WITHIN = 60  # a 429 whose retry-after is longer (a budget) ends the line
 
 
 class LineClient:
@@ -228,7 +229,9 @@ class Runner:
 
     async def request(self, job: Job, line: Line) -> Result:
         """The line through the data plane, as a client's request; a line refused for the
-        account's limits (429, nothing done) waits and goes again."""
+        account's per-minute limits (429, nothing done) waits and goes again. One refused
+        for longer (a spent budget: until its window ends) is an error line, so that it
+        holds none of the runner's places meanwhile."""
         request_id = f"batch-{job.id}-{line.number}"
         api = self.apis.get(line.path)
         if line.body is None or api is None:
@@ -242,7 +245,7 @@ class Runner:
                                 BatchLine(job.id, job.account, line_record_id(job, line.number)),
                                 request_id)
             await serve(self.gateway, api, client)
-            if client.status != 429:
+            if client.status != 429 or client.retry_after() > RETRY_WITHIN:
                 break
             await asyncio.sleep(client.retry_after() * random.uniform(1.0, 1.5))
         try:

@@ -46,13 +46,19 @@ class Budget(BaseModel):
     def cost(self, prompt: int, cached: int, completion: int) -> int:
         """A finished request's cost: its tokens weighed, rounded up."""
         cached = min(max(cached, 0), prompt)
-        return math.ceil(self.input_weight * (prompt - cached) + self.cached_weight * cached
-                         + self.output_weight * completion)
+        return _up(self.input_weight * (prompt - cached) + self.cached_weight * cached
+                   + self.output_weight * completion)
 
     def reservation(self, prompt: int, generated: int) -> int:
         """The most a request can cost: none of its prompt is assumed cached."""
-        return math.ceil(max(self.input_weight, self.cached_weight) * prompt
-                         + self.output_weight * generated)
+        return _up(max(self.input_weight, self.cached_weight) * prompt
+                   + self.output_weight * generated)
+
+
+def _up(tokens: float) -> int:
+    """Rounded up to a whole token, but not for a float's error (1.1 x 100 is
+    110.00000000000001, which costs 110)."""
+    return math.ceil(tokens - abs(tokens) * 1e-9)
 
 
 def named_once(budgets: list[Budget]) -> list[Budget]:
@@ -172,6 +178,20 @@ class LocalBudgets:
                 self.shadow[key] = self.shadow.get(key, 0) + 1
             self.used[key] = hold.used
         return holds
+
+    def extend(self, account: str, holds: list[Hold], reserves: list[int],
+               now: float) -> Refusal | None:
+        """More reserved in each hold's window; the first budget that refuses, if any."""
+        for hold, reserve in zip(holds, reserves, strict=True):
+            used = self.used.get((account, hold.budget.name, hold.window), 0)
+            if refuses(hold.budget, used, reserve) and not hold.budget.shadow:
+                ends = window(hold.budget.window, now)[1]
+                return Refusal(hold.budget, used, reserve, ends - int(now))
+        for hold, reserve in zip(holds, reserves, strict=True):
+            key = (account, hold.budget.name, hold.window)
+            hold.used = self.used[key] = self.used.get(key, 0) + reserve
+            hold.reserved += reserve
+        return None
 
     def settle(self, account: str, holds: list[Hold], prompt: int, cached: int,
                completion: int) -> None:

@@ -111,7 +111,8 @@ def routers_of(registry: Registry, caller: Account, account_id: str) -> list[dic
     """The account's routers the caller can see, sorted by name, each with its deployments
     (weights, strategy) as the registry holds them."""
     _visible_account(registry, caller, account_id)
-    return [_router(r) for r in sorted(registry.visible_routers(caller), key=lambda r: r.name)
+    return [_router(r, [f for f in r.fallbacks if registry.visible(caller, f.split("/")[1])])
+            for r in sorted(registry.visible_routers(caller), key=lambda r: r.name)
             if r.account == account_id]
 
 
@@ -125,13 +126,14 @@ def router_of(registry: Registry, caller: Account, account_id: str,
     return found
 
 
-def _router(router: Router) -> dict[str, Any]:
+def _router(router: Router, fallbacks: list[str]) -> dict[str, Any]:
+    """`fallbacks`: those the caller may see (another account's names are not shown)."""
     return {"name": router.name, "displayName": router.id, "model": router.model,
             "strategy": router.strategy.upper().replace("-", "_"), "default": router.default,
             "deployments": [{"deployment": f"accounts/{router.account}/deployments/"
                                            f"{m.deployment}", "weight": m.weight}
                             for m in router.deployments],
-            "fallbacks": list(router.fallbacks)}
+            "fallbacks": fallbacks}
 
 
 def page(items: list[dict[str, Any]], key: str, page_size: int | None,

@@ -40,7 +40,8 @@ from redis.exceptions import OutOfMemoryError
 
 from gateway.background import cancel
 from gateway.controlplane.budgets import WINDOW_LUA, budget_key
-from gateway.controlplane.limits import WINDOW, Admission, Limiter, limit_keys
+from gateway.controlplane.limits import WINDOW, Admission, Limiter
+from gateway.controlplane.redis_limits import hold_key, limit_keys
 from gateway.controlplane.usage import (
     RECORD_FIELDS,
     Backlog,
@@ -52,11 +53,10 @@ from gateway.controlplane.usage import (
 
 logger = logging.getLogger("gateway.usage")
 
-# KEYS: the settlement's marker, prompt, generated (limits.py), then each budget's key
-#       prefix (budgets.budget_key)
+# KEYS: the settlement's marker, prompt, generated (redis_limits.py), then with budgets:
+#       the request's holds (redis_limits.hold_key) and each budget's key prefix
 # ARGV: bucket (-1: nothing reserved), prompt reserved, used, generated reserved, used,
-#       the marker's lifetime (s), then per budget: window kind, window id ('': admitted
-#       without Redis), reserved, the request's cost
+#       the marker's lifetime (s), then per budget: window kind, the request's cost
 SETTLE_LUA = WINDOW_LUA + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[6]) then return 0 end
 local now = tonumber(redis.call('TIME')[1])
@@ -75,17 +75,21 @@ else
   redis.call('EXPIRE', KEYS[2], 3600)
   redis.call('EXPIRE', KEYS[3], 3600)
 end
-for i = 4, #KEYS do
-  local a = 6 + (i - 4) * 4
-  local id, reserved, cost = ARGV[a + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  if id == '' then  -- admitted while Redis was unreachable: its cost counts now
-    local current, ends = window(ARGV[a + 1], now)
-    redis.call('HINCRBY', KEYS[i] .. current, 'used', cost)
-    redis.call('EXPIREAT', KEYS[i] .. current, ends + 86400)
-  elseif redis.call('EXISTS', KEYS[i] .. id) == 1 then
-    redis.call('HINCRBY', KEYS[i] .. id, 'used', cost - reserved)
-  end
+local holds = KEYS[4]
+for i = 1, #KEYS - 4 do
+  local kind, cost = ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
+  local id, held = string.match(redis.call('HGET', holds, i) or '', '^([^|]*)|(%d+)')
+  if id then  -- the reservation it holds, corrected to its cost
+    if redis.call('EXISTS', KEYS[4 + i] .. id) == 1 then
+      redis.call('HINCRBY', KEYS[4 + i] .. id, 'used', cost - tonumber(held))
+    end
+  elseif bucket < 0 then  -- admitted unchecked (Redis unreachable): its cost counts now
+    local current, ends = window(kind, now)
+    redis.call('HINCRBY', KEYS[4 + i] .. current, 'used', cost)
+    redis.call('EXPIREAT', KEYS[4 + i] .. current, ends + 86400)
+  end  -- (else settled already: its holds are gone)
 end
+if #KEYS > 4 then redis.call('DEL', holds) end
 return 1
 """
 
@@ -278,17 +282,16 @@ class RedisLedger:
         args: list[int | str] = [bucket, admission.prompt_reserved, record.prompt_tokens,
                                  admission.generated_reserved, record.completion_tokens,
                                  2 * WINDOW]
+        keys = [f"{self.prefix}usage:settled:{record.record_id}",
+                *limit_keys(self.prefix, record.account)[1:3]]
+        if admission.holds:
+            keys.append(hold_key(self.prefix, record.record_id))
         for hold in admission.holds:
             budget = hold.budget
-            args += [budget.window, hold.window, hold.reserved,
-                     budget.cost(record.prompt_tokens, record.cached_tokens,
-                                 record.completion_tokens)]
-        await self._settle(
-            keys=[f"{self.prefix}usage:settled:{record.record_id}",
-                  *limit_keys(self.prefix, record.account)[1:3],
-                  *(budget_key(self.prefix, record.account, hold.budget.name)
-                    for hold in admission.holds)],
-            args=args, client=pipe)
+            keys.append(budget_key(self.prefix, record.account, budget.name))
+            args += [budget.window, budget.cost(record.prompt_tokens, record.cached_tokens,
+                                                record.completion_tokens)]
+        await self._settle(keys=keys, args=args, client=pipe)
 
     async def totals(self) -> dict[str, UsageTotals]:
         return await read_totals(self.records.client, self.prefix)

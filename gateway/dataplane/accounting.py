@@ -146,7 +146,9 @@ def _usage_record(gateway: Gateway, tally: Tally, admission: Admission, usage: d
         gateway.ledger.finish(record, admission)
     except Exception:
         logger.exception("request %s: usage record failed", tally.request_id)
-        gateway.limiter.settle(admission, 0, 0)
+        # As reserved: with Redis the reservation stays spent too (nothing settles it).
+        gateway.limiter.settle(admission, admission.prompt_reserved,
+                               admission.generated_reserved)
 
 
 def _health(gateway: Gateway, tally: Tally, status: str, http_status: int) -> None:

@@ -156,21 +156,30 @@ class RequestLife:
 
     async def on_targets(self, request: Any, targets: Targets) -> ClientReply:
         """Its targets in turn, until one answers up to the first byte; the next one only
-        after a failure targets.py passes over (before any byte, each target once)."""
-        gateway, passed = self.gateway, list[str]()
-        for number, target in enumerate(targets.order, 1):
+        after a failure targets.py passes over (before any byte; each deployment once,
+        whether named or chosen by a router). The last failure is the answer."""
+        gateway, passed, tried = self.gateway, list[str](), set[str]()
+        failed: GatewayError | None = None
+        for target in targets.order:
             try:
                 route = route_to(target, targets, gateway.store.current, gateway.replicas,
-                                 ",".join(passed))
+                                 ",".join(passed), frozenset(tried))
+                if route is None:
+                    continue
+                tried.add(route.deployment.name)
                 return await self.on_route(request, route)
             except GatewayError as exc:
                 reason = passes_over(exc)
-                if reason is None or number == len(targets.order):
+                if reason is None:
                     raise
+                failed = exc
                 passed.append(f"{reason}:{target.name}")
-                gateway.metrics.fallbacks.labels(target.name, reason).inc()
-                self.tally.trace.attempt_ended(f"{exc.status}: {exc.message}; next target")
-        raise AssertionError("unreachable")  # the last target returns or raises
+                if target is not targets.order[-1]:
+                    gateway.metrics.fallbacks.labels(target.name, reason).inc()
+                    self.tally.trace.attempt_ended(f"{exc.status}: {exc.message}; next "
+                                                   "target")
+        assert failed is not None  # the first target is never skipped
+        raise failed
 
     async def on_route(self, request: Any, route: Route) -> ClientReply:
         """The request on one deployment: admitted on the first (once, whatever follows),
@@ -185,6 +194,7 @@ class RequestLife:
                 await self.admit(call, route)
         else:  # a fallback target: its own defaults, the admission made on the first
             call, encoded = self.translate(request, route)
+            await self.reserve_more(call, route)
         # The pods' caches are looked up before the queue turn (the lease is taken right
         # after it, with no await between: the room the queue let it go for is still there;
         # the hint is counted again then).
@@ -226,15 +236,28 @@ class RequestLife:
         admission = Admission(self.record_id, account.id)  # unlimited: nothing to reserve
         if account.limits.any() or account.budgets:
             try:
-                # No choice generates past the context length, whatever max_tokens says.
-                generated = min(call.max_tokens, deployment.context_length or call.max_tokens)
                 admission = await gateway.limiter.admit(account, call.prompt_estimate(),
-                                                        generated * call.sequences,
+                                                        generation_bound(call, route),
                                                         self.record_id)
             except RateLimited as exc:
                 gateway.metrics.rate_limited.labels(deployment.name, exc.kind).inc()
                 raise
         admitted(gateway, self.tally, admission, call.metadata)
+
+    async def reserve_more(self, call: Call, route: Route) -> None:
+        """A fallback that may generate more than the admission reserved (a longer context,
+        a larger default max_tokens) reserves the difference under the same limits and
+        budgets first: refused, the request ends with their 429."""
+        admission = self.tally.admission
+        assert admission is not None
+        more = generation_bound(call, route) - admission.generated_reserved
+        if admission.limited and more > 0:
+            try:
+                await self.gateway.limiter.extend(self.account, admission, more)
+            except RateLimited as exc:
+                self.gateway.metrics.rate_limited.labels(route.deployment.name,
+                                                         exc.kind).inc()
+                raise
 
     async def cache_hint(self, route: Route, call: Call, size: int) -> CacheHint | None:
         """What each pod in rotation holds of the request's prompt, from the pods' KV-cache
@@ -377,6 +400,13 @@ class RequestLife:
             if not exc.replica_fault:  # the worker judged the request: its message goes out
                 await name_the_asked_model(exc, route, attempt.worker)
             raise
+
+
+def generation_bound(call: Call, route: Route) -> int:
+    """The most the request generates on the route's deployment: max_tokens per sequence,
+    and no choice past the context length, whatever max_tokens says."""
+    context = route.deployment.context_length or call.max_tokens
+    return min(call.max_tokens, context) * call.sequences
 
 
 def bounded(call: Call, settings: Settings) -> bytes:

@@ -43,11 +43,16 @@ def load_per_replica(replicas: ReplicaSet, deployment: Deployment) -> float:
 
 
 def route_to(target: Target, targets: Targets, registry: Registry, replicas: ReplicaSet,
-             fallback: str = "") -> Route:
-    """The Route of one target, or TargetUnavailable when it can serve nothing now."""
+             fallback: str = "", tried: frozenset[str] = frozenset()) -> Route | None:
+    """The Route of one target; None when its deployments were all `tried` already (a
+    router and one of its deployments may both be named); TargetUnavailable when it can
+    serve nothing now."""
     router = target if isinstance(target, Router) else None
     if router is not None:
-        ready = [(d, w) for d, w in registry.deployments_of(router) if d.state == "ready"]
+        untried = [(d, w) for d, w in registry.deployments_of(router) if d.name not in tried]
+        if not untried:
+            return None
+        ready = [(d, w) for d, w in untried if d.state == "ready"]
         members = [(d, w) for d, w in ready if _any_in_rotation(replicas, d)]
         if not members:
             raise _unavailable(router.name, "disabled" if not ready else "no_replica")
@@ -56,6 +61,8 @@ def route_to(target: Target, targets: Targets, registry: Registry, replicas: Rep
     else:
         assert isinstance(target, Deployment)
         deployment = target
+        if deployment.name in tried:
+            return None
         if deployment.state != "ready":
             raise _unavailable(deployment.name, "disabled", deployment.state)
         if not _any_in_rotation(replicas, deployment):

@@ -32,9 +32,11 @@ MAX_ANSWER_BYTES = 64 << 20  # a non-streaming answer, or one streamed event
 END_GRACE = 0.5  # seconds to wait for the end of a body after its last event
 # Worker statuses that judge the client's request, not the replica.
 CLIENT_STATUSES = {400: 400, 413: 413, 422: 400}
-# vLLM's 400 for a prompt longer than its context (the wording of its two checks): another
-# deployment with a longer context may serve it (dataplane/targets.py).
-CONTEXT_REFUSED = re.compile(r"maximum context length|longer than the maximum model length")
+# vLLM's 400 for a prompt longer than its context (how its two checks' messages begin, so that
+# text of the client's own further on does not count): another deployment with a longer
+# context may serve it (dataplane/targets.py).
+CONTEXT_REFUSED = re.compile(r"This model's maximum context length is \d+|The (decoder |encoder )?"
+                             r"prompt \(length \d+\) is longer than the maximum model length")
 
 
 def _worker_message(body: bytes) -> str:
@@ -54,7 +56,7 @@ def check_status(status: int, body: bytes) -> None:
         return
     if status in CLIENT_STATUSES:
         message = _worker_message(body) or "The worker rejected the request"
-        if status == 400 and CONTEXT_REFUSED.search(message):
+        if status == 400 and CONTEXT_REFUSED.match(message):
             raise TargetUnavailable(400, message, "context_length",
                                     headers={"x-should-retry": "false"})
         raise GatewayError(CLIENT_STATUSES[status], message,

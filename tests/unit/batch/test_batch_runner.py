@@ -64,6 +64,22 @@ async def test_an_accounts_limits_make_a_job_wait_not_fail(
     assert len(records) == 6 and all(r.status == "ok" for r in records)
 
 
+async def test_a_spent_budget_ends_lines_instead_of_holding_the_runner(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """A budget's 429 lasts until its window ends: the line is an error line at once, and
+    the runner's places go to other accounts' lines meanwhile."""
+    prefix = new_prefix()
+    spent = {"budgets": [{"name": "daily", "window": "day", "tokens": 1}]}
+    h = harness(tmp_path, redis_server, prefix, slow(0.01), accounts={"fireworks": spent},
+                batch_concurrency=2)
+    async with h.running() as http:
+        batch = await asyncio.wait_for(finished(http, await create(
+            http, [chat_line(f"c{i}", f"q{i}") for i in range(4)])), 30)
+        errors = await content(http, batch["error_file_id"])
+    assert batch["request_counts"] == {"total": 4, "completed": 0, "failed": 4}
+    assert {line["response"]["status_code"] for line in errors} == {429}
+
+
 async def test_a_cancelled_job_keeps_what_finished_and_runs_nothing_more(
         tmp_path: Path, redis_server: RedisServer) -> None:
     h = harness(tmp_path, redis_server, new_prefix(), slow(0.3), batch_concurrency=2,

@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.controlplane.budgets import WINDOW_LUA, Budget, budget_key, window
-from gateway.controlplane.limits import Admission, BudgetSpent, RedisLimiter
+from gateway.controlplane.budgets import WINDOW_LUA, Budget, Hold, budget_key, window
+from gateway.controlplane.limits import Admission, BudgetSpent
 from gateway.controlplane.redis_ledger import RedisLedger
+from gateway.controlplane.redis_limits import RedisLimiter
 from gateway.controlplane.registry import Account
 from gateway.errors import GatewayError
 from tests.redis_server import RedisServer
@@ -36,6 +37,7 @@ def at(text: str) -> int:
     ((0, 0, 1), 100, 40, 50, 50, 50),  # output only
     ((1, 0.5, 4), 3, 1, 1, 7, 7),  # 2 + 0.5 + 4 = 6.5, rounded up
     ((0.25, 0.1, 1), 10, 20, 0, 1, 3),  # cached past the prompt counts as the prompt
+    ((1.1, 1, 0), 100, 0, 0, 110, 110),  # 110.00000000000001 in floats: not 111
 ])
 def test_cost_and_reservation(weights: tuple[float, float, float], prompt: int, cached: int,
                               completion: int, cost: int, reserve: int) -> None:
@@ -220,3 +222,58 @@ async def test_admitted_while_redis_is_away_its_cost_counts_when_it_settles(
     with pytest.raises(BudgetSpent):  # past the budget now: refused
         await limiter.admit(account, 0, 1, "b")
     await client.aclose()
+
+
+@session
+async def test_an_admission_retried_after_a_lost_answer_reserves_once(
+        redis_server: RedisServer) -> None:
+    """The script ran but its answer was lost (a timeout): the retry finds the request's
+    holds and reserves nothing more."""
+    client = aioredis.from_url(redis_server.url)
+    limiter = RedisLimiter(client, f"l{uuid.uuid4().hex[:6]}:")
+    account = budgets(Budget(name="daily", window="day", tokens=100))
+    first = await limiter.admit(account, 0, 30, "same")
+    again = await limiter.admit(account, 0, 30, "same")
+    assert [h.used for h in first.holds] == [h.used for h in again.holds] == [30]
+    assert again.bucket == first.bucket
+    (spent,) = await limiter.spent(account.id, account.budgets)
+    assert spent.used == 30
+    await client.aclose()
+
+
+@session
+async def test_a_request_admitted_whose_answer_was_lost_settles_against_its_holds(
+        redis_server: RedisServer) -> None:
+    """The connection broke after the script ran: the gateway admitted it unchecked (no
+    window known), and the settlement finds what the script reserved: counted once."""
+    prefix = f"h{uuid.uuid4().hex[:6]}:"
+    client = aioredis.from_url(redis_server.url)
+    limiter = RedisLimiter(client, prefix)
+    ledger = RedisLedger(client, prefix, limiter=limiter)
+    await ledger.start()
+    account = budgets(Budget(name="daily", window="day", tokens=100))
+    await limiter.admit(account, 0, 40, "lost")  # the script ran; its answer "lost"
+    unchecked = Admission("lost", account.id, limited=True,
+                          holds=[Hold(account.budgets[0], "")])
+    await Pair(limiter, ledger).end(unchecked, 3, 7)
+    await Pair(limiter, ledger).end(unchecked, 3, 7)  # sent again: the same record id
+    await ledger.stop()
+    (spent,) = await limiter.spent(account.id, account.budgets)
+    assert spent.used == 10  # the 40 reserved, settled to its cost; once
+    await client.aclose()
+
+
+@session
+async def test_more_reserved_for_a_fallback_under_the_same_budget(pair: Pair) -> None:
+    account = budgets(Budget(name="daily", window="day", tokens=100, input_weight=0,
+                             cached_weight=0))
+    admitted = await admit(pair, account, 5, 40, "a")
+    assert isinstance(admitted, Admission)
+    await pair.limiter.extend(account, admitted, 50)
+    assert admitted.generated_reserved == 90 and admitted.holds[0].reserved == 90
+    with pytest.raises(BudgetSpent):
+        await pair.limiter.extend(account, admitted, 11)
+    assert admitted.holds[0].reserved == 90  # unchanged when refused
+    await pair.end(admitted, 5, 20)
+    (spent,) = await pair.limiter.spent(account.id, account.budgets)
+    assert spent.used == 20

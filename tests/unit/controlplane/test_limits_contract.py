@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.controlplane.limits import Admission, Limiter, LocalLimiter, RedisLimiter
+from gateway.controlplane.limits import Admission, Limiter, LocalLimiter
 from gateway.controlplane.redis_ledger import RedisLedger
+from gateway.controlplane.redis_limits import RedisLimiter
 from gateway.controlplane.registry import Account, Limits
 from gateway.controlplane.usage import Ledger, LocalLedger, UsageRecord
 from gateway.errors import GatewayError

@@ -11,6 +11,8 @@ from typing import Any
 import fireworks
 import pytest
 
+from gateway.controlplane import listing
+from gateway.controlplane.registry import Account, Registry, RegistryData
 from tests.unit.harness import build, registry
 
 ACME_KEY = "k-acme"
@@ -92,3 +94,19 @@ async def test_bad_page_tokens_and_sizes_are_400(client: fireworks.AsyncFirework
             await client.models.list(account_id="acme", extra_query=query)
     many = await client.models.list(account_id="acme", page_size=10_000)  # capped at 200
     assert len(many.models) == 3 and not many.next_page_token
+
+
+def test_a_public_routers_fallbacks_name_no_private_target() -> None:
+    data = RegistryData.model_validate({
+        "accounts": [{"id": "fireworks"}, {"id": "acme"}, {"id": "other"}],
+        "deployments": [{"id": "d", "account": "fireworks", "model": "m"}],
+        "routers": [{"id": "r", "account": "fireworks", "model": "m",
+                     "deployments": [{"deployment": "d"}],
+                     "fallbacks": ["accounts/acme/deployments/secret",
+                                   "accounts/fireworks/deployments/d"]}]})
+    registry_ = Registry(data)
+    for caller, shown in (("acme", ["accounts/acme/deployments/secret",
+                                    "accounts/fireworks/deployments/d"]),
+                          ("other", ["accounts/fireworks/deployments/d"])):
+        (router,) = listing.routers_of(registry_, Account(id=caller), "fireworks")
+        assert router["fallbacks"] == shown

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.controlplane.limits import limit_keys
 from gateway.controlplane.redis_ledger import read_records
+from gateway.controlplane.redis_limits import limit_keys
 from tests.redis_server import RedisServer
 from tests.unit.fake_worker import KEY, MODEL
 from tests.unit.fireworks.test_responses import handler

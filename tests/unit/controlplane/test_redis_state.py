@@ -14,8 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.controlplane.limits import Admission, RedisLimiter, limit_keys
+from gateway.controlplane.limits import Admission
 from gateway.controlplane.redis_ledger import RedisLedger, read_records
+from gateway.controlplane.redis_limits import RedisLimiter, limit_keys
 from gateway.controlplane.registry import (
     Account,
     Deployment,

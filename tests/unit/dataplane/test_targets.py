@@ -307,3 +307,56 @@ async def test_the_last_targets_error_is_the_answer(tmp_path: Path) -> None:
     assert answer.status_code == 503
     assert answer.json()["error"]["message"] == f"Deployment {GREEN} is disabled"
     assert not h.gateway.ledger.kept  # refused before admission: no record
+
+
+def too_long_on_w1(seen: list[str]) -> Any:
+    """w1 refuses every prompt as too long for its context (vLLM's 400); w2 answers."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "served"}]})
+        seen.append(request.url.host)
+        if request.url.host == "w1":
+            return httpx.Response(400, json={"error": {"message": (
+                "This model's maximum context length is 512 tokens. However, your request "
+                "has 900 input tokens."), "code": 400}})
+        return httpx.Response(200, json=COMPLETION)
+    return handler
+
+
+@pytest.mark.parametrize(("green_default", "status"), [(50, 200), (500, 429)])
+async def test_a_fallback_reserves_what_it_may_generate_within_the_budget(
+        tmp_path: Path, green_default: int, status: int) -> None:
+    """Admitted on blue (16 tokens by default), passed to green, whose default is larger:
+    green reserves the difference first, under the account's budget (100 output tokens);
+    past it, the request ends with the budget's 429 and green is never asked."""
+    def budgeted(urls: dict[str, str]) -> dict[str, Any]:
+        content = scene(urls)
+        content["accounts"][0]["budgets"] = [{"name": "daily", "window": "day",
+                                              "tokens": 100, "input_weight": 0,
+                                              "cached_weight": 0}]
+        content["deployments"][1]["max_tokens_completion"] = green_default
+        return content
+
+    seen: list[str] = []
+    h = build(tmp_path, too_long_on_w1(seen), hosts=("w1", "w2"), registry_of=budgeted)
+    answer = await h.once("POST", "/v1/completions", key=KEY,
+                          json={"model": MODEL, "prompt": "long " * 900})
+    assert answer.status_code == status, answer.text
+    assert seen == (["w1", "w2"] if status == 200 else ["w1"])
+    (record,) = h.gateway.ledger.kept  # admitted once: one record either way
+    assert record.status == ("ok" if status == 200 else "error")
+    (spent,) = await h.gateway.limiter.spent("acme", h.gateway.store.current.data
+                                             .accounts[0].budgets)
+    assert spent.used == (2 if status == 200 else 0)  # COMPLETION's 2 tokens, or nothing
+
+
+async def test_a_deployment_named_twice_is_tried_once(tmp_path: Path) -> None:
+    """canary over blue alone, falling back to blue (again) and green: blue once."""
+    seen: list[str] = []
+    h = harness(tmp_path, too_long_on_w1(seen),
+                router={"deployments": [{"deployment": "blue"}], "fallbacks": [BLUE, GREEN]},
+                blue={"fallbacks": []})
+    answer = await h.once("POST", "/v1/completions", key=KEY,
+                          json={"model": CANARY, "prompt": "long " * 900})
+    assert answer.status_code == 200 and seen == ["w1", "w2"]
+    assert answer.headers["fireworks-fallback"] == f"context_length:{CANARY}"
