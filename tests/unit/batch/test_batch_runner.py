@@ -101,7 +101,7 @@ async def test_a_cancelled_job_keeps_what_finished_and_runs_nothing_more(
 
 async def test_an_expired_job_writes_the_lines_it_did_not_run_as_expired(
         tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(openai_routes, "WINDOW", 1)
+    monkeypatch.setattr(openai_routes, "WINDOW", 2)  # (1 s: no line done on a busy machine)
     h = harness(tmp_path, redis_server, new_prefix(), slow(0.4), batch_concurrency=1,
                 batch_prefix_chars=0)
     async with h.running() as http:
@@ -110,7 +110,7 @@ async def test_an_expired_job_writes_the_lines_it_did_not_run_as_expired(
         output = await content(http, batch["output_file_id"])
         errors = await content(http, batch["error_file_id"])
     assert batch["status"] == "expired"
-    assert len(output) + len(errors) == 10 and 1 <= len(output) <= 5
+    assert len(output) + len(errors) == 10 and 1 <= len(output) <= 6
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
 
 
