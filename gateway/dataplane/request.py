@@ -163,7 +163,7 @@ class RequestLife:
         for target in targets.order:
             try:
                 route = route_to(target, targets, gateway.store.current, gateway.replicas,
-                                 ",".join(passed), frozenset(tried))
+                                 ",".join(passed), tried)
                 if route is None:
                     continue
                 tried.add(route.deployment.name)

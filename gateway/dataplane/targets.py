@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from gateway.controlplane.registry import Deployment, Registry, Route, Router, Target, Targets
 from gateway.dataplane.replicas import ReplicaSet
@@ -43,7 +44,7 @@ def load_per_replica(replicas: ReplicaSet, deployment: Deployment) -> float:
 
 
 def route_to(target: Target, targets: Targets, registry: Registry, replicas: ReplicaSet,
-             fallback: str = "", tried: frozenset[str] = frozenset()) -> Route | None:
+             fallback: str = "", tried: AbstractSet[str] = frozenset()) -> Route | None:
     """The Route of one target; None when its deployments were all `tried` already (a
     router and one of its deployments may both be named); TargetUnavailable when it can
     serve nothing now."""
