@@ -221,18 +221,7 @@ async def test_a_disabled_or_empty_target_passes_to_the_fallback(
 
 async def test_a_prompt_too_long_for_the_target_goes_to_the_fallback(tmp_path: Path) -> None:
     seen: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":  # (the gateway names the model it was asked)
-            return httpx.Response(200, json={"data": [{"id": "served"}]})
-        seen.append(request.url.host)
-        if request.url.host == "w1":
-            return httpx.Response(400, json={"error": {"message": (
-                "This model's maximum context length is 512 tokens. However, your request "
-                "has 900 input tokens."), "code": 400}})
-        return httpx.Response(200, json=COMPLETION)
-
-    h = harness(tmp_path, handler)
+    h = harness(tmp_path, too_long_on_w1(seen))
     answer = await h.once("POST", "/v1/completions", key=KEY,
                           json={"model": MODEL, "prompt": "long " * 900})
     assert answer.status_code == 200 and seen == ["w1", "w2"]
