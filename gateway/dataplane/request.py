@@ -34,7 +34,7 @@ import orjson
 from gateway.api import Call, InferenceApi, Served
 from gateway.config import Settings
 from gateway.controlplane.limits import Admission, RateLimited
-from gateway.controlplane.registry import Account, Route, Targets
+from gateway.controlplane.registry import Account, Route
 from gateway.dataplane.accounting import Tally, admitted, judged, new_record_id, record_end
 from gateway.dataplane.affinity import affinity_key
 from gateway.dataplane.attempt import Attempt
@@ -147,27 +147,26 @@ class RequestLife:
         self.migration: Migration | None = None  # once a stream's attempt has opened
 
     async def run(self, raw: bytes) -> tuple[str, int]:
-        """-> how the request ended, once the reply was sent."""
-        request: Any = parse_body(raw, self.api.request_model, self.gateway.settings)
-        targets = self.gateway.store.current.resolve(
-            request.model, self.account, self.client.headers.get(DEPLOYMENT_HEADER))
-        reply = await self.on_targets(request, targets)
-        return await reply.send(self.client)
-
-    async def on_targets(self, request: Any, targets: Targets) -> ClientReply:
-        """Its targets in turn, until one answers up to the first byte; the next one only
-        after a failure targets.py passes over (before any byte; each deployment once,
-        whether named or chosen by a router). The last failure is the answer."""
-        gateway, passed, tried = self.gateway, list[str](), set[str]()
+        """-> how the request ended, once the reply was sent. Its targets are taken in turn
+        until one answers up to the first byte: the next one only after a failure
+        targets.py passes over (each deployment once, whether named or chosen by a router);
+        the last failure is the answer. Nothing falls back once the reply is being sent."""
+        gateway = self.gateway
+        request: Any = parse_body(raw, self.api.request_model, gateway.settings)
+        registry = gateway.store.current
+        targets = registry.resolve(request.model, self.account,
+                                   self.client.headers.get(DEPLOYMENT_HEADER))
+        passed: list[str] = []
+        tried: set[str] = set()
         failed: GatewayError | None = None
         for target in targets.order:
             try:
-                route = route_to(target, targets, gateway.store.current, gateway.replicas,
+                route = route_to(target, targets, registry, gateway.replicas,
                                  ",".join(passed), tried)
                 if route is None:
                     continue
                 tried.add(route.deployment.name)
-                return await self.on_route(request, route)
+                reply = await self.on_route(request, route)
             except GatewayError as exc:
                 reason = passes_over(exc)
                 if reason is None:
@@ -178,6 +177,8 @@ class RequestLife:
                     gateway.metrics.fallbacks.labels(target.name, reason).inc()
                     self.tally.trace.attempt_ended(f"{exc.status}: {exc.message}; next "
                                                    "target")
+                continue
+            return await reply.send(self.client)
         assert failed is not None  # the first target is never skipped
         raise failed
 
