@@ -474,7 +474,7 @@ async def test_a_gateway_authenticates_to_a_redis_that_requires_a_password(
         server.stop()
 
 
-def test_a_seeds_routers_and_budgets_win_and_admin_ones_stay() -> None:
+async def test_a_seeds_routers_and_budgets_win_and_admin_ones_stay() -> None:
     def router(name: str, weight: int) -> dict[str, object]:
         return {"id": name, "account": "acme", "model": "m",
                 "deployments": [{"deployment": "d", "weight": weight}]}
