@@ -82,11 +82,16 @@ class LineClient:
     async def last(self, body: bytes) -> None:
         self.reply += body
 
-    def retry_after(self) -> float:
+    def retry_after(self) -> float | None:
+        """How long to wait before the line goes again; None: it must not (a 429 that came
+        after admission has its usage record under the line's id: `x-should-retry`)."""
+        wait = 1.0
         for name, value in self.reply_headers:
+            if name.lower() == b"x-should-retry" and value == b"false":
+                return None
             if name.lower() == b"retry-after" and value.isdigit():
-                return max(float(value), 0.5)
-        return 1.0
+                wait = max(float(value), 0.5)
+        return wait
 
 
 def line_record_id(job: Job, number: int) -> str:
@@ -245,9 +250,10 @@ class Runner:
                                 BatchLine(job.id, job.account, line_record_id(job, line.number)),
                                 request_id)
             await serve(self.gateway, api, client)
-            if client.status != 429 or client.retry_after() > RETRY_WITHIN:
+            wait = client.retry_after()
+            if client.status != 429 or wait is None or wait > RETRY_WITHIN:
                 break
-            await asyncio.sleep(client.retry_after() * random.uniform(1.0, 1.5))
+            await asyncio.sleep(wait * random.uniform(1.0, 1.5))
         try:
             reply = orjson.loads(bytes(client.reply)) if client.reply else None
         except orjson.JSONDecodeError:

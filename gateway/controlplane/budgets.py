@@ -58,7 +58,10 @@ class Budget(BaseModel):
 def _up(tokens: float) -> int:
     """Rounded up to a whole token, but not for a float's error (1.1 x 100 is
     110.00000000000001, which costs 110)."""
-    return math.ceil(tokens - abs(tokens) * 1e-9)
+    nearest = round(tokens)
+    if abs(tokens - nearest) <= 1e-9 * max(1.0, abs(tokens)):
+        return int(nearest)
+    return math.ceil(tokens)
 
 
 def named_once(budgets: list[Budget]) -> list[Budget]:
@@ -185,6 +188,8 @@ class LocalBudgets:
         for hold, reserve in zip(holds, reserves, strict=True):
             used = self.used.get((account, hold.budget.name, hold.window), 0)
             if refuses(hold.budget, used, reserve) and not hold.budget.shadow:
+                key = (account, hold.budget.name, hold.window)
+                self.refused[key] = self.refused.get(key, 0) + 1
                 ends = window(hold.budget.window, now)[1]
                 return Refusal(hold.budget, used, reserve, ends - int(now))
         for hold, reserve in zip(holds, reserves, strict=True):

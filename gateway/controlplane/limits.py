@@ -172,13 +172,7 @@ class LocalLimiter:
         limits = account.limits
         admission = Admission(record_id, account.id, limited=True)
         now = time.monotonic()
-        window = self.windows.setdefault(account.id, deque())
-        sums = self.sums.setdefault(account.id, [0.0, 0.0])
-        while window and window[0][0] <= now - WINDOW:
-            gone = window.popleft()
-            sums[0] -= gone[1]
-            sums[1] -= gone[2]
-            gone[0] = -1.0  # out of the window (a request still running settles nothing)
+        window, sums = self._window(account.id, now)
         running = self.concurrent.setdefault(account.id, set())
         used = {"requests": len(window), "prompt_tokens": int(sums[0]),
                 "generated_tokens": int(sums[1]), "concurrent_requests": len(running)}
@@ -214,10 +208,21 @@ class LocalLimiter:
         admission.headers = limit_headers(limits, used)
         return admission
 
+    def _window(self, account: str, now: float) -> tuple[deque[list[float]], list[float]]:
+        """The account's last minute of admissions, and their sums, older ones dropped."""
+        window = self.windows.setdefault(account, deque())
+        sums = self.sums.setdefault(account, [0.0, 0.0])
+        while window and window[0][0] <= now - WINDOW:
+            gone = window.popleft()
+            sums[0] -= gone[1]
+            sums[1] -= gone[2]
+            gone[0] = -1.0  # out of the window (a request still running settles nothing)
+        return window, sums
+
     async def extend(self, account: Account, admission: Admission,
                      generated_tokens: int) -> None:
         limits, now = account.limits, time.monotonic()
-        sums = self.sums.setdefault(account.id, [0.0, 0.0])
+        _, sums = self._window(account.id, now)
         if limits.generated_tokens_per_minute and exceeds(
                 int(sums[1]), generated_tokens, limits.generated_tokens_per_minute,
                 counts=False):
@@ -229,7 +234,7 @@ class LocalLimiter:
             raise BudgetSpent(refusal.budget, refusal.used, refusal.reserve,
                               refusal.retry_after)
         entry = self._entries.get(admission.record_id)
-        if entry is not None and entry[0] >= 0 and entry[0] > now - WINDOW:
+        if entry is not None and entry[0] >= 0:  # (still in the window)
             entry[2] += generated_tokens
             sums[1] += generated_tokens
         admission.generated_reserved += generated_tokens

@@ -15,10 +15,12 @@ ended.
 
 Budgets (budgets.py) are checked in the same script, after the per-minute limits. What an
 admitted request holds of each budget is kept beside it (`hold_key`: window and reservation
-per budget) until its settlement, which reads it: an admission retried after a lost answer
-reserves once, and a request admitted while its answer was lost is settled against what it
-really reserved. A fallback target that may generate more than was reserved reserves the
-difference (`extend`), under the same rules.
+per budget, and the mark of the try that made it) until its settlement, which reads it: a
+try retried after a lost answer reserves once, and a request admitted while its answer was
+lost is settled against what it really reserved. (A batch line run again under its record
+id is a new try: checked and reserved anew.) A fallback target that may generate more than
+was reserved reserves the difference (`extend`), under the same rules, beside the
+admission's reservation.
 
 When Redis cannot be reached (connection refused or lost) the gateway admits without limits
 (availability first); when Redis is reachable but the check fails (a script error, or no
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,8 +72,10 @@ HOLD_LIFETIME = 2 * 86_400  # a request's budget holds, if it is never settled
 #       (budgets.budget_key; + the window's id)
 # ARGV: rpm, prompt tpm, generated tpm, concurrency (0 = unlimited), prompt reserve,
 #       generated reserve, record id, concurrency slot lifetime (s), the time ('' = Redis'
-#       own; tests only), 'admit' or 'extend' (more for an admitted request: no request
-#       counted, its holds' windows), then per budget: window kind, tokens, reserve, shadow
+#       own; tests only), 'admit:<this try's mark>' or 'extend:<the admission's bucket>'
+#       (more for an admitted request: no request counted, its bucket and its holds'
+#       windows), then per budget: window kind, tokens, reserve, shadow, then with budgets
+#       the holds' lifetime
 # Returns {admitted, rejected kind index (0 none, 5 a budget), retry after s, bucket,
 #   used x 4, then admitted: per budget its window id and spend; refused by a budget: its
 #   index and spend}.
@@ -79,12 +84,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1])
 local nowf = now + tonumber(t[2]) / 1e6
 if ARGV[9] ~= '' then now = tonumber(ARGV[9]); nowf = now end
-local extend = ARGV[10] == 'extend'
+local mode, mark = string.match(ARGV[10], '^(%a+):(.*)$')
+local extend = mode == 'extend'
 local nb = math.max(#KEYS - 5, 0)
 local holds = KEYS[5]
-if nb > 0 and not extend and redis.call('EXISTS', holds) == 1 then
-  -- an earlier try of this admission was admitted (its answer lost): that one stands
-  local out = {1, 0, 0, tonumber(redis.call('HGET', holds, 'bucket')), 0, 0, 0, 0}
+if nb > 0 and not extend and redis.call('HGET', holds, 'try') == mark then
+  -- an earlier try of this same admission was admitted (its answer lost): that one stands
+  local out = {1, 0, 0, tonumber(redis.call('HGET', holds, 'bucket')) or now, 0, 0, 0, 0}
   for i = 1, nb do
     local id = string.match(redis.call('HGET', holds, i) or '', '^([^|]*)|')
     out[#out + 1] = id or ''
@@ -147,19 +153,23 @@ if reject > 0 then
   return {0, reject, wait, now, requests, prompt, generated, concurrent, refused,
           bused[refused] or 0}
 end
+local bucket = now
+if extend and redis.call('HEXISTS', KEYS[3], mark) == 1 then
+  bucket = tonumber(mark)  -- beside what the request reserved at admission
+end
 if not extend then redis.call('HINCRBY', KEYS[1], now, 1) end
-redis.call('HINCRBY', KEYS[2], now, preserve)
-redis.call('HINCRBY', KEYS[3], now, greserve)
+redis.call('HINCRBY', KEYS[2], bucket, preserve)
+redis.call('HINCRBY', KEYS[3], bucket, greserve)
 if conc > 0 then redis.call('ZADD', KEYS[4], nowf + tonumber(ARGV[8]), ARGV[7]) end
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], 3600) end
 local out = {1, 0, 0, now, requests + 1, prompt + preserve, generated + greserve,
              concurrent + 1}
-if nb > 0 and not extend then redis.call('HSET', holds, 'bucket', now) end
+if nb > 0 and not extend then redis.call('HSET', holds, 'bucket', now, 'try', mark) end
 for i = 1, nb do
   local a = 10 + (i - 1) * 4
   local reserve = tonumber(ARGV[a + 3])
-  if bused[i] + reserve > tonumber(ARGV[a + 2]) then
-    redis.call('HINCRBY', bkeys[i], 'shadow', 1)
+  if not extend and bused[i] + reserve > tonumber(ARGV[a + 2]) then
+    redis.call('HINCRBY', bkeys[i], 'shadow', 1)  -- (a request counts once)
   end
   out[#out + 1] = bids[i]
   out[#out + 1] = redis.call('HINCRBY', bkeys[i], 'used', reserve)
@@ -275,7 +285,7 @@ class RedisLimiter:
             limits.requests_per_minute, limits.prompt_tokens_per_minute,
             limits.generated_tokens_per_minute, limits.concurrent_requests,
             prompt_tokens, generated_tokens, record_id, self.slot_lifetime, self.now,
-            "admit"], reserves, record_id)
+            f"admit:{random.getrandbits(64):x}"], reserves, record_id)
         if result is None:  # unreachable: admitted unchecked
             if limits.concurrent_requests:
                 # The script may have taken the slot before the connection broke: it is
@@ -304,11 +314,11 @@ class RedisLimiter:
         reserves = budget_reserves(budgets, 0, generated_tokens)
         result = await self._check(account, [
             0, 0, limits.generated_tokens_per_minute, 0, 0, generated_tokens,
-            admission.record_id, self.slot_lifetime, self.now, "extend"], reserves,
-            admission.record_id)
+            admission.record_id, self.slot_lifetime, self.now,
+            f"extend:{admission.bucket}"], reserves, admission.record_id)
         if result is None:
             return  # unreachable: the settlement counts what it used
-        self._answer(account, result, reserves)
+        self._answer(account, result, reserves, extending=True)
         admission.generated_reserved += generated_tokens
         for i, (hold, reserve) in enumerate(zip(admission.holds, reserves, strict=True)):
             hold.reserved += reserve
@@ -355,8 +365,10 @@ class RedisLimiter:
         self._reachable.set()
         return result
 
-    def _answer(self, account: Account, result: Any, reserves: list[int]) -> dict[str, str]:
-        """The limits' headers of an admission, or its refusal raised; budgets reported."""
+    def _answer(self, account: Account, result: Any, reserves: list[int],
+                extending: bool = False) -> dict[str, str]:
+        """The limits' headers of an admission, or its refusal raised; budgets reported
+        (a shadow refusal once per request: not again when it reserves more)."""
         budgets = account.budgets
         reject, wait = int(result[1]), int(result[2])
         used = dict(zip(KINDS, (int(v) for v in result[4:8]), strict=True))
@@ -370,7 +382,7 @@ class RedisLimiter:
         for i, budget in enumerate(budgets):
             spent = int(result[9 + 2 * i])
             self.report(account.id, budget, spent,
-                        "shadow" if spent > budget.tokens else "admitted")
+                        "shadow" if spent > budget.tokens and not extending else "admitted")
         return headers
 
     def settle(self, admission: Admission, prompt_tokens: int, generated_tokens: int,

@@ -252,12 +252,16 @@ class RequestLife:
         admission = self.tally.admission
         assert admission is not None
         more = generation_bound(call, route) - admission.generated_reserved
-        if admission.limited and more > 0:
+        # (Admitted unchecked while Redis was away: its usage counts when it settles.)
+        if admission.limited and admission.bucket is not None and more > 0:
             try:
                 await self.gateway.limiter.extend(self.account, admission, more)
             except RateLimited as exc:
                 self.gateway.metrics.rate_limited.labels(route.deployment.name,
                                                          exc.kind).inc()
+                # Admitted, so it has its usage record: the same request id again would be
+                # counted once (a batch line's), so it is not to be sent again as it is.
+                exc.headers["x-should-retry"] = "false"
                 raise
 
     async def cache_hint(self, route: Route, call: Call, size: int) -> CacheHint | None:

@@ -50,8 +50,9 @@ def route_to(target: Target, targets: Targets, registry: Registry, replicas: Rep
     serve nothing now."""
     router = target if isinstance(target, Router) else None
     if router is not None:
-        untried = [(d, w) for d, w in registry.deployments_of(router) if d.name not in tried]
-        if not untried:
+        existing = registry.deployments_of(router)
+        untried = [(d, w) for d, w in existing if d.name not in tried]
+        if existing and not untried:
             return None
         ready = [(d, w) for d, w in untried if d.state == "ready"]
         members = [(d, w) for d, w in ready if _any_in_rotation(replicas, d)]

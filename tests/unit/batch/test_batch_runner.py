@@ -13,6 +13,8 @@ import orjson
 import pytest
 
 from gateway.batch import openai_routes
+from gateway.batch.runner import LineClient
+from gateway.server.client import BatchLine
 from tests.redis_server import RedisServer
 from tests.unit.batch.scene import (
     answer,
@@ -151,3 +153,15 @@ async def test_a_cancelled_job_does_not_wait_for_lines_a_dead_gateway_held(
         assert cancelled.json()["status"] == "cancelling"
         batch = await finished(http, batch_id)
     assert batch["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(("headers", "wait"), [
+    ([(b"retry-after", b"5")], 5.0),
+    ([], 1.0),
+    ([(b"retry-after", b"1"), (b"x-should-retry", b"false")], None),  # admitted already
+])
+def test_a_line_goes_again_only_when_its_429_came_before_admission(
+        headers: list[tuple[bytes, bytes]], wait: float | None) -> None:
+    client = LineClient("/v1/chat/completions", b"{}", BatchLine("j", "a", "r"), "q")
+    client.reply_headers = headers
+    assert client.retry_after() == wait

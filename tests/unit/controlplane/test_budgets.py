@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.controlplane import redis_limits
 from gateway.controlplane.budgets import WINDOW_LUA, Budget, Hold, budget_key, window
 from gateway.controlplane.limits import Admission, BudgetSpent
 from gateway.controlplane.redis_ledger import RedisLedger
@@ -38,6 +39,8 @@ def at(text: str) -> int:
     ((1, 0.5, 4), 3, 1, 1, 7, 7),  # 2 + 0.5 + 4 = 6.5, rounded up
     ((0.25, 0.1, 1), 10, 20, 0, 1, 3),  # cached past the prompt counts as the prompt
     ((1.1, 1, 0), 100, 0, 0, 110, 110),  # 110.00000000000001 in floats: not 111
+    ((1000, 1, 0), 2_000_000, 0, 0, 2_000_000_000, 2_000_000_000),  # large: not one less
+    ((1, 1, 0.7), 0, 0, 4_000_000_001, 2_800_000_001, 2_800_000_001),  # .7 up, not down
 ])
 def test_cost_and_reservation(weights: tuple[float, float, float], prompt: int, cached: int,
                               completion: int, cost: int, reserve: int) -> None:
@@ -226,18 +229,24 @@ async def test_admitted_while_redis_is_away_its_cost_counts_when_it_settles(
 
 @session
 async def test_an_admission_retried_after_a_lost_answer_reserves_once(
-        redis_server: RedisServer) -> None:
-    """The script ran but its answer was lost (a timeout): the retry finds the request's
-    holds and reserves nothing more."""
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script ran but its answer was lost (a timeout): the same try, sent again, finds
+    the request's holds and reserves nothing more. A new try under the same record id (a
+    batch line run again) is checked and reserved anew."""
     client = aioredis.from_url(redis_server.url)
     limiter = RedisLimiter(client, f"l{uuid.uuid4().hex[:6]}:")
     account = budgets(Budget(name="daily", window="day", tokens=100))
+    monkeypatch.setattr(redis_limits.random, "getrandbits", lambda bits: 7)  # one try
     first = await limiter.admit(account, 0, 30, "same")
     again = await limiter.admit(account, 0, 30, "same")
     assert [h.used for h in first.holds] == [h.used for h in again.holds] == [30]
     assert again.bucket == first.bucket
-    (spent,) = await limiter.spent(account.id, account.budgets)
-    assert spent.used == 30
+    monkeypatch.setattr(redis_limits.random, "getrandbits", lambda bits: 8)  # a new try
+    rerun = await limiter.admit(account, 0, 60, "same")
+    assert [h.used for h in rerun.holds] == [90]
+    monkeypatch.setattr(redis_limits.random, "getrandbits", lambda bits: 9)
+    with pytest.raises(BudgetSpent):  # checked like any other: 90 + 30 > 100
+        await limiter.admit(account, 0, 30, "same")
     await client.aclose()
 
 

@@ -332,6 +332,8 @@ async def test_a_fallback_reserves_what_it_may_generate_within_the_budget(
                           json={"model": MODEL, "prompt": "long " * 900})
     assert answer.status_code == status, answer.text
     assert seen == (["w1", "w2"] if status == 200 else ["w1"])
+    if status == 429:  # admitted already: not to be sent again as it is
+        assert answer.headers["x-should-retry"] == "false"
     (record,) = h.gateway.ledger.kept  # admitted once: one record either way
     assert record.status == ("ok" if status == 200 else "error")
     (spent,) = await h.gateway.limiter.spent("acme", h.gateway.store.current.data
@@ -349,3 +351,11 @@ async def test_a_deployment_named_twice_is_tried_once(tmp_path: Path) -> None:
                           json={"model": CANARY, "prompt": "long " * 900})
     assert answer.status_code == 200 and seen == ["w1", "w2"]
     assert answer.headers["fireworks-fallback"] == f"context_length:{CANARY}"
+
+
+async def test_a_router_whose_deployments_are_gone_is_a_503(tmp_path: Path) -> None:
+    h = harness(tmp_path, served_by([]), router={"deployments": [{"deployment": "gone"}]})
+    answer = await h.once("POST", "/v1/completions", key=KEY,
+                          json={"model": CANARY, "prompt": "x"})
+    assert answer.status_code == 503
+    assert answer.json()["error"]["message"] == f"Router {CANARY} has no deployment ready"
