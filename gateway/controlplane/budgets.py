@@ -8,7 +8,7 @@ cost is the weighted sum, rounded up to a whole token.
 Admission reserves the most the request can cost (its prompt estimate at the larger prompt
 weight, and max_tokens x n generated) and admits it only while the window's spend plus that
 reservation fits the budget; the request's end settles the reservation to its real cost. With
-Redis both are steps of the limits' own scripts (limits.py ADMIT_LUA, redis_ledger.py
+Redis both are steps of the limits' own scripts (redis_limits.py ADMIT_LUA, redis_ledger.py
 SETTLE_LUA), so every gateway replica together admits exactly the budget, on Redis' clock. A
 `shadow` budget refuses nothing: what it would have refused is counted and logged.
 

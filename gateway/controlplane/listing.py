@@ -80,11 +80,15 @@ def _deployed(account: str, ref_id: str, deployment: Deployment, default: bool,
 
 def model_of(registry: Registry, caller: Account, account_id: str,
              model_id: str) -> dict[str, Any]:
-    name = f"accounts/{account_id}/models/{model_id}"
-    found = next((m for m in models_of(registry, caller, account_id) if m["name"] == name),
-                 None)
+    return _named(models_of(registry, caller, account_id), "Model",
+                  f"accounts/{account_id}/models/{model_id}")
+
+
+def _named(items: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The listed item of that name; 404 when the caller sees none."""
+    found = next((item for item in items if item["name"] == name), None)
     if found is None:
-        raise GatewayError(404, f"Model not found: {name}")
+        raise GatewayError(404, f"{kind} not found: {name}")
     return found
 
 
@@ -118,12 +122,8 @@ def routers_of(registry: Registry, caller: Account, account_id: str) -> list[dic
 
 def router_of(registry: Registry, caller: Account, account_id: str,
               router_id: str) -> dict[str, Any]:
-    name = f"accounts/{account_id}/routers/{router_id}"
-    found = next((r for r in routers_of(registry, caller, account_id) if r["name"] == name),
-                 None)
-    if found is None:
-        raise GatewayError(404, f"Router not found: {name}")
-    return found
+    return _named(routers_of(registry, caller, account_id), "Router",
+                  f"accounts/{account_id}/routers/{router_id}")
 
 
 def _router(router: Router, fallbacks: list[str]) -> dict[str, Any]:

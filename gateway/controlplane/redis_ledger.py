@@ -41,7 +41,7 @@ from redis.exceptions import OutOfMemoryError
 from gateway.background import cancel
 from gateway.controlplane.budgets import WINDOW_LUA, budget_key
 from gateway.controlplane.limits import WINDOW, Admission, Limiter
-from gateway.controlplane.redis_limits import hold_key, limit_keys
+from gateway.controlplane.redis_limits import hold_key, limit_keys, text
 from gateway.controlplane.usage import (
     RECORD_FIELDS,
     Backlog,
@@ -118,8 +118,8 @@ def _fields(record: UsageRecord) -> list[str]:
     fields: list[str] = []
     for key in RECORD_FIELDS:
         value = getattr(record, key)
-        text = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
-        fields += [key, "" if value is None else text]
+        shown = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+        fields += [key, "" if value is None else shown]
     return fields
 
 
@@ -299,14 +299,14 @@ class RedisLedger:
 
 async def read_totals(client: aioredis.Redis, prefix: str) -> dict[str, UsageTotals]:
     """Every account's usage totals: one hash per account, never the whole stream."""
-    accounts = sorted(_text(a) for a in await client.smembers(f"{prefix}usage:accounts"))
+    accounts = sorted(text(a) for a in await client.smembers(f"{prefix}usage:accounts"))
     async with client.pipeline(transaction=False) as pipe:
         for account in accounts:
             pipe.hgetall(f"{prefix}usage:totals:{account}")
         hashes = await pipe.execute()
     totals: dict[str, UsageTotals] = {}
     for account, fields in zip(accounts, hashes, strict=True):
-        values = {_text(k): int(v) for k, v in fields.items()}
+        values = {text(k): int(v) for k, v in fields.items()}
         totals[account] = UsageTotals(
             requests=values.get("requests", 0), prompt_tokens=values.get("prompt_tokens", 0),
             cached_tokens=values.get("cached_tokens", 0),
@@ -324,7 +324,7 @@ async def read_records(client: aioredis.Redis, stream: str,
         entries: Any = await client.xrange(
             stream, min=start, count=page) or []
         for _, fields in entries:
-            values: dict[str, Any] = {_text(k): _text(v) for k, v in fields.items()}
+            values: dict[str, Any] = {text(k): text(v) for k, v in fields.items()}
             for optional in ("ttft_ms", "metadata"):
                 if values.get(optional) == "":
                     values.pop(optional)
@@ -333,8 +333,5 @@ async def read_records(client: aioredis.Redis, stream: str,
             records.append(usage_record(values))
         if len(entries) < page:
             return records
-        start = "(" + _text(entries[-1][0])
+        start = "(" + text(entries[-1][0])
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

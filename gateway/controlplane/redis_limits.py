@@ -190,7 +190,8 @@ return #KEYS
 """
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A Redis answer's string (bytes unless the client decodes them)."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -301,7 +302,7 @@ class RedisLimiter:
         admission.bucket = int(result[3])
         admission.headers = headers
         for i, (budget, reserve) in enumerate(zip(budgets, reserves, strict=True)):
-            window_id, spent = _text(result[8 + 2 * i]), int(result[9 + 2 * i])
+            window_id, spent = text(result[8 + 2 * i]), int(result[9 + 2 * i])
             admission.holds.append(Hold(budget, window_id, reserve, spent))
         if limits.concurrent_requests:
             self.held[record_id] = account.id
@@ -322,7 +323,7 @@ class RedisLimiter:
         admission.generated_reserved += generated_tokens
         for i, (hold, reserve) in enumerate(zip(admission.holds, reserves, strict=True)):
             hold.reserved += reserve
-            hold.window, hold.used = _text(result[8 + 2 * i]), int(result[9 + 2 * i])
+            hold.window, hold.used = text(result[8 + 2 * i]), int(result[9 + 2 * i])
 
     async def _check(self, account: Account, args: list[Any], reserves: list[int],
                      record_id: str) -> Any:
@@ -400,6 +401,6 @@ class RedisLimiter:
             for budget, (window_id, _) in zip(budgets, windows, strict=True):
                 pipe.hgetall(budget_key(self.prefix, account, budget.name) + window_id)
             found = await pipe.execute()
-        return [Spent.of(budget, window_id, ends, {_text(k): int(v) for k, v in values.items()})
+        return [Spent.of(budget, window_id, ends, {text(k): int(v) for k, v in values.items()})
                 for budget, (window_id, ends), values in zip(budgets, windows, found,
                                                               strict=True)]

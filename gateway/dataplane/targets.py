@@ -19,7 +19,7 @@ from collections.abc import Set as AbstractSet
 
 from gateway.controlplane.registry import Deployment, Registry, Route, Router, Target, Targets
 from gateway.dataplane.replicas import ReplicaSet
-from gateway.errors import GatewayError, TargetUnavailable
+from gateway.errors import GatewayError, TargetUnavailable, bytes_headers
 
 Members = list[tuple[Deployment, int]]  # a router's deployments, with their weights
 
@@ -56,8 +56,10 @@ def route_to(target: Target, targets: Targets, registry: Registry, replicas: Rep
             return None
         ready = [(d, w) for d, w in untried if d.state == "ready"]
         members = [(d, w) for d, w in ready if _any_in_rotation(replicas, d)]
+        if not ready:
+            raise _unavailable(f"Router {router.name} has no deployment ready", "disabled")
         if not members:
-            raise _unavailable(router.name, "disabled" if not ready else "no_replica")
+            raise _unavailable(f"Router {router.name} has no replica in rotation", "no_replica")
         deployment = choose(router.strategy, members,
                             lambda d: load_per_replica(replicas, d))
     else:
@@ -66,9 +68,11 @@ def route_to(target: Target, targets: Targets, registry: Registry, replicas: Rep
         if deployment.name in tried:
             return None
         if deployment.state != "ready":
-            raise _unavailable(deployment.name, "disabled", deployment.state)
+            raise _unavailable(f"Deployment {deployment.name} is {deployment.state}",
+                               "disabled")
         if not _any_in_rotation(replicas, deployment):
-            raise _unavailable(deployment.name, "no_replica")
+            raise _unavailable(f"Deployment {deployment.name} has no replica in rotation",
+                               "no_replica")
     return Route(deployment, targets.requested_model, targets.lora, targets.priority_tier,
                  router=router, fallback=fallback)
 
@@ -79,11 +83,7 @@ def _any_in_rotation(replicas: ReplicaSet, deployment: Deployment) -> bool:
     return any(not r.draining for r in replicas.replicas(deployment))
 
 
-def _unavailable(name: str, reason: str, state: str = "disabled") -> TargetUnavailable:
-    kind = "Deployment" if "/deployments/" in name else "Router"
-    message = (f"{kind} {name} is {state}" if reason == "disabled" and kind == "Deployment"
-               else f"{kind} {name} has no deployment ready" if reason == "disabled"
-               else f"{kind} {name} has no replica in rotation")
+def _unavailable(message: str, reason: str) -> TargetUnavailable:
     return TargetUnavailable(503, message, reason, headers={"retry-after": "1"})
 
 
@@ -95,9 +95,9 @@ def passes_over(exc: GatewayError) -> str | None:
 def route_headers(route: Route) -> list[tuple[bytes, bytes]]:
     """What the response says of where it was served, whatever the API: the deployment; the
     router that chose it; the targets passed over, each as `<reason>:<name>`."""
-    headers = [(b"fireworks-deployment", route.deployment.name.encode("latin-1", "replace"))]
+    headers = {"fireworks-deployment": route.deployment.name}
     if route.router is not None:
-        headers.append((b"fireworks-router", route.router.name.encode("latin-1", "replace")))
+        headers["fireworks-router"] = route.router.name
     if route.fallback:
-        headers.append((b"fireworks-fallback", route.fallback.encode("latin-1", "replace")))
-    return headers
+        headers["fireworks-fallback"] = route.fallback
+    return bytes_headers(headers)
