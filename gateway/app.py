@@ -275,11 +275,14 @@ def create_app(settings: Settings | None = None,
         # streams still on a replica drained drain_seconds ago move.
         pruning = every(max(settings.discovery_interval, 1.0), prune, "connection pruning",
                         logger)
+        def after_checks() -> None:
+            gateway.metrics.loads_read(gateway.replicas.load.read())
+            gateway.queues.dispatch_all()  # new load readings may free room
+
         checker = HealthChecker(
             gateway.replicas.health, checked, gateway.workers.get, settings.health_check_interval,
             settings.health_check_timeout,
-            gateway.replicas.load if settings.load_from_workers else None,
-            after=gateway.queues.dispatch_all)  # new load readings may free room
+            gateway.replicas.load if settings.load_from_workers else None, after=after_checks)
         if settings.health_check_interval > 0:
             checker.start()
 

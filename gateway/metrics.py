@@ -14,6 +14,7 @@ health gauge shows the lowest of the live processes' views (0 when one has it ej
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Generic, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -92,6 +93,10 @@ class GatewayMetrics:
         self.replica_healthy = gauge("replica_healthy",
                                      "1 when the replica takes traffic, 0 when ejected",
                                      "replica", mode="livemin")
+        self.replica_load = gauge(
+            "replica_load", "Requests running and waiting on the replica, as its worker last "
+            "reported them, plus this process's own since: what load-based choices read "
+            "(the highest of the live processes' views)", "replica", mode="livemax")
         self.rate_limited = counter("rate_limit_rejections", "Requests refused by a rate limit",
                                     "deployment", "limit")
         self.fallbacks = counter(
@@ -142,6 +147,14 @@ class GatewayMetrics:
         self.redis_bound.labels(instance).set(memory.bound)
         if evicted:
             self.redis_evicted.labels(instance).inc(evicted)
+
+    def loads_read(self, loads: Mapping[str, int]) -> None:
+        """After a round of health checks: each replica's load with a fresh reading; a
+        replica without one leaves the gauge."""
+        for (url,) in [key for key in self.replica_load.children if key[0] not in loads]:
+            self.replica_load.remove(url)
+        for url, load in loads.items():
+            self.replica_load.labels(url).set(load)
 
     def render(self) -> bytes:
         if self.shared_dir is None:

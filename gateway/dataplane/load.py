@@ -69,6 +69,12 @@ class ReplicaLoad:
         for url in set(self.readings) - urls:
             del self.readings[url]
 
+    def read(self) -> dict[str, int]:
+        """The load of each replica with a fresh reading."""
+        now = time.monotonic()
+        return {url: self.of(url) for url, reading in self.readings.items()
+                if now - reading.at <= self.stale_after}
+
     def of(self, url: str) -> int:
         own = self.outstanding.get(url, 0)
         reading = self.readings.get(url)

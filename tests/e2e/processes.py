@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
+
+from gateway.dataplane.load import parse_load
 from gateway.local_stack import Child, wait_healthy
 
 
@@ -50,3 +54,20 @@ def start_gateway(registry_path: Path, port: int, **settings: str) -> Child:
     gateway = _child(f"gateway-{port}", [sys.executable, "-m", "gateway", "serve"], env)
     wait_healthy(gateway, f"http://127.0.0.1:{port}/health", "starting the gateway", 60)
     return gateway
+
+
+def worker_load(worker: str) -> int:
+    """Requests running and waiting on a real worker, from its own metrics."""
+    load = parse_load(httpx.get(f"{worker}/metrics", timeout=10).text)
+    assert load is not None, f"{worker} reports no vLLM load"
+    return load.running + load.waiting
+
+
+def wait_idle(worker: str, settle: float = 1.0) -> None:
+    """Until the worker runs nothing (what an earlier test left), then `settle` seconds more
+    for the gateways' health checks to read so."""
+    deadline = time.monotonic() + 60
+    while worker_load(worker):
+        assert time.monotonic() < deadline, f"{worker} stays busy"
+        time.sleep(0.2)
+    time.sleep(settle)

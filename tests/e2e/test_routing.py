@@ -31,11 +31,10 @@ from gateway.controlplane.budgets import window
 from gateway.controlplane.redis_ledger import read_records
 from gateway.controlplane.registry import hash_key
 from gateway.controlplane.usage import UsageRecord
-from gateway.dataplane.load import parse_load
 from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
-from tests.e2e.processes import log_tails, start_gateway, start_worker
+from tests.e2e.processes import log_tails, start_gateway, start_worker, wait_idle
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -188,21 +187,8 @@ async def test_an_even_load_router_avoids_a_worker_kept_busy(scene: Scene) -> No
     assert served[GREEN] >= 18, served
 
 
-def idle(worker: str) -> None:
-    """Until the worker runs nothing (what an earlier test left), and the gateways have
-    read so (every 0.3 s)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        load = parse_load(httpx.get(f"{worker}/metrics", timeout=10).text)
-        if load is not None and load.running + load.waiting == 0:
-            time.sleep(1.0)
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{worker} stays busy")
-
-
 async def test_a_full_queue_passes_requests_to_the_fallback(scene: Scene) -> None:
-    idle(scene.workers[0])  # primary saturates at one request
+    wait_idle(scene.workers[0])  # primary saturates at one request
     bodies = [{"model": "accounts/fireworks/models/primary", "prompt": f"Story {n}:",
                "max_tokens": 48, "ignore_eos": True} for n in range(8)]
     answers = await send(scene.urls[:1], API_KEY, bodies, at_once=8)

@@ -14,14 +14,14 @@ import pytest
 import yaml
 
 from gateway.controlplane.registry import hash_key
-from gateway.dataplane.load import parse_load
 from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
-from tests.e2e.processes import log_tails, start_gateway
+from tests.e2e.processes import log_tails, start_gateway, wait_idle, worker_load
 
 pytestmark = pytest.mark.e2e
 MODEL = "accounts/fireworks/models/pair"
+ADMIN_KEY = "fw_test_admin_key_load"
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +36,25 @@ def pair_gateway(smollm2_worker: str, stock_worker: str,
     port = free_port()
     # No key derived from the prompt: these requests go where the load says.
     gateway: Child = start_gateway(Path(registry), port, health_check_interval="0.3",
-                                   prefix_affinity_bytes="0")
+                                   prefix_affinity_bytes="0", admin_key=ADMIN_KEY)
     yield f"http://127.0.0.1:{port}"
     gateway.stop()
 
 
-def running(worker: str) -> int:
-    load = parse_load(httpx.get(f"{worker}/metrics", timeout=10).text)
-    assert load is not None
-    return load.running + load.waiting
+def gauge(gateway: str, name: str, worker: str) -> float | None:
+    """One of the gateway's gauges for the worker: fwgw_replica_load is the load its
+    choices read."""
+    text = httpx.get(f"{gateway}/metrics", timeout=10,
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    sample = f'fwgw_{name}{{replica="{worker}"}} '
+    return next((float(line.removeprefix(sample)) for line in text.splitlines()
+                 if line.startswith(sample)), None)
+
+
+def seen(gateway: str, *workers: str) -> str:
+    return "; ".join(f"{w}: load {gauge(gateway, 'replica_load', w)}, healthy "
+                     f"{gauge(gateway, 'replica_healthy', w)}, reported {worker_load(w)}"
+                     for w in workers)
 
 
 def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
@@ -60,15 +70,20 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
                     if stop.is_set():
                         break
 
+    wait_idle(stock_worker, settle=0)  # nothing an earlier test left on the idle one
     threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(3)]
     for thread in threads:
         thread.start()
     try:
         deadline = time.monotonic() + 60
-        while running(smollm2_worker) < 3:
-            assert time.monotonic() < deadline, "the busy worker never got busy"
+        # The gateway has read the busy worker's load (its health checks, every 0.3 s, may
+        # take longer on a loaded machine) and the idle one's.
+        while (gauge(pair_gateway, "replica_load", smollm2_worker) or 0) < 3 \
+                or gauge(pair_gateway, "replica_load", stock_worker) != 0:
+            assert time.monotonic() < deadline, (
+                "the gateway never read the busy worker busy and the idle one idle: "
+                + seen(pair_gateway, smollm2_worker, stock_worker))
             time.sleep(0.1)
-        time.sleep(1.0)  # a few health-check rounds read it
         hosts = []
         for _ in range(6):
             try:  # a minute is ample for one token; if not, the logs say where it stuck
@@ -77,14 +92,15 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
                                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
             except httpx.TimeoutException:
                 pytest.fail("no answer in 60 s; busy worker: "
-                            f"{running(smollm2_worker)} running, idle worker: "
-                            f"{running(stock_worker)}\n"
+                            f"{worker_load(smollm2_worker)} running, idle worker: "
+                            f"{worker_load(stock_worker)}\n"
                             + log_tails(pair_gateway, stock_worker, smollm2_worker))
             assert response.status_code == 200, response.text
             hosts.append(response.headers["fireworks-backend-host"])
         idle = stock_worker.removeprefix("http://")
-        print(f"\nbusy worker: {running(smollm2_worker)} running; requests went to {hosts}")
-        assert hosts == [idle] * 6
+        print(f"\nbusy worker: {worker_load(smollm2_worker)} running; requests went to {hosts}")
+        assert hosts == [idle] * 6, (seen(pair_gateway, smollm2_worker, stock_worker) + "\n"
+                                     + log_tails(pair_gateway))
     finally:
         stop.set()
         for thread in threads:

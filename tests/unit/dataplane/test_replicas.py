@@ -11,9 +11,10 @@ import pytest
 
 from gateway.controlplane.registry import Deployment, Replica
 from gateway.dataplane.health import HealthChecker, ReplicaHealth
-from gateway.dataplane.load import WorkerLoad, parse_load
+from gateway.dataplane.load import Reading, WorkerLoad, parse_load
 from gateway.dataplane.replicas import AffinityOrLeastOutstanding, ReplicaSet, rendezvous_rank
 from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
 
 URLS = [f"http://r{n}" for n in range(1, 5)]
 DEPLOYMENT = Deployment(id="d", account="a", model="accounts/a/models/m",
@@ -162,6 +163,26 @@ def test_least_loaded_counts_the_workers_load_and_what_this_gateway_added() -> N
     # A reading taken now includes our requests: they are not counted twice.
     replicas.load.record("http://r2", WorkerLoad(running=8, waiting=0, kv_cache_usage=0.2))
     assert replicas.load.of("http://r2") == 8
+
+
+def test_the_load_choices_read_is_a_metric_until_its_reading_is_stale() -> None:
+    replicas = ReplicaSet()
+    replicas.load.record("http://r1", WorkerLoad(running=3, waiting=1, kv_cache_usage=0.5))
+    replicas.load.record("http://r2", WorkerLoad(running=0, waiting=0, kv_cache_usage=0.0))
+    lease = replicas.acquire(DEPLOYMENT)  # r2, the idle one: ours counts at once
+    metrics = GatewayMetrics()
+    metrics.loads_read(replicas.load.read())
+    text = metrics.render().decode()
+    assert 'fwgw_replica_load{replica="http://r1"} 4.0' in text
+    assert 'fwgw_replica_load{replica="http://r2"} 1.0' in text
+    lease.release()
+    old = replicas.load.readings["http://r1"]
+    replicas.load.readings["http://r1"] = Reading(old.load, old.own,
+                                                  time.monotonic() - 60)  # no answer since
+    metrics.loads_read(replicas.load.read())
+    text = metrics.render().decode()
+    assert 'replica="http://r1"' not in text
+    assert 'fwgw_replica_load{replica="http://r2"} 0.0' in text
 
 
 def test_affinity_gives_way_to_the_clusters_load() -> None:
