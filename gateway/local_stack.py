@@ -100,6 +100,18 @@ def wait_healthy(child: Child, url: str, what: str, timeout: float) -> None:
         time.sleep(1.0)
 
 
+def beside_other_workers(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a vLLM CPU worker that shares its machine with other workers.
+    vLLM pins each worker's compute thread to the same first cores (VLLM_CPU_OMP_THREADS_BIND
+    "auto" knows nothing of the other workers); then a request to an idle worker, beside
+    a busy one, waited 40 to 90 s on two cores. Unpinned with one thread each, the system
+    spreads them (docs/benchmarks.md, "Workers sharing a machine"). A value already set
+    wins."""
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def write_local_registry(data_dir: Path, worker_port: int, model_dir: Path) -> Path:
     """The embedded registry, pointed at these workers (the embedding one on the next port),
     with the generating model's sampling defaults."""
@@ -162,7 +174,7 @@ def run_local_stack(data_dir: Path, port: int, worker_port: int, compile: bool =
             "--model", str(data_dir / "models" / "all-minilm-l6-v2"),
             "--port", str(worker_port + 1), "--dtype", "float32", "--runner", "pooling",
             "--served-model-name", "all-minilm-l6-v2", "-O0",
-        ], logs / "embedding-worker.log", worker_env))
+        ], logs / "embedding-worker.log", beside_other_workers(dict(worker_env))))
         wait_healthy(children[1], f"http://127.0.0.1:{worker_port + 1}/health",
                      "loading the embedding model into vLLM", timeout=900)
         say(f"starting the gateway on 127.0.0.1:{port}")

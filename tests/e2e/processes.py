@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from gateway.dataplane.load import parse_load
-from gateway.local_stack import Child, wait_healthy
+from gateway.local_stack import Child, beside_other_workers, wait_healthy
 
 
 def _child(name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
@@ -33,8 +33,11 @@ def log_tails(*urls: str, lines: int = 40) -> str:
     return "\n".join(tails)
 
 
-def start_worker(model_dir: Path, port: int, *extra: str, plugins: bool = True) -> Child:
-    env = dict(os.environ)
+def start_worker(model_dir: Path, port: int, *extra: str, plugins: bool = True,
+                 env: dict[str, str] | None = None) -> Child:
+    """`env`: the worker's whole environment (by default this one, for a worker beside
+    others: the tests run up to four at once)."""
+    env = beside_other_workers(dict(os.environ)) if env is None else env
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     command = [sys.executable, "-m", "engine_plugins.worker", "--model", str(model_dir),
                "--port", str(port), "--dtype", "float32",
@@ -71,3 +74,35 @@ def wait_idle(worker: str, settle: float = 1.0) -> None:
         assert time.monotonic() < deadline, f"{worker} stays busy"
         time.sleep(0.2)
     time.sleep(settle)
+
+
+def replica_gauge(gateway: str, admin_key: str, name: str, replica: str) -> float | None:
+    """One of a gateway's per-replica gauges (fwgw_replica_load: the load its choices
+    read; fwgw_replica_healthy)."""
+    text = httpx.get(f"{gateway}/metrics", timeout=10,
+                     headers={"Authorization": f"Bearer {admin_key}"}).text
+    sample = f'fwgw_{name}{{replica="{replica}"}} '
+    return next((float(line.removeprefix(sample)) for line in text.splitlines()
+                 if line.startswith(sample)), None)
+
+
+def views(gateways: list[str], admin_key: str, *workers: str) -> str:
+    """What the gateways and the workers say of the workers' load: a failure's message."""
+    return "; ".join(
+        f"{w} reports {worker_load(w)}, "
+        + ", ".join(f"{g} reads load {replica_gauge(g, admin_key, 'replica_load', w)} "
+                    f"healthy {replica_gauge(g, admin_key, 'replica_healthy', w)}"
+                    for g in gateways) for w in workers)
+
+
+def wait_loads_read(gateways: list[str], admin_key: str, busy: str, idle: str,
+                    busy_at_least: int) -> None:
+    """Until every gateway's choices read `busy` at `busy_at_least` or more and `idle` at 0
+    (health checks run every few tenths of a second, slower on a loaded machine)."""
+    deadline = time.monotonic() + 60
+    while any((replica_gauge(g, admin_key, "replica_load", busy) or 0) < busy_at_least
+              or replica_gauge(g, admin_key, "replica_load", idle) != 0 for g in gateways):
+        assert time.monotonic() < deadline, (
+            "the gateways never read the busy worker busy and the idle one idle: "
+            + views(gateways, admin_key, busy, idle))
+        time.sleep(0.1)

@@ -34,7 +34,7 @@ from gateway.controlplane.usage import UsageRecord
 from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
-from tests.e2e.processes import log_tails, start_gateway, start_worker, wait_idle
+from tests.e2e.processes import log_tails, start_gateway, start_worker, wait_idle, wait_loads_read
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -172,11 +172,12 @@ async def test_an_even_load_router_avoids_a_worker_kept_busy(scene: Scene) -> No
                     if stop.is_set():
                         break
 
+    wait_idle(scene.workers[1], settle=0)
     threads = [threading.Thread(target=keep_busy) for _ in range(4)]
     for thread in threads:
         thread.start()
     try:
-        await asyncio.sleep(2.0)  # the gateways read the busy worker's load
+        await asyncio.to_thread(wait_loads_read, scene.urls, ADMIN, busy, scene.workers[1], 3)
         answers = await send(scene.urls, API_KEY, [
             {"model": EVEN, "prompt": "Hi", "max_tokens": 1} for _ in range(20)], at_once=1)
     finally:

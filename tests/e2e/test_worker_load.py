@@ -5,7 +5,6 @@ requests while the other is idle."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,14 @@ from gateway.controlplane.registry import hash_key
 from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
-from tests.e2e.processes import log_tails, start_gateway, wait_idle, worker_load
+from tests.e2e.processes import (
+    log_tails,
+    start_gateway,
+    views,
+    wait_idle,
+    wait_loads_read,
+    worker_load,
+)
 
 pytestmark = pytest.mark.e2e
 MODEL = "accounts/fireworks/models/pair"
@@ -41,22 +47,6 @@ def pair_gateway(smollm2_worker: str, stock_worker: str,
     gateway.stop()
 
 
-def gauge(gateway: str, name: str, worker: str) -> float | None:
-    """One of the gateway's gauges for the worker: fwgw_replica_load is the load its
-    choices read."""
-    text = httpx.get(f"{gateway}/metrics", timeout=10,
-                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
-    sample = f'fwgw_{name}{{replica="{worker}"}} '
-    return next((float(line.removeprefix(sample)) for line in text.splitlines()
-                 if line.startswith(sample)), None)
-
-
-def seen(gateway: str, *workers: str) -> str:
-    return "; ".join(f"{w}: load {gauge(gateway, 'replica_load', w)}, healthy "
-                     f"{gauge(gateway, 'replica_healthy', w)}, reported {worker_load(w)}"
-                     for w in workers)
-
-
 def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
         pair_gateway: str, smollm2_worker: str, stock_worker: str) -> None:
     stop = threading.Event()
@@ -75,15 +65,7 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
     for thread in threads:
         thread.start()
     try:
-        deadline = time.monotonic() + 60
-        # The gateway has read the busy worker's load (its health checks, every 0.3 s, may
-        # take longer on a loaded machine) and the idle one's.
-        while (gauge(pair_gateway, "replica_load", smollm2_worker) or 0) < 3 \
-                or gauge(pair_gateway, "replica_load", stock_worker) != 0:
-            assert time.monotonic() < deadline, (
-                "the gateway never read the busy worker busy and the idle one idle: "
-                + seen(pair_gateway, smollm2_worker, stock_worker))
-            time.sleep(0.1)
+        wait_loads_read([pair_gateway], ADMIN_KEY, smollm2_worker, stock_worker, 3)
         hosts = []
         for _ in range(6):
             try:  # a minute is ample for one token; if not, the logs say where it stuck
@@ -99,8 +81,8 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
             hosts.append(response.headers["fireworks-backend-host"])
         idle = stock_worker.removeprefix("http://")
         print(f"\nbusy worker: {worker_load(smollm2_worker)} running; requests went to {hosts}")
-        assert hosts == [idle] * 6, (seen(pair_gateway, smollm2_worker, stock_worker) + "\n"
-                                     + log_tails(pair_gateway))
+        assert hosts == [idle] * 6, (views([pair_gateway], ADMIN_KEY, smollm2_worker,
+                                           stock_worker) + "\n" + log_tails(pair_gateway))
     finally:
         stop.set()
         for thread in threads:

@@ -9,7 +9,12 @@ from pathlib import Path
 import yaml
 
 from gateway.controlplane.registry import RegistryData
-from gateway.local_stack import ready_line, stop_process_group, write_local_registry
+from gateway.local_stack import (
+    beside_other_workers,
+    ready_line,
+    stop_process_group,
+    write_local_registry,
+)
 
 
 def test_local_registry_points_at_the_worker_with_model_defaults(tmp_path: Path) -> None:
@@ -46,3 +51,10 @@ def test_stopping_kills_the_whole_group(tmp_path: Path) -> None:
     assert parent.poll() is not None
     assert not Path(f"/proc/{grandchild}").exists() or \
         "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+
+
+def test_workers_beside_others_are_unpinned_with_one_thread_unless_set() -> None:
+    assert beside_other_workers({}) == {"VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                        "OMP_NUM_THREADS": "1"}
+    mine = {"VLLM_CPU_OMP_THREADS_BIND": "0-3", "OMP_NUM_THREADS": "4"}
+    assert beside_other_workers(dict(mine)) == mine
