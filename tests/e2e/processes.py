@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -87,12 +88,19 @@ def replica_gauge(gateway: str, admin_key: str, name: str, replica: str) -> floa
 
 
 def views(gateways: list[str], admin_key: str, *workers: str) -> str:
-    """What the gateways and the workers say of the workers' load: a failure's message."""
+    """What the gateways and the workers say of the workers' load: a failure's message
+    (one that does not answer says so)."""
+    def ask(question: Callable[..., object], *args: str) -> str:
+        try:
+            return str(question(*args))
+        except httpx.HTTPError as error:
+            return f"no answer ({error!r})"
+
     return "; ".join(
-        f"{w} reports {worker_load(w)}, "
-        + ", ".join(f"{g} reads load {replica_gauge(g, admin_key, 'replica_load', w)} "
-                    f"healthy {replica_gauge(g, admin_key, 'replica_healthy', w)}"
-                    for g in gateways) for w in workers)
+        f"{w} reports {ask(worker_load, w)}, " + ", ".join(
+            f"{g} reads load {ask(replica_gauge, g, admin_key, 'replica_load', w)} "
+            f"healthy {ask(replica_gauge, g, admin_key, 'replica_healthy', w)}"
+            for g in gateways) for w in workers)
 
 
 def wait_loads_read(gateways: list[str], admin_key: str, busy: str, idle: str,

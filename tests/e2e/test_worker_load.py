@@ -73,10 +73,9 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
                                       headers={"Authorization": f"Bearer {API_KEY}"},
                                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
             except httpx.TimeoutException:
-                pytest.fail("no answer in 60 s; busy worker: "
-                            f"{worker_load(smollm2_worker)} running, idle worker: "
-                            f"{worker_load(stock_worker)}\n"
-                            + log_tails(pair_gateway, stock_worker, smollm2_worker))
+                pytest.fail("no answer in 60 s; "
+                            + views([pair_gateway], ADMIN_KEY, smollm2_worker, stock_worker)
+                            + "\n" + log_tails(pair_gateway, stock_worker, smollm2_worker))
             assert response.status_code == 200, response.text
             hosts.append(response.headers["fireworks-backend-host"])
         idle = stock_worker.removeprefix("http://")
