@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import threading
 import time
 
 import httpx
@@ -24,7 +23,7 @@ import httpx
 from engine_plugins.models import prepare_smollm2, prepare_tiny
 from gateway.local_stack import beside_other_workers
 from tests.conftest import DATA_DIR, free_port
-from tests.e2e.processes import start_worker
+from tests.e2e.processes import kept_busy, start_worker
 
 SETTINGS = {
     "pinned": lambda: {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -45,34 +44,18 @@ def run(setting: str, seconds: float) -> dict[str, list[float]]:
         start_worker(tiny, ports[2], "--max-model-len", "128", plugins=False,
                      env=SETTINGS[setting]())]
     busy, *idle = (f"http://127.0.0.1:{p}" for p in ports)
-    stop = threading.Event()
-
-    def keep_busy() -> None:
-        while not stop.is_set():
-            with httpx.stream("POST", f"{busy}/v1/completions", timeout=120, json={
-                    "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True,
-                    "stream": True}) as response:
-                for _ in response.iter_lines():
-                    if stop.is_set():
-                        break
-
-    threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(4)]
-    for thread in threads:
-        thread.start()
     seen: dict[str, list[float]] = {"smollm2 stock": [], "tiny": []}
     end = time.monotonic() + seconds
     try:
-        while time.monotonic() < end:
-            for name, url in zip(seen, idle, strict=True):
-                started = time.monotonic()
-                with contextlib.suppress(httpx.TimeoutException):  # counted at its 120 s
-                    httpx.post(f"{url}/v1/completions", timeout=120,
-                               json={"prompt": "Hi", "max_tokens": 4})
-                seen[name].append(time.monotonic() - started)
+        with kept_busy(busy, streams=4, max_tokens=300):
+            while time.monotonic() < end:
+                for name, url in zip(seen, idle, strict=True):
+                    started = time.monotonic()
+                    with contextlib.suppress(httpx.TimeoutException):  # counted at 120 s
+                        httpx.post(f"{url}/v1/completions", timeout=120,
+                                   json={"prompt": "Hi", "max_tokens": 4})
+                    seen[name].append(time.monotonic() - started)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
         for worker in workers:
             worker.stop()
     return seen

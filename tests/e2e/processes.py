@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -114,3 +116,29 @@ def wait_loads_read(gateways: list[str], admin_key: str, busy: str, idle: str,
             "the gateways never read the busy worker busy and the idle one idle: "
             + views(gateways, admin_key, busy, idle))
         time.sleep(0.1)
+
+
+@contextmanager
+def kept_busy(worker: str, streams: int, max_tokens: int) -> Iterator[None]:
+    """`streams` long streams on the worker, sent to it directly (as another gateway or
+    client would), started again as each ends, until the block ends."""
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            with httpx.stream("POST", f"{worker}/v1/completions", timeout=120, json={
+                    "prompt": "Once upon a time", "max_tokens": max_tokens,
+                    "ignore_eos": True, "stream": True}) as response:
+                for _ in response.iter_lines():
+                    if stop.is_set():
+                        break
+
+    threads = [threading.Thread(target=stream, daemon=True) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)

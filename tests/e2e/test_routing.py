@@ -12,7 +12,6 @@ one real redis-server.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections import Counter
@@ -34,7 +33,14 @@ from gateway.controlplane.usage import UsageRecord
 from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
-from tests.e2e.processes import log_tails, start_gateway, start_worker, wait_idle, wait_loads_read
+from tests.e2e.processes import (
+    kept_busy,
+    log_tails,
+    start_gateway,
+    start_worker,
+    wait_idle,
+    wait_loads_read,
+)
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -161,29 +167,12 @@ async def test_a_weighted_router_holds_its_weights_over_1000_requests(scene: Sce
 
 
 async def test_an_even_load_router_avoids_a_worker_kept_busy(scene: Scene) -> None:
-    busy, stop = scene.workers[0], threading.Event()
-
-    def keep_busy() -> None:  # another client of blue's worker, not through the gateways
-        while not stop.is_set():
-            with httpx.stream("POST", f"{busy}/v1/completions", timeout=120, json={
-                    "model": "smollm2", "prompt": "Once upon a time", "max_tokens": 300,
-                    "ignore_eos": True, "stream": True}) as response:
-                for _ in response.iter_lines():
-                    if stop.is_set():
-                        break
-
+    busy = scene.workers[0]  # blue's worker, kept busy by another client
     wait_idle(scene.workers[1], settle=0)
-    threads = [threading.Thread(target=keep_busy) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
+    with kept_busy(busy, streams=4, max_tokens=300):
         await asyncio.to_thread(wait_loads_read, scene.urls, ADMIN, busy, scene.workers[1], 3)
         answers = await send(scene.urls, API_KEY, [
             {"model": EVEN, "prompt": "Hi", "max_tokens": 1} for _ in range(20)], at_once=1)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     served = Counter(a.headers.get("fireworks-deployment") for a in answers)
     assert served[GREEN] >= 18, served
 

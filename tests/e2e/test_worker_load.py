@@ -4,7 +4,6 @@ requests while the other is idle."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from gateway.local_stack import Child
 from tests.conftest import free_port
 from tests.e2e.conftest import API_KEY
 from tests.e2e.processes import (
+    kept_busy,
     log_tails,
     start_gateway,
     views,
@@ -49,22 +49,8 @@ def pair_gateway(smollm2_worker: str, stock_worker: str,
 
 def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
         pair_gateway: str, smollm2_worker: str, stock_worker: str) -> None:
-    stop = threading.Event()
-
-    def keep_busy() -> None:  # another client of the busy worker, not through this gateway
-        while not stop.is_set():
-            with httpx.stream("POST", f"{smollm2_worker}/v1/completions", timeout=120, json={
-                    "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
-                    "stream": True}) as response:
-                for _ in response.iter_lines():
-                    if stop.is_set():
-                        break
-
     wait_idle(stock_worker, settle=0)  # nothing an earlier test left on the idle one
-    threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    try:
+    with kept_busy(smollm2_worker, streams=3, max_tokens=400):
         wait_loads_read([pair_gateway], ADMIN_KEY, smollm2_worker, stock_worker, 3)
         hosts = []
         for _ in range(6):
@@ -82,7 +68,3 @@ def test_new_requests_go_to_the_worker_the_cluster_leaves_idle(
         print(f"\nbusy worker: {worker_load(smollm2_worker)} running; requests went to {hosts}")
         assert hosts == [idle] * 6, (views([pair_gateway], ADMIN_KEY, smollm2_worker,
                                            stock_worker) + "\n" + log_tails(pair_gateway))
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
