@@ -104,7 +104,7 @@ def beside_other_workers(env: dict[str, str]) -> dict[str, str]:
     """The environment of a vLLM CPU worker that shares its machine with other workers.
     vLLM pins each worker's compute thread to the same first cores (VLLM_CPU_OMP_THREADS_BIND
     "auto" knows nothing of the other workers); then a request to an idle worker, beside
-    a busy one, waited 40 to 90 s on two cores. Unpinned with one thread each, the system
+    a busy one, waited a minute or more on two cores. Unpinned with one thread each, the system
     spreads them (docs/benchmarks.md, "Workers sharing a machine"). A value already set
     wins."""
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
