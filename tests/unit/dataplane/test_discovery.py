@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,23 @@ async def ask(client: httpx.AsyncClient, key: str | None) -> str:
     return str(response.json()["choices"][0]["text"])
 
 
+async def until(seen: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Until the gateway sees it (discovery every 0.1 s, health checks every 0.2 s: longer
+    on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while not seen():
+        assert time.monotonic() < deadline, f"the gateway never saw {what}"
+        await asyncio.sleep(0.05)
+
+
+def in_rotation(app: Harness, port: int) -> set[str]:
+    """The pods' addresses the gateway would send a request to."""
+    gateway = app.gateway
+    (deployment,) = gateway.store.current.data.deployments
+    return {r.url.removeprefix("http://").removesuffix(f":{port}")
+            for r in gateway.replicas.in_rotation(deployment)}
+
+
 async def test_pods_come_and_go_while_requests_run(tmp_path: Path, dns: DnsServer) -> None:
     port = free_port()
     pods = {a: Pod(a, port) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
@@ -125,13 +143,16 @@ async def test_pods_come_and_go_while_requests_run(tmp_path: Path, dns: DnsServe
         assert await phase("two pods again") == two  # affinity holds per pod
 
         dns.set({NAME: ["127.0.0.2", "127.0.0.3", "127.0.0.4"]})  # a pod appears
-        await asyncio.sleep(0.4)
+        await until(lambda: in_rotation(app, port) == {"127.0.0.2", "127.0.0.3", "127.0.0.4"},
+                    "the new pod")
         three = await phase("three pods")
         moved = {k for k in keys if three[k] != two[k]}
         assert moved and all(three[k] == "127.0.0.4" for k in moved)  # only to the new pod
 
         dns.set({NAME: ["127.0.0.3", "127.0.0.4"]})  # a pod leaves (still up, draining)
-        await asyncio.sleep(0.4)
+        await until(lambda: in_rotation(app, port) == {"127.0.0.3", "127.0.0.4"},
+                    "the pod gone from the name")
+        await asyncio.sleep(0.2)  # what was sent to it before has been answered
         served_before = pods["127.0.0.2"].served
         left = await phase("127.0.0.2 gone")
         assert pods["127.0.0.2"].served == served_before  # no new request reaches it
@@ -139,7 +160,7 @@ async def test_pods_come_and_go_while_requests_run(tmp_path: Path, dns: DnsServe
         pods["127.0.0.2"].stop()
 
         pods["127.0.0.3"].sick = True  # a sick pod is ejected alone
-        await asyncio.sleep(0.5)
+        await until(lambda: in_rotation(app, port) == {"127.0.0.4"}, "the sick pod ejected")
         sick = await phase("127.0.0.3 sick")
         assert set(sick.values()) == {"127.0.0.4"}
         gateway = app.gateway
